@@ -1,0 +1,50 @@
+"""The one place TensorFlow is imported, late and quietly.
+
+TensorFlow's import costs seconds and prints start-up lines from C++ before
+its own log level applies, so the CLI imports it only when a command needs it,
+with the process's stderr file descriptor pointed elsewhere meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+_tf = None
+verbose = False
+
+
+def tf():
+    """Return the tensorflow module, importing it on first use."""
+    global _tf
+    if _tf is not None:
+        return _tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    # oneDNN rewrites can reorder float sums; we want bit-stable output.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if verbose:
+        import tensorflow as module
+    else:
+        module = _quiet_import()
+    if not verbose:
+        module.get_logger().setLevel("ERROR")
+    _tf = module
+    return module
+
+
+def _quiet_import():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as module
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return module

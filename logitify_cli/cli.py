@@ -1,0 +1,227 @@
+"""The command line: thin click commands over the pipeline.
+
+Only click is imported at module level, so `logitify --help` is instant; the
+pipeline (and TensorFlow behind it) is imported when a command runs.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LOGITIFY", "max_content_width": 100}
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    text = value.lower().replace("×", "x")
+    try:
+        h, w = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not HxW, e.g. 32x32") from None
+    if not (0 < h <= 65535 and 0 < w <= 65535):
+        raise click.BadParameter(f"{value!r}: both sizes must be between 1 and 65535")
+    return h, w
+
+
+def stream_options(f):
+    """--json, -q, --progress/--no-progress, --verbose: shared by every command that runs."""
+    f = click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")(f)
+    f = click.option("--progress/--no-progress", default=None,
+                     help="Force the progress bar on stderr on or off [shown when stderr is a terminal].")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="Print nothing on success: no progress, no warnings.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout, nothing else.")(f)
+    return f
+
+
+def run_command(fn):
+    """Turn a command body returning a summary dict into streams and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
+        from . import _tf
+        from .errors import LogitifyError
+
+        _tf.verbose = verbose
+        from .pipeline import Reporter
+
+        report = Reporter(quiet=quiet, progress=progress)
+        try:
+            summary = fn(*args, report=report, **kwargs)
+            code = summary.pop("_exit", 0) if isinstance(summary, dict) else 0
+        except LogitifyError as e:
+            summary = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else None
+            click.echo(f"logitify: error: {e.args[0]}", err=True)
+            if as_json:
+                out = {"ok": False, "error": str(e.args[0])}
+                if summary:
+                    out.update(summary)
+                click.echo(json.dumps(out))
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("logitify: interrupted; whole shards are kept, run again with --resume to finish", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
+            if verbose:
+                raise
+            click.echo(f"logitify: error: {type(e).__name__}: {e} (run with --verbose for details)", err=True)
+            sys.exit(1)
+        if as_json:
+            click.echo(json.dumps({"ok": code == 0, **summary}, default=str))
+        elif not quiet and summary.get("message"):
+            click.echo(summary["message"], err=True)
+        sys.exit(code)
+
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="logitify")
+def main():
+    """Dequantize and logit image datasets for normalizing flows (TFGENZOO's LogitifyImage).
+
+    \b
+    Example:
+      logitify encode sample_images -o out/       # images -> logits + log-dets
+      logitify decode out/ -o restored/           # and back, bit for bit
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCES...")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["npz", "tfrecord"]), default="npz", show_default=True,
+              help="Shard format.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Squeeze [0,1] into (alpha/2, 1-alpha/2) before the logit.")
+@click.option("--corruption-level", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Scale c of the dequantization noise.")
+@click.option("--noise", type=click.Choice(["uniform", "gaussian", "none"]), default="uniform", show_default=True,
+              help="Dequantization noise; gaussian is lossy.")
+@click.option("--bits", type=click.IntRange(1, 8), default=8, show_default=True, help="Bits per channel kept (Glow's n_bits_x).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed; noise depends on it and the image key only.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
+@click.option("--shard-size", type=click.IntRange(1), default=None, help="Images per shard [about 256 MB of logits].")
+@click.option("--size", callback=_size, metavar="HxW", help="Resize every image (bicubic); without it all must share one size.")
+@click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
+              help="Output channels [3, or 1 when the first image is grayscale].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where TensorFlow runs the transform.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes [all cores].")
+@click.option("--compress", is_flag=True, help="Deflate npz shards / GZIP TFRecord shards.")
+@click.option("--compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
+              help="Compression of TFRecord inputs (auto detects GZIP).")
+@click.option("--image-key", default="image", show_default=True, help="Feature holding encoded images in TFRecord inputs.")
+@click.option("--label-key", default="label", show_default=True, help="int64 label feature in TFRecord inputs.")
+@click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
+@click.option("--split", default="train", show_default=True, help="Split name used in shard names.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="What an unreadable input does: skipped and listed, or stops the run.")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Refuse larger images as decompression bombs [89478485, Pillow's limit].")
+@click.option("--resume", is_flag=True, help="Finish a run that was interrupted, keeping its whole shards.")
+@click.option("--overwrite", is_flag=True, help="Replace what logitify wrote in the output folder before.")
+@click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="Run here, or as an Apache Beam pipeline.")
+@click.option("--null", "null_sep", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
+@stream_options
+@run_command
+def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_size, shard_size, size, channels,
+           device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
+           overwrite, runner, null_sep, report):
+    """Encode images into shards of logits and log-dets.
+
+    SOURCES are image files, folders (searched recursively; sub-folders are
+    classes), TFRecord files of tf.train.Example, or '-' to read paths from stdin.
+
+    \b
+    Examples:
+      logitify encode photos/ -o out/
+      logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
+      find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
+    """
+    import os
+
+    from .errors import UsageError
+    from .pipeline import EncodeOptions, encode as run_encode
+    from .sources import read_path_list
+    from .transform import TransformParams
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    paths = []
+    for s in sources:
+        if s == "-":
+            paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
+        elif not os.path.lexists(s):
+            raise UsageError(f"no such file or directory: {s}")
+        else:
+            paths.append(s)
+    if not paths:
+        raise UsageError("no input paths (stdin was empty)")
+    opts = EncodeOptions(
+        sources=paths, out=out, format=fmt,
+        params=TransformParams(alpha=alpha, corruption_level=corruption_level, noise=noise, bits=bits, seed=seed),
+        batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
+        device=device, workers=workers, compress=compress,
+        compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
+        name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
+    )
+    if max_pixels:
+        opts.max_pixels = max_pixels
+    if runner == "beam":
+        from .beam_runner import encode_beam
+
+        summary = encode_beam(opts, report, sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else [])
+    else:
+        summary = run_encode(opts, report)
+    summary["message"] = (
+        f"encoded {summary['num_examples']} images into {summary['num_shards']} {fmt} shard(s) in {out}"
+        + (f" ({len(summary['skipped'])} skipped)" if summary["skipped"] else "")
+        + f" in {summary['seconds']:.1f} s"
+    )
+    return summary
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the images.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
+              help="Lossless PNGs at each key, or uint8 npz arrays per shard.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
+@stream_options
+@run_command
+def decode(dataset, out, fmt, batch_size, workers, device, overwrite, report):
+    """Give the images back from an encoded DATASET (alias: invert).
+
+    Every transform parameter is read from the manifest. Keys become paths
+    under the output folder ('.png' for the extension); none can leave it.
+
+    \b
+    Example:
+      logitify decode out/ -o restored/
+    """
+    from .pipeline import decode as run_decode
+
+    summary = run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
+                         overwrite=overwrite, report=report)
+    summary["message"] = f"decoded {summary['num_images']} images into {out} in {summary['seconds']:.1f} s"
+    return summary
+
+
+main.add_command(decode, "decode")
+main.add_command(decode, "invert")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Pixels from files: every Pillow rule of SPEC §4 in one function.
+
+Runs in decode worker processes, so it imports only NumPy and Pillow.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default (about 89.5 megapixels): larger images are refused as
+# possible decompression bombs before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+IMAGE_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
+)
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+
+class ImageReadError(Exception):
+    """An input that cannot become pixels; its message is the reason recorded."""
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _open(source, max_pixels: int):
+    """Open lazily (header only) and refuse bombs before decoding."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageReadError("empty image bytes")
+        fp = io.BytesIO(source)
+    else:
+        if os.path.islink(source) and not os.path.exists(source):
+            raise ImageReadError("broken symbolic link")
+        if os.path.isdir(source):
+            raise ImageReadError("is a directory, not an image")
+        try:
+            if os.path.getsize(source) == 0:
+                raise ImageReadError("empty file (0 bytes)")
+        except OSError as e:
+            raise ImageReadError(f"cannot read: {e.strerror or e}") from None
+        fp = source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageReadError("not an image Pillow can read") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageReadError(f"decompression bomb: {e}") from None
+        except OSError as e:
+            raise ImageReadError(f"cannot read: {e.strerror or e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageReadError(
+            f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+        )
+    if w < 1 or h < 1:
+        raise ImageReadError(f"image has no pixels ({w}x{h})")
+    return img
+
+
+def peek_mode(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """The Pillow mode of an image, read from its header."""
+    with _open(source, max_pixels) as img:
+        return img.mode
+
+
+def is_grayscale_mode(mode: str) -> bool:
+    return mode in GRAY_MODES or mode.startswith("I;16")
+
+
+def _high_bytes(img) -> Image.Image:
+    """16- and 32-bit integer images to 8 bits by keeping the high byte."""
+    arr = np.asarray(img)
+    if arr.dtype.byteorder not in ("=", "|"):
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ImageReadError(f"negative pixel values in a {img.mode} image")
+    peak = int(arr.max()) if arr.size else 0
+    shift = 8 if peak < 65536 else peak.bit_length() - 8
+    return Image.fromarray((arr >> shift).astype(np.uint8), mode="L")
+
+
+def decode(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """uint8 [H, W, channels] from a path or encoded bytes; ImageReadError if not."""
+    try:
+        img = _open(source, max_pixels)
+        with img:
+            try:
+                img.seek(0)
+            except EOFError:
+                pass
+            img.load()
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+            if orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img)
+            img = _convert(img, channels)
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"decompression bomb: {e}") from None
+    except MemoryError:
+        raise ImageReadError("out of memory while decoding") from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError) as e:
+        text = str(e) or type(e).__name__
+        if "truncated" in text.lower():
+            text = f"truncated image ({text})"
+        raise ImageReadError(f"cannot decode: {text}") from None
+    if channels == 1:
+        arr = arr[:, :, np.newaxis]
+    return np.ascontiguousarray(arr)
+
+
+def _convert(img, channels: int):
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        img = _high_bytes(img)
+    elif mode == "F":
+        raise ImageReadError("floating-point images are not supported")
+    elif mode in ("P", "PA"):
+        img = img.convert("RGBA" if (mode == "PA" or "transparency" in img.info) else "RGB")
+    elif mode == "1":
+        img = img.convert("L")
+    target = MODES[channels]
+    if img.mode != target:
+        if img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "RGBX", "RGBa", "La"):
+            img = img.convert("RGB")
+        img = img.convert(target)
+    return img
+
+
+def decode_many(payloads, channels, size, max_pixels):
+    """Worker entry point: [(array or None, reason or None)] in order."""
+    out = []
+    for p in payloads:
+        if isinstance(p, BaseException):
+            out.append((None, str(p)))
+            continue
+        try:
+            out.append((decode(p, channels, size, max_pixels), None))
+        except ImageReadError as e:
+            out.append((None, str(e)))
+    return out
+
+
+def encode_pngs(jobs):
+    """Worker entry point for decode: write (path, uint8 HWC) pairs as PNG."""
+    from .sinks import write_png
+
+    errors = []
+    for path, image in jobs:
+        try:
+            write_png(path, image)
+        except OSError as e:
+            errors.append((path, e.strerror or str(e), e.errno))
+    return errors

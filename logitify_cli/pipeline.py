@@ -1,0 +1,572 @@
+"""The local runner: sources -> decode workers -> transform -> shard sinks.
+
+The shard layout is fixed before any pixel is read (shard i holds inputs
+i*N .. i*N+N-1, less the skipped ones), so a shard's bytes depend only on
+its inputs and the options, and a killed run can be resumed shard by shard.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fnmatch
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import images as images_mod
+from . import manifest as manifest_mod
+from .errors import LogitifyError, UsageError
+from .sinks import SHARD_SINKS, NpzImageSink, PngImageSink, file_sha256
+from .sources import Item, TfrecordFile, discover
+from .transform import TransformParams, image_seeds
+
+SHARD_BYTES = 256 << 20
+TEMP_PATTERN = ".*.tmp-*"
+METADATA_FILES = ("dataset_info.json", "features.json")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class EncodeOptions:
+    sources: list
+    out: str
+    format: str = "npz"
+    params: TransformParams = field(default_factory=TransformParams)
+    batch_size: int = 256
+    shard_size: int | None = None
+    size: tuple | None = None
+    channels: int | None = None
+    device: str = "auto"
+    workers: int | None = None
+    compress: bool = False
+    compression: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    name: str = "logitify"
+    split: str = "train"
+    on_error: str = "skip"
+    resume: bool = False
+    overwrite: bool = False
+    max_pixels: int = images_mod.DEFAULT_MAX_PIXELS
+
+
+class Reporter:
+    """How a run talks: warnings and a progress bar on stderr, or nothing."""
+
+    def __init__(self, quiet=False, progress=None):
+        import sys
+
+        self.quiet = quiet
+        self.stream = sys.stderr
+        self.show_progress = (not quiet) and (progress if progress is not None else self.stream.isatty())
+
+    def warn(self, msg: str) -> None:
+        if not self.quiet:
+            self.stream.write(f"logitify: {msg}\n")
+            self.stream.flush()
+
+    def bar(self, total, desc, unit="img"):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress,
+                    file=self.stream, dynamic_ncols=True, mininterval=0.5)
+
+
+def resolve_device(device: str):
+    """The TF device string for --device, or a clear error."""
+    from ._tf import tf as _tf
+
+    tf = _tf()
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "gpu":
+        if not gpus:
+            raise LogitifyError("--device gpu: TensorFlow sees no GPU on this machine (try --device auto)")
+        return "/GPU:0"
+    if device == "cpu":
+        return "/CPU:0"
+    return "/GPU:0" if gpus else "/CPU:0"
+
+
+# -- ordered, bounded parallel map ----------------------------------------------------
+
+class OrderedPool:
+    """Map chunks over worker processes, in order, with a bounded window.
+
+    Workers are spawned (never forked from a process that holds TensorFlow)
+    and import only NumPy and Pillow. A dead worker is a clear error.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+    def imap(self, fn, chunks, describe=lambda c: ""):
+        if self.pool is None:
+            for chunk in chunks:
+                yield chunk, fn(chunk)
+            return
+        window = collections.deque()
+        limit = self.workers * 3
+        it = iter(chunks)
+        exhausted = False
+        while True:
+            while not exhausted and len(window) < limit:
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                window.append((chunk, self.pool.submit(fn, chunk)))
+            if not window:
+                return
+            chunk, fut = window.popleft()
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                raise LogitifyError(f"a worker process died while working on {describe(chunk)}") from None
+            yield chunk, result
+
+    def close(self, cancel=False):
+        if self.pool is not None:
+            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(cancel=exc_type is not None)
+
+
+class _DecodeTask:
+    """A picklable chunk task: the payloads and how to decode them."""
+
+    def __init__(self, channels, size, max_pixels):
+        self.channels, self.size, self.max_pixels = channels, size, max_pixels
+
+    def __call__(self, chunk):
+        return images_mod.decode_many([p for _, p, _ in chunk], self.channels, self.size, self.max_pixels)
+
+
+def _payloads(items, opts: EncodeOptions):
+    """(item, path-or-bytes-or-error, label) for each item, in order."""
+    reader = None
+    for it in items:
+        if it.index < 0:
+            yield it, it.path, it.label
+            continue
+        if reader is None:
+            from .records import RecordReader
+
+            reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+        from .records import parse_example
+
+        try:
+            data, label = parse_example(reader.read(it.path, it.index), opts.image_key, opts.label_key)
+            yield it, data, label
+        except (ValueError, StopIteration) as e:
+            yield it, ValueError(str(e) or "record missing"), -1
+
+
+def _chunks(iterable, n):
+    chunk = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def decoded_stream(items, opts: EncodeOptions, channels, size, pool: OrderedPool, chunk=32):
+    """(item, label, uint8 array or None, reason or None), in item order."""
+    task = _DecodeTask(channels, size, opts.max_pixels)
+
+    def describe(c):
+        return ", ".join(it.key for it, _, _ in c[:3]) + (" ..." if len(c) > 3 else "")
+
+    for ch, results in pool.imap(task, _chunks(_payloads(items, opts), chunk), describe):
+        for (it, _, label), (arr, reason) in zip(ch, results):
+            yield it, label, arr, reason
+
+
+# -- the output folder ----------------------------------------------------------------
+
+def _ours(name: str) -> bool:
+    pats = ["*-?????-of-?????.npz", "*.tfrecord-?????-of-?????", TEMP_PATTERN, manifest_mod.MANIFEST,
+            manifest_mod.JOURNAL, *METADATA_FILES]
+    return any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def prepare_output(out: str, overwrite: bool, resume: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LogitifyError(f"output {out} exists and is not a folder")
+    if os.path.isdir(out):
+        names = os.listdir(out)
+        if names and not (overwrite or resume):
+            raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to replace it or --resume to finish it")
+        if overwrite:
+            for n in names:
+                if _ours(n) and os.path.isfile(os.path.join(out, n)):
+                    os.unlink(os.path.join(out, n))
+        else:
+            for n in names:
+                if fnmatch.fnmatchcase(n, TEMP_PATTERN):
+                    os.unlink(os.path.join(out, n))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
+
+
+class Journal:
+    """Append-only record of whole shards, so a killed run can resume."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, manifest_mod.JOURNAL)
+
+    def start(self, header: dict) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"header": header}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, entry: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"shard": entry}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self):
+        header, shards = None, {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a line cut by the kill: everything after it is unknown
+                    if "header" in rec:
+                        header = rec["header"]
+                    elif "shard" in rec:
+                        shards[rec["shard"]["index"]] = rec["shard"]
+        except FileNotFoundError:
+            return None, {}
+        return header, shards
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        if k == "inputs":
+            continue
+        if old.get(k) != new.get(k):
+            diffs.append(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}")
+    if old.get("inputs") != new.get("inputs"):
+        diffs.append("the input files differ")
+    return "; ".join(diffs) or "unknown difference"
+
+
+# -- encode -----------------------------------------------------------------------------
+
+def _probe(items, opts: EncodeOptions):
+    """(shape, channels) from the first readable input in order."""
+    for it, payload, _ in _payloads(items, opts):
+        if isinstance(payload, BaseException):
+            continue
+        try:
+            channels = opts.channels
+            if channels is None:
+                mode = images_mod.peek_mode(payload, opts.max_pixels)
+                channels = 1 if images_mod.is_grayscale_mode(mode) else 3
+            arr = images_mod.decode(payload, channels, opts.size, opts.max_pixels)
+            return arr.shape, channels, it
+        except images_mod.ImageReadError:
+            continue
+    return None, None, None
+
+
+def _run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items):
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\0{it.label}\0".encode("utf-8", "surrogatepass"))
+    return {
+        "format": opts.format,
+        "name": opts.name,
+        "split": opts.split,
+        "transform": opts.params.to_dict(),
+        "shape": list(shape),
+        "size": list(opts.size) if opts.size else None,
+        "channels": channels,
+        "shard_size": shard_size,
+        "num_shards": n_shards,
+        "compress": opts.compress,
+        "image_key": opts.image_key,
+        "label_key": opts.label_key,
+        "max_pixels": opts.max_pixels,
+        "inputs": h.hexdigest(),
+    }
+
+
+def encode(opts: EncodeOptions, report: Reporter) -> dict:
+    t0 = time.time()
+    if opts.format not in SHARD_SINKS:
+        raise UsageError(f"unknown format {opts.format!r}")
+    sink_cls = SHARD_SINKS[opts.format]
+    inv = discover(opts.sources, opts.compression)
+    if not inv.items:
+        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)))
+    shape, channels, first = _probe(inv.items, opts)
+    if shape is None:
+        # Every input is bad: record why, one by one, then fail.
+        with OrderedPool(1) as pool:
+            for it, _, _, reason in decoded_stream(inv.items, opts, opts.channels or 3, opts.size, pool):
+                report.warn(f"skipped {it.key}: {reason}")
+        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
+    dims = int(np.prod(shape))
+    shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
+    n_shards = max(1, -(-len(inv.items) // shard_size))
+    header = _run_header(opts, shape, channels, shard_size, n_shards, inv.items)
+    if opts.params.noise == "gaussian" or opts.params.corruption_level > 1:
+        report.warn("this transform is lossy: decode gives the nearest level, not always the original "
+                    f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
+
+    prepare_output(opts.out, opts.overwrite, opts.resume)
+    journal = Journal(opts.out)
+    done = {}
+    if opts.resume:
+        done = _resumable(opts, journal, header, {it.key: j // shard_size for j, it in enumerate(inv.items)})
+    if not done:
+        journal.start(header)
+
+    device = resolve_device(opts.device)
+    from .transform import LogitTransform
+
+    transform = LogitTransform(opts.params, shape, device)
+    skipped = list(inv.skipped)
+    for s in skipped:
+        report.warn(f"skipped {s['source']}: {s['reason']}")
+    shards = [None] * n_shards
+    for i, entry in done.items():
+        shards[i] = {k: entry[k] for k in ("file", "num_examples", "sha256")}
+        skipped.extend(entry.get("skipped", []))
+    todo = [i for i in range(n_shards) if i not in done]
+    todo_items = [it for i in todo for it in inv.items[i * shard_size:(i + 1) * shard_size]]
+    workers = opts.workers or default_workers()
+    stream_ok = 0
+
+    with report.bar(len(todo_items), "encode") as bar, OrderedPool(min(workers, max(1, len(todo_items) // 64 or 1))) as pool:
+        stream = decoded_stream(todo_items, opts, channels, opts.size, pool)
+        for i in todo:
+            part = inv.items[i * shard_size:(i + 1) * shard_size]
+            sink = sink_cls(opts.out, i, n_shards, shape, name=opts.name, split=opts.split, compress=opts.compress)
+            shard_skipped = []
+            try:
+                batch = []
+                for _ in part:
+                    it, label, arr, reason = next(stream)
+                    bar.update(1)
+                    if arr is None:
+                        _skip(opts, report, shard_skipped, it.key, reason)
+                        continue
+                    if arr.shape != tuple(shape):
+                        raise LogitifyError(
+                            f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
+                            f"{shape[1]}x{shape[0]} (set by {first.key}); pass --size HxW to resize all images"
+                        )
+                    batch.append((it.key, label, arr))
+                    if len(batch) == opts.batch_size:
+                        _flush(batch, transform, sink, opts.params.seed)
+                        batch = []
+                if batch:
+                    _flush(batch, transform, sink, opts.params.seed)
+                info = sink.close()
+            except OSError as e:
+                sink.abort()
+                raise _io_error(e, sink.file) from None
+            except BaseException:
+                sink.abort()
+                raise
+            stream_ok += info["num_examples"]
+            shards[i] = info
+            skipped.extend(shard_skipped)
+            try:
+                journal.append({"index": i, **info, "skipped": shard_skipped})
+            except OSError as e:
+                raise _io_error(e, manifest_mod.JOURNAL) from None
+
+    seconds = time.time() - t0
+    total = sum(s["num_examples"] for s in shards)
+    if total == 0:
+        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
+    skipped.sort(key=lambda s: s["source"])
+    m = manifest_mod.build(
+        fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
+        classes=inv.classes, shards=shards, skipped=skipped, compress=opts.compress,
+        stats={"seconds": round(seconds, 3), "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
+               "fingerprint": hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()},
+    )
+    try:
+        extra = sink_cls.write_metadata(opts.out, m)
+        manifest_mod.write(opts.out, m)
+    except OSError as e:
+        raise _io_error(e, manifest_mod.MANIFEST) from None
+    journal.remove()
+    return {
+        "command": "encode",
+        "output": opts.out,
+        "format": opts.format,
+        "num_examples": total,
+        "num_shards": n_shards,
+        "shards": [s["file"] for s in shards],
+        "resumed_shards": len(done),
+        "shape": list(shape),
+        "classes": inv.classes,
+        "skipped": skipped,
+        "metadata_files": extra,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
+    }
+
+
+def _skip(opts, report, skipped, key, reason):
+    if opts.on_error == "fail":
+        raise LogitifyError(f"cannot read {key}: {reason} (--on-error fail)")
+    skipped.append({"source": key, "reason": reason})
+    report.warn(f"skipped {key}: {reason}")
+
+
+def _flush(batch, transform, sink, seed):
+    keys = [k for k, _, _ in batch]
+    labels = [lab for _, lab, _ in batch]
+    images = np.stack([a for _, _, a in batch])
+    y, logdet = transform.forward(images, image_seeds(seed, keys))
+    sink.add(keys, labels, y.numpy(), logdet.numpy())
+
+
+def _io_error(e: OSError, what: str) -> LogitifyError:
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return LogitifyError(f"cannot write {what}: {reason}")
+
+
+def _resumable(opts, journal: Journal, header, shard_of: dict) -> dict:
+    """Shards a previous run finished and that are still whole."""
+    old, entries = journal.load()
+    if old is None:
+        mpath = os.path.join(opts.out, manifest_mod.MANIFEST)
+        if os.path.exists(mpath):
+            m = manifest_mod.read(opts.out)
+            fp = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+            if m.get("stats", {}).get("fingerprint") != fp:
+                raise LogitifyError(f"--resume: {opts.out} holds a finished dataset made from other inputs or options")
+            old = header
+            entries = {i: {**s, "index": i, "skipped": [x for x in m["skipped"] if shard_of.get(x["source"]) == i]}
+                       for i, s in enumerate(m["shards"])}
+            journal.start(header)
+            for e in entries.values():
+                journal.append(e)
+        else:
+            return {}
+    if old != header:
+        raise LogitifyError(f"--resume: the earlier run used other inputs or options ({_describe_difference(old, header)})")
+    keep = {}
+    for i, e in entries.items():
+        path = os.path.join(opts.out, e["file"])
+        if os.path.isfile(path) and file_sha256(path) == e["sha256"]:
+            keep[i] = e
+    journal.start(header)
+    for e in keep.values():
+        journal.append(e)
+    return keep
+
+
+# -- decode -------------------------------------------------------------------------------
+
+def decode(dataset_path: str, out: str, fmt: str = "png", batch_size: int = 256, workers=None,
+           device: str = "auto", overwrite: bool = False, report: Reporter | None = None) -> dict:
+    from .dataset import LogitDataset
+
+    report = report or Reporter(quiet=True)
+    t0 = time.time()
+    ds = LogitDataset(dataset_path)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
+    transform = ds.transform(resolve_device(device))
+    workers = workers or default_workers()
+    written, refused = 0, []
+    shards = ds.manifest["shards"]
+    n = len(shards)
+    with report.bar(ds.num_examples, "decode") as bar, OrderedPool(workers if fmt == "png" else 1) as pool:
+        png = PngImageSink(out) if fmt == "png" else None
+        npz = NpzImageSink(out) if fmt == "npz" else None
+        for si, (shard, arrays) in enumerate(ds.iter_shards()):
+            keys, labels, logits = arrays["keys"], arrays["labels"], arrays["logits"]
+            images = [np.asarray(transform.inverse(logits[a:a + batch_size])) for a in range(0, len(keys), batch_size)]
+            images = np.concatenate(images) if images else np.zeros((0,) + ds.shape, np.uint8)
+            if npz is not None:
+                try:
+                    npz.write_shard(si, n, images, [str(k) for k in keys], labels)
+                except OSError as e:
+                    raise _io_error(e, f"images for {shard['file']}") from None
+                written += len(keys)
+                bar.update(len(keys))
+                continue
+            jobs = []
+            for key, img in zip(keys, images):
+                try:
+                    jobs.append((png.target(str(key)), img))
+                except ValueError as e:
+                    refused.append({"key": str(key), "reason": str(e)})
+                    report.warn(f"refused key {str(key)!r}: {e}")
+                except OSError as e:
+                    raise _io_error(e, f"a folder for {key}") from None
+            for chunk, errors in pool.imap(images_mod.encode_pngs, _chunks(jobs, 64)):
+                if errors:
+                    path, reason, _ = errors[0]
+                    raise LogitifyError(f"cannot write {path}: {reason}")
+                written += len(chunk)
+                bar.update(len(chunk))
+            bar.update(len(keys) - len(jobs))
+    seconds = time.time() - t0
+    summary = {
+        "command": "decode",
+        "dataset": dataset_path,
+        "output": out,
+        "format": fmt,
+        "num_images": written,
+        "refused": refused,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(written / seconds, 1) if seconds else None,
+    }
+    if refused:
+        raise LogitifyError(f"{len(refused)} key(s) would have written outside {out} and were refused", summary)
+    return summary

@@ -1,0 +1,306 @@
+"""Sinks: where batches go. One class per output format, beside its siblings.
+
+Shard sinks (encode) write a shard under a temporary name and rename it only
+when whole, so a file under a final name is always complete. Their bytes
+depend only on the examples given to them: no timestamps, sorted proto maps.
+Image sinks (decode) write PNGs or uint8 npz files inside one folder and
+nowhere else.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+
+import numpy as np
+
+from .errors import LogitifyError
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_rename(tmp: str, final: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def temp_name(path: str) -> str:
+    d, b = os.path.split(path)
+    return os.path.join(d, f".{b}.tmp-{os.getpid()}")
+
+
+class ShardSink:
+    """Base of the shard writers: collect a shard's examples, write, rename."""
+
+    format: str = ""
+
+    def __init__(self, out_dir, index, count, shape, name="logitify", split="train", compress=False):
+        self.out_dir = out_dir
+        self.shape = tuple(shape)
+        self.compress = compress
+        self.file = self.shard_name(name, split, index, count)
+        self.path = os.path.join(out_dir, self.file)
+        self.tmp = temp_name(self.path)
+        self.count = 0
+
+    @staticmethod
+    def shard_name(name, split, index, count) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def shard_pattern(cls, name, split) -> str:
+        """A glob matching this format's shard names."""
+        raise NotImplementedError
+
+    def add(self, keys, labels, logits, logdet) -> None:
+        raise NotImplementedError
+
+    def _write(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> dict:
+        try:
+            self._write()
+            _fsync_rename(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return {"file": self.file, "num_examples": self.count, "sha256": file_sha256(self.path)}
+
+    def abort(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def write_metadata(out_dir, manifest) -> list:
+        """Format-specific files beside the manifest; returns their names."""
+        return []
+
+
+class NpzShardSink(ShardSink):
+    """{split}-{i:05d}-of-{n:05d}.npz: logits, logdet, keys, labels."""
+
+    format = "npz"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logits, self._logdet, self._keys, self._labels = [], [], [], []
+
+    @staticmethod
+    def shard_name(name, split, index, count):
+        return f"{split}-{index:05d}-of-{count:05d}.npz"
+
+    @classmethod
+    def shard_pattern(cls, name, split):
+        return f"{split}-?????-of-?????.npz"
+
+    def add(self, keys, labels, logits, logdet):
+        self._logits.append(np.ascontiguousarray(logits, dtype="<f4"))
+        self._logdet.append(np.asarray(logdet, dtype="<f4"))
+        self._keys.extend(keys)
+        self._labels.extend(int(v) for v in labels)
+        self.count += len(keys)
+
+    def _entry(self, zf, name):
+        info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+        info.compress_type = zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED
+        info.create_system = 3
+        info.external_attr = 0o644 << 16
+        return zf.open(info, "w", force_zip64=True)
+
+    def _array(self, zf, name, arr):
+        with self._entry(zf, name + ".npy") as f:
+            np.lib.format.write_array(f, arr, allow_pickle=False)
+
+    def _write(self):
+        n = self.count
+        with open(self.tmp, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (n,) + self.shape}
+            with self._entry(zf, "logits.npy") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in self._logits:
+                    f.write(chunk.tobytes())
+            self._logits = []
+            logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
+            self._array(zf, "logdet", logdet)
+            keys = np.array(self._keys, dtype=str) if self._keys else np.zeros(0, dtype="<U1")
+            self._array(zf, "keys", keys)
+            self._array(zf, "labels", np.array(self._labels, dtype="<i8").reshape(-1))
+
+
+class TfrecordShardSink(ShardSink):
+    """{name}-{split}.tfrecord-{i:05d}-of-{n:05d}: one tf.train.Example per image."""
+
+    format = "tfrecord"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from ._tf import tf
+
+        self.tf = tf()
+        options = self.tf.io.TFRecordOptions(compression_type="GZIP" if self.compress else "")
+        self._writer = self.tf.io.TFRecordWriter(self.tmp, options)
+
+    @staticmethod
+    def shard_name(name, split, index, count):
+        return f"{name}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+    @classmethod
+    def shard_pattern(cls, name, split):
+        return f"{name}-{split}.tfrecord-?????-of-?????"
+
+    def add(self, keys, labels, logits, logdet):
+        train = self.tf.train
+        logits = np.ascontiguousarray(logits, dtype="<f4")
+        for i, key in enumerate(keys):
+            feats = {
+                "key": train.Feature(bytes_list=train.BytesList(value=[key.encode("utf-8", "surrogatepass")])),
+                "label": train.Feature(int64_list=train.Int64List(value=[int(labels[i])])),
+                "logdet": train.Feature(float_list=train.FloatList(value=[float(logdet[i])])),
+                "logits": train.Feature(bytes_list=train.BytesList(value=[logits[i].tobytes()])),
+            }
+            ex = train.Example(features=train.Features(feature=feats))
+            self._writer.write(ex.SerializeToString(deterministic=True))
+        self.count += len(keys)
+
+    def _write(self):
+        self._writer.close()
+
+    def abort(self):
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        super().abort()
+
+    @staticmethod
+    def write_metadata(out_dir, manifest):
+        from .tfds_meta import write_tfds_metadata
+
+        return write_tfds_metadata(out_dir, manifest)
+
+
+SHARD_SINKS = {cls.format: cls for cls in (NpzShardSink, TfrecordShardSink)}
+
+
+# -- decode side -------------------------------------------------------------------
+
+IMAGE_SUFFIXES = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
+)
+
+
+def key_relpath(key: str) -> str:
+    """A key as a relative path inside the output folder, or ValueError.
+
+    Keys come from manifests written by strangers: NUL, '..', absolute and
+    drive-letter paths are refused rather than cleaned up.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("empty key")
+    if "\0" in key:
+        raise ValueError("key contains a NUL byte")
+    text = key.replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":" and text[0].isalpha()):
+        raise ValueError("key is an absolute path")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise ValueError("key climbs out of the output folder ('..')")
+    return "/".join(parts)
+
+
+def png_relpath(key: str) -> str:
+    rel = key_relpath(key)
+    stem, ext = os.path.splitext(rel)
+    if ext.lower() in IMAGE_SUFFIXES and not stem.endswith("/") and os.path.basename(stem):
+        return stem + ".png"
+    return rel + ".png"
+
+
+def inside(root: str, path: str) -> bool:
+    root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(root + os.sep)
+
+
+class PngImageSink:
+    """Lossless PNGs at each key, '.png' for the extension, class folders kept."""
+
+    format = "png"
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self._taken = set()
+
+    def target(self, key: str) -> str:
+        """The file a key goes to; ValueError if it would leave the folder."""
+        rel = png_relpath(key)
+        if rel in self._taken:  # e.g. a.jpg and a.png both in the input
+            rel = key_relpath(key) + ".png"
+            if rel in self._taken:
+                raise ValueError(f"two keys map to the same file {rel!r}")
+        path = os.path.join(self.out_dir, rel)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        if not inside(self.out_dir, path):
+            raise ValueError("key leads outside the output folder through a link")
+        self._taken.add(rel)
+        return path
+
+    def close(self):
+        return None
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    arr = image[:, :, 0] if image.shape[2] == 1 else image
+    tmp = temp_name(path)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class NpzImageSink:
+    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels."""
+
+    format = "npz"
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def write_shard(self, index, count, images, keys, labels) -> str:
+        name = f"images-{index:05d}-of-{count:05d}.npz"
+        path = os.path.join(self.out_dir, name)
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, keys=np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
+                         labels=np.asarray(labels, dtype="<i8"))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return name
+
+
+def check_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise LogitifyError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None

@@ -1,0 +1,292 @@
+"""The maths: dequantize-and-logit, its inverse and both log-dets, in one place.
+
+Forward (SPEC §1), per image of D values with levels k in 0..L-1:
+
+    x~ = k + c*e,  z = x~ / (L-1+c),  p = z(1-a) + a/2,  y = logit(p)
+    logdet = sum(softplus(y) + softplus(-y)) + D*log(1-a)      (TFGENZOO's)
+
+Numerical care, so that float32 logits give every level back at any alpha:
+- p and 1-p are each formed from x~ and from (L-1+c) - x~ directly, and
+  y = sign(p-q) * log1p(|p-q| / min(p,q)) keeps full relative precision
+  near p = 1/2 (large alpha) and near 0 or 1 (tiny alpha);
+- the inverse goes through tanh(y/2) = p - q, in float64;
+- uniform noise keeps a guard of GUARD (in level units) from the edges of
+  each level's interval, far below any statistical test's reach but above
+  float32 rounding, so floor() can never land on a neighbour.
+- each image's noise is a counter-based hash of (seed, key, pixel index): it
+  does not depend on batch size, order, worker or device.
+- per-image sums are fixed-order pairwise trees, so an image's log-det has
+  the same bits wherever it sits in whichever batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+NOISES = ("uniform", "gaussian", "none")
+GUARD = 2.0 ** -13  # level units kept clear at each end of a level's interval
+PAD = 64  # flattened images are padded to a multiple of this many values
+
+
+@dataclass(frozen=True)
+class TransformParams:
+    """The parameters of the transform, validated; what the manifest records."""
+
+    alpha: float = 0.05
+    corruption_level: float = 1.0
+    noise: str = "uniform"
+    bits: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
+            raise ValueError(f"alpha must lie strictly between 0 and 1, got {self.alpha!r}")
+        c = self.corruption_level
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0.0):
+            raise ValueError(f"corruption_level must be a finite number > 0, got {c!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+            raise ValueError(f"bits must be an integer from 1 to 8, got {self.bits!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def denominator(self) -> float:
+        """L - 1 + c: what x~ is divided by."""
+        return self.levels - 1 + self.corruption_level
+
+    @property
+    def lossless(self) -> bool:
+        """True where decoding gives back every level bit for bit."""
+        return self.noise in ("uniform", "none") and self.corruption_level <= 1.0
+
+    def bpd_offset_nats(self, dims: int) -> float:
+        """D * log((L-1+c)/c): turns a logit-space likelihood into bits/dim."""
+        return dims * math.log(self.denominator / self.corruption_level)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformParams":
+        return cls(
+            alpha=float(d["alpha"]),
+            corruption_level=float(d["corruption_level"]),
+            noise=str(d["noise"]),
+            bits=int(d["bits"]),
+            seed=int(d["seed"]),
+        )
+
+
+def image_seeds(seed: int, keys) -> np.ndarray:
+    """Two uint32 words per key: the only input of an image's noise."""
+    out = np.empty((len(keys), 2), dtype=np.uint32)
+    prefix = str(int(seed)).encode() + b"\0"
+    for i, key in enumerate(keys):
+        digest = hashlib.blake2b(prefix + key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        out[i] = np.frombuffer(digest, dtype="<u4")
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class LogitTransform:
+    """Forward, inverse and both log-dets of LogitifyImage, batch-wise in TF.
+
+    forward(uint8 [B,H,W,C], uint32 seeds [B,2]) -> (float32 logits, float32 logdet [B])
+    inverse(float32 logits [B,H,W,C]) -> uint8 images (levels << (8-bits))
+    forward_log_det_jacobian(logits) -> float64 [B], from the logits alone
+    inverse_log_det_jacobian(logits) = -forward_log_det_jacobian(logits)
+    """
+
+    def __init__(self, params: TransformParams, shape, device: str | None = None):
+        from ._tf import tf as _load
+
+        tf = _load()
+        self.tf = tf
+        self.params = params
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be [H, W, C] of positive sizes, got {shape!r}")
+        self.dims = int(np.prod(self.shape))
+        self.padded_dims = _round_up(self.dims, PAD)
+        self.device = device
+        self._forward = None
+        self._inverse = None
+
+    # -- public API -------------------------------------------------------------
+
+    def forward(self, images, seeds):
+        """Logits and TFGENZOO log-det of a uint8 batch; seeds from image_seeds()."""
+        if self._forward is None:
+            self._forward = self._build_forward()
+        with self._device_scope():
+            y, logdet = self._forward(images, seeds)
+        return y, logdet
+
+    def inverse(self, logits):
+        """uint8 images from logits (the levels, shifted back to 8 bits)."""
+        if self._inverse is None:
+            self._inverse = self._build_inverse()
+        with self._device_scope():
+            return self._inverse(logits)
+
+    def forward_log_det_jacobian(self, logits):
+        """TFGENZOO's forward log-det, recomputed from stored logits (float64)."""
+        tf = self.tf
+        y = tf.cast(tf.reshape(logits, [-1, self.dims]), tf.float64)
+        terms = tf.nn.softplus(y) + tf.nn.softplus(-y)
+        return tf.reduce_sum(terms, axis=1) + self.dims * math.log1p(-self.params.alpha)
+
+    def inverse_log_det_jacobian(self, logits):
+        """The inverse's log-det is minus the forward's (the seed's docs slip here)."""
+        return -self.forward_log_det_jacobian(logits)
+
+    # -- graph building ---------------------------------------------------------
+
+    def _device_scope(self):
+        if self.device:
+            return self.tf.device(self.device)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _tree_sum(self, x):
+        """Row sums of [B, N] in a fixed pairwise order, whatever B is."""
+        tf = self.tf
+        n = int(x.shape[1])
+        while n > 1:
+            leaf = 1
+            while leaf < min(n, 1024):
+                leaf *= 2
+            n_pad = _round_up(n, leaf)
+            if n_pad != n:
+                x = tf.pad(x, [[0, 0], [0, n_pad - n]])
+            x = tf.reshape(x, [-1, n_pad // leaf, leaf])
+            while leaf > 1:
+                leaf //= 2
+                x = x[:, :, :leaf] + x[:, :, leaf:]
+            x = x[:, :, 0]
+            n = int(x.shape[1])
+        return x[:, 0]
+
+    def _noise_uniform(self, seeds):
+        """[B, Dp] uint32 hash bits, then floats in [0, 1) with 24 bits."""
+        tf = self.tf
+        u32 = tf.uint32
+        idx = tf.constant(np.arange(self.padded_dims, dtype=np.uint32)[np.newaxis, :])
+        s0 = seeds[:, 0:1]
+        s1 = seeds[:, 1:2]
+
+        def fmix(h):
+            h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+            h = h * tf.constant(0x85EBCA6B, u32)
+            h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
+            h = h * tf.constant(0xC2B2AE35, u32)
+            return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+
+        h = fmix(idx * tf.constant(0x9E3779B9, u32) + s0)
+        h1 = fmix(tf.bitwise.bitwise_xor(h, s1))
+        scale = 2.0 ** -24
+        u1 = tf.cast(tf.bitwise.right_shift(h1, 8), tf.float32) * scale
+        if self.params.noise != "gaussian":
+            return u1, None
+        h2 = fmix(h1 + tf.constant(0x6A09E667, u32))
+        u2 = tf.cast(tf.bitwise.right_shift(h2, 8), tf.float32) * scale
+        return u1, u2
+
+    def _build_forward(self):
+        tf = self.tf
+        p = self.params
+        a = p.alpha
+        c = p.corruption_level
+        top = float(p.levels - 1)
+        lc = p.denominator
+        half = 0.5 * a * lc  # (a/2) * (L-1+c): p*(L-1+c) at x~ = 0
+        one_minus_a = 1.0 - a
+        inv_lc = 1.0 / lc
+        shift = 8 - p.bits
+        dims, dp = self.dims, self.padded_dims
+        const = dims * math.log1p(-a)
+        h, w, ch = self.shape
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, h, w, ch], tf.uint8),
+                tf.TensorSpec([None, 2], tf.uint32),
+            ],
+            jit_compile=False,
+            reduce_retracing=True,
+        )
+        def forward(images, seeds):
+            x = tf.reshape(images, [-1, dims])
+            if shift:
+                x = tf.bitwise.right_shift(x, tf.constant(shift, tf.uint8))
+            if dp != dims:
+                x = tf.pad(x, [[0, 0], [0, dp - dims]])
+            k = tf.cast(x, tf.float32)
+            if p.noise == "none":
+                xt = k + 0.5 * c
+                rt = (top - k) + 0.5 * c
+                dt = 2.0 * k - top
+            elif p.noise == "uniform":
+                delta = min(GUARD / c, 0.25)
+                u, _ = self._noise_uniform(seeds)
+                xt = k + c * (delta + (1.0 - 2.0 * delta) * u)
+                rt = (top - k) + c * ((1.0 - delta) - (1.0 - 2.0 * delta) * u)
+                dt = (2.0 * k - top) + c * ((2.0 * delta - 1.0) + 2.0 * (1.0 - 2.0 * delta) * u)
+            else:  # gaussian, Box-Muller, clipped so p stays inside (0, 1)
+                u1, u2 = self._noise_uniform(seeds)
+                g = tf.sqrt(-2.0 * tf.math.log1p(-u1)) * tf.cos((2.0 * math.pi) * u2)
+                margin = half / (2.0 * one_minus_a)
+                xt = tf.clip_by_value(k + c * g, -margin, lc + margin)
+                rt = lc - xt
+                dt = xt - rt
+            big_p = xt * one_minus_a + half
+            big_q = rt * one_minus_a + half
+            y = tf.sign(dt) * tf.math.log1p(tf.abs(dt) * one_minus_a / tf.minimum(big_p, big_q))
+            pq = (big_p * inv_lc) * (big_q * inv_lc)
+            terms = -tf.math.log(pq)  # softplus(y) + softplus(-y)
+            if dp != dims:
+                y = y[:, :dims]
+                terms = terms[:, :dims]
+            logdet = self._tree_sum(tf.cast(terms, tf.float64)) + const
+            return tf.reshape(y, [-1, h, w, ch]), tf.cast(logdet, tf.float32)
+
+        return forward
+
+    def _build_inverse(self):
+        tf = self.tf
+        p = self.params
+        lc = p.denominator
+        scale = lc / (2.0 * (1.0 - p.alpha))
+        # x~ = lc/2 + t*scale; the level is floor(x~ + offset), i.e. the level
+        # whose interval [k, k+c) is nearest, centred in [k - (1-c)/2, k + (1+c)/2).
+        if p.noise == "gaussian":
+            base = 0.5 * lc + 0.5
+        else:
+            base = 0.5 * lc + 0.5 * (1.0 - p.corruption_level)
+        top = float(p.levels - 1)
+        shift = 8 - p.bits
+        h, w, ch = self.shape
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, ch], tf.float32)], reduce_retracing=True)
+        def inverse(logits):
+            t = tf.math.tanh(0.5 * tf.cast(logits, tf.float64))
+            k = tf.clip_by_value(tf.floor(base + t * scale), 0.0, top)
+            k = tf.cast(k, tf.uint8)
+            if shift:
+                k = tf.bitwise.left_shift(k, tf.constant(shift, tf.uint8))
+            return k
+
+        return inverse
