@@ -1,0 +1,66 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile("ci")
+
+
+def photo(rng, h, w, c=3):
+    """A smooth, noisy, photo-like uint8 image with the full 0..255 range used."""
+    y = np.linspace(0, 1, h)[:, None, None]
+    x = np.linspace(0, 1, w)[None, :, None]
+    base = rng.uniform(0, 255, c) * (1 - y) + rng.uniform(0, 255, c) * x
+    img = base + rng.normal(0, 20, (h, w, c))
+    img[0, 0] = 0
+    img[-1, -1] = 255
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def save(path, arr, **kw):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    a = arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+    Image.fromarray(a).save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path, rng):
+    """Two class folders of 32x24 RGB PNGs; returns (folder, {key: array})."""
+    root = tmp_path / "images"
+    truth = {}
+    for cls, n in (("cats", 7), ("dogs", 6)):
+        for i in range(n):
+            arr = photo(rng, 24, 32)
+            key = f"{cls}/{cls[:-1]}_{i:02d}.png"
+            save(str(root / key), arr)
+            truth[key] = arr
+    return root, truth
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process; returns the click Result."""
+    from click.testing import CliRunner
+
+    from logitify_cli.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke

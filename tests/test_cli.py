@@ -1,0 +1,244 @@
+"""End to end through the CLI, in-process: encode, decode, options, bad input."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reference as ref
+from conftest import photo, save
+
+
+def shard_hashes(out):
+    m = json.loads((out / "manifest.json").read_text())
+    hashes = {}
+    for s in m["shards"]:
+        digest = hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+        assert digest == s["sha256"]
+        hashes[s["file"]] = digest
+    return hashes
+
+
+def load_npz(out):
+    m = json.loads((out / "manifest.json").read_text())
+    parts = [np.load(out / s["file"], allow_pickle=False) for s in m["shards"]]
+    return m, {k: np.concatenate([p[k] for p in parts]) for k in ("logits", "logdet", "keys", "labels")}
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_encode_decode_round_trip(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    out = tmp_path / "out"
+    r = cli("encode", src, "-o", out, "--shard-size", "5")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == ""
+    m, a = load_npz(out)
+    assert m["num_examples"] == 13 and m["shape"] == [24, 32, 3] and m["format"] == "npz"
+    assert m["classes"] == ["cats", "dogs"] and m["skipped"] == []
+    assert [s["file"] for s in m["shards"]] == [f"train-{i:05d}-of-00003.npz" for i in range(3)]
+    assert m["transform"] == {"alpha": 0.05, "corruption_level": 1.0, "noise": "uniform", "bits": 8, "seed": 0}
+    assert m["logdet"]["convention"] == "tfgenzoo"
+    assert m["logdet"]["bpd_offset_nats"] == pytest.approx(24 * 32 * 3 * np.log(256.0))
+    assert sorted(a["keys"]) == sorted(truth) and list(a["keys"]) == sorted(truth)
+    assert a["logits"].dtype == np.float32 and a["logdet"].dtype == np.float32 and a["labels"].dtype == np.int64
+    for key, y, ld, label in zip(a["keys"], a["logits"], a["logdet"], a["labels"]):
+        assert label == (0 if key.startswith("cats/") else 1)
+        assert np.array_equal(ref.inverse_levels(y), truth[key])
+        y64, ld64 = ref.forward(truth[key], key)
+        np.testing.assert_allclose(y, y64, rtol=1e-5, atol=1e-6)
+        assert ld == pytest.approx(ref.logdet_from_logits(y, 0.05), rel=1e-5)
+    back = tmp_path / "back"
+    r = cli("decode", out, "-o", back)
+    assert r.exit_code == 0, r.output
+    for key, arr in truth.items():
+        np.testing.assert_array_equal(read_png(back / key), arr)
+    r = cli("invert", out, "-o", tmp_path / "back2", "--format", "npz")
+    assert r.exit_code == 0, r.output
+    z = np.load(tmp_path / "back2" / "images-00000-of-00003.npz", allow_pickle=False)
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (5, 24, 32, 3)
+    np.testing.assert_array_equal(z["images"][0], truth[str(z["keys"][0])])
+
+
+def test_bytes_do_not_depend_on_batch_workers_or_source_order(cli, image_folder, tmp_path):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "a", "--shard-size", "4")
+    assert r.exit_code == 0
+    r = cli("encode", src, "-o", tmp_path / "b", "--shard-size", "4", "--batch-size", "3", "--workers", "2")
+    assert r.exit_code == 0
+    r = cli("encode", src / "dogs", src / "cats", "-o", tmp_path / "c", "--batch-size", "7", "--workers", "1")
+    assert r.exit_code == 0
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+    _, a = load_npz(tmp_path / "a")
+    _, c = load_npz(tmp_path / "c")
+    # Keys of per-folder sources differ (relative to each folder) but the cats' noise
+    # depends on the key alone: re-encode cats as their own folder to compare.
+    r = cli("encode", src / "cats", "-o", tmp_path / "d", "--batch-size", "2")
+    _, d = load_npz(tmp_path / "d")
+    assert set(c["keys"]) == {k.split("/", 1)[1] for k in a["keys"]}
+    np.testing.assert_array_equal(d["logits"], c["logits"][np.isin(c["keys"], d["keys"])])
+    r = cli("encode", src, "-o", tmp_path / "e", "--shard-size", "4", "--seed", "1")
+    assert shard_hashes(tmp_path / "e") != shard_hashes(tmp_path / "a")
+
+
+@pytest.mark.parametrize("opts,bits", [
+    (["--alpha", "1e-6"], 8), (["--alpha", "0.99"], 8), (["--corruption-level", "0.5"], 8),
+    (["--noise", "none"], 8), (["--bits", "5"], 5), (["--compress"], 8),
+])
+def test_exact_for_every_lossless_setting(cli, image_folder, tmp_path, opts, bits):
+    src, truth = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", *opts)
+    assert r.exit_code == 0, r.output
+    m, a = load_npz(tmp_path / "o")
+    t = m["transform"]
+    for key, y in zip(a["keys"], a["logits"]):
+        levels = ref.inverse_levels(y, alpha=t["alpha"], c=t["corruption_level"], bits=t["bits"])
+        assert np.array_equal(levels, truth[key] >> (8 - bits))
+    r = cli("decode", tmp_path / "o", "-o", tmp_path / "back")
+    assert r.exit_code == 0, r.output
+    for key, arr in truth.items():
+        np.testing.assert_array_equal(read_png(tmp_path / "back" / key), (arr >> (8 - bits)) << (8 - bits))
+
+
+def test_gaussian_says_it_is_lossy(cli, image_folder, tmp_path):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "--noise", "gaussian")
+    assert r.exit_code == 0 and "lossy" in r.stderr
+    r = cli("encode", src, "-o", tmp_path / "o2", "--noise", "gaussian", "-q")
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout == ""
+
+
+def test_grayscale_folder_gives_one_channel(cli, tmp_path, rng):
+    for i in range(3):
+        save(str(tmp_path / "g" / f"{i}.png"), photo(rng, 8, 8, 1))
+    r = cli("encode", tmp_path / "g", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m, a = load_npz(tmp_path / "o")
+    assert m["shape"] == [8, 8, 1] and m["classes"] is None and set(a["labels"]) == {-1}
+
+
+def test_mixed_modes_and_formats_with_size(cli, tmp_path, rng):
+    d = tmp_path / "mixed"
+    arr = photo(rng, 30, 40)
+    save(str(d / "a.png"), arr)
+    save(str(d / "b.jpg"), arr)
+    Image.fromarray(arr).convert("P").save(d / "c.gif")
+    Image.fromarray(arr).convert("L").save(d / "d.bmp")
+    Image.fromarray(arr).convert("RGBA").save(d / "e.webp", lossless=True)
+    Image.fromarray(photo(rng, 50, 20)).convert("CMYK").save(d / "f.tiff")
+    r = cli("encode", d, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and "f.tiff" in r.stderr and "--size" in r.stderr
+    r = cli("encode", d, "-o", tmp_path / "o2", "--size", "16x12")
+    assert r.exit_code == 0, r.output
+    m, a = load_npz(tmp_path / "o2")
+    assert m["num_examples"] == 6 and m["shape"] == [16, 12, 3]
+
+
+def make_bad_files(d, rng):
+    os.makedirs(d, exist_ok=True)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.jpg").write_text("not an image")
+    good = photo(rng, 16, 16)
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(photo(rng, 16, 16)).save(buf, "PNG")
+    (d / "truncated.png").write_bytes(buf.getvalue()[:60])
+    os.symlink(str(d / "missing-target.png"), d / "broken.png")
+    (d / "folder.png").mkdir()
+    (d / ".hidden.png").write_bytes(b"junk")
+    (d / "._resource.png").write_bytes(b"junk")
+    Image.new("1", (30000, 30000)).save(d / "bomb.png", optimize=True)
+    save(str(d / "wrong_name.jpg"), good)  # a PNG named .jpg is still a good image
+    return good
+
+
+def test_bad_files_are_skipped_and_good_ones_kept(cli, image_folder, tmp_path, rng):
+    src, truth = image_folder
+    good = make_bad_files(src / "cats", rng)
+    r = cli("encode", src, "-o", tmp_path / "o", "--size", "24x32")
+    assert r.exit_code == 0, r.output
+    m, a = load_npz(tmp_path / "o")
+    skipped = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == {"cats/empty.png", "cats/text.jpg", "cats/truncated.png", "cats/broken.png", "cats/bomb.png"}
+    assert "decompression bomb" in skipped["cats/bomb.png"] and "empty" in skipped["cats/empty.png"]
+    for k in skipped:
+        assert k in r.stderr
+    assert set(truth) <= set(a["keys"]) and "cats/wrong_name.jpg" in set(a["keys"])
+    assert m["num_examples"] == len(truth) + 1
+    r = cli("encode", src, "-o", tmp_path / "f", "--size", "24x32", "--on-error", "fail")
+    assert r.exit_code == 1 and "cats/bomb.png" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "f" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("opt", [["--alpha", "0"], ["--alpha", "1.5"], ["--corruption-level", "0"], ["--bits", "9"],
+                                 ["--size", "12"], ["--noise", "laplace"], ["--batch-size", "0"]])
+def test_bad_usage_exits_2(cli, image_folder, tmp_path, opt):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", *opt)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_source_and_existing_output(cli, image_folder, tmp_path):
+    src, _ = image_folder
+    r = cli("encode", tmp_path / "nope", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "nope" in r.stderr
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    r = cli("encode", src, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and "--overwrite" in r.stderr
+    assert os.listdir(tmp_path / "o") == ["mine.txt"]
+    assert cli("encode", src, "-o", tmp_path / "o", "--overwrite").exit_code == 0
+    assert cli("encode", src, "-o", tmp_path / "o", "--overwrite", "--seed", "3").exit_code == 0
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["transform"]["seed"] == 3
+
+
+def test_paths_on_stdin(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    paths = sorted(str(p) for p in src.rglob("*.png"))
+    r = cli("encode", "-", "-o", tmp_path / "o", "--json", input="\n".join(paths) + "\n")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["num_examples"] == len(truth)
+    m, a = load_npz(tmp_path / "o")
+    assert set(a["keys"]) == {p.replace(os.sep, "/") for p in paths}
+    r = cli("encode", "-", "--null", "-o", tmp_path / "o2", "--json", input="\0".join(paths[:3]) + "\0")
+    assert json.loads(r.stdout)["num_examples"] == 3
+
+
+def test_decode_refuses_keys_that_escape(cli, tmp_path, rng):
+    """A crafted dataset whose keys climb out: nothing lands outside the folder."""
+    src = tmp_path / "one"
+    save(str(src / "a.png"), photo(rng, 4, 4))
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    z = dict(np.load(tmp_path / "ds" / m["shards"][0]["file"], allow_pickle=False))
+    bad = ["../escape.png", "/abs/path.png", "ok/../../up.png", "nul\0.png", "fine/sub.png"]
+    n = len(bad)
+    arrays = {"logits": np.repeat(z["logits"], n, 0), "logdet": np.repeat(z["logdet"], n, 0),
+              "keys": np.array(bad), "labels": np.full(n, -1, np.int64)}
+    np.savez(tmp_path / "ds" / m["shards"][0]["file"], **arrays)
+    m["shards"][0].update(num_examples=n, sha256=hashlib.sha256((tmp_path / "ds" / m["shards"][0]["file"]).read_bytes()).hexdigest())
+    m["num_examples"] = n
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "sandbox" / "out"
+    r = cli("decode", tmp_path / "ds", "-o", out)
+    assert r.exit_code == 1 and "refused" in r.stderr
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png") if "one" not in p.parts)
+    assert written == ["sandbox/out/fine/sub.png"]
+
+
+def test_gpu_without_gpu_is_a_clear_error(cli, image_folder, tmp_path):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "--device", "gpu")
+    assert r.exit_code == 1 and "GPU" in r.stderr and "Traceback" not in r.output

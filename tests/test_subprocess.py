@@ -1,0 +1,42 @@
+"""A few real processes: the installed entry points, streams, start-up cost."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import photo, save
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=300, **kw)
+
+
+def test_help_does_not_import_tensorflow():
+    code = ("import sys\nfrom logitify_cli.cli import main\n"
+            "for args in (['--help'], ['encode', '--help'], ['decode', '--help'], ['--version']):\n"
+            "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0, (args, e.code)\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+            "print('clean')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("clean")
+
+
+def test_real_run_has_clean_streams(tmp_path, rng):
+    for i in range(4):
+        save(str(tmp_path / "in" / f"{i}.png"), photo(rng, 8, 8))
+    r = run("encode", tmp_path / "in", "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)  # exactly one JSON object, nothing else
+    assert summary["num_examples"] == 4 and summary["ok"] is True
+    # No TensorFlow start-up lines reach the user.
+    for marker in ("oneDNN", "cuda", "I0000", "W0000", "absl", "tensorflow"):
+        assert marker not in r.stderr, r.stderr
+    r = run("decode", tmp_path / "out", "-o", tmp_path / "back", "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert sorted(os.listdir(tmp_path / "back")) == [f"{i}.png" for i in range(4)]
+    r = run("encode", tmp_path / "in", "-o", tmp_path / "out2", "--alpha", "2")
+    assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
