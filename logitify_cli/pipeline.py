@@ -29,7 +29,7 @@ from .transform import TransformParams, image_seeds
 
 SHARD_BYTES = 256 << 20
 TEMP_PATTERN = ".*.tmp-*"
-METADATA_FILES = ("dataset_info.json", "features.json")
+METADATA_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
 
 
 def default_workers() -> int:

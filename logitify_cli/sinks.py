@@ -186,6 +186,8 @@ class TfrecordShardSink(ShardSink):
 
     @staticmethod
     def write_metadata(out_dir, manifest):
+        if manifest.get("compressed"):
+            return []  # TFDS reads only plain TFRecords; our own loader reads GZIP
         from .tfds_meta import write_tfds_metadata
 
         return write_tfds_metadata(out_dir, manifest)

@@ -1,0 +1,167 @@
+"""TFRecord in and out: TFDS-style inputs, TFDS-loadable outputs, the loaders."""
+import gzip
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reference as ref
+from conftest import photo, save
+
+
+def example(tf, img_bytes, label=None, image_key="image"):
+    f = {image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[img_bytes]))}
+    if label is not None:
+        f["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+    return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+
+
+def png_bytes(arr, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tfds_input(tmp_path, rng):
+    """Two TFDS-style shards, the second GZIP'd; returns (dir, {key: (array, label)})."""
+    import tensorflow as tf
+
+    d = tmp_path / "tfin"
+    d.mkdir()
+    truth = {}
+    for shard in range(2):
+        name = f"mnistish-train.tfrecord-{shard:05d}-of-00002"
+        opts = tf.io.TFRecordOptions(compression_type="GZIP" if shard else "")
+        with tf.io.TFRecordWriter(str(d / name), opts) as w:
+            for i in range(5):
+                arr = photo(rng, 12, 10)
+                label = (shard * 5 + i) % 3
+                w.write(example(tf, png_bytes(arr), label, image_key="image" if shard == 0 else "image/encoded"))
+                truth[f"{d.name}/{name}:{i}"] = (arr, label)
+    return d, truth
+
+
+def load_all(out):
+    m = json.loads((out / "manifest.json").read_text())
+    if m["format"] == "npz":
+        parts = [np.load(out / s["file"], allow_pickle=False) for s in m["shards"]]
+        return m, {k: np.concatenate([p[k] for p in parts]) for k in ("logits", "logdet", "keys", "labels")}
+    import tensorflow as tf
+
+    keys, logits, logdet, labels = [], [], [], []
+    for s in m["shards"]:
+        for rec in tf.data.TFRecordDataset(str(out / s["file"]), compression_type="GZIP" if m["compressed"] else ""):
+            ex = tf.train.Example.FromString(rec.numpy())
+            f = ex.features.feature
+            keys.append(f["key"].bytes_list.value[0].decode())
+            labels.append(f["label"].int64_list.value[0])
+            logdet.append(f["logdet"].float_list.value[0])
+            # A plain parse: raw little-endian float32 bytes in HWC order.
+            logits.append(np.frombuffer(f["logits"].bytes_list.value[0], "<f4").reshape(m["shape"]))
+    return m, {"keys": np.array(keys), "labels": np.array(labels), "logdet": np.array(logdet, np.float32),
+               "logits": np.stack(logits)}
+
+
+def test_tfds_style_input_with_gzip(cli, tfds_input, tmp_path):
+    d, truth = tfds_input
+    os.chdir(tmp_path)
+    files = sorted(p.name for p in d.iterdir())
+    r = cli("encode", *[f"{d.name}/{f}" for f in files], "-o", "out")
+    assert r.exit_code == 0, r.output
+    m, a = load_all(tmp_path / "out")
+    assert m["num_examples"] == 10 and m["skipped"] == []
+    assert list(a["keys"]) == sorted(truth, key=lambda k: (k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])))
+    for key, y, label in zip(a["keys"], a["logits"], a["labels"]):
+        arr, lab = truth[key]
+        assert label == lab
+        assert np.array_equal(ref.inverse_levels(y), arr)
+    r = cli("decode", "out", "-o", "back")
+    assert r.exit_code == 0, r.output
+    for key, (arr, _) in truth.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / (key + ".png"))), arr)
+
+
+def test_corrupt_records_are_skipped(cli, tfds_input, tmp_path):
+    import tensorflow as tf
+
+    d, truth = tfds_input
+    good = d / "mnistish-train.tfrecord-00000-of-00002"
+    data = good.read_bytes()
+    cut = d / "cut.tfrecord"
+    cut.write_bytes(data[: len(data) * 3 // 5])  # truncated in the middle of a record
+    with tf.io.TFRecordWriter(str(d / "odd.tfrecord")) as w:
+        w.write(example(tf, b"not an image", 1))
+        w.write(tf.train.Example().SerializeToString())  # missing feature
+        w.write(b"not even a proto \xff\xfe")
+        w.write(example(tf, png_bytes(photo(np.random.default_rng(0), 12, 10)), 2))
+    r = cli("encode", d, "-o", tmp_path / "o")  # a folder of TFRecords is not a folder of images ...
+    assert r.exit_code == 1 and "no images" in r.stderr
+    r = cli("encode", *sorted(d.iterdir()), "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m, a = load_all(tmp_path / "o")
+    reasons = {s["source"].rsplit("/", 1)[-1]: s["reason"] for s in m["skipped"]}
+    assert "corrupt" in reasons["cut.tfrecord:2"] or "corrupt" in reasons["cut.tfrecord:3"]
+    assert "odd.tfrecord:0" in reasons and "odd.tfrecord:1" in reasons and "odd.tfrecord:2" in reasons
+    assert "no bytes feature" in reasons["odd.tfrecord:1"]
+    assert any(k.endswith("odd.tfrecord:3") for k in a["keys"])
+    assert sum(k.split("/")[-1].startswith("cut.tfrecord:") for k in a["keys"]) >= 2
+
+
+def test_tfrecord_output_equals_npz_and_loads_everywhere(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    assert cli("encode", src, "-o", tmp_path / "n", "--shard-size", "6").exit_code == 0
+    r = cli("encode", src, "-o", tmp_path / "t", "-f", "tfrecord", "--shard-size", "6", "--batch-size", "5")
+    assert r.exit_code == 0, r.output
+    m, t = load_all(tmp_path / "t")
+    _, n = load_all(tmp_path / "n")
+    assert [s["file"] for s in m["shards"]] == [f"logitify-train.tfrecord-{i:05d}-of-00003" for i in range(3)]
+    assert list(t["keys"]) == list(n["keys"])
+    assert t["logits"].tobytes() == n["logits"].tobytes() and t["logdet"].tobytes() == n["logdet"].tobytes()
+    assert list(t["labels"]) == list(n["labels"])
+    # Deterministic bytes for another batch size.
+    assert cli("encode", src, "-o", tmp_path / "t2", "-f", "tfrecord", "--shard-size", "6", "--batch-size", "2").exit_code == 0
+    assert json.loads((tmp_path / "t2" / "manifest.json").read_text())["shards"] == m["shards"]
+    # TFDS loads it, with the classes as a ClassLabel.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder_from_directory(str(tmp_path / "t"))
+    assert builder.info.features["label"].names == ["cats", "dogs"]
+    got = {ex["key"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split="train"))}
+    assert len(got) == len(truth)
+    for key, y in zip(n["keys"], n["logits"]):
+        assert got[key]["logits"].dtype == np.float32 and got[key]["logits"].shape == (24, 32, 3)
+        np.testing.assert_array_equal(got[key]["logits"], y)
+    # The project's own loaders, both formats.
+    import logitify_cli as lg
+
+    for fmt in ("n", "t"):
+        ys = [(k.numpy().decode(), y.numpy(), ld.numpy()) for y, ld, k in lg.load(str(tmp_path / fmt), with_keys=True)]
+        assert [k for k, _, _ in ys] == list(n["keys"])
+        np.testing.assert_array_equal(np.stack([y for _, y, _ in ys]), n["logits"])
+        shards = list(lg.iter_numpy(str(tmp_path / fmt)))
+        assert sum(len(s["keys"]) for s in shards) == len(truth)
+        ds = lg.LogitDataset(str(tmp_path / fmt))
+        np.testing.assert_array_equal(ds.inverse(shards[0]["logits"]), np.stack([truth[k] for k in shards[0]["keys"]]))
+    r = cli("decode", tmp_path / "t", "-o", tmp_path / "back")
+    assert r.exit_code == 0
+    for key, arr in truth.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / key)), arr)
+
+
+def test_compress_writes_gzip(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    r = cli("encode", src, "-o", tmp_path / "t", "-f", "tfrecord", "--compress")
+    assert r.exit_code == 0, r.output
+    m, t = load_all(tmp_path / "t")
+    shard = tmp_path / "t" / m["shards"][0]["file"]
+    assert shard.read_bytes()[:2] == b"\x1f\x8b"
+    gzip.decompress(shard.read_bytes())  # a whole GZIP stream
+    assert len(t["keys"]) == len(truth)
+    r = cli("decode", tmp_path / "t", "-o", tmp_path / "back")
+    assert r.exit_code == 0
+    key = sorted(truth)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / key)), truth[key])
