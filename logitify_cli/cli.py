@@ -39,6 +39,19 @@ def stream_options(f):
     return f
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. embedded use)
+        pass
+
+
 def run_command(fn):
     """Turn a command body returning a summary dict into streams and exit codes."""
 
@@ -50,6 +63,7 @@ def run_command(fn):
         _tf.verbose = verbose
         from .pipeline import Reporter
 
+        _sigterm_as_interrupt()
         report = Reporter(quiet=quiet, progress=progress)
         try:
             summary = fn(*args, report=report, **kwargs)
@@ -74,6 +88,7 @@ def run_command(fn):
             click.echo(f"logitify: error: {type(e).__name__}: {e} (run with --verbose for details)", err=True)
             sys.exit(1)
         if as_json:
+            summary.pop("message", None)
             click.echo(json.dumps({"ok": code == 0, **summary}, default=str))
         elif not quiet and summary.get("message"):
             click.echo(summary["message"], err=True)
@@ -221,6 +236,66 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, report):
 
 main.add_command(decode, "decode")
 main.add_command(decode, "invert")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path())
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")
+def info(dataset, plot_path, as_json, verbose):
+    """Summarize an encoded DATASET: counts, classes, parameters, statistics.
+
+    \b
+    Examples:
+      logitify info out/
+      logitify info out/ --json | jq .logdet
+      logitify info out/ --plot out.png
+    """
+    from . import _tf
+    from .errors import LogitifyError
+
+    _tf.verbose = verbose
+    try:
+        from .info import info as run_info, render
+
+        summary = run_info(dataset, plot_path)
+    except LogitifyError as e:
+        click.echo(f"logitify: error: {e.args[0]}", err=True)
+        sys.exit(e.exit_code)
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(render(summary))
+        if plot_path:
+            click.echo(f"plot         {plot_path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path())
+@click.argument("more_sources", nargs=-1, metavar="")
+@click.option("--against", multiple=True, metavar="SOURCES...",
+              help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit.")
+@stream_options
+@run_command
+def verify(dataset, more_sources, against, report):
+    """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets.
+
+    With --against, every image is decoded and compared with its source.
+    Exit 0 when all holds, 1 naming each failing shard or key.
+
+    \b
+    Examples:
+      logitify verify out/
+      logitify verify out/ --against photos/
+    """
+    from .errors import UsageError
+    from .verify import verify as run_verify
+
+    if more_sources and not against:
+        raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
+    return run_verify(dataset, against=list(against) + list(more_sources), report=report)
 
 
 if __name__ == "__main__":

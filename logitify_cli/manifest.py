@@ -15,7 +15,8 @@ JOURNAL = ".logitify-journal.jsonl"
 LOGDET_CONVENTION = "tfgenzoo"
 
 
-def build(*, fmt, name, split, shape, params: TransformParams, classes, shards, skipped, compress, stats=None):
+def build(*, fmt, name, split, shape, params: TransformParams, classes, shards, skipped, compress, source=None,
+          stats=None):
     dims = int(shape[0]) * int(shape[1]) * int(shape[2])
     return {
         "format_version": FORMAT_VERSION,
@@ -37,6 +38,7 @@ def build(*, fmt, name, split, shape, params: TransformParams, classes, shards, 
         "classes": classes,
         "shards": shards,
         "skipped": skipped,
+        "source": source or {},
         "stats": stats or {},
     }
 

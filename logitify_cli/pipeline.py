@@ -114,7 +114,7 @@ class OrderedPool:
         self.pool = None
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
 
     def imap(self, fn, chunks, describe=lambda c: ""):
         if self.pool is None:
@@ -152,6 +152,13 @@ class OrderedPool:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(cancel=exc_type is not None)
+
+
+def _worker_init():
+    """Ctrl-C is the main process's to handle: workers just stop with it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _DecodeTask:
@@ -426,6 +433,8 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     m = manifest_mod.build(
         fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
         classes=inv.classes, shards=shards, skipped=skipped, compress=opts.compress,
+        source={"size": list(opts.size) if opts.size else None, "channels": channels, "max_pixels": opts.max_pixels,
+                "image_key": opts.image_key, "label_key": opts.label_key, "shard_size": shard_size},
         stats={"seconds": round(seconds, 3), "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
                "fingerprint": hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()},
     )
