@@ -1,0 +1,150 @@
+"""info and verify through the CLI; hostile datasets; JSON on stdout only."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo, save
+
+
+@pytest.fixture
+def dataset(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    out = tmp_path / "ds"
+    r = cli("encode", src, "-o", out, "--shard-size", "5")
+    assert r.exit_code == 0, r.output
+    return src, truth, out
+
+
+def test_info_text_and_json(cli, dataset):
+    src, truth, out = dataset
+    r = cli("info", out)
+    assert r.exit_code == 0
+    assert "examples     13" in r.stdout and "cats: 7, dogs: 6" in r.stdout and "alpha 0.05" in r.stdout
+    r = cli("info", out, "--json")
+    s = json.loads(r.stdout)
+    assert s["num_examples"] == 13 and s["class_counts"] == {"cats": 7, "dogs": 6}
+    parts = [np.load(out / sh["file"], allow_pickle=False) for sh in s["shards"]]
+    logits = np.concatenate([p["logits"] for p in parts]).astype(np.float64)
+    logdet = np.concatenate([p["logdet"] for p in parts]).astype(np.float64)
+    assert s["logits"]["min"] == pytest.approx(logits.min()) and s["logits"]["max"] == pytest.approx(logits.max())
+    assert s["logits"]["mean"] == pytest.approx(logits.mean()) and s["logits"]["std"] == pytest.approx(logits.std(), rel=1e-6)
+    assert s["logdet"]["mean"] == pytest.approx(logdet.mean()) and s["logdet"]["std"] == pytest.approx(logdet.std(), rel=1e-6)
+    assert s["bpd_offset_nats"] == pytest.approx(24 * 32 * 3 * np.log(256))
+
+
+def test_info_plot_is_a_real_picture(cli, dataset, tmp_path):
+    _, _, out = dataset
+    r = cli("info", out, "--plot", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    img = Image.open(tmp_path / "p.png")
+    assert img.format == "PNG" and img.size[0] >= 800 and img.size[1] >= 500
+    arr = np.asarray(img.convert("RGB"))
+    assert arr.std() > 20  # not a blank canvas
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 500  # decoded photos are in it
+
+
+def test_missing_dataset_is_a_clear_error(cli, tmp_path):
+    for cmd in (["info"], ["verify"], ["decode", "-o", tmp_path / "x"]):
+        r = cli(cmd[0], tmp_path / "nothing", *cmd[1:])
+        assert r.exit_code == 1 and "no such dataset" in r.stderr and "Traceback" not in r.output
+
+
+def test_verify_good_and_against_sources(cli, dataset):
+    src, truth, out = dataset
+    r = cli("verify", out, "--against", src, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["ok"] and s["num_examples"] == 13 and s["compared_with_sources"] == 13
+
+
+def test_verify_catches_a_changed_source(cli, dataset, rng):
+    src, truth, out = dataset
+    save(str(src / "cats" / "cat_03.png"), photo(rng, 24, 32))
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 1 and "cats/cat_03.png" in r.stderr
+
+
+def _rewrite_shard(out, index, arrays, fix_hash=True):
+    m = json.loads((out / "manifest.json").read_text())
+    path = out / m["shards"][index]["file"]
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    if fix_hash:
+        m["shards"][index]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (out / "manifest.json").write_text(json.dumps(m))
+    return m["shards"][index]["file"]
+
+
+def test_verify_catches_flipped_bytes_and_missing_shards(cli, dataset):
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    f0, f2 = m["shards"][0]["file"], m["shards"][2]["file"]
+    data = bytearray((out / f0).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (out / f0).write_bytes(bytes(data))
+    os.unlink(out / f2)
+    r = cli("verify", out, "--json")
+    assert r.exit_code == 1
+    s = json.loads(r.stdout)
+    where = {p["where"] for p in s["problems"]}
+    assert where == {f0, f2}
+    assert f0 in r.stderr and f2 in r.stderr
+    r = cli("decode", out, "-o", out.parent / "back")
+    assert r.exit_code == 1 and f0 in r.stderr
+
+
+def test_verify_catches_wrong_logdet_and_nonfinite(cli, dataset):
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    z = dict(np.load(out / m["shards"][1]["file"], allow_pickle=False))
+    z["logdet"] = z["logdet"].copy()
+    z["logdet"][0] += 50
+    z["logits"] = z["logits"].copy()
+    z["logits"][1, 0, 0, 0] = np.nan
+    _rewrite_shard(out, 1, z)
+    r = cli("verify", out)
+    assert r.exit_code == 1
+    assert str(z["keys"][0]) in r.stderr and "log-det" in r.stderr
+    assert str(z["keys"][1]) in r.stderr and "finite" in r.stderr
+
+
+def test_pickled_shard_is_refused(cli, dataset):
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    z = dict(np.load(out / m["shards"][0]["file"], allow_pickle=False))
+    z["keys"] = np.array([object()] * len(z["keys"]), dtype=object)
+    name = _rewrite_shard(out, 0, z)
+    for cmd in (["verify", out], ["info", out], ["decode", out, "-o", out.parent / "b"]):
+        r = cli(*cmd)
+        assert r.exit_code == 1 and name in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: "{not json", "not JSON"),
+    (lambda m: json.dumps({**m, "num_examples": 999}), "num_examples"),
+    (lambda m: json.dumps({**m, "shape": [24, 32]}), "shape"),
+    (lambda m: json.dumps({**m, "shape": [24, 32, 7]}), "channels"),
+    (lambda m: json.dumps({**m, "shards": [{**m["shards"][0], "file": "../../etc/passwd"}] + m["shards"][1:]}), "outside"),
+    (lambda m: json.dumps({**m, "transform": {**m["transform"], "alpha": 3}}), "alpha"),
+    (lambda m: json.dumps([1, 2]), "JSON object"),
+])
+def test_lying_manifests_are_refused(cli, dataset, edit, words):
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(edit(m))
+    for cmd in ("verify", "info"):
+        r = cli(cmd, out)
+        assert r.exit_code == 1 and words in r.stderr and "Traceback" not in r.output
+
+
+def test_manifest_lying_about_shape_of_shard(cli, dataset):
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    m["shape"] = [32, 24, 3]
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = cli("verify", out)
+    assert r.exit_code == 1 and "expected float32 [n, 32, 24, 3]" in r.stderr

@@ -1,0 +1,213 @@
+"""Runs that survive: kill and resume, Ctrl-C, full disks, overwrite safety."""
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import photo, save
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(5)
+    for i in range(1500):
+        save(str(root / f"c{i % 3}" / f"{i:04d}.png"), photo(rng, 8, 8))
+    return root
+
+
+def shard_state(out):
+    m = json.loads((out / "manifest.json").read_text())
+    return m["shards"], {s["file"]: hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in m["shards"]}
+
+
+ARGS = ["--shard-size", "100", "--batch-size", "1", "--workers", "1"]
+
+
+def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
+    assert cli("encode", many_images, "-o", tmp_path / "ref", *ARGS).exit_code == 0
+    ref_shards, ref_hashes = shard_state(tmp_path / "ref")
+    assert len(ref_shards) == 15
+    rnd = random.Random(os.environ.get("PYTEST_SEED", 11))
+    cut_short = 0
+    for attempt, sig in enumerate((signal.SIGKILL, signal.SIGINT, signal.SIGKILL)):
+        out = tmp_path / f"run{attempt}"
+        p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(many_images), "-o", str(out), *ARGS],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        want = rnd.randint(0, 8)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            done = [n for n in os.listdir(out)] if out.exists() else []
+            if sum(n.endswith(".npz") for n in done) >= want:
+                break
+            time.sleep(0.01)
+        time.sleep(rnd.uniform(0, 0.3))
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        if sig == signal.SIGINT and p.returncode != 0:
+            assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+            assert not any(".tmp-" in n for n in os.listdir(out)), "Ctrl-C left a temporary file"
+        # Every file under a final shard name is whole.
+        for name in os.listdir(out):
+            if name.endswith(".npz"):
+                with np.load(out / name, allow_pickle=False) as z:
+                    assert z["logits"].shape[0] == len(z["keys"])
+        if (out / "manifest.json").exists():  # killed after the manifest: the dataset is whole
+            assert cli("verify", out).exit_code == 0
+        else:
+            cut_short += 1
+        r = cli("encode", many_images, "-o", out, *ARGS[:2], "--resume")
+        assert r.exit_code == 0, r.output
+        shards, hashes = shard_state(out)
+        assert shards == ref_shards and hashes == ref_hashes
+    assert cut_short >= 2, "the kills came too late to test anything"
+
+
+def test_resume_with_other_options_is_refused(cli, many_images, tmp_path, monkeypatch):
+    from logitify_cli import sinks
+
+    real = sinks.NpzShardSink._write
+    calls = {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(sinks.NpzShardSink, "_write", interrupted)
+    out = tmp_path / "o"
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50")
+    assert r.exit_code == 130 and "interrupted" in r.stderr
+    monkeypatch.setattr(sinks.NpzShardSink, "_write", real)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".npz")) == [f"train-0000{i}-of-00030.npz" for i in range(2)]
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume", "--alpha", "0.1")
+    assert r.exit_code == 1 and "alpha" in r.stderr
+    r = cli("encode", many_images / "c0", "-o", out, "--shard-size", "50", "--resume")
+    assert r.exit_code == 1 and "input" in r.stderr
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume")
+    assert r.exit_code == 0
+    # A finished dataset resumes to itself, and refuses other inputs.
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 30
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume", "--seed", "4")
+    assert r.exit_code == 1
+
+
+def test_full_disk_ends_cleanly(cli, many_images, tmp_path, monkeypatch):
+    """ENOSPC on the third shard: exit 1, one clear line, no lying manifest."""
+    from logitify_cli import sinks
+
+    real = sinks.NpzShardSink._write
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(self.tmp, "ab") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(sinks.NpzShardSink, "_write", failing)
+    out = tmp_path / "o"
+    r = cli("encode", many_images, "-o", out, "--shard-size", "100")
+    assert r.exit_code == 1
+    assert r.stderr.strip().count("\n") == 0 and "no space left on device" in r.stderr
+    assert not (out / "manifest.json").exists()
+    assert sorted(os.listdir(out)) == [".logitify-journal.jsonl", "train-00000-of-00015.npz", "train-00001-of-00015.npz"]
+    monkeypatch.setattr(sinks.NpzShardSink, "_write", real)
+    assert cli("encode", many_images, "-o", out, "--shard-size", "100", "--resume").exit_code == 0
+    assert cli("verify", out).exit_code == 0
+
+
+def test_tiny_filesystem(cli, many_images, tmp_path):
+    """A real 1 MB tmpfs where the machine lets us mount one (root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = mnt / "o"
+        r = cli("encode", many_images, "-o", out, "--shard-size", "200")
+        assert r.exit_code == 1 and "no space left on device" in r.stderr and "Traceback" not in r.output
+        assert not (out / "manifest.json").exists()
+        assert not any(".tmp-" in n for n in os.listdir(out))
+        for name in os.listdir(out):
+            if name.endswith(".npz"):
+                with np.load(out / name, allow_pickle=False) as z:
+                    assert len(z["keys"]) == 200
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_overwrite_removes_only_what_logitify_wrote(cli, many_images, tmp_path):
+    out = tmp_path / "o"
+    assert cli("encode", many_images / "c1", "-o", out, "-f", "tfrecord").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    before = sorted(os.listdir(out))
+    r = cli("encode", many_images / "c2", "-o", out)
+    assert r.exit_code == 1 and sorted(os.listdir(out)) == before
+    assert cli("encode", many_images / "c2", "-o", out, "--overwrite").exit_code == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "sub", "train-00000-of-00001.npz"]
+
+
+@st.composite
+def random_image_file(draw):
+    mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P", "LA", "1", "CMYK", "I;16"]))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**32 - 1))
+    fmt = draw(st.sampled_from(["png", "bmp", "tiff", "webp"]))
+    if mode in ("CMYK",) and fmt in ("png", "webp"):
+        fmt = "tiff"
+    if mode in ("I;16", "LA") and fmt in ("bmp", "webp"):
+        fmt = "png"
+    if mode in ("RGBA", "P", "1") and fmt == "webp":
+        fmt = "png"
+    return mode, h, w, seed, fmt
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(random_image_file(), min_size=1, max_size=4), channels=st.sampled_from(["1", "3", "4"]),
+       alpha=st.floats(1e-6, 0.99), c=st.floats(0.05, 1.0), bits=st.integers(1, 8), noise=st.sampled_from(["uniform", "none"]),
+       fmt=st.sampled_from(["npz", "tfrecord"]))
+def test_encode_decode_is_the_identity(cli, tmp_path_factory, files, channels, alpha, c, bits, noise, fmt):
+    from logitify_cli.images import decode as read_pixels
+
+    root = tmp_path_factory.mktemp("prop")
+    src = root / "src"
+    src.mkdir()
+    h0, w0 = files[0][1], files[0][2]
+    for i, (mode, h, w, seed, ext) in enumerate(files):
+        rng = np.random.default_rng(seed)
+        if mode == "I;16":
+            img = Image.fromarray(rng.integers(0, 65536, (h0, w0), dtype=np.uint16))
+        else:
+            img = Image.fromarray(rng.integers(0, 256, (h0, w0, 3), dtype=np.uint8)).convert(mode)
+        img.save(src / f"{i}.{ext}", **({"lossless": True} if ext == "webp" else {}))
+    r = cli("encode", src, "-o", root / "o", "-f", fmt, "--channels", channels, "--alpha", repr(alpha),
+            "--corruption-level", repr(c), "--bits", bits, "--noise", noise)
+    assert r.exit_code == 0, r.output
+    r = cli("decode", root / "o", "-o", root / "back")
+    assert r.exit_code == 0, r.output
+    shift = 8 - bits
+    for i, (_, _, _, _, ext) in enumerate(files):
+        want = read_pixels(str(src / f"{i}.{ext}"), int(channels))
+        got = np.asarray(Image.open(root / "back" / f"{i}.png"))
+        got = got[:, :, None] if got.ndim == 2 else got
+        np.testing.assert_array_equal(got, (want >> shift) << shift)
