@@ -1,0 +1,59 @@
+"""Streams for shell pipelines: JSON on stdout only, progress on stderr, -q, env."""
+import json
+
+import pytest
+
+
+def test_json_summaries_are_one_object(cli, image_folder, tmp_path):
+    src, truth = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "--json", "--no-progress")
+    s = json.loads(r.stdout)
+    assert s["ok"] and s["num_examples"] == len(truth) and s["skipped"] == [] and s["images_per_second"] > 0
+    assert r.stdout.count("\n") == 1
+    r = cli("decode", tmp_path / "o", "-o", tmp_path / "b", "--json")
+    s = json.loads(r.stdout)
+    assert s["num_images"] == len(truth) and "seconds" in s and r.stdout.count("\n") == 1
+    r = cli("verify", tmp_path / "o", "--json")
+    assert json.loads(r.stdout)["ok"] is True and r.stdout.count("\n") == 1
+    r = cli("encode", src, "-o", tmp_path / "o", "--json")  # refused: output exists
+    assert r.exit_code == 1 and json.loads(r.stdout)["ok"] is False
+
+
+def test_progress_goes_to_stderr_and_quiet_is_silent(cli, image_folder, tmp_path):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "--progress")
+    assert r.exit_code == 0 and r.stdout == ""
+    assert "encode" in r.stderr and "img" in r.stderr and "100%" in r.stderr
+    r = cli("decode", tmp_path / "o", "-o", tmp_path / "b", "--progress")
+    assert "decode" in r.stderr and r.stdout == ""
+    r = cli("encode", src, "-o", tmp_path / "q", "-q", "--progress")
+    assert r.exit_code == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("verify", tmp_path / "q", "-q")
+    assert r.exit_code == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("encode", src, "-o", tmp_path / "n", "--no-progress")
+    assert "100%" not in r.stderr and "encoded 13 images" in r.stderr  # one closing line
+
+
+def test_options_from_environment(cli, image_folder, tmp_path, monkeypatch):
+    src, _ = image_folder
+    monkeypatch.setenv("LOGITIFY_ALPHA", "0.2")
+    monkeypatch.setenv("LOGITIFY_SHARD_SIZE", "4")
+    r = cli("encode", src, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["transform"]["alpha"] == 0.2 and len(m["shards"]) == 4
+    monkeypatch.setenv("LOGITIFY_ALPHA", "7")
+    assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode", "invert", "info", "verify"])
+def test_every_command_has_help_with_an_example(cli, cmd):
+    r = cli(cmd, "--help")
+    assert r.exit_code == 0 and "Usage: " in r.stdout and "Example" in r.stdout
+
+
+def test_version(cli):
+    from logitify_cli import __version__
+
+    r = cli("--version")
+    assert r.exit_code == 0 and __version__ in r.stdout
