@@ -28,6 +28,8 @@ from .sources import Item, TfrecordFile, discover
 from .transform import TransformParams, image_seeds
 
 SHARD_BYTES = 256 << 20
+STARTUP_AHEAD = 96 << 20  # decoded pixels the workers may run ahead while TensorFlow starts
+RUN_AHEAD = 32 << 20  # and afterwards
 TEMP_PATTERN = ".*.tmp-*"
 METADATA_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
 
@@ -116,31 +118,36 @@ class OrderedPool:
             ctx = multiprocessing.get_context("spawn")
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
 
-    def imap(self, fn, chunks, describe=lambda c: ""):
+    def imap(self, fn, jobs, window=None, describe=lambda meta: ""):
+        """(meta, fn(args)) for each (meta, args) in jobs, in order.
+
+        `window` is how many jobs may be in flight; a callable is asked
+        again each time, so a run can decode far ahead while it starts up.
+        """
         if self.pool is None:
-            for chunk in chunks:
-                yield chunk, fn(chunk)
+            for meta, args in jobs:
+                yield meta, fn(args)
             return
-        window = collections.deque()
-        limit = self.workers * 3
-        it = iter(chunks)
+        pending = collections.deque()
+        it = iter(jobs)
         exhausted = False
+        limit = window if callable(window) else (lambda: window or self.workers * 3)
         while True:
-            while not exhausted and len(window) < limit:
+            while not exhausted and len(pending) < max(1, limit()):
                 try:
-                    chunk = next(it)
+                    meta, args = next(it)
                 except StopIteration:
                     exhausted = True
                     break
-                window.append((chunk, self.pool.submit(fn, chunk)))
-            if not window:
+                pending.append((meta, self.pool.submit(fn, args)))
+            if not pending:
                 return
-            chunk, fut = window.popleft()
+            meta, fut = pending.popleft()
             try:
                 result = fut.result()
             except BrokenProcessPool:
-                raise LogitifyError(f"a worker process died while working on {describe(chunk)}") from None
-            yield chunk, result
+                raise LogitifyError(f"a worker process died while working on {describe(meta)}") from None
+            yield meta, result
 
     def close(self, cancel=False):
         if self.pool is not None:
@@ -162,13 +169,13 @@ def _worker_init():
 
 
 class _DecodeTask:
-    """A picklable chunk task: the payloads and how to decode them."""
+    """A picklable chunk task: payloads in, (array or None, reason) out."""
 
     def __init__(self, channels, size, max_pixels):
         self.channels, self.size, self.max_pixels = channels, size, max_pixels
 
-    def __call__(self, chunk):
-        return images_mod.decode_many([p for _, p, _ in chunk], self.channels, self.size, self.max_pixels)
+    def __call__(self, payloads):
+        return images_mod.decode_many(payloads, self.channels, self.size, self.max_pixels)
 
 
 def _payloads(items, opts: EncodeOptions):
@@ -202,16 +209,45 @@ def _chunks(iterable, n):
         yield chunk
 
 
-def decoded_stream(items, opts: EncodeOptions, channels, size, pool: OrderedPool, chunk=32):
-    """(item, label, uint8 array or None, reason or None), in item order."""
-    task = _DecodeTask(channels, size, opts.max_pixels)
+class DecodeStream:
+    """(item, label, uint8 array or None, reason or None), in item order.
 
-    def describe(c):
-        return ", ".join(it.key for it, _, _ in c[:3]) + (" ..." if len(c) > 3 else "")
+    Decoding runs ahead in the workers, up to `ahead_bytes` of pixels, so a
+    run can import TensorFlow while the first images are being decoded.
+    """
 
-    for ch, results in pool.imap(task, _chunks(_payloads(items, opts), chunk), describe):
-        for (it, _, label), (arr, reason) in zip(ch, results):
-            yield it, label, arr, reason
+    CHUNK = 32
+
+    def __init__(self, items, opts: EncodeOptions, channels, size, pool: OrderedPool, image_bytes: int,
+                 ahead_bytes: int = 64 << 20):
+        self.task = _DecodeTask(channels, size, opts.max_pixels)
+        per_chunk = max(1, image_bytes) * self.CHUNK
+        self.window = max(pool.workers * 3, ahead_bytes // per_chunk)
+        jobs = ((ch, [p for _, p, _ in ch]) for ch in _chunks(_payloads(items, opts), self.CHUNK))
+        self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
+        self._buffer = collections.deque()
+
+    @staticmethod
+    def _describe(chunk):
+        return ", ".join(it.key for it, _, _ in chunk[:3]) + (" ..." if len(chunk) > 3 else "")
+
+    def start(self):
+        """Fill the window now (submits work) without waiting for any result."""
+        if not self._buffer:
+            self._buffer.extend(self._take())
+        return self
+
+    def _take(self):
+        chunk, results = next(self._results)
+        return [(it, label, arr, reason) for (it, _, label), (arr, reason) in zip(chunk, results)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._buffer:
+            self._buffer.extend(self._take())
+        return self._buffer.popleft()
 
 
 # -- the output folder ----------------------------------------------------------------
@@ -350,7 +386,7 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
         with OrderedPool(1) as pool:
-            for it, _, _, reason in decoded_stream(inv.items, opts, opts.channels or 3, opts.size, pool):
+            for it, _, _, reason in DecodeStream(inv.items, opts, opts.channels or 3, opts.size, pool, 1):
                 report.warn(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
     dims = int(np.prod(shape))
@@ -369,10 +405,6 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     if not done:
         journal.start(header)
 
-    device = resolve_device(opts.device)
-    from .transform import LogitTransform
-
-    transform = LogitTransform(opts.params, shape, device)
     skipped = list(inv.skipped)
     for s in skipped:
         report.warn(f"skipped {s['source']}: {s['reason']}")
@@ -384,39 +416,30 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     todo_items = [it for i in todo for it in inv.items[i * shard_size:(i + 1) * shard_size]]
     workers = opts.workers or default_workers()
     stream_ok = 0
+    pool_size = min(workers, max(1, len(todo_items) // 64))
 
-    with report.bar(len(todo_items), "encode") as bar, OrderedPool(min(workers, max(1, len(todo_items) // 64 or 1))) as pool:
-        stream = decoded_stream(todo_items, opts, channels, opts.size, pool)
+    with report.bar(len(todo_items), "encode") as bar, OrderedPool(pool_size) as pool:
+        stream = DecodeStream(todo_items, opts, channels, opts.size, pool, dims, ahead_bytes=STARTUP_AHEAD)
+        if todo_items:
+            stream.start()  # the workers decode while TensorFlow starts up here
+        transform = _start_transform(opts, shape)
+        stream.window = max(pool.workers * 3, RUN_AHEAD // (dims * DecodeStream.CHUNK))
         for i in todo:
             part = inv.items[i * shard_size:(i + 1) * shard_size]
-            sink = sink_cls(opts.out, i, n_shards, shape, name=opts.name, split=opts.split, compress=opts.compress)
-            shard_skipped = []
-            try:
-                batch = []
-                for _ in part:
-                    it, label, arr, reason = next(stream)
-                    bar.update(1)
-                    if arr is None:
-                        _skip(opts, report, shard_skipped, it.key, reason)
-                        continue
-                    if arr.shape != tuple(shape):
-                        raise LogitifyError(
-                            f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
-                            f"{shape[1]}x{shape[0]} (set by {first.key}); pass --size HxW to resize all images"
-                        )
-                    batch.append((it.key, label, arr))
-                    if len(batch) == opts.batch_size:
-                        _flush(batch, transform, sink, opts.params.seed)
-                        batch = []
-                if batch:
-                    _flush(batch, transform, sink, opts.params.seed)
-                info = sink.close()
-            except OSError as e:
-                sink.abort()
-                raise _io_error(e, sink.file) from None
-            except BaseException:
-                sink.abort()
-                raise
+            good, shard_skipped = [], []
+            for _ in part:
+                it, label, arr, reason = next(stream)
+                bar.update(1)
+                if arr is None:
+                    _skip(opts, report, shard_skipped, it.key, reason)
+                    continue
+                if arr.shape != tuple(shape):
+                    raise LogitifyError(
+                        f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
+                        f"{shape[1]}x{shape[0]} (set by {first.key}); pass --size HxW to resize all images"
+                    )
+                good.append((it.key, label, arr))
+            info = _write_shard(sink_cls, opts, i, n_shards, shape, good, transform)
             stream_ok += info["num_examples"]
             shards[i] = info
             skipped.extend(shard_skipped)
@@ -468,12 +491,37 @@ def _skip(opts, report, skipped, key, reason):
     report.warn(f"skipped {key}: {reason}")
 
 
-def _flush(batch, transform, sink, seed):
-    keys = [k for k, _, _ in batch]
-    labels = [lab for _, lab, _ in batch]
-    images = np.stack([a for _, _, a in batch])
-    y, logdet = transform.forward(images, image_seeds(seed, keys))
-    sink.add(keys, labels, y.numpy(), logdet.numpy())
+def _start_transform(opts: EncodeOptions, shape):
+    """Import TensorFlow, place and compile the transform (the slow start)."""
+    from .transform import LogitTransform
+
+    transform = LogitTransform(opts.params, shape, resolve_device(opts.device), batch_size=opts.batch_size)
+    transform.warm_up()
+    return transform
+
+
+def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform) -> dict:
+    """Transform a shard's images batch by batch straight into its sink."""
+    sink = None
+    try:
+        sink = sink_cls(opts.out, index, n_shards, shape, name=opts.name, split=opts.split,
+                        compress=opts.compress, count=len(good))
+        bs = opts.batch_size
+        for start in range(0, len(good), bs):
+            batch = good[start:start + bs]
+            keys = [k for k, _, _ in batch]
+            images = np.stack([a for _, _, a in batch])
+            y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
+            sink.add(keys, [lab for _, lab, _ in batch], y, logdet)
+        return sink.close()
+    except OSError as e:
+        if sink is not None:
+            sink.abort()
+        raise _io_error(e, sink.file if sink is not None else f"shard {index}") from None
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
 
 
 def _io_error(e: OSError, what: str) -> LogitifyError:
@@ -558,7 +606,7 @@ def decode(dataset_path: str, out: str, fmt: str = "png", batch_size: int = 256,
                     report.warn(f"refused key {str(key)!r}: {e}")
                 except OSError as e:
                     raise _io_error(e, f"a folder for {key}") from None
-            for chunk, errors in pool.imap(images_mod.encode_pngs, _chunks(jobs, 64)):
+            for chunk, errors in pool.imap(images_mod.encode_pngs, ((c, c) for c in _chunks(jobs, 64))):
                 if errors:
                     path, reason, _ = errors[0]
                     raise LogitifyError(f"cannot write {path}: {reason}")

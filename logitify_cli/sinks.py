@@ -89,13 +89,23 @@ class ShardSink:
 
 
 class NpzShardSink(ShardSink):
-    """{split}-{i:05d}-of-{n:05d}.npz: logits, logdet, keys, labels."""
+    """{split}-{i:05d}-of-{n:05d}.npz: logits, logdet, keys, labels.
+
+    The number of examples is known when the shard is opened, so the logits
+    stream straight into the zip entry and memory stays at one batch.
+    """
 
     format = "npz"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, count: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self._logits, self._logdet, self._keys, self._labels = [], [], [], []
+        self.expected = count
+        self._logdet, self._keys, self._labels = [], [], []
+        self._raw = open(self.tmp, "wb")
+        self._zip = zipfile.ZipFile(self._raw, "w")
+        self._entry = self._open_entry("logits.npy")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (count,) + self.shape}
+        np.lib.format.write_array_header_1_0(self._entry, header)
 
     @staticmethod
     def shard_name(name, split, index, count):
@@ -106,37 +116,44 @@ class NpzShardSink(ShardSink):
         return f"{split}-?????-of-?????.npz"
 
     def add(self, keys, labels, logits, logdet):
-        self._logits.append(np.ascontiguousarray(logits, dtype="<f4"))
+        if self.count + len(keys) > self.expected:
+            raise ValueError("more examples than the shard was opened for")
+        self._entry.write(np.ascontiguousarray(logits, dtype="<f4").data)
         self._logdet.append(np.asarray(logdet, dtype="<f4"))
         self._keys.extend(keys)
         self._labels.extend(int(v) for v in labels)
         self.count += len(keys)
 
-    def _entry(self, zf, name):
+    def _open_entry(self, name):
         info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
         info.compress_type = zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED
         info.create_system = 3
         info.external_attr = 0o644 << 16
-        return zf.open(info, "w", force_zip64=True)
+        return self._zip.open(info, "w", force_zip64=True)
 
-    def _array(self, zf, name, arr):
-        with self._entry(zf, name + ".npy") as f:
+    def _array(self, name, arr):
+        with self._open_entry(name + ".npy") as f:
             np.lib.format.write_array(f, arr, allow_pickle=False)
 
     def _write(self):
-        n = self.count
-        with open(self.tmp, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (n,) + self.shape}
-            with self._entry(zf, "logits.npy") as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for chunk in self._logits:
-                    f.write(chunk.tobytes())
-            self._logits = []
-            logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
-            self._array(zf, "logdet", logdet)
-            keys = np.array(self._keys, dtype=str) if self._keys else np.zeros(0, dtype="<U1")
-            self._array(zf, "keys", keys)
-            self._array(zf, "labels", np.array(self._labels, dtype="<i8").reshape(-1))
+        if self.count != self.expected:
+            raise ValueError(f"shard opened for {self.expected} examples got {self.count}")
+        self._entry.close()
+        logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
+        self._array("logdet", logdet)
+        keys = np.array(self._keys, dtype=str) if self._keys else np.zeros(0, dtype="<U1")
+        self._array("keys", keys)
+        self._array("labels", np.array(self._labels, dtype="<i8").reshape(-1))
+        self._zip.close()
+        self._raw.close()
+
+    def abort(self):
+        for f in (self._entry, self._zip, self._raw):
+            try:
+                f.close()
+            except Exception:
+                pass
+        super().abort()
 
 
 class TfrecordShardSink(ShardSink):
@@ -144,7 +161,7 @@ class TfrecordShardSink(ShardSink):
 
     format = "tfrecord"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, count: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         from ._tf import tf
 

@@ -109,7 +109,7 @@ class LogitTransform:
     inverse_log_det_jacobian(logits) = -forward_log_det_jacobian(logits)
     """
 
-    def __init__(self, params: TransformParams, shape, device: str | None = None):
+    def __init__(self, params: TransformParams, shape, device: str | None = None, batch_size: int = 256):
         from ._tf import tf as _load
 
         tf = _load()
@@ -121,25 +121,63 @@ class LogitTransform:
         self.dims = int(np.prod(self.shape))
         self.padded_dims = _round_up(self.dims, PAD)
         self.device = device
+        self.batch_size = max(1, int(batch_size))
         self._forward = None
         self._inverse = None
 
     # -- public API -------------------------------------------------------------
 
     def forward(self, images, seeds):
-        """Logits and TFGENZOO log-det of a uint8 batch; seeds from image_seeds()."""
+        """Logits and TFGENZOO log-det of a uint8 batch; seeds from image_seeds().
+
+        Returns NumPy arrays (float32 [B,H,W,C], float32 [B]).
+        """
         if self._forward is None:
             self._forward = self._build_forward()
-        with self._device_scope():
-            y, logdet = self._forward(images, seeds)
-        return y, logdet
+        images = np.asarray(images, dtype=np.uint8)
+        seeds = np.asarray(seeds, dtype=np.uint32)
+        ys, lds = [], []
+        for chunk, n in self._fixed_batches(images, seeds):
+            with self._device_scope():
+                y, logdet = self._forward(*chunk)
+            ys.append(y.numpy()[:n])
+            lds.append(logdet.numpy()[:n])
+        if len(ys) == 1:
+            return ys[0], lds[0]
+        return np.concatenate(ys), np.concatenate(lds)
 
     def inverse(self, logits):
-        """uint8 images from logits (the levels, shifted back to 8 bits)."""
+        """uint8 images [B,H,W,C] from logits (the levels, shifted back to 8 bits)."""
         if self._inverse is None:
             self._inverse = self._build_inverse()
-        with self._device_scope():
-            return self._inverse(logits)
+        logits = np.asarray(logits, dtype=np.float32)
+        out = []
+        for (chunk,), n in self._fixed_batches(logits):
+            with self._device_scope():
+                out.append(self._inverse(chunk).numpy()[:n])
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def warm_up(self) -> None:
+        """Compile the forward pass now (XLA compiles once per batch shape)."""
+        zeros = np.zeros((1,) + self.shape, np.uint8)
+        self.forward(zeros, np.zeros((1, 2), np.uint32))
+
+    def _fixed_batches(self, *arrays):
+        """Chunks of exactly batch_size rows (the last one zero-padded).
+
+        One shape means one compiled program, and an image's values never
+        depend on how many others share its batch.
+        """
+        total = len(arrays[0])
+        bs = self.batch_size
+        if total == 0:
+            return
+        for start in range(0, total, bs):
+            parts = [a[start:start + bs] for a in arrays]
+            n = len(parts[0])
+            if n < bs:
+                parts = [np.concatenate([p, np.zeros((bs - n,) + p.shape[1:], p.dtype)]) for p in parts]
+            yield parts, n
 
     def forward_log_det_jacobian(self, logits):
         """TFGENZOO's forward log-det, recomputed from stored logits (float64)."""
@@ -225,7 +263,7 @@ class LogitTransform:
                 tf.TensorSpec([None, h, w, ch], tf.uint8),
                 tf.TensorSpec([None, 2], tf.uint32),
             ],
-            jit_compile=False,
+            jit_compile=True,
             reduce_retracing=True,
         )
         def forward(images, seeds):
@@ -280,7 +318,8 @@ class LogitTransform:
         shift = 8 - p.bits
         h, w, ch = self.shape
 
-        @tf.function(input_signature=[tf.TensorSpec([None, h, w, ch], tf.float32)], reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, ch], tf.float32)], jit_compile=True,
+                     reduce_retracing=True)
         def inverse(logits):
             t = tf.math.tanh(0.5 * tf.cast(logits, tf.float64))
             k = tf.clip_by_value(tf.floor(base + t * scale), 0.0, top)

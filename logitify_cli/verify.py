@@ -83,7 +83,7 @@ def verify(path: str, against=None, report=None) -> dict:
 
 
 def _compare_sources(ds, sources, decoded, problem) -> int:
-    from .pipeline import EncodeOptions, OrderedPool, decoded_stream
+    from .pipeline import DecodeStream, EncodeOptions, OrderedPool
     from .sources import discover
 
     src = ds.manifest.get("source") or {}
@@ -98,7 +98,7 @@ def _compare_sources(ds, sources, decoded, problem) -> int:
     shift = 8 - ds.params.bits
     compared = 0
     with OrderedPool(1) as pool:
-        for it, _, arr, reason in decoded_stream(inv.items, opts, channels, size, pool):
+        for it, _, arr, reason in DecodeStream(inv.items, opts, channels, size, pool, int(np.prod(ds.shape))):
             if it.key not in decoded:
                 if it.key not in skipped:
                     problem(it.key, "in the sources but not in the dataset")
