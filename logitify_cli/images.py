@@ -30,6 +30,22 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _why_unreadable(path: str, error: Exception) -> str:
+    """A useful reason for a path Pillow could not open (only on failure)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "broken symbolic link"
+    if os.path.isdir(path):
+        return "is a directory, not an image"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    return f"cannot read: {getattr(error, 'strerror', None) or error}"
+
+
 def _open(source, max_pixels: int):
     """Open lazily (header only) and refuse bombs before decoding."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -37,26 +53,17 @@ def _open(source, max_pixels: int):
             raise ImageReadError("empty image bytes")
         fp = io.BytesIO(source)
     else:
-        if os.path.islink(source) and not os.path.exists(source):
-            raise ImageReadError("broken symbolic link")
-        if os.path.isdir(source):
-            raise ImageReadError("is a directory, not an image")
-        try:
-            if os.path.getsize(source) == 0:
-                raise ImageReadError("empty file (0 bytes)")
-        except OSError as e:
-            raise ImageReadError(f"cannot read: {e.strerror or e}") from None
         fp = source
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(fp)
-        except UnidentifiedImageError:
-            raise ImageReadError("not an image Pillow can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageReadError(f"decompression bomb: {e}") from None
-        except OSError as e:
-            raise ImageReadError(f"cannot read: {e.strerror or e}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            if fp is source:
+                raise ImageReadError(_why_unreadable(source, e)) from None
+            raise ImageReadError("not an image Pillow can read") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -64,8 +71,19 @@ def _open(source, max_pixels: int):
             f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
         )
     if w < 1 or h < 1:
+        img.close()
         raise ImageReadError(f"image has no pixels ({w}x{h})")
     return img
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation, looked up only where there is EXIF to read."""
+    if "exif" not in img.info and img.format not in ("TIFF", "MPO"):
+        return 1
+    try:
+        return img.getexif().get(0x0112, 1) or 1
+    except Exception:
+        return 1
 
 
 def peek_mode(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
@@ -101,8 +119,7 @@ def decode(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXEL
             except EOFError:
                 pass
             img.load()
-            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-            if orientation not in (None, 1):
+            if _orientation(img) != 1:
                 img = ImageOps.exif_transpose(img)
             img = _convert(img, channels)
             if size is not None and img.size != (size[1], size[0]):
@@ -143,16 +160,38 @@ def _convert(img, channels: int):
 
 
 def decode_many(payloads, channels, size, max_pixels):
-    """Worker entry point: [(array or None, reason or None)] in order."""
-    out = []
+    """Worker entry point: (stacked arrays, shapes, reasons) for a chunk.
+
+    Images of the chunk's common shape travel as one array (one buffer to
+    pickle, not dozens); the odd ones out, and failures, ride alongside.
+    Unpack with unpack_many().
+    """
+    arrays, reasons = [], []
     for p in payloads:
         if isinstance(p, BaseException):
-            out.append((None, str(p)))
+            arrays.append(None)
+            reasons.append(str(p))
             continue
         try:
-            out.append((decode(p, channels, size, max_pixels), None))
+            arrays.append(decode(p, channels, size, max_pixels))
+            reasons.append(None)
         except ImageReadError as e:
-            out.append((None, str(e)))
+            arrays.append(None)
+            reasons.append(str(e))
+    good = [a for a in arrays if a is not None]
+    common = good[0].shape if good else None
+    same = [i for i, a in enumerate(arrays) if a is not None and a.shape == common]
+    stack = np.stack([arrays[i] for i in same]) if same else None
+    odd = {i: a for i, a in enumerate(arrays) if a is not None and a.shape != common}
+    return stack, same, odd, reasons
+
+
+def unpack_many(result):
+    """[(array or None, reason or None)] from decode_many()'s result."""
+    stack, same, odd, reasons = result
+    out = [(odd.get(i), r) for i, r in enumerate(reasons)]
+    for j, i in enumerate(same):
+        out[i] = (stack[j], None)
     return out
 
 

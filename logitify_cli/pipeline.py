@@ -239,7 +239,8 @@ class DecodeStream:
 
     def _take(self):
         chunk, results = next(self._results)
-        return [(it, label, arr, reason) for (it, _, label), (arr, reason) in zip(chunk, results)]
+        return [(it, label, arr, reason)
+                for (it, _, label), (arr, reason) in zip(chunk, images_mod.unpack_many(results))]
 
     def __iter__(self):
         return self
