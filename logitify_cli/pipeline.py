@@ -259,13 +259,18 @@ def _ours(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in pats)
 
 
-def prepare_output(out: str, overwrite: bool, resume: bool) -> None:
+def refuse_existing_output(out: str, overwrite: bool, resume: bool) -> None:
+    """Fail at once, before any work, on an output we may not touch."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise LogitifyError(f"output {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (overwrite or resume):
+        raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to replace it or --resume to finish it")
+
+
+def prepare_output(out: str, overwrite: bool, resume: bool) -> None:
+    refuse_existing_output(out, overwrite, resume)
     if os.path.isdir(out):
         names = os.listdir(out)
-        if names and not (overwrite or resume):
-            raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to replace it or --resume to finish it")
         if overwrite:
             for n in names:
                 if _ours(n) and os.path.isfile(os.path.join(out, n)):
@@ -375,29 +380,46 @@ def _run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, item
     }
 
 
-def encode(opts: EncodeOptions, report: Reporter) -> dict:
-    t0 = time.time()
-    if opts.format not in SHARD_SINKS:
-        raise UsageError(f"unknown format {opts.format!r}")
-    sink_cls = SHARD_SINKS[opts.format]
+@dataclass
+class _Plan:
+    """What an encode run does, settled before the first pixel is transformed."""
+
+    inv: object
+    shape: tuple
+    channels: int
+    first: Item
+    shard_size: int
+    n_shards: int
+    header: dict
+    journal: "Journal"
+    done: dict
+    todo: list
+    todo_items: list
+    notes: list
+    pool: "OrderedPool | None" = None
+    stream: "DecodeStream | None" = None
+
+
+def _plan(opts: EncodeOptions) -> _Plan:
+    """Discover, probe, check the output folder, and start decoding ahead."""
     inv = discover(opts.sources, opts.compression)
     if not inv.items:
         raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)))
+    notes = [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
     shape, channels, first = _probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
         with OrderedPool(1) as pool:
             for it, _, _, reason in DecodeStream(inv.items, opts, opts.channels or 3, opts.size, pool, 1):
-                report.warn(f"skipped {it.key}: {reason}")
-        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
+                notes.append(f"skipped {it.key}: {reason}")
+        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image", None, notes)
     dims = int(np.prod(shape))
     shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
     n_shards = max(1, -(-len(inv.items) // shard_size))
     header = _run_header(opts, shape, channels, shard_size, n_shards, inv.items)
     if opts.params.noise == "gaussian" or opts.params.corruption_level > 1:
-        report.warn("this transform is lossy: decode gives the nearest level, not always the original "
-                    f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
-
+        notes.append("this transform is lossy: decode gives the nearest level, not always the original "
+                     f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
     prepare_output(opts.out, opts.overwrite, opts.resume)
     journal = Journal(opts.out)
     done = {}
@@ -405,24 +427,72 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
         done = _resumable(opts, journal, header, {it.key: j // shard_size for j, it in enumerate(inv.items)})
     if not done:
         journal.start(header)
+    todo = [i for i in range(n_shards) if i not in done]
+    todo_items = [it for i in todo for it in inv.items[i * shard_size:(i + 1) * shard_size]]
+    plan = _Plan(inv, shape, channels, first, shard_size, n_shards, header, journal, done, todo, todo_items, notes)
+    workers = opts.workers or default_workers()
+    plan.pool = OrderedPool(min(workers, max(1, len(todo_items) // 64)))
+    plan.stream = DecodeStream(todo_items, opts, channels, opts.size, plan.pool, dims, ahead_bytes=STARTUP_AHEAD)
+    if todo_items:
+        plan.stream.start()  # the workers decode while TensorFlow starts up
+    return plan
 
+
+def _plan_while_tf_starts(opts: EncodeOptions) -> _Plan:
+    """Plan in a thread while this one imports TensorFlow (seconds of CPU)."""
+    import threading
+
+    from ._tf import tf as _load_tf
+
+    box = {}
+
+    def run():
+        try:
+            box["plan"] = _plan(opts)
+        except BaseException as e:  # re-raised below, in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="plan", daemon=True)
+    thread.start()
+    try:
+        _load_tf()
+    except BaseException:
+        thread.join()
+        if "plan" in box:
+            box["plan"].pool.close(cancel=True)
+        raise
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["plan"]
+
+
+def encode(opts: EncodeOptions, report: Reporter) -> dict:
+    t0 = time.time()
+    if opts.format not in SHARD_SINKS:
+        raise UsageError(f"unknown format {opts.format!r}")
+    sink_cls = SHARD_SINKS[opts.format]
+    refuse_existing_output(opts.out, opts.overwrite, opts.resume)
+    try:
+        plan = _plan_while_tf_starts(opts)
+    except LogitifyError as e:
+        for note in (e.args[2] if len(e.args) > 2 else []):
+            report.warn(note)
+        raise LogitifyError(e.args[0]) if len(e.args) > 1 else e
+    for note in plan.notes:
+        report.warn(note)
+    inv, shape, first, shard_size, n_shards = plan.inv, plan.shape, plan.first, plan.shard_size, plan.n_shards
+    journal, done, todo = plan.journal, plan.done, plan.todo
+    dims = int(np.prod(shape))
     skipped = list(inv.skipped)
-    for s in skipped:
-        report.warn(f"skipped {s['source']}: {s['reason']}")
     shards = [None] * n_shards
     for i, entry in done.items():
         shards[i] = {k: entry[k] for k in ("file", "num_examples", "sha256")}
         skipped.extend(entry.get("skipped", []))
-    todo = [i for i in range(n_shards) if i not in done]
-    todo_items = [it for i in todo for it in inv.items[i * shard_size:(i + 1) * shard_size]]
-    workers = opts.workers or default_workers()
     stream_ok = 0
-    pool_size = min(workers, max(1, len(todo_items) // 64))
 
-    with report.bar(len(todo_items), "encode") as bar, OrderedPool(pool_size) as pool:
-        stream = DecodeStream(todo_items, opts, channels, opts.size, pool, dims, ahead_bytes=STARTUP_AHEAD)
-        if todo_items:
-            stream.start()  # the workers decode while TensorFlow starts up here
+    with report.bar(len(plan.todo_items), "encode") as bar, plan.pool as pool:
+        stream = plan.stream
         transform = _start_transform(opts, shape)
         stream.window = max(pool.workers * 3, RUN_AHEAD // (dims * DecodeStream.CHUNK))
         for i in todo:
@@ -457,10 +527,10 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     m = manifest_mod.build(
         fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
         classes=inv.classes, shards=shards, skipped=skipped, compress=opts.compress,
-        source={"size": list(opts.size) if opts.size else None, "channels": channels, "max_pixels": opts.max_pixels,
+        source={"size": list(opts.size) if opts.size else None, "channels": plan.channels, "max_pixels": opts.max_pixels,
                 "image_key": opts.image_key, "label_key": opts.label_key, "shard_size": shard_size},
         stats={"seconds": round(seconds, 3), "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
-               "fingerprint": hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()},
+               "fingerprint": hashlib.sha256(json.dumps(plan.header, sort_keys=True).encode()).hexdigest()},
     )
     try:
         extra = sink_cls.write_metadata(opts.out, m)
@@ -502,24 +572,70 @@ def _start_transform(opts: EncodeOptions, shape):
 
 
 def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform) -> dict:
-    """Transform a shard's images batch by batch straight into its sink."""
+    """Transform a shard's images batch by batch straight into its sink.
+
+    A writer thread takes each batch's logits (CRC, sha256 and the write
+    release the GIL) while the next batch is being transformed.
+    """
+    import queue
+    import threading
+
     sink = None
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    failure = []
+
+    def writer():
+        while True:
+            job = todo.get()
+            if job is None:
+                return
+            if not failure:
+                try:
+                    sink.add(*job)
+                except BaseException as e:  # handed to the main thread below
+                    failure.append(e)
+
+    thread = None
+
+    def stop_writer():
+        nonlocal thread
+        if thread is not None:
+            failure.append(None)  # the writer drops what is left
+            while thread.is_alive():
+                try:
+                    todo.put(None, timeout=0.1)
+                except queue.Full:
+                    pass
+                thread.join(0.1)
+            thread = None
+
     try:
         sink = sink_cls(opts.out, index, n_shards, shape, name=opts.name, split=opts.split,
                         compress=opts.compress, count=len(good))
+        thread = threading.Thread(target=writer, name=f"shard-{index}", daemon=True)
+        thread.start()
         bs = opts.batch_size
         for start in range(0, len(good), bs):
+            if failure:
+                break
             batch = good[start:start + bs]
             keys = [k for k, _, _ in batch]
             images = np.stack([a for _, _, a in batch])
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
-            sink.add(keys, [lab for _, lab, _ in batch], y, logdet)
+            todo.put((keys, [lab for _, lab, _ in batch], y, logdet))
+        todo.put(None)
+        thread.join()
+        thread = None
+        if failure:
+            raise failure[0]
         return sink.close()
     except OSError as e:
+        stop_writer()
         if sink is not None:
             sink.abort()
         raise _io_error(e, sink.file if sink is not None else f"shard {index}") from None
     except BaseException:
+        stop_writer()
         if sink is not None:
             sink.abort()
         raise

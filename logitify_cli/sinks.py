@@ -27,15 +27,54 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_rename(tmp: str, final: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+def _fsync_rename(tmp: str, final: str, synced: bool = False) -> None:
+    if not synced:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, final)
 
 
 def temp_name(path: str) -> str:
     d, b = os.path.split(path)
     return os.path.join(d, f".{b}.tmp-{os.getpid()}")
+
+
+class HashingWriter:
+    """A write-only, unseekable file that hashes what passes through.
+
+    zipfile then streams entries with data descriptors instead of seeking
+    back, so the shard's sha256 is known the moment it is written, with no
+    second read of the file.
+    """
+
+    def __init__(self, path):
+        self._f = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self._pos = 0
+
+    def write(self, b):
+        self.sha256.update(b)
+        n = self._f.write(b)
+        self._pos += n
+        return n
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, *args):
+        raise OSError("not seekable")
+
+    def seekable(self):
+        return False
+
+    def flush(self):
+        self._f.flush()
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def close(self):
+        self._f.close()
 
 
 class ShardSink:
@@ -69,12 +108,12 @@ class ShardSink:
 
     def close(self) -> dict:
         try:
-            self._write()
-            _fsync_rename(self.tmp, self.path)
+            digest = self._write()
+            _fsync_rename(self.tmp, self.path, synced=digest is not None)
         except BaseException:
             self.abort()
             raise
-        return {"file": self.file, "num_examples": self.count, "sha256": file_sha256(self.path)}
+        return {"file": self.file, "num_examples": self.count, "sha256": digest or file_sha256(self.path)}
 
     def abort(self) -> None:
         try:
@@ -101,7 +140,7 @@ class NpzShardSink(ShardSink):
         super().__init__(*args, **kwargs)
         self.expected = count
         self._logdet, self._keys, self._labels = [], [], []
-        self._raw = open(self.tmp, "wb")
+        self._raw = HashingWriter(self.tmp)
         self._zip = zipfile.ZipFile(self._raw, "w")
         self._entry = self._open_entry("logits.npy")
         header = {"descr": "<f4", "fortran_order": False, "shape": (count,) + self.shape}
@@ -145,7 +184,10 @@ class NpzShardSink(ShardSink):
         self._array("keys", keys)
         self._array("labels", np.array(self._labels, dtype="<i8").reshape(-1))
         self._zip.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
         self._raw.close()
+        return self._raw.sha256.hexdigest()
 
     def abort(self):
         for f in (self._entry, self._zip, self._raw):

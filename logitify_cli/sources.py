@@ -64,14 +64,26 @@ class ImageFolder:
 
     def items(self):
         found = []
-        for root, dirs, files in os.walk(self.path, onerror=None, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-            for name in files:
-                if is_hidden(name) or not is_image_name(name):
+        stack = [("", self.path)]
+        while stack:
+            rel_dir, full_dir = stack.pop()
+            try:
+                entries = list(os.scandir(full_dir))
+            except OSError:
+                continue
+            for e in entries:
+                name = e.name
+                if is_hidden(name):
                     continue
-                full = os.path.join(root, name)
-                rel = os.path.relpath(full, self.path).replace(os.sep, "/")
-                found.append((rel, full))
+                rel = rel_dir + name
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    stack.append((rel + "/", e.path))
+                elif is_image_name(name):
+                    found.append((rel, e.path))
         found.sort()
         nested = any("/" in rel for rel, _ in found)
         items = []
