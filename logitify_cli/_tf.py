@@ -28,6 +28,10 @@ def tf():
         module = _quiet_import()
     if not verbose:
         module.get_logger().setLevel("ERROR")
+    # Grappler's arithmetic rewrites reassociate float sums such as
+    # (a - k) + b into (a + b) - k, which cancels; the transform's numerics
+    # are written out as intended and must run as written.
+    module.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     _tf = module
     return module
 

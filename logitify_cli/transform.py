@@ -96,6 +96,38 @@ def image_seeds(seed: int, keys) -> np.ndarray:
     return out
 
 
+def inverse_constants(p: TransformParams):
+    """(base, scale, top, shift) of the inverse: k = clip(floor(base + tanh(y/2)*scale), 0, top).
+
+    tanh(y/2) = p - q, so x~ = (L-1+c)/2 + tanh(y/2) * (L-1+c) / (2(1-alpha)).
+    The level is the one whose interval [k, k+c) is nearest to x~: floor of
+    x~ + (1-c)/2 (uniform, none), or floor of x~ + 1/2 (gaussian, centred
+    noise). For exact data this is the spec's floor(z * (L-1+c)).
+    """
+    lc = p.denominator
+    scale = lc / (2.0 * (1.0 - p.alpha))
+    base = 0.5 * lc + (0.5 if p.noise == "gaussian" else 0.5 * (1.0 - p.corruption_level))
+    return base, scale, float(p.levels - 1), 8 - p.bits
+
+
+def inverse_numpy(p: TransformParams, logits) -> np.ndarray:
+    """The inverse in NumPy float64, bit for bit the levels LogitTransform.inverse gives.
+
+    Decoding needs no TensorFlow on the CPU: this is the same formula.
+    """
+    base, scale, top, shift = inverse_constants(p)
+    y = np.asarray(logits, dtype=np.float64)
+    k = np.tanh(0.5 * y)
+    k *= scale
+    k += base
+    np.floor(k, out=k)
+    np.clip(k, 0.0, top, out=k)
+    out = k.astype(np.uint8)
+    if shift:
+        out <<= shift
+    return out
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -272,17 +304,22 @@ class LogitTransform:
                 x = tf.bitwise.right_shift(x, tf.constant(shift, tf.uint8))
             if dp != dims:
                 x = tf.pad(x, [[0, 0], [0, dp - dims]])
-            k = tf.cast(x, tf.float32)
+            # Integer parts stay integers until the one float addition, so no
+            # optimizer can fold constants into a cancelling float sum.
+            ki = tf.cast(x, tf.int32)
+            k = tf.cast(ki, tf.float32)
+            k_rest = tf.cast(int(top) - ki, tf.float32)  # L-1-k, exact
+            k_diff = tf.cast(2 * ki - int(top), tf.float32)  # 2k-(L-1), exact
             if p.noise == "none":
                 xt = k + 0.5 * c
-                rt = (top - k) + 0.5 * c
-                dt = 2.0 * k - top
+                rt = k_rest + 0.5 * c
+                dt = k_diff
             elif p.noise == "uniform":
                 delta = min(GUARD / c, 0.25)
                 u, _ = self._noise_uniform(seeds)
                 xt = k + c * (delta + (1.0 - 2.0 * delta) * u)
-                rt = (top - k) + c * ((1.0 - delta) - (1.0 - 2.0 * delta) * u)
-                dt = (2.0 * k - top) + c * ((2.0 * delta - 1.0) + 2.0 * (1.0 - 2.0 * delta) * u)
+                rt = k_rest + c * ((1.0 - delta) - (1.0 - 2.0 * delta) * u)
+                dt = k_diff + c * ((2.0 * delta - 1.0) + 2.0 * (1.0 - 2.0 * delta) * u)
             else:  # gaussian, Box-Muller, clipped so p stays inside (0, 1)
                 u1, u2 = self._noise_uniform(seeds)
                 g = tf.sqrt(-2.0 * tf.math.log1p(-u1)) * tf.cos((2.0 * math.pi) * u2)
@@ -305,17 +342,7 @@ class LogitTransform:
 
     def _build_inverse(self):
         tf = self.tf
-        p = self.params
-        lc = p.denominator
-        scale = lc / (2.0 * (1.0 - p.alpha))
-        # x~ = lc/2 + t*scale; the level is floor(x~ + offset), i.e. the level
-        # whose interval [k, k+c) is nearest, centred in [k - (1-c)/2, k + (1+c)/2).
-        if p.noise == "gaussian":
-            base = 0.5 * lc + 0.5
-        else:
-            base = 0.5 * lc + 0.5 * (1.0 - p.corruption_level)
-        top = float(p.levels - 1)
-        shift = 8 - p.bits
+        base, scale, top, shift = inverse_constants(self.params)
         h, w, ch = self.shape
 
         @tf.function(input_signature=[tf.TensorSpec([None, h, w, ch], tf.float32)], jit_compile=True,

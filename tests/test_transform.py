@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from conftest import photo
-from logitify_cli.transform import LogitTransform, TransformParams, image_seeds
+from logitify_cli.transform import LogitTransform, TransformParams, image_seeds, inverse_numpy
 
 _cache = {}
 
@@ -77,6 +77,8 @@ def test_lossless_round_trip_and_reference(batch, alpha, c, noise, bits, seed):
     back = t.inverse(y)
     assert back.dtype == np.uint8
     assert np.array_equal(back, (levels.astype(np.uint8) << (8 - bits)))
+    # The NumPy twin used by decode on the CPU gives the same bytes.
+    assert inverse_numpy(p, y).tobytes() == back.tobytes()
 
 
 @settings(max_examples=25)
@@ -89,6 +91,7 @@ def test_never_nan_or_inf(batch, alpha, c, noise, bits):
     assert np.isfinite(y).all() and np.isfinite(ld).all()
     back = t.inverse(y)
     assert back.max() <= 255 and ((back >> (8 - bits)) < 2**bits).all()
+    assert inverse_numpy(p, y).tobytes() == back.tobytes()
 
 
 def test_gaussian_is_lossy_but_near(rng):
