@@ -59,36 +59,37 @@ def check_shard_arrays(name, out, shape) -> dict:
 
 
 class TfrecordShardReader:
-    """A TFRecord shard of Examples (logits, logdet, key, label)."""
+    """A TFRecord shard of Examples (logits, logdet, key, label), read without TF."""
 
     def __init__(self, path, shape, compressed=False):
         self.path, self.shape, self.compressed = path, tuple(shape), compressed
 
     def read(self) -> dict:
-        from ._tf import tf as _tf
+        from .tfrecord_io import iter_records, parse_example
 
-        tf = _tf()
         name = os.path.basename(self.path)
-        ds = tf.data.TFRecordDataset(self.path, compression_type="GZIP" if self.compressed else "")
-        keys, labels, logits, logdet = [], [], [], []
-        dims = int(np.prod(self.shape))
+        nbytes = 4 * int(np.prod(self.shape))
+        keys, labels, logdet, raw = [], [], [], []
         try:
-            for i, rec in enumerate(ds.batch(1024).map(_parse_batch)):
-                raw = rec["logits"].numpy()
-                for j, b in enumerate(raw):
-                    if len(b) != 4 * dims:
-                        raise LogitifyError(f"shard {name}: record {i * 1024 + j} has {len(b)} logit bytes, expected {4 * dims}")
-                logits.append(np.frombuffer(b"".join(raw), dtype="<f4").reshape((-1,) + self.shape))
-                logdet.append(rec["logdet"].numpy())
-                keys.extend(k.decode("utf-8", "surrogatepass") for k in rec["key"].numpy())
-                labels.append(rec["label"].numpy())
-        except tf.errors.OpError as e:
-            raise LogitifyError(f"shard {name}: unreadable ({str(e).strip().splitlines()[0]})") from None
+            for i, rec in enumerate(iter_records(self.path, self.compressed)):
+                ex = parse_example(rec)
+                try:
+                    (y,), (ld,), (key,) = ex["logits"], ex["logdet"], ex["key"]
+                except (KeyError, ValueError):
+                    raise LogitifyError(f"shard {name}: record {i} lacks logits, logdet or key") from None
+                if not isinstance(y, bytes) or len(y) != nbytes:
+                    raise LogitifyError(f"shard {name}: record {i} has {len(y)} logit bytes, expected {nbytes}")
+                raw.append(y)
+                logdet.append(ld)
+                keys.append(key.decode("utf-8", "surrogatepass"))
+                labels.append(ex.get("label", [-1])[0])
+        except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
+            raise LogitifyError(f"shard {name}: unreadable ({e})") from None
         out = {
-            "logits": np.concatenate(logits) if logits else np.zeros((0,) + self.shape, np.float32),
-            "logdet": np.concatenate(logdet).astype(np.float32) if logdet else np.zeros(0, np.float32),
+            "logits": np.frombuffer(b"".join(raw), dtype="<f4").reshape((-1,) + self.shape),
+            "logdet": np.array(logdet, dtype=np.float32),
             "keys": np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
-            "labels": np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
+            "labels": np.array(labels, dtype=np.int64),
         }
         return check_shard_arrays(name, out, self.shape)
 
@@ -103,12 +104,6 @@ def feature_spec():
         "key": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     }
-
-
-def _parse_batch(records):
-    from ._tf import tf as _tf
-
-    return _tf().io.parse_example(records, feature_spec())
 
 
 SHARD_READERS = {"npz": NpzShardReader, "tfrecord": TfrecordShardReader}
@@ -164,9 +159,17 @@ class LogitDataset:
             self._transform = LogitTransform(self.params, self.shape, device)
         return self._transform
 
-    def inverse(self, logits) -> np.ndarray:
-        """uint8 images from logits with this dataset's parameters."""
-        return np.asarray(self.transform().inverse(np.asarray(logits, np.float32)))
+    def inverse(self, logits, device=None) -> np.ndarray:
+        """uint8 images from logits with this dataset's parameters.
+
+        On the CPU this is the NumPy twin of the TF inverse (same bytes, no
+        TensorFlow start-up); with a device it runs in TensorFlow there.
+        """
+        if device is None:
+            from .transform import inverse_numpy
+
+            return inverse_numpy(self.params, np.asarray(logits, np.float32))
+        return np.asarray(self.transform(device).inverse(np.asarray(logits, np.float32)))
 
     def as_tf_dataset(self, with_keys=False, with_labels=False):
         """A tf.data.Dataset of (logits, logdet[, key][, label]) per image."""

@@ -681,6 +681,11 @@ def _resumable(opts, journal: Journal, header, shard_of: dict) -> dict:
 
 # -- decode -------------------------------------------------------------------------------
 
+def _inverse_in_batches(ds, logits, batch_size, tf_device):
+    parts = [ds.inverse(logits[a:a + batch_size], tf_device) for a in range(0, len(logits), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0,) + ds.shape, np.uint8)
+
+
 def decode(dataset_path: str, out: str, fmt: str = "png", batch_size: int = 256, workers=None,
            device: str = "auto", overwrite: bool = False, report: Reporter | None = None) -> dict:
     from .dataset import LogitDataset
@@ -694,42 +699,52 @@ def decode(dataset_path: str, out: str, fmt: str = "png", batch_size: int = 256,
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
-    transform = ds.transform(resolve_device(device))
+    # The inverse is light: NumPy on the CPU, TensorFlow only when a GPU is asked for.
+    tf_device = resolve_device(device) if device == "gpu" else None
     workers = workers or default_workers()
     written, refused = 0, []
     shards = ds.manifest["shards"]
     n = len(shards)
     with report.bar(ds.num_examples, "decode") as bar, OrderedPool(workers if fmt == "png" else 1) as pool:
-        png = PngImageSink(out) if fmt == "png" else None
-        npz = NpzImageSink(out) if fmt == "npz" else None
-        for si, (shard, arrays) in enumerate(ds.iter_shards()):
-            keys, labels, logits = arrays["keys"], arrays["labels"], arrays["logits"]
-            images = [np.asarray(transform.inverse(logits[a:a + batch_size])) for a in range(0, len(keys), batch_size)]
-            images = np.concatenate(images) if images else np.zeros((0,) + ds.shape, np.uint8)
-            if npz is not None:
+        if fmt == "npz":
+            npz = NpzImageSink(out)
+            for si, (shard, arrays) in enumerate(ds.iter_shards()):
+                keys = arrays["keys"]
+                images = _inverse_in_batches(ds, arrays["logits"], batch_size, tf_device)
                 try:
-                    npz.write_shard(si, n, images, [str(k) for k in keys], labels)
+                    npz.write_shard(si, len(shards), images, [str(k) for k in keys], arrays["labels"])
                 except OSError as e:
                     raise _io_error(e, f"images for {shard['file']}") from None
                 written += len(keys)
                 bar.update(len(keys))
-                continue
-            jobs = []
-            for key, img in zip(keys, images):
-                try:
-                    jobs.append((png.target(str(key)), img))
-                except ValueError as e:
-                    refused.append({"key": str(key), "reason": str(e)})
-                    report.warn(f"refused key {str(key)!r}: {e}")
-                except OSError as e:
-                    raise _io_error(e, f"a folder for {key}") from None
-            for chunk, errors in pool.imap(images_mod.encode_pngs, ((c, c) for c in _chunks(jobs, 64))):
+        else:
+            png = PngImageSink(out)
+
+            def jobs():
+                """PNG jobs of every shard, read lazily so reading overlaps writing."""
+                for _, arrays in ds.iter_shards():
+                    keys, logits = arrays["keys"], arrays["logits"]
+                    for a in range(0, len(keys), batch_size):
+                        images = ds.inverse(logits[a:a + batch_size], tf_device)
+                        batch = []
+                        for key, img in zip(keys[a:a + batch_size], images):
+                            try:
+                                batch.append((png.target(str(key)), img))
+                            except ValueError as e:
+                                refused.append({"key": str(key), "reason": str(e)})
+                                report.warn(f"refused key {str(key)!r}: {e}")
+                                bar.update(1)
+                            except OSError as e:
+                                raise _io_error(e, f"a folder for {key}") from None
+                        for c in _chunks(batch, 64):
+                            yield c, c
+
+            for chunk, errors in pool.imap(images_mod.encode_pngs, jobs(), window=pool.workers * 4):
                 if errors:
                     path, reason, _ = errors[0]
                     raise LogitifyError(f"cannot write {path}: {reason}")
                 written += len(chunk)
                 bar.update(len(chunk))
-            bar.update(len(keys) - len(jobs))
     seconds = time.time() - t0
     summary = {
         "command": "decode",

@@ -302,6 +302,7 @@ class PngImageSink:
     def __init__(self, out_dir):
         self.out_dir = out_dir
         self._taken = set()
+        self._dirs = {}  # parent folder -> checked to lie inside out_dir
 
     def target(self, key: str) -> str:
         """The file a key goes to; ValueError if it would leave the folder."""
@@ -312,8 +313,11 @@ class PngImageSink:
                 raise ValueError(f"two keys map to the same file {rel!r}")
         path = os.path.join(self.out_dir, rel)
         parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        if not inside(self.out_dir, path):
+        ok = self._dirs.get(parent)
+        if ok is None:
+            os.makedirs(parent, exist_ok=True)
+            ok = self._dirs[parent] = parent == self.out_dir or inside(self.out_dir, os.path.join(parent, "x"))
+        if not ok:
             raise ValueError("key leads outside the output folder through a link")
         self._taken.add(rel)
         return path
@@ -323,16 +327,26 @@ class PngImageSink:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
+    """Encode in memory, then one write: a failed write leaves no file behind.
+
+    (A rename per image would double the cost of small files; a PNG cut by
+    SIGKILL is caught by its own CRC and rewritten by running decode again.)
+    """
+    import io
+
     from PIL import Image
 
     arr = image[:, :, 0] if image.shape[2] == 1 else image
-    tmp = temp_name(path)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     try:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
         raise
 
 
