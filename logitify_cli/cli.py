@@ -29,6 +29,17 @@ def _size(ctx, param, value):
     return h, w
 
 
+class BeamArgsCommand(click.Command):
+    """Everything after a bare `--` is handed to Apache Beam as pipeline options."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["beam_args"] = list(args[i + 1:])
+            args = args[:i]
+        return super().parse_args(ctx, args)
+
+
 def stream_options(f):
     """--json, -q, --progress/--no-progress, --verbose: shared by every command that runs."""
     f = click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")(f)
@@ -109,8 +120,8 @@ def main():
     """
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("sources", nargs=-1, required=True, metavar="SOURCES...")
+@main.command(cls=BeamArgsCommand, context_settings=CONTEXT)
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCES... [-- BEAM_OPTIONS...]")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["npz", "tfrecord"]), default="npz", show_default=True,
               help="Shard format.")
@@ -161,6 +172,7 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
       logitify encode photos/ -o out/
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
+      logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
     import os
 
@@ -191,10 +203,13 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
     )
     if max_pixels:
         opts.max_pixels = max_pixels
+    beam_args = click.get_current_context().meta.get("beam_args", [])
     if runner == "beam":
         from .beam_runner import encode_beam
 
-        summary = encode_beam(opts, report, sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else [])
+        summary = encode_beam(opts, report, beam_args)
+    elif beam_args:
+        raise UsageError("options after '--' are for --runner beam")
     else:
         summary = run_encode(opts, report)
     summary["message"] = (
@@ -205,8 +220,8 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
     return summary
 
 
-@click.command(context_settings=CONTEXT)
-@click.argument("dataset", type=click.Path())
+@click.command(cls=BeamArgsCommand, context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path(), metavar="DATASET [-- BEAM_OPTIONS...]")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the images.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
               help="Lossless PNGs at each key, or uint8 npz arrays per shard.")
@@ -214,9 +229,11 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
 @click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
+@click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
 @stream_options
 @run_command
-def decode(dataset, out, fmt, batch_size, workers, device, overwrite, report):
+def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, report):
     """Give the images back from an encoded DATASET (alias: invert).
 
     Every transform parameter is read from the manifest. Keys become paths
@@ -228,6 +245,13 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, report):
     """
     from .pipeline import decode as run_decode
 
+    beam_args = click.get_current_context().meta.get("beam_args", [])
+    if runner == "beam":
+        from .beam_runner import decode_beam
+
+        summary = decode_beam(dataset, out, fmt, overwrite, report, beam_args)
+        summary["message"] = f"decoded {summary['num_images']} images into {out} in {summary['seconds']:.1f} s"
+        return summary
     summary = run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
                          overwrite=overwrite, report=report)
     summary["message"] = f"decoded {summary['num_images']} images into {out} in {summary['seconds']:.1f} s"

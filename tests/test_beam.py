@@ -1,0 +1,69 @@
+"""The Beam runner gives the very shards of the local runner (DirectRunner, 2 processes)."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo, save
+
+pytest.importorskip("apache_beam")
+
+BEAM = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2"]
+
+
+def manifest(out):
+    m = json.loads((out / "manifest.json").read_text())
+    m.pop("stats")
+    return m
+
+
+def hashes(out):
+    return {s["file"]: hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in manifest(out)["shards"]}
+
+
+def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_path, rng):
+    src, truth = image_folder
+    (src / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (src / "cats" / "empty.jpg").write_bytes(b"")
+    for fmt in ("npz", "tfrecord"):
+        local, beam = tmp_path / f"local-{fmt}", tmp_path / f"beam-{fmt}"
+        assert cli("encode", src, "-o", local, "-f", fmt, "--shard-size", "4").exit_code == 0
+        r = cli("encode", src, "-o", beam, "-f", fmt, "--shard-size", "4", "--json", *BEAM)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout.strip().splitlines()[-1])["num_examples"] == len(truth)
+        assert manifest(beam) == manifest(local)
+        assert hashes(beam) == hashes(local)
+        assert {s["source"] for s in manifest(beam)["skipped"]} == {"dogs/broken.png", "cats/empty.jpg"}
+        assert not list(beam.glob(".*receipt*"))
+    r = cli("decode", tmp_path / "beam-npz", "-o", tmp_path / "back", *BEAM)
+    assert r.exit_code == 0, r.output
+    for key, arr in truth.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / key)), arr)
+
+
+def test_beam_tfrecord_source(cli, tmp_path, rng):
+    import io
+
+    import tensorflow as tf
+
+    path = tmp_path / "in.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(photo(rng, 8, 8)).save(buf, "PNG")
+            feats = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
+                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    assert cli("encode", path, "-o", tmp_path / "l", "--shard-size", "2").exit_code == 0
+    r = cli("encode", path, "-o", tmp_path / "b", "--shard-size", "2", *BEAM)
+    assert r.exit_code == 0, r.output
+    assert manifest(tmp_path / "b") == manifest(tmp_path / "l") and hashes(tmp_path / "b") == hashes(tmp_path / "l")
+
+
+def test_beam_options_only_with_beam(cli, image_folder, tmp_path):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "--", "--runner=DirectRunner")
+    assert r.exit_code == 2 and "--runner beam" in r.stderr
