@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, os.path.dirname(__file__))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+                          derandomize=bool(os.environ.get("CI")))
 settings.load_profile("ci")
 
 

@@ -173,8 +173,8 @@ def random_image_file(draw):
     h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
     seed = draw(st.integers(0, 2**32 - 1))
     fmt = draw(st.sampled_from(["png", "bmp", "tiff", "webp"]))
-    if mode in ("CMYK",) and fmt in ("png", "webp"):
-        fmt = "tiff"
+    if mode == "CMYK":
+        fmt = "tiff"  # the only one of these formats that stores CMYK
     if mode in ("I;16", "LA") and fmt in ("bmp", "webp"):
         fmt = "png"
     if mode in ("RGBA", "P", "1") and fmt == "webp":
