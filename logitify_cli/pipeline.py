@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -704,7 +704,6 @@ def decode(dataset_path: str, out: str, fmt: str = "png", batch_size: int = 256,
     workers = workers or default_workers()
     written, refused = 0, []
     shards = ds.manifest["shards"]
-    n = len(shards)
     with report.bar(ds.num_examples, "decode") as bar, OrderedPool(workers if fmt == "png" else 1) as pool:
         if fmt == "npz":
             npz = NpzImageSink(out)

@@ -14,7 +14,6 @@ import zipfile
 
 import numpy as np
 
-from .errors import LogitifyError
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -95,11 +94,6 @@ class ShardSink:
     def shard_name(name, split, index, count) -> str:
         raise NotImplementedError
 
-    @classmethod
-    def shard_pattern(cls, name, split) -> str:
-        """A glob matching this format's shard names."""
-        raise NotImplementedError
-
     def add(self, keys, labels, logits, logdet) -> None:
         raise NotImplementedError
 
@@ -149,10 +143,6 @@ class NpzShardSink(ShardSink):
     @staticmethod
     def shard_name(name, split, index, count):
         return f"{split}-{index:05d}-of-{count:05d}.npz"
-
-    @classmethod
-    def shard_pattern(cls, name, split):
-        return f"{split}-?????-of-?????.npz"
 
     def add(self, keys, labels, logits, logdet):
         if self.count + len(keys) > self.expected:
@@ -214,10 +204,6 @@ class TfrecordShardSink(ShardSink):
     @staticmethod
     def shard_name(name, split, index, count):
         return f"{name}-{split}.tfrecord-{index:05d}-of-{count:05d}"
-
-    @classmethod
-    def shard_pattern(cls, name, split):
-        return f"{name}-{split}.tfrecord-?????-of-?????"
 
     def add(self, keys, labels, logits, logdet):
         train = self.tf.train
@@ -372,10 +358,3 @@ class NpzImageSink:
                 os.unlink(tmp)
             raise
         return name
-
-
-def check_writable(out_dir: str) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise LogitifyError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None

@@ -5,7 +5,6 @@ tensorflow-datasets is needed only by those who load with it.
 """
 from __future__ import annotations
 
-import json
 import os
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"

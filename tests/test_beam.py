@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo, save
+from conftest import photo
 
 pytest.importorskip("apache_beam")
 

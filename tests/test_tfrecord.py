@@ -1,6 +1,5 @@
 """TFRecord in and out: TFDS-style inputs, TFDS-loadable outputs, the loaders."""
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 import reference as ref
-from conftest import photo, save
+from conftest import photo
 
 
 def example(tf, img_bytes, label=None, image_key="image"):
