@@ -99,26 +99,23 @@ def _transform(opts, shape):
 
 def make_shard(spec: dict) -> dict:
     """One output shard, start to end, on whichever worker gets it."""
-    from .pipeline import SHARD_SINKS, _payloads, _write_shard
+    from .pipeline import SHARD_SINKS, _payloads, _write_shard, collect_shard
 
     opts, items, shape = spec["opts"], spec["items"], tuple(spec["shape"])
-    good, skipped = [], []
-    for it, payload, label in _payloads(items, opts):
-        if isinstance(payload, str) and _is_remote(payload):
-            payload = _read_bytes(payload)
-        try:
-            if isinstance(payload, BaseException):
-                raise images_mod.ImageReadError(str(payload))
-            arr = images_mod.decode(payload, spec["channels"], opts.size, opts.max_pixels)
-        except images_mod.ImageReadError as e:
-            if opts.on_error == "fail":
-                raise LogitifyError(f"cannot read {it.key}: {e} (--on-error fail)") from None
-            skipped.append({"source": it.key, "reason": str(e)})
-            continue
-        if arr.shape != shape:
-            raise LogitifyError(f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the "
-                                f"dataset is {shape[1]}x{shape[0]}; pass --size HxW to resize all images")
-        good.append((it.key, label, arr))
+
+    def decoded():
+        for it, payload, label in _payloads(items, opts):
+            try:
+                if isinstance(payload, BaseException):
+                    raise images_mod.ImageReadError(str(payload))
+                if isinstance(payload, str) and _is_remote(payload):
+                    payload = _read_bytes(payload)
+                yield it, label, images_mod.decode(payload, spec["channels"], opts.size, opts.max_pixels), None
+            except images_mod.ImageReadError as e:
+                yield it, label, None, str(e)
+
+    # Warnings are the launcher's to print, from the receipts.
+    good, skipped = collect_shard(decoded(), opts, shape, spec["first_key"], warn=lambda msg: None)
     sink_cls = SHARD_SINKS[opts.format]
     remote = _is_remote(opts.out)
     local_opts = opts
@@ -196,6 +193,7 @@ def encode_beam(opts, report, beam_args) -> dict:
     for s in inv.skipped:
         report.warn(f"skipped {s['source']}: {s['reason']}")
     specs = [{"opts": opts, "index": i, "n_shards": n_shards, "shape": list(shape), "channels": channels,
+              "first_key": first.key,
               "items": inv.items[i * shard_size:(i + 1) * shard_size]} for i in range(n_shards)]
     options = _pipeline_options(beam_args)
     try:

@@ -497,19 +497,8 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
         stream.window = max(pool.workers * 3, RUN_AHEAD // (dims * DecodeStream.CHUNK))
         for i in todo:
             part = inv.items[i * shard_size:(i + 1) * shard_size]
-            good, shard_skipped = [], []
-            for _ in part:
-                it, label, arr, reason = next(stream)
-                bar.update(1)
-                if arr is None:
-                    _skip(opts, report, shard_skipped, it.key, reason)
-                    continue
-                if arr.shape != tuple(shape):
-                    raise LogitifyError(
-                        f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
-                        f"{shape[1]}x{shape[0]} (set by {first.key}); pass --size HxW to resize all images"
-                    )
-                good.append((it.key, label, arr))
+            decoded = (next(stream) for _ in part)
+            good, shard_skipped = collect_shard(decoded, opts, shape, first.key, report.warn, bar.update)
             info = _write_shard(sink_cls, opts, i, n_shards, shape, good, transform)
             stream_ok += info["num_examples"]
             shards[i] = info
@@ -555,11 +544,28 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     }
 
 
-def _skip(opts, report, skipped, key, reason):
-    if opts.on_error == "fail":
-        raise LogitifyError(f"cannot read {key}: {reason} (--on-error fail)")
-    skipped.append({"source": key, "reason": reason})
-    report.warn(f"skipped {key}: {reason}")
+def collect_shard(decoded, opts, shape, first_key, warn, tick=lambda n: None):
+    """(good (key, label, array) list, skipped list) from one shard's decode results.
+
+    Shared by the local and the Beam runner, so both skip, fail and refuse
+    odd sizes in the same way.
+    """
+    good, skipped = [], []
+    for it, label, arr, reason in decoded:
+        tick(1)
+        if arr is None:
+            if opts.on_error == "fail":
+                raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")
+            skipped.append({"source": it.key, "reason": reason})
+            warn(f"skipped {it.key}: {reason}")
+            continue
+        if arr.shape != tuple(shape):
+            raise LogitifyError(
+                f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
+                f"{shape[1]}x{shape[0]} (set by {first_key}); pass --size HxW to resize all images"
+            )
+        good.append((it.key, label, arr))
+    return good, skipped
 
 
 def _start_transform(opts: EncodeOptions, shape):

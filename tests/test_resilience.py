@@ -76,19 +76,30 @@ def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
     assert cut_short >= 2, "the kills came too late to test anything"
 
 
-def test_resume_with_other_options_is_refused(cli, many_images, tmp_path, monkeypatch):
+def fail_third_shard(monkeypatch, error, partial=False):
+    """Make the third npz shard's write raise `error`; returns the real method."""
     from logitify_cli import sinks
 
     real = sinks.NpzShardSink._write
     calls = {"n": 0}
 
-    def interrupted(self):
+    def failing(self):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            if partial:
+                with open(self.tmp, "ab") as f:
+                    f.write(b"partial")
+            raise error
         return real(self)
 
-    monkeypatch.setattr(sinks.NpzShardSink, "_write", interrupted)
+    monkeypatch.setattr(sinks.NpzShardSink, "_write", failing)
+    return real
+
+
+def test_resume_with_other_options_is_refused(cli, many_images, tmp_path, monkeypatch):
+    from logitify_cli import sinks
+
+    real = fail_third_shard(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "o"
     r = cli("encode", many_images, "-o", out, "--shard-size", "50")
     assert r.exit_code == 130 and "interrupted" in r.stderr
@@ -111,18 +122,7 @@ def test_full_disk_ends_cleanly(cli, many_images, tmp_path, monkeypatch):
     """ENOSPC on the third shard: exit 1, one clear line, no lying manifest."""
     from logitify_cli import sinks
 
-    real = sinks.NpzShardSink._write
-    calls = {"n": 0}
-
-    def failing(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            with open(self.tmp, "ab") as f:
-                f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self)
-
-    monkeypatch.setattr(sinks.NpzShardSink, "_write", failing)
+    real = fail_third_shard(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), partial=True)
     out = tmp_path / "o"
     r = cli("encode", many_images, "-o", out, "--shard-size", "100")
     assert r.exit_code == 1
