@@ -225,17 +225,9 @@ def encode_beam(opts, report, beam_args) -> dict:
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
     seconds = time.time() - t0
     header = P._run_header(opts, shape, channels, shard_size, n_shards, inv.items)
-    import hashlib
-
-    m = manifest_mod.build(
-        fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
-        classes=inv.classes, shards=shards, skipped=skipped, compress=opts.compress,
-        source={"size": list(opts.size) if opts.size else None, "channels": channels, "max_pixels": opts.max_pixels,
-                "image_key": opts.image_key, "label_key": opts.label_key, "shard_size": shard_size},
-        stats={"seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1),
-               "fingerprint": hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest(),
-               "runner": "beam"},
-    )
+    m = P.build_manifest(opts, shape, channels, shard_size, inv.classes, shards, skipped, header,
+                         {"seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1),
+                          "runner": "beam"})
     extra = []
     if not _is_remote(opts.out):
         extra = SHARD_SINKS[opts.format].write_metadata(opts.out, m)

@@ -513,14 +513,9 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
     if total == 0:
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
     skipped.sort(key=lambda s: s["source"])
-    m = manifest_mod.build(
-        fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
-        classes=inv.classes, shards=shards, skipped=skipped, compress=opts.compress,
-        source={"size": list(opts.size) if opts.size else None, "channels": plan.channels, "max_pixels": opts.max_pixels,
-                "image_key": opts.image_key, "label_key": opts.label_key, "shard_size": shard_size},
-        stats={"seconds": round(seconds, 3), "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
-               "fingerprint": hashlib.sha256(json.dumps(plan.header, sort_keys=True).encode()).hexdigest()},
-    )
+    m = build_manifest(opts, shape, plan.channels, shard_size, inv.classes, shards, skipped, plan.header,
+                       {"seconds": round(seconds, 3),
+                        "images_per_second": round(stream_ok / seconds, 1) if seconds else None})
     try:
         extra = sink_cls.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
@@ -542,6 +537,22 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
         "seconds": round(seconds, 3),
         "images_per_second": round(stream_ok / seconds, 1) if seconds else None,
     }
+
+
+def fingerprint(header: dict) -> str:
+    """What a resume compares: the run's inputs and byte-relevant options."""
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(opts, shape, channels, shard_size, classes, shards, skipped, header, stats) -> dict:
+    """The manifest of a finished run, the same for every runner."""
+    return manifest_mod.build(
+        fmt=opts.format, name=opts.name, split=opts.split, shape=shape, params=opts.params,
+        classes=classes, shards=shards, skipped=skipped, compress=opts.compress,
+        source={"size": list(opts.size) if opts.size else None, "channels": channels, "max_pixels": opts.max_pixels,
+                "image_key": opts.image_key, "label_key": opts.label_key, "shard_size": shard_size},
+        stats={**stats, "fingerprint": fingerprint(header)},
+    )
 
 
 def collect_shard(decoded, opts, shape, first_key, warn, tick=lambda n: None):
@@ -661,8 +672,7 @@ def _resumable(opts, journal: Journal, header, shard_of: dict) -> dict:
         mpath = os.path.join(opts.out, manifest_mod.MANIFEST)
         if os.path.exists(mpath):
             m = manifest_mod.read(opts.out)
-            fp = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-            if m.get("stats", {}).get("fingerprint") != fp:
+            if m.get("stats", {}).get("fingerprint") != fingerprint(header):
                 raise LogitifyError(f"--resume: {opts.out} holds a finished dataset made from other inputs or options")
             old = header
             entries = {i: {**s, "index": i, "skipped": [x for x in m["skipped"] if shard_of.get(x["source"]) == i]}
