@@ -13,8 +13,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -216,16 +217,22 @@ class DecodeStream:
     run can import TensorFlow while the first images are being decoded.
     """
 
-    CHUNK = 32
+    CHUNK_BYTES = 4 << 20  # pixels per job: big enough that workers never wait on this process's GIL
 
     def __init__(self, items, opts: EncodeOptions, channels, size, pool: OrderedPool, image_bytes: int,
                  ahead_bytes: int = 64 << 20):
         self.task = _DecodeTask(channels, size, opts.max_pixels)
-        per_chunk = max(1, image_bytes) * self.CHUNK
-        self.window = max(pool.workers * 3, ahead_bytes // per_chunk)
-        jobs = ((ch, [p for _, p, _ in ch]) for ch in _chunks(_payloads(items, opts), self.CHUNK))
+        self.chunk = max(1, min(256, self.CHUNK_BYTES // max(1, image_bytes)))
+        self.pool_workers = pool.workers
+        self.image_bytes = max(1, image_bytes)
+        self.ahead(ahead_bytes)
+        jobs = ((ch, [p for _, p, _ in ch]) for ch in _chunks(_payloads(items, opts), self.chunk))
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
         self._buffer = collections.deque()
+
+    def ahead(self, nbytes: int) -> None:
+        """Let the workers decode up to about nbytes of pixels ahead of use."""
+        self.window = max(self.pool_workers * 3, nbytes // (self.image_bytes * self.chunk))
 
     @staticmethod
     def _describe(chunk):
@@ -483,7 +490,6 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
         report.warn(note)
     inv, shape, first, shard_size, n_shards = plan.inv, plan.shape, plan.first, plan.shard_size, plan.n_shards
     journal, done, todo = plan.journal, plan.done, plan.todo
-    dims = int(np.prod(shape))
     skipped = list(inv.skipped)
     shards = [None] * n_shards
     for i, entry in done.items():
@@ -491,22 +497,43 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
         skipped.extend(entry.get("skipped", []))
     stream_ok = 0
 
-    with report.bar(len(plan.todo_items), "encode") as bar, plan.pool as pool:
+    def finish(i, shard_skipped, future):
+        nonlocal stream_ok
+        info = future.result()
+        stream_ok += info["num_examples"]
+        shards[i] = info
+        skipped.extend(shard_skipped)
+        try:
+            journal.append({"index": i, **info, "skipped": shard_skipped})
+        except OSError as e:
+            raise _io_error(e, manifest_mod.JOURNAL) from None
+
+    # One thread compiles the transform, then transforms and writes shard i
+    # while this one gathers shard i+1 from the decoders: the cores never
+    # wait for a shard boundary.
+    cancel = threading.Event()
+    with report.bar(len(plan.todo_items), "encode") as bar, plan.pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="transform") as ex:
         stream = plan.stream
-        transform = _start_transform(opts, shape)
-        stream.window = max(pool.workers * 3, RUN_AHEAD // (dims * DecodeStream.CHUNK))
-        for i in todo:
-            part = inv.items[i * shard_size:(i + 1) * shard_size]
-            decoded = (next(stream) for _ in part)
-            good, shard_skipped = collect_shard(decoded, opts, shape, first.key, report.warn, bar.update)
-            info = _write_shard(sink_cls, opts, i, n_shards, shape, good, transform)
-            stream_ok += info["num_examples"]
-            shards[i] = info
-            skipped.extend(shard_skipped)
-            try:
-                journal.append({"index": i, **info, "skipped": shard_skipped})
-            except OSError as e:
-                raise _io_error(e, manifest_mod.JOURNAL) from None
+        transform = ex.submit(_start_transform, opts, shape)
+        stream.ahead(RUN_AHEAD)
+        pending = None
+        try:
+            for i in todo:
+                part = inv.items[i * shard_size:(i + 1) * shard_size]
+                decoded = (next(stream) for _ in part)
+                good, shard_skipped = collect_shard(decoded, opts, shape, first.key, report.warn, bar.update)
+                if pending is not None:
+                    finish(*pending)
+                pending = (i, shard_skipped, ex.submit(
+                    lambda i, good: _write_shard(sink_cls, opts, i, n_shards, shape, good, transform.result(), cancel),
+                    i, good))
+                del good
+            if pending is not None:
+                finish(*pending)
+        except BaseException:
+            cancel.set()  # the shard in flight is abandoned and its temp file removed
+            raise
 
     seconds = time.time() - t0
     total = sum(s["num_examples"] for s in shards)
@@ -588,14 +615,14 @@ def _start_transform(opts: EncodeOptions, shape):
     return transform
 
 
-def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform) -> dict:
+def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform, cancel=None) -> dict:
     """Transform a shard's images batch by batch straight into its sink.
 
     A writer thread takes each batch's logits (CRC, sha256 and the write
-    release the GIL) while the next batch is being transformed.
+    release the GIL) while the next batch is being transformed. Setting
+    `cancel` abandons the shard (its temp file is removed).
     """
     import queue
-    import threading
 
     sink = None
     todo: queue.Queue = queue.Queue(maxsize=2)
@@ -635,6 +662,8 @@ def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform) -> dic
         for start in range(0, len(good), bs):
             if failure:
                 break
+            if cancel is not None and cancel.is_set():
+                raise LogitifyError(f"shard {index} abandoned")
             batch = good[start:start + bs]
             keys = [k for k, _, _ in batch]
             images = np.stack([a for _, _, a in batch])
