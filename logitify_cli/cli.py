@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -322,5 +323,29 @@ def verify(dataset, more_sources, against, report):
     return run_verify(dataset, against=list(against) + list(more_sources), report=report)
 
 
+def entry(argv=None):
+    """The console script: main(), then a fast exit once TensorFlow is loaded.
+
+    Every file is closed and every worker joined by the time a command
+    returns; what is left is TensorFlow's interpreter teardown, which costs
+    more than half a second and does nothing for the user.
+    """
+    try:
+        main(args=argv, prog_name="logitify")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    from . import _tf
+
+    if _tf._tf is None:
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
