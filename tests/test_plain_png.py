@@ -1,0 +1,163 @@
+"""The plain-PNG shortcut must give exactly what Pillow's full road gives.
+
+decode(fast=True) may skip Image.open for plain PNGs; on every file, valid,
+odd or damaged, it must return the same pixels or fail with the same reason
+as decode(fast=False).
+"""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
+
+from conftest import photo
+from logitify_cli.images import ImageReadError, _plain_png, decode
+
+
+def outcome(source, channels, fast, size=None):
+    try:
+        return decode(source, channels, size, fast=fast)
+    except ImageReadError as e:
+        return str(e)
+
+
+def same(a, b):
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+def png_bytes(arr, mode, **kw):
+    buf = io.BytesIO()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    if img.mode != mode:
+        img = img.convert(mode)
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def chunk(cid, body):
+    return struct.pack(">I", len(body)) + cid + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(cid)))
+
+
+def chunks(data):
+    """[(cid, body)] of a PNG."""
+    out, pos = [], 8
+    while pos + 8 <= len(data):
+        length, cid = struct.unpack_from(">I4s", data, pos)
+        out.append((cid, data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def assemble(parts):
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(c, b) for c, b in parts)
+
+
+modes = st.sampled_from(["L", "LA", "RGB", "RGBA", "P", "I;16", "1"])
+
+
+@st.composite
+def pngs(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    h, w = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    mode = draw(modes)
+    arr = photo(rng, h, w, 4 if mode in ("RGBA", "LA") else 3)
+    kw = {"compress_level": draw(st.integers(0, 9))}
+    if draw(st.booleans()):
+        info = PngImagePlugin.PngInfo()
+        info.add_text(draw(st.sampled_from(["Comment", "Software", "exif"])), "x" * draw(st.integers(0, 50)),
+                      zip=draw(st.booleans()))
+        kw["pnginfo"] = info
+    if draw(st.booleans()):
+        kw["dpi"] = (72, 72)
+    if mode in ("L", "RGB") and draw(st.booleans()):
+        kw["transparency"] = 0 if mode == "L" else (0, 0, 0)
+    if draw(st.booleans()):
+        exif = Image.Exif()
+        exif[0x0112] = draw(st.integers(1, 8))
+        kw["exif"] = exif.tobytes()
+    if mode == "I;16":
+        img = Image.fromarray((arr[:, :, 0].astype(np.uint16) * 257))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+    return png_bytes(arr, mode, **kw)
+
+
+@given(data=pngs(), channels=st.sampled_from([1, 3, 4]), resize=st.booleans())
+def test_shortcut_equals_pillow_on_valid_pngs(data, channels, resize):
+    size = (7, 9) if resize else None
+    assert same(outcome(data, channels, True, size), outcome(data, channels, False, size))
+
+
+@settings(max_examples=400)
+@given(data=pngs(), channels=st.sampled_from([1, 3]), at=st.one_of(st.integers(0, 40), st.floats(0, 1)),
+       byte=st.integers(0, 255), how=st.sampled_from(["flip", "cut", "extend"]))
+def test_shortcut_equals_pillow_on_damaged_pngs(data, channels, at, byte, how):
+    # Half the damage lands in the first 40 bytes (signature, IHDR and its CRC), half anywhere.
+    i = min(len(data) - 1, at if isinstance(at, int) else int(at * len(data)))
+    if how == "flip":
+        assume(data[i] != byte)
+        bad = data[:i] + bytes([byte]) + data[i + 1:]
+    elif how == "cut":
+        bad = data[:i]
+    else:
+        bad = data + bytes([byte]) * i
+    assert same(outcome(bad, channels, True), outcome(bad, channels, False))
+
+
+def test_shortcut_is_taken_for_plain_pngs_and_paths(tmp_path, rng):
+    # The property tests above would pass vacuously if the shortcut never ran.
+    for mode in ("L", "LA", "RGB", "RGBA"):
+        data = png_bytes(photo(rng, 12, 10, 4), mode, pnginfo=None, dpi=(300, 300))
+        img = _plain_png(data, 10**9)
+        assert img is not None and img.mode == mode
+        path = tmp_path / f"{mode}.png"
+        path.write_bytes(data)
+        assert _plain_png(str(path), 10**9) is not None
+        for channels in (1, 3, 4):
+            assert same(decode(str(path), channels), decode(data, channels, fast=False))
+
+
+def test_shortcut_declines_what_could_change_pixels(rng):
+    base = chunks(png_bytes(photo(rng, 8, 8), "RGB"))
+    ihdr, rest = base[0], base[1:]
+    idat = [c for c in rest if c[0] == b"IDAT"]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {
+        "tRNS": [ihdr, (b"tRNS", b"\0\0\0\0\0\0"), *idat, (b"IEND", b"")],
+        "eXIf": [ihdr, (b"eXIf", exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes()),
+                 *idat, (b"IEND", b"")],
+        "text after data": [ihdr, *idat, (b"tEXt", b"Comment\0hi"), (b"IEND", b"")],
+        "no IEND": [ihdr, *idat],
+        "short pHYs": [ihdr, (b"pHYs", b"\0\0"), *idat, (b"IEND", b"")],
+        "exif text": [ihdr, (b"tEXt", b"exif\0" + b"00"), *idat, (b"IEND", b"")],
+        "iCCP": [ihdr, (b"iCCP", b"icc\0\0" + zlib.compress(b"x" * 10)), *idat, (b"IEND", b"")],
+    }
+    for name, parts in cases.items():
+        data = assemble(parts)
+        assert _plain_png(data, 10**9) is None, name
+        assert same(outcome(data, 3, True), outcome(data, 3, False)), name
+    plain = assemble([ihdr, (b"tEXt", b"Comment\0hi"), (b"pHYs", b"\0" * 9), *idat, (b"IEND", b"")])
+    assert _plain_png(plain, 10**9) is not None
+
+
+def test_bad_header_crc_fails_as_pillow_does(rng):
+    data = bytearray(png_bytes(photo(rng, 8, 8), "RGB"))
+    data[29] ^= 0xFF  # inside IHDR's body: its CRC no longer matches
+    assert _plain_png(bytes(data), 10**9) is None
+    with pytest.raises(ImageReadError):
+        decode(bytes(data), 3)
+
+
+def test_pixel_limits_apply_to_the_shortcut(rng):
+    data = png_bytes(photo(rng, 20, 20), "RGB")
+    assert _plain_png(data, 399) is None
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        decode(data, 3, max_pixels=399)
