@@ -297,6 +297,7 @@ class LogitTransform:
             ],
             jit_compile=True,
             reduce_retracing=True,
+            autograph=False,
         )
         def forward(images, seeds):
             x = tf.reshape(images, [-1, dims])
@@ -346,7 +347,7 @@ class LogitTransform:
         h, w, ch = self.shape
 
         @tf.function(input_signature=[tf.TensorSpec([None, h, w, ch], tf.float32)], jit_compile=True,
-                     reduce_retracing=True)
+                     reduce_retracing=True, autograph=False)
         def inverse(logits):
             t = tf.math.tanh(0.5 * tf.cast(logits, tf.float64))
             k = tf.clip_by_value(tf.floor(base + t * scale), 0.0, top)

@@ -134,6 +134,17 @@ def test_compiled_batch_size_does_not_change_bytes(rng, shape):
         np.testing.assert_array_equal(b, imgs)
 
 
+def test_traced_once_whatever_the_batch_sizes(rng):
+    # Every batch is padded to the compiled size: one trace, one XLA program.
+    t = LogitTransform(TransformParams(), (6, 5, 3), batch_size=8)
+    for n in (1, 8, 3, 17, 8, 30):
+        imgs = np.stack([photo(rng, 6, 5) for _ in range(n)])
+        y, _ = t.forward(imgs, image_seeds(0, [str(i) for i in range(n)]))
+        t.inverse(y)
+    assert t._forward.experimental_get_tracing_count() == 1
+    assert t._inverse.experimental_get_tracing_count() == 1
+
+
 def test_seed_and_key_change_the_noise(rng):
     img = photo(rng, 16, 16)[None]
     y0, _, _ = run(TransformParams(seed=0), img, ["a.png"])
