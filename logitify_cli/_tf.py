@@ -12,6 +12,7 @@ import tempfile
 
 _tf = None
 verbose = False
+_KERAS_EAGER = "keras.src.optimizers"
 
 
 def tf():
@@ -22,10 +23,22 @@ def tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     # oneDNN rewrites can reorder float sums; we want bit-stable output.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    if verbose:
-        import tensorflow as module
-    else:
-        module = _quiet_import()
+    # TensorFlow's __init__ imports keras.src.optimizers eagerly, only to
+    # register Keras optimizers for SavedModel loading, and tolerates an
+    # ImportError there. Keras (and the matplotlib and IPython it pulls in)
+    # is about 0.9 s of every run and unused here, so that one import is
+    # halted, then unblocked so a program importing Keras later gets it whole.
+    blocked = _KERAS_EAGER not in sys.modules and "keras" not in sys.modules
+    if blocked:
+        sys.modules[_KERAS_EAGER] = None
+    try:
+        if verbose:
+            import tensorflow as module
+        else:
+            module = _quiet_import()
+    finally:
+        if blocked and sys.modules.get(_KERAS_EAGER, 0) is None:
+            del sys.modules[_KERAS_EAGER]
     if not verbose:
         module.get_logger().setLevel("ERROR")
     # Grappler's arithmetic rewrites reassociate float sums such as

@@ -25,6 +25,16 @@ def test_help_does_not_import_tensorflow():
     assert r.stdout.strip().endswith("clean")
 
 
+def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
+    code = ("import sys\nfrom logitify_cli._tf import tf\ntf()\n"
+            "assert 'keras' not in sys.modules, 'keras was imported'\n"
+            "import keras\nfrom keras import layers\nassert tf().keras.layers.Dense is layers.Dense\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
 def test_real_run_has_clean_streams(tmp_path, rng):
     for i in range(4):
         save(str(tmp_path / "in" / f"{i}.png"), photo(rng, 8, 8))
