@@ -174,6 +174,7 @@ def main():
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--skip-slow", action="store_true", help="skip the per-image encode loop baseline")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the median is reported")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="logitify-bench-")
@@ -196,8 +197,21 @@ def main():
         env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
         rows = {}
 
-        def run(name, argv):
-            s, peak = measure(name, argv, env)
+        def median_run(name, argv, out=None):
+            """Median seconds and peak memory over --repeat fresh runs (runs vary by a few tenths).
+
+            `out` is removed before each run, outside the timing.
+            """
+            runs = []
+            for _ in range(args.repeat):
+                if out:
+                    shutil.rmtree(out, ignore_errors=True)
+                runs.append(measure(name, argv, env))
+            runs.sort()
+            return runs[len(runs) // 2][0], max(p for _, p in runs)
+
+        def run(name, argv, out=None):
+            s, peak = median_run(name, argv, out)
             rows[name] = (s, peak)
             print(f"{name:<34} {s:8.2f} s {n / s:10.0f} img/s {peak / 2**20:9.0f} MiB", flush=True)
 
@@ -205,11 +219,15 @@ def main():
         run("tf.data + LogitifyImage formula", script(TFDATA_BASELINE) + [big, os.path.join(work, "tfdata.npz")])
         if not args.skip_slow:
             run("per-image Pillow+NumPy loop", script(PER_IMAGE_LOOP) + [big, os.path.join(work, "loop.npz")])
-        run("logitify encode", logitify + ["encode", big, "-o", os.path.join(work, "enc"), "-q"])
-        run("logitify decode (PNG)", logitify + ["decode", os.path.join(work, "enc"), "-o", os.path.join(work, "dec"), "-q"])
-        run("per-image decode loop (PNG)", script(DECODE_LOOP) + [os.path.join(work, "enc"), os.path.join(work, "dec2")])
+        enc_dir = os.path.join(work, "enc")
+        run("logitify encode", logitify + ["encode", big, "-o", enc_dir, "-q"], out=enc_dir)
+        run("logitify decode (PNG)", logitify + ["decode", enc_dir, "-o", os.path.join(work, "dec"), "-q"],
+            out=os.path.join(work, "dec"))
+        run("per-image decode loop (PNG)", script(DECODE_LOOP) + [enc_dir, os.path.join(work, "dec2")],
+            out=os.path.join(work, "dec2"))
         if small:
-            s, peak = measure("small", logitify + ["encode", small, "-o", os.path.join(work, "enc_small"), "-q"], env)
+            small_dir = os.path.join(work, "enc_small")
+            s, peak = median_run("small", logitify + ["encode", small, "-o", small_dir, "-q"], out=small_dir)
             rows["logitify encode (N/10)"] = (s, peak)
             print(f"{'logitify encode (N/10)':<34} {s:8.2f} s {n / 10 / s:10.0f} img/s {peak / 2**20:9.0f} MiB")
 

@@ -616,7 +616,7 @@ def _start_transform(opts: EncodeOptions, shape):
 
 
 def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform, cancel=None) -> dict:
-    """Transform a shard's images batch by batch straight into its sink.
+    """Transform a shard's images batch by batch straight into its sink; empties `good`.
 
     A writer thread takes each batch's logits (CRC, sha256 and the write
     release the GIL) while the next batch is being transformed. Setting
@@ -665,6 +665,7 @@ def _write_shard(sink_cls, opts, index, n_shards, shape, good, transform, cancel
             if cancel is not None and cancel.is_set():
                 raise LogitifyError(f"shard {index} abandoned")
             batch = good[start:start + bs]
+            good[start:start + bs] = [None] * len(batch)  # pixels are freed as they are transformed
             keys = [k for k, _, _ in batch]
             images = np.stack([a for _, _, a in batch])
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
