@@ -342,8 +342,11 @@ def entry(argv=None):
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe downstream: nothing more to say
+            pass
     os._exit(code or 0)
 
 
