@@ -14,15 +14,20 @@ def run(*args, **kw):
                           env=ENV, timeout=300, **kw)
 
 
+def run_code(code, timeout):
+    """stdout of `python -c code`, which must exit 0."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def test_help_does_not_import_tensorflow():
     code = ("import sys\nfrom logitify_cli.cli import main\n"
             "for args in (['--help'], ['encode', '--help'], ['decode', '--help'], ['--version']):\n"
             "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0, (args, e.code)\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
             "print('clean')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("clean")
+    assert run_code(code, timeout=60).strip().endswith("clean")
 
 
 def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
@@ -30,9 +35,7 @@ def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
             "assert 'keras' not in sys.modules, 'keras was imported'\n"
             "import keras\nfrom keras import layers\nassert tf().keras.layers.Dense is layers.Dense\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("ok")
+    assert run_code(code, timeout=120).strip().endswith("ok")
 
 
 def test_real_run_has_clean_streams(tmp_path, rng):
