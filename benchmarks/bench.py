@@ -198,7 +198,7 @@ def main():
         rows = {}
 
         def median_run(name, argv, out=None):
-            """Median seconds and peak memory over --repeat fresh runs (runs vary by a few tenths).
+            """Median seconds and peak memory over --repeat fresh runs (timings drift by tens of %).
 
             `out` is removed before each run, outside the timing.
             """

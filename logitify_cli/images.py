@@ -168,7 +168,7 @@ def _plain_png(source, max_pixels: int):
     compressed text, animation) and ends IDAT... IEND is fed straight to
     the same decoder Pillow's PNG plugin uses. Anything else, and any
     failure, returns None so the caller takes Pillow's full road, which
-    then gives Pillow's verdict. tests/test_images.py checks both roads
+    then gives Pillow's verdict. tests/test_plain_png.py checks both roads
     agree on valid, odd and damaged files.
     """
     try:

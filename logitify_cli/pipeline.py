@@ -447,7 +447,6 @@ def _plan(opts: EncodeOptions) -> _Plan:
 
 def _plan_while_tf_starts(opts: EncodeOptions) -> _Plan:
     """Plan in a thread while this one imports TensorFlow (seconds of CPU)."""
-    import threading
 
     from ._tf import tf as _load_tf
 
