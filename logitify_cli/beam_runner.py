@@ -12,6 +12,7 @@ Beam's extras (e.g. apache-beam[gcp]) are installed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,24 @@ def _pipeline_options(beam_args):
         if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
             args.append("--default_sdk_harness_log_level=ERROR")
     return PipelineOptions(args)
+
+
+@contextlib.contextmanager
+def _scratch():
+    """A private temp root for one pipeline run, removed after it.
+
+    Beam's local job service and stager make temp folders they never remove
+    (two or three per run); pointing tempfile at our own folder keeps them
+    out of the machine's temp directory.
+    """
+    root = tempfile.mkdtemp(prefix="logitify-beam-")
+    before = tempfile.tempdir
+    tempfile.tempdir = root
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _beam():
@@ -197,7 +216,7 @@ def encode_beam(opts, report, beam_args) -> dict:
               "items": inv.items[i * shard_size:(i + 1) * shard_size]} for i in range(n_shards)]
     options = _pipeline_options(beam_args)
     try:
-        with beam.Pipeline(options=options) as p:
+        with _scratch(), beam.Pipeline(options=options) as p:
             _ = (p | "Shards" >> beam.Create(specs, reshuffle=False)
                    | "Spread" >> beam.Reshuffle()
                    | "MakeShard" >> beam.Map(make_shard))
@@ -288,7 +307,7 @@ def decode_beam(dataset, out, fmt, overwrite, report, beam_args) -> dict:
         for s in specs:
             s["results"] = results_dir
         try:
-            with beam.Pipeline(options=_pipeline_options(beam_args)) as p:
+            with _scratch(), beam.Pipeline(options=_pipeline_options(beam_args)) as p:
                 _ = p | beam.Create(specs, reshuffle=False) | beam.Reshuffle() | beam.Map(_decode_and_report)
         except Exception as e:
             msg = str(e).strip().splitlines()

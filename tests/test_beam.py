@@ -24,8 +24,11 @@ def hashes(out):
     return {s["file"]: hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in manifest(out)["shards"]}
 
 
-def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_path, rng):
+def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_path, rng, monkeypatch):
     src, truth = image_folder
+    system_tmp = tmp_path / "system-tmp"  # Beam leaves folders in the temp dir unless we clean up after it
+    system_tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(system_tmp))
     (src / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (src / "cats" / "empty.jpg").write_bytes(b"")
     for fmt in ("npz", "tfrecord"):
@@ -42,6 +45,7 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
     assert r.exit_code == 0, r.output
     for key, arr in truth.items():
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / key)), arr)
+    assert not list(system_tmp.iterdir())
 
 
 def test_beam_tfrecord_source(cli, tmp_path, rng):
