@@ -159,6 +159,28 @@ _PNG_HARMLESS = {b"tEXt": 0, b"pHYs": 9, b"gAMA": 4, b"sRGB": 1, b"cHRM": 0, b"t
 _PLAIN_PNG_MAX_BYTES = 64 << 20
 
 
+def _read_small(path):
+    """The whole file in three system calls, or None if it is too big.
+
+    open() would add an isatty ioctl, a seek and two more stats per file,
+    which at 50,000 small PNGs is a measurable part of a worker's time.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size > _PLAIN_PNG_MAX_BYTES:
+            return None
+        data = os.read(fd, size)
+        while len(data) < size:  # a short read (e.g. a network filesystem): keep reading
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
 def _plain_png(source, max_pixels: int):
     """Decode a plain PNG with Pillow's own zlib/unfilter decoder, or None.
 
@@ -177,10 +199,9 @@ def _plain_png(source, max_pixels: int):
             if len(data) < 8 or data[:8] != _PNG_SIGNATURE:
                 return None
         else:
-            with open(source, "rb") as f:
-                if os.fstat(f.fileno()).st_size > _PLAIN_PNG_MAX_BYTES or f.read(8) != _PNG_SIGNATURE:
-                    return None
-                data = _PNG_SIGNATURE + f.read()
+            data = _read_small(source)
+            if data is None or data[:8] != _PNG_SIGNATURE:
+                return None
         if len(data) > _PLAIN_PNG_MAX_BYTES:
             return None
         unpack = struct.unpack_from
