@@ -160,7 +160,7 @@ def make_shard(spec: dict) -> dict:
 
 def _remote_items(opts):
     """Discovery through FileSystems.match for cloud folders and files."""
-    from .sources import Inventory, Item, is_tfrecord_name
+    from .sources import ORDER, Inventory, Item, is_tfrecord_name
 
     _, fs, _ = _beam()
     items = []
@@ -174,7 +174,7 @@ def _remote_items(opts):
                 continue
             cls = rel.split("/", 1)[0] if "/" in rel else None
             items.append(Item((rel, -1), rel, m.path, class_name=cls))
-    items.sort()
+    items.sort(key=ORDER)
     names = sorted({i.class_name for i in items if i.class_name})
     index = {n: k for k, n in enumerate(names)}
     items = [Item(i.sort_key, i.key, i.path, i.index, index.get(i.class_name, -1), i.class_name) for i in items]

@@ -7,9 +7,11 @@ ImageFile, ImageFolder and TfrecordFile.
 """
 from __future__ import annotations
 
+import operator
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import LogitifyError, UsageError
 from .images import is_image_name
@@ -18,16 +20,23 @@ TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECA
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-@dataclass(frozen=True, order=True)
-class Item:
-    """One input image. index >= 0 marks record `index` of a TFRecord file."""
+class Item(NamedTuple):
+    """One input image. index >= 0 marks record `index` of a TFRecord file.
 
-    sort_key: tuple = field(repr=False)
-    key: str = field(compare=False)
-    path: str = field(compare=False)
-    index: int = field(default=-1, compare=False)
-    label: int = field(default=-1, compare=False)
-    class_name: str | None = field(default=None, compare=False)
+    A tuple rather than a frozen dataclass: a run makes one per input (twice
+    for class folders), and tuples are made about four times faster. Order
+    items with `items.sort(key=ORDER)`: by sort_key alone.
+    """
+
+    sort_key: tuple
+    key: str
+    path: str
+    index: int = -1
+    label: int = -1
+    class_name: str | None = None
+
+
+ORDER = operator.itemgetter(0)
 
 
 def _as_key(path: str) -> str:
@@ -149,7 +158,7 @@ def discover(paths, compression: str | None = None) -> Inventory:
         found, bad = source_for(path, compression).items()
         items.extend(found)
         skipped.extend(bad)
-    items.sort()
+    items.sort(key=ORDER)
     seen = {}
     for it in items:
         if it.key in seen:
