@@ -445,8 +445,18 @@ def _plan(opts: EncodeOptions) -> _Plan:
     return plan
 
 
+PLAN_HEAD_START = 1.0  # seconds the plan may run alone before TensorFlow's import joins it
+
+
 def _plan_while_tf_starts(opts: EncodeOptions) -> _Plan:
-    """Plan in a thread while this one imports TensorFlow (seconds of CPU)."""
+    """Plan in a thread while this one imports TensorFlow (seconds of CPU).
+
+    Both hold the GIL most of the time, so running them side by side only
+    delays the plan, and with it the first work handed to the decoders. The
+    plan gets a head start: TensorFlow's import begins once the decoders have
+    work, or after PLAN_HEAD_START if discovery is slow (a huge or remote
+    folder, where overlapping the two still pays).
+    """
 
     from ._tf import tf as _load_tf
 
@@ -460,6 +470,7 @@ def _plan_while_tf_starts(opts: EncodeOptions) -> _Plan:
 
     thread = threading.Thread(target=run, name="plan", daemon=True)
     thread.start()
+    thread.join(PLAN_HEAD_START)
     try:
         _load_tf()
     except BaseException:
