@@ -38,6 +38,30 @@ def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
     assert run_code(code, timeout=120).strip().endswith("ok")
 
 
+POOL_CODE = """
+import os, sys{tf}
+from logitify_cli.errors import LogitifyError
+from logitify_cli.pipeline import OrderedPool, can_fork
+print("fork" if can_fork() else "spawn")
+with OrderedPool(2) as pool:
+    assert list(pool.imap(abs, [(i, -i) for i in range(20)], window=3)) == [(i, i) for i in range(20)]
+with OrderedPool(2) as pool:
+    jobs = [("job 0", 0), ("job 1", 0), ("job 2", 0)]
+    try:
+        list(pool.imap(os._exit, jobs, describe=lambda meta: meta))
+    except LogitifyError as e:
+        print(e)
+"""
+
+
+def test_workers_fork_only_without_tensorflow_and_a_dead_worker_is_an_error():
+    """Forked (fresh process) and spawned (TensorFlow loaded) pools: same order, same clear error."""
+    for tf_line, method in (("", "fork"), ("\nfrom logitify_cli._tf import tf; tf()", "spawn")):
+        out = run_code(POOL_CODE.format(tf=tf_line), timeout=120).splitlines()
+        assert out[0] == method if sys.platform.startswith("linux") else out[0] == "spawn"
+        assert "a worker process died while working on job 0" in out[1]
+
+
 def test_real_run_has_clean_streams(tmp_path, rng):
     for i in range(4):
         save(str(tmp_path / "in" / f"{i}.png"), photo(rng, 8, 8))
