@@ -30,7 +30,10 @@ from .sources import Item, TfrecordFile, discover
 from .transform import TransformParams, image_seeds
 
 SHARD_BYTES = 256 << 20
-STARTUP_AHEAD = 96 << 20  # decoded pixels the workers may run ahead while TensorFlow starts
+# Decoded pixels the workers may run ahead while TensorFlow starts. More buys
+# nothing on a busy machine (the import and the decoders share the cores) and
+# raises the peak: 96 MB cost ~20 MB of peak over 40 MB on 50k images, same speed.
+STARTUP_AHEAD = 40 << 20
 RUN_AHEAD = 32 << 20  # and afterwards
 TEMP_PATTERN = ".*.tmp-*"
 METADATA_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
