@@ -549,10 +549,13 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
 
     # One thread compiles the transform, then transforms and writes shard i
     # while this one gathers shard i+1 from the decoders: the cores never
-    # wait for a shard boundary.
+    # wait for a shard boundary. Shard i+1 starts as soon as it is gathered,
+    # beside the end of shard i (in the run's tail the decoders are idle),
+    # and shard i+2 is gathered only once shard i is done: at most two
+    # shards' pixels are held, as with one thread.
     cancel = threading.Event()
     with report.bar(len(plan.todo_items), "encode") as bar, plan.pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="transform") as ex:
+            ThreadPoolExecutor(2, thread_name_prefix="transform") as ex:
         stream = plan.stream
         transform = ex.submit(_start_transform, opts, shape)
         stream.ahead(RUN_AHEAD)
@@ -562,12 +565,13 @@ def encode(opts: EncodeOptions, report: Reporter) -> dict:
                 part = inv.items[i * shard_size:(i + 1) * shard_size]
                 decoded = (next(stream) for _ in part)
                 good, shard_skipped = collect_shard(decoded, opts, shape, first.key, report.warn, bar.update)
-                if pending is not None:
-                    finish(*pending)
-                pending = (i, shard_skipped, ex.submit(
+                started = (i, shard_skipped, ex.submit(
                     lambda i, good: _write_shard(sink_cls, opts, i, n_shards, shape, good, transform.result(), cancel),
                     i, good))
                 del good
+                if pending is not None:
+                    finish(*pending)
+                pending = started
             if pending is not None:
                 finish(*pending)
         except BaseException:
