@@ -16,9 +16,11 @@ wall seconds, images/s, peak memory, and the ratios the project promises:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -111,22 +113,37 @@ print(len(ys))
 '''
 
 
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _shares_memory(a: int, b: int) -> bool:
+    """Whether two processes share one address space (kcmp KCMP_VM)."""
+    return _KCMP is not None and _libc.syscall(_KCMP, a, b, 1, 0, 0) == 0
+
+
 def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc."""
-    total, todo, seen = 0, [pid], set()
+    """Resident bytes of a process and all its descendants, from /proc.
+
+    A child that still shares its parent's address space (a vfork before
+    exec: TensorFlow's import runs `uname -p` through subprocess) is counted
+    once, not twice.
+    """
+    total, todo, seen = 0, [(pid, None)], set()
     while todo:
-        p = todo.pop()
+        p, parent = todo.pop()
         if p in seen:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+            if parent is None or not _shares_memory(p, parent):
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
+                    todo.extend((int(c), p) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return total
