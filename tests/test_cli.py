@@ -159,7 +159,7 @@ def make_bad_files(d, rng):
 
 def test_bad_files_are_skipped_and_good_ones_kept(cli, image_folder, tmp_path, rng):
     src, truth = image_folder
-    good = make_bad_files(src / "cats", rng)
+    make_bad_files(src / "cats", rng)
     r = cli("encode", src, "-o", tmp_path / "o", "--size", "24x32")
     assert r.exit_code == 0, r.output
     m, a = load_npz(tmp_path / "o")
