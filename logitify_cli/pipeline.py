@@ -136,7 +136,8 @@ class OrderedPool:
         if workers > 1:
             fork = can_fork()
             ctx = multiprocessing.get_context("fork" if fork else "spawn")
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                            initargs=(os.getpid() if fork else None,))
             if fork:
                 self.pool.submit(int)  # forks every worker now, before this process starts a thread
 
@@ -172,8 +173,15 @@ class OrderedPool:
             yield meta, result
 
     def close(self, cancel=False):
+        """Wait for the workers; with `cancel`, drop queued work and stop them now."""
         if self.pool is not None:
+            procs = dict(getattr(self.pool, "_processes", None) or {}) if cancel else {}
             self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            for proc in procs.values():  # a decode in progress is of no use to anyone now
+                try:
+                    proc.terminate()
+                except (OSError, ValueError):
+                    pass
             self.pool = None
 
     def __enter__(self):
@@ -183,11 +191,27 @@ class OrderedPool:
         self.close(cancel=exc_type is not None)
 
 
-def _worker_init():
-    """Ctrl-C is the main process's to handle: workers just stop with it."""
+def _worker_init(forked_from=None):
+    """Ctrl-C and SIGTERM are the main process's to handle: workers stop with it.
+
+    A forked worker inherits the CLI's SIGTERM handler, and both ends of the
+    pool's pipes, so it would neither die on SIGTERM nor ever read EOF once
+    the main process is gone. It gets SIGTERM's default back and, on Linux,
+    asks to be killed when its parent dies (PR_SET_PDEATHSIG).
+    """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if forked_from is not None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != forked_from:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 class _DecodeTask:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from conftest import photo, save
 
@@ -60,6 +61,64 @@ def test_workers_fork_only_without_tensorflow_and_a_dead_worker_is_an_error():
         out = run_code(POOL_CODE.format(tf=tf_line), timeout=120).splitlines()
         assert out[0] == method if sys.platform.startswith("linux") else out[0] == "spawn"
         assert "a worker process died while working on job 0" in out[1]
+
+
+ORPHAN_CODE = """
+import os, signal
+from logitify_cli.pipeline import OrderedPool
+pool = OrderedPool(2)
+pool.pool.submit(int).result()
+print(*pool.pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+SIGTERM_CODE = """
+import os, signal
+from logitify_cli.pipeline import OrderedPool
+def stop(signum, frame):  # the CLI's own SIGTERM handler, which a forked worker inherits
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, stop)
+pool = OrderedPool(2)
+pool.pool.submit(int).result()
+worker = next(iter(pool.pool._processes.values()))
+os.kill(worker.pid, signal.SIGTERM)
+worker.join(10)
+print(worker.exitcode, flush=True)
+"""
+
+
+def test_forked_workers_die_with_their_parent(tmp_path):
+    """A killed run must not leave decoders behind, blocked forever on pipes they hold themselves."""
+    if not sys.platform.startswith("linux"):
+        return
+    out = tmp_path / "pids"
+    with open(out, "w") as f:  # a file, not a pipe: surviving workers would hold a pipe open
+        r = subprocess.run([sys.executable, "-c", ORPHAN_CODE], stdout=f, stderr=subprocess.DEVNULL, env=ENV, timeout=60)
+    assert r.returncode == -9
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) == 2
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # leave nothing behind even when failing
+        os.kill(p, 9)
+    assert not survivors, "workers outlived the killed main process"
+
+
+def test_a_forked_worker_stops_quietly_on_sigterm():
+    if not sys.platform.startswith("linux"):
+        return
+    out = run_code(SIGTERM_CODE, timeout=60)
+    assert out.strip() == "-15"
 
 
 def test_real_run_has_clean_streams(tmp_path, rng):
