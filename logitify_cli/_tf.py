@@ -56,7 +56,7 @@ def _quiet_import():
         os.dup2(capture.fileno(), 2)
         try:
             import tensorflow as module
-        except BaseException:
+        except Exception:  # a broken install: show what TensorFlow said (not on Ctrl-C)
             os.dup2(saved, 2)
             capture.seek(0)
             sys.stderr.write(capture.read().decode("utf-8", "replace"))

@@ -73,11 +73,11 @@ def run_command(fn):
         from .errors import LogitifyError
 
         _tf.verbose = verbose
-        from .pipeline import Reporter
-
         _sigterm_as_interrupt()
-        report = Reporter(quiet=quiet, progress=progress)
         try:
+            from .pipeline import Reporter  # NumPy and Pillow: a Ctrl-C may land here too
+
+            report = Reporter(quiet=quiet, progress=progress)
             summary = fn(*args, report=report, **kwargs)
             code = summary.pop("_exit", 0) if isinstance(summary, dict) else 0
         except LogitifyError as e:
