@@ -196,13 +196,9 @@ def _plain_png(source, max_pixels: int):
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source[:_PLAIN_PNG_MAX_BYTES + 1])
-            if len(data) < 8 or data[:8] != _PNG_SIGNATURE:
-                return None
         else:
             data = _read_small(source)
-            if data is None or data[:8] != _PNG_SIGNATURE:
-                return None
-        if len(data) > _PLAIN_PNG_MAX_BYTES:
+        if data is None or len(data) > _PLAIN_PNG_MAX_BYTES or data[:8] != _PNG_SIGNATURE:
             return None
         unpack = struct.unpack_from
         n = len(data)
