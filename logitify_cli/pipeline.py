@@ -284,7 +284,11 @@ class DecodeStream:
         return ", ".join(it.key for it, _, _ in chunk[:3]) + (" ..." if len(chunk) > 3 else "")
 
     def start(self):
-        """Fill the window now (submits work) without waiting for any result."""
+        """Submit a window of work now and wait for the first result.
+
+        The wait is what gives the plan its head start over TensorFlow's
+        import: the decoders are busy by the time the import begins.
+        """
         if not self._buffer:
             self._buffer.extend(self._take())
         return self
