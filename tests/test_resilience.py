@@ -94,15 +94,15 @@ def fail_third_shard(monkeypatch, error, partial=False):
     return real
 
 
-def assert_shards_before_the_failure(out, n):
+def assert_shards_before_the_failure(out, count):
     """Shards 0 and 1 are whole, shard 2 (the failed one) is absent.
 
     Shard 3 may have been finished beside shard 2 before the failure was
     seen; if it is there, it is whole (resume writes it again, same bytes).
     """
     names = sorted(n for n in os.listdir(out) if n.endswith(".npz"))
-    assert names[:2] == [f"train-0000{i}-of-{n:05d}.npz" for i in range(2)]
-    assert set(names[2:]) <= {f"train-00003-of-{n:05d}.npz"}
+    assert names[:2] == [f"train-0000{i}-of-{count:05d}.npz" for i in range(2)]
+    assert set(names[2:]) <= {f"train-00003-of-{count:05d}.npz"}
     for name in names:
         with np.load(out / name, allow_pickle=False) as z:
             assert z["logits"].shape[0] == len(z["keys"])

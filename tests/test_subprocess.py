@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import photo, save
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
@@ -63,6 +65,8 @@ def test_workers_fork_only_without_tensorflow_and_a_dead_worker_is_an_error():
         assert "a worker process died while working on job 0" in out[1]
 
 
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked only on Linux")
+
 ORPHAN_CODE = """
 import os, signal
 from logitify_cli.pipeline import OrderedPool
@@ -87,10 +91,9 @@ print(worker.exitcode, flush=True)
 """
 
 
+@LINUX_ONLY
 def test_forked_workers_die_with_their_parent(tmp_path):
     """A killed run must not leave decoders behind, blocked forever on pipes they hold themselves."""
-    if not sys.platform.startswith("linux"):
-        return
     out = tmp_path / "pids"
     with open(out, "w") as f:  # a file, not a pipe: surviving workers would hold a pipe open
         r = subprocess.run([sys.executable, "-c", ORPHAN_CODE], stdout=f, stderr=subprocess.DEVNULL, env=ENV, timeout=60)
@@ -114,9 +117,8 @@ def test_forked_workers_die_with_their_parent(tmp_path):
     assert not survivors, "workers outlived the killed main process"
 
 
+@LINUX_ONLY
 def test_a_forked_worker_stops_quietly_on_sigterm():
-    if not sys.platform.startswith("linux"):
-        return
     out = run_code(SIGTERM_CODE, timeout=60)
     assert out.strip() == "-15"
 
