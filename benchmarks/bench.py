@@ -1,7 +1,7 @@
 """Encode/decode speed and memory against baselines, all in one run.
 
     python benchmarks/bench.py                    # builds 50,000 photo-like 32x32 PNGs
-    python benchmarks/bench.py --folder PHOTOS    # or uses your own folder of images
+    python benchmarks/bench.py --folder PHOTOS    # or your own folder of same-size images
 
 Every contender runs as a fresh process, so each pays its own start-up
 (TensorFlow's import included), and its peak memory is the sum of the
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import json
 import os
 import platform
@@ -31,9 +30,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # logitify_cli from this checkout, installed or not
 
+from logitify_cli.sources import ImageFolder  # noqa: E402
+
+# Every baseline reads the same list of files (one path per line), so a
+# folder of JPEGs or of mixed formats is measured as fairly as PNGs.
 PILLOW_FLOOR = r'''
-import glob, os, sys, numpy as np
+import os, sys, numpy as np
 from concurrent.futures import ProcessPoolExecutor
 from PIL import Image
 
@@ -41,7 +45,7 @@ def dec(paths):
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 if __name__ == "__main__":
-    files = sorted(glob.glob(os.path.join(sys.argv[1], "**", "*.png"), recursive=True))
+    files = open(sys.argv[1]).read().splitlines()
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
     with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as ex:
         n = sum(len(a) for a in ex.map(dec, chunks))
@@ -49,7 +53,7 @@ if __name__ == "__main__":
 '''
 
 TFDATA_BASELINE = r'''
-import glob, os, sys
+import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np
 import tensorflow as tf
@@ -64,9 +68,10 @@ def logitify(x):
     z = tf.math.log(z) - tf.math.log(1.0 - z)
     ldj = tf.reduce_sum(tf.math.softplus(z) + tf.math.softplus(-z) - tf.math.softplus(pre), [1, 2, 3])
     return z, ldj
-files = sorted(glob.glob(os.path.join(sys.argv[1], "**", "*.png"), recursive=True))
+files = open(sys.argv[1]).read().splitlines()
+decode = lambda f: tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
 ds = (tf.data.Dataset.from_tensor_slices(files)
-      .map(lambda f: tf.io.decode_png(tf.io.read_file(f), channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+      .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
       .batch(256).map(logitify, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 ys, lds = [], []
 for y, ld in ds:
@@ -96,12 +101,12 @@ print(n)
 '''
 
 PER_IMAGE_LOOP = r'''
-import glob, os, sys, numpy as np
+import os, sys, numpy as np
 from PIL import Image
 alpha, c = 0.05, 1.0
 rng = np.random.default_rng(0)
 ys, lds = [], []
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "**", "*.png"), recursive=True)):
+for f in open(sys.argv[1]).read().splitlines():
     x = np.asarray(Image.open(f).convert("RGB"), np.float32)
     z = (x + c * rng.random(x.shape, np.float32)) / (255.0 + c)
     z = z * (1 - alpha) + alpha / 2
@@ -177,11 +182,31 @@ def script(code):
     return [sys.executable, "-c", textwrap.dedent(code)]
 
 
-def drop_caches_hint(folder):
-    """Read every file once so all contenders meet a warm page cache."""
-    for f in glob.glob(os.path.join(folder, "**", "*.png"), recursive=True):
+def image_list(folder, work, name):
+    """The files `logitify encode FOLDER` reads, in its order, as a list file for the baselines.
+
+    Reading each once also gives every contender the same warm page cache.
+    """
+    items, _ = ImageFolder(folder).items()
+    paths = [item.path for item in items]
+    for f in paths:
         with open(f, "rb") as fh:
             fh.read()
+    list_file = os.path.join(work, name)
+    with open(list_file, "w") as f:
+        f.write("\n".join(paths))
+    return list_file, paths
+
+
+def tenth_of(folder, paths, out):
+    """Every tenth file of a folder, at the same relative paths (hard links where possible)."""
+    for f in paths[::10]:
+        dst = os.path.join(out, os.path.relpath(f, folder))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(f, dst)
+        except OSError:
+            shutil.copyfile(f, dst)
 
 
 def main():
@@ -196,20 +221,26 @@ def main():
 
     work = tempfile.mkdtemp(prefix="logitify-bench-")
     try:
+        small = os.path.join(work, "small")
         if args.folder:
             big = args.folder
-            n = len(glob.glob(os.path.join(big, "**", "*.png"), recursive=True))
-            small = None
+            files, paths = image_list(big, work, "files.txt")
+            if not paths:
+                raise SystemExit(f"no images in {big}")
+            tenth_of(big, paths, small)
+            print(f"folder: {len(paths)} images, and every tenth of them for the memory comparison", flush=True)
         else:
             from corpus import build
 
-            big, small = os.path.join(work, "big"), os.path.join(work, "small")
+            big = os.path.join(work, "big")
             t = time.time()
             build(big, args.count, args.size, seed=0)
             build(small, max(1, args.count // 10), args.size, seed=1)
-            n = args.count
-            print(f"corpus: {n} + {n // 10} photo-like {args.size}x{args.size} PNGs in {time.time() - t:.1f} s", flush=True)
-        drop_caches_hint(big)
+            files, paths = image_list(big, work, "files.txt")
+            print(f"corpus: {args.count} + {args.count // 10} photo-like {args.size}x{args.size} PNGs "
+                  f"in {time.time() - t:.1f} s", flush=True)
+        n = len(paths)
+        n_small = len(ImageFolder(small).items()[0])
         logitify = [sys.executable, "-m", "logitify_cli"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
         rows = {}
@@ -232,21 +263,20 @@ def main():
             rows[name] = (s, peak)
             print(f"{name:<34} {s:8.2f} s {n / s:10.0f} img/s {peak / 2**20:9.0f} MiB", flush=True)
 
-        run("pillow decode floor (all cores)", script(PILLOW_FLOOR) + [big])
-        run("tf.data + LogitifyImage formula", script(TFDATA_BASELINE) + [big, os.path.join(work, "tfdata.npz")])
+        run("pillow decode floor (all cores)", script(PILLOW_FLOOR) + [files])
+        run("tf.data + LogitifyImage formula", script(TFDATA_BASELINE) + [files, os.path.join(work, "tfdata.npz")])
         if not args.skip_slow:
-            run("per-image Pillow+NumPy loop", script(PER_IMAGE_LOOP) + [big, os.path.join(work, "loop.npz")])
+            run("per-image Pillow+NumPy loop", script(PER_IMAGE_LOOP) + [files, os.path.join(work, "loop.npz")])
         enc_dir = os.path.join(work, "enc")
         run("logitify encode", logitify + ["encode", big, "-o", enc_dir, "-q"], out=enc_dir)
         run("logitify decode (PNG)", logitify + ["decode", enc_dir, "-o", os.path.join(work, "dec"), "-q"],
             out=os.path.join(work, "dec"))
         run("per-image decode loop (PNG)", script(DECODE_LOOP) + [enc_dir, os.path.join(work, "dec2")],
             out=os.path.join(work, "dec2"))
-        if small:
-            small_dir = os.path.join(work, "enc_small")
-            s, peak = median_run("small", logitify + ["encode", small, "-o", small_dir, "-q"], out=small_dir)
-            rows["logitify encode (N/10)"] = (s, peak)
-            print(f"{'logitify encode (N/10)':<34} {s:8.2f} s {n / 10 / s:10.0f} img/s {peak / 2**20:9.0f} MiB")
+        small_dir = os.path.join(work, "enc_small")
+        s, peak = median_run("small", logitify + ["encode", small, "-o", small_dir, "-q"], out=small_dir)
+        rows["logitify encode (N/10)"] = (s, peak)
+        print(f"{'logitify encode (N/10)':<34} {s:8.2f} s {n_small / s:10.0f} img/s {peak / 2**20:9.0f} MiB")
 
         enc, _ = rows["logitify encode"]
         ratios = {
@@ -257,8 +287,7 @@ def main():
         if "per-image Pillow+NumPy loop" in rows:
             ratios["encode / per-image encode loop"] = enc / rows["per-image Pillow+NumPy loop"][0]
         ratios["encode peak memory, GiB (goal <= 1)"] = rows["logitify encode"][1] / 2**30
-        if small:
-            ratios["peak(N) / peak(N/10) (goal <= 1.15)"] = rows["logitify encode"][1] / rows["logitify encode (N/10)"][1]
+        ratios["peak(N) / peak(N/10) (goal <= 1.15)"] = rows["logitify encode"][1] / rows["logitify encode (N/10)"][1]
         print()
         for k, v in ratios.items():
             print(f"{k:<44} {v:6.2f}")
