@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .tfrecord_io import ExampleWriter
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -222,23 +223,18 @@ class TfrecordShardSink(ShardSink):
         self.tf = tf()
         options = self.tf.io.TFRecordOptions(compression_type="GZIP" if self.compress else "")
         self._writer = self.tf.io.TFRecordWriter(self.tmp, options)
+        self._examples = ExampleWriter(int(np.prod(self.shape)) * 4)
 
     @staticmethod
     def shard_name(name, split, index, count):
         return f"{name}-{split}.tfrecord-{index:05d}-of-{count:05d}"
 
     def add(self, keys, labels, logits, logdet):
-        train = self.tf.train
         logits = np.ascontiguousarray(logits, dtype="<f4")
+        logdet = np.ascontiguousarray(logdet, dtype="<f4")
+        serialize, write = self._examples.serialize, self._writer.write
         for i, key in enumerate(keys):
-            feats = {
-                "key": train.Feature(bytes_list=train.BytesList(value=[key.encode("utf-8", "surrogatepass")])),
-                "label": train.Feature(int64_list=train.Int64List(value=[int(labels[i])])),
-                "logdet": train.Feature(float_list=train.FloatList(value=[float(logdet[i])])),
-                "logits": train.Feature(bytes_list=train.BytesList(value=[logits[i].tobytes()])),
-            }
-            ex = train.Example(features=train.Features(feature=feats))
-            self._writer.write(ex.SerializeToString(deterministic=True))
+            write(serialize(key.encode("utf-8", "surrogatepass"), int(labels[i]), logdet[i].tobytes(), logits[i].data))
         self.count += len(keys)
 
     def _write(self):

@@ -164,3 +164,43 @@ def test_compress_writes_gzip(cli, image_folder, tmp_path):
     assert r.exit_code == 0
     key = sorted(truth)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / key)), truth[key])
+
+
+# -- the hand-laid Example wire format ------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from logitify_cli.tfrecord_io import ExampleWriter, parse_example  # noqa: E402
+
+_keys = st.text(st.characters(codec="utf-8"), min_size=0, max_size=300).map(lambda s: s.encode("utf-8"))
+# logits sizes around the varint length boundaries of 2**7 and 2**14, and typical ones
+_sizes = st.sampled_from([0, 4, 124, 128, 132, 16380, 16384, 16388, 12288]) | st.integers(0, 40_000).map(lambda n: 4 * n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=_keys, label=st.integers(-(2**63), 2**63 - 1),
+       logdet=st.floats(width=32, allow_nan=False), size=_sizes, data=st.data())
+def test_examples_are_protobufs_deterministic_bytes(key, label, logdet, size, data):
+    """The same bytes as tf.train.Example.SerializeToString(deterministic=True): shard hashes hold."""
+    import tensorflow as tf
+
+    logits = data.draw(st.binary(min_size=size, max_size=size)) if size < 64 else np.random.default_rng(size).bytes(size)
+    ld = np.float32(logdet)
+    train = tf.train
+    feats = {
+        "key": train.Feature(bytes_list=train.BytesList(value=[key])),
+        "label": train.Feature(int64_list=train.Int64List(value=[label])),
+        "logdet": train.Feature(float_list=train.FloatList(value=[float(ld)])),
+        "logits": train.Feature(bytes_list=train.BytesList(value=[logits])),
+    }
+    want = train.Example(features=train.Features(feature=feats)).SerializeToString(deterministic=True)
+    got = ExampleWriter(size).serialize(key, label, ld.tobytes(), logits)
+    assert got == want
+    back = parse_example(got)
+    assert back == {"key": [key], "label": [label], "logdet": [float(ld)], "logits": [logits]}
+
+
+def test_example_writer_refuses_logits_of_the_wrong_size():
+    with pytest.raises(ValueError, match="expected 12"):
+        ExampleWriter(12).serialize(b"k", 0, b"\0\0\0\0", b"\0" * 8)
