@@ -173,11 +173,11 @@ def _remote_items(opts):
             if name.startswith(".") or is_tfrecord_name(name) or not images_mod.is_image_name(name):
                 continue
             cls = rel.split("/", 1)[0] if "/" in rel else None
-            items.append(Item((rel, -1), rel, m.path, class_name=cls))
+            items.append(Item(rel, rel, m.path, class_name=cls))
     items.sort(key=ORDER)
     names = sorted({i.class_name for i in items if i.class_name})
     index = {n: k for k, n in enumerate(names)}
-    items = [Item(i.sort_key, i.key, i.path, i.index, index.get(i.class_name, -1), i.class_name) for i in items]
+    items = [i._replace(label=index.get(i.class_name, -1)) for i in items]
     return Inventory(items, names or None, [])
 
 

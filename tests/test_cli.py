@@ -199,6 +199,33 @@ def test_missing_source_and_existing_output(cli, image_folder, tmp_path):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["transform"]["seed"] == 3
 
 
+def test_two_inputs_with_one_key_are_refused_by_name(cli, tmp_path, rng):
+    for folder in ("a", "b"):
+        save(str(tmp_path / folder / "same.png"), photo(rng, 8, 8))
+        save(str(tmp_path / folder / f"only_{folder}.png"), photo(rng, 8, 8))
+    r = cli("encode", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "o")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "'same.png'" in r.stderr
+    assert os.path.join("a", "same.png") in r.stderr and os.path.join("b", "same.png") in r.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    # Different keys from two folders are fine.
+    r = cli("encode", tmp_path / "a", tmp_path / "b" / "only_b.png", "-o", tmp_path / "o2")
+    assert r.exit_code == 0, r.output
+
+
+def test_class_folders_beside_loose_files(cli, tmp_path, rng):
+    """The first sub-folder is the class, at any depth below it; loose files get -1."""
+    for rel in ("zebra/deep/er/x.png", "ant/a.png", "loose.png", "zebra/z.png"):
+        save(str(tmp_path / "src" / rel), photo(rng, 8, 8))
+    r = cli("encode", tmp_path / "src", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m, a = load_npz(tmp_path / "o")
+    assert m["classes"] == ["ant", "zebra"]
+    assert dict(zip(a["keys"], a["labels"].tolist())) == {
+        "ant/a.png": 0, "loose.png": -1, "zebra/deep/er/x.png": 1, "zebra/z.png": 1}
+    assert list(a["keys"]) == sorted(a["keys"])
+
+
 def test_paths_on_stdin(cli, image_folder, tmp_path):
     src, truth = image_folder
     paths = sorted(str(p) for p in src.rglob("*.png"))
