@@ -275,9 +275,16 @@ class DecodeStream:
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
         self._buffer = collections.deque()
 
+    # What an image in flight costs besides its pixels: its item, path and
+    # result entry, on both ends of the pipe. It matters for small images
+    # (784 bytes of pixels for MNIST), where counting pixels alone let
+    # hundreds of thousands of images be in flight.
+    IN_FLIGHT_OVERHEAD = 512
+
     def ahead(self, nbytes: int) -> None:
-        """Let the workers decode up to about nbytes of pixels ahead of use."""
-        self.window = max(self.pool_workers * 3, nbytes // (self.image_bytes * self.chunk))
+        """Let the workers decode up to about nbytes ahead of use."""
+        per_job = (self.image_bytes + self.IN_FLIGHT_OVERHEAD) * self.chunk
+        self.window = max(self.pool_workers * 3, nbytes // per_job)
 
     @staticmethod
     def _describe(chunk):
