@@ -83,8 +83,8 @@ def stop(signum, frame):  # the CLI's own SIGTERM handler, which a forked worker
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, stop)
 pool = OrderedPool(2)
-pool.pool.submit(int).result()
-worker = next(iter(pool.pool._processes.values()))
+pid = pool.pool.submit(os.getpid).result()  # a worker that has surely run its initializer
+worker = pool.pool._processes[pid]
 os.kill(worker.pid, signal.SIGTERM)
 worker.join(10)
 print(worker.exitcode, flush=True)
