@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -457,7 +458,7 @@ class _Plan:
     journal: "Journal"
     done: dict
     todo: list
-    todo_items: list
+    todo_items: Sequence[Item]
     notes: list
     pool: "OrderedPool | None" = None
     stream: "DecodeStream | None" = None
@@ -494,7 +495,10 @@ def _plan(opts: EncodeOptions, pool: OrderedPool | None = None) -> _Plan:
     if not done:
         journal.start(header)
     todo = [i for i in range(n_shards) if i not in done]
-    todo_items = [it for i in todo for it in inv.items[i * shard_size:(i + 1) * shard_size]]
+    todo_items = inv.items
+    if len(todo) < n_shards:
+        todo_items = inv.items.select(np.concatenate(
+            [np.arange(i * shard_size, min((i + 1) * shard_size, len(inv.items))) for i in todo] or [np.zeros(0, int)]))
     plan = _Plan(inv, shape, channels, first, shard_size, n_shards, header, journal, done, todo, todo_items, notes)
     workers = opts.workers or default_workers()
     plan.pool = pool or OrderedPool(min(workers, max(1, len(todo_items) // 64)))

@@ -10,8 +10,11 @@ from __future__ import annotations
 import operator
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+import numpy as np
 
 from .errors import LogitifyError, UsageError
 from .images import is_image_name
@@ -63,6 +66,77 @@ def is_tfrecord_name(name: str) -> bool:
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".")  # covers macOS '._*' resource forks too
+
+
+class ItemList(Sequence):
+    """A run's Items, stored by column: about 70 bytes per input, not 190.
+
+    A run holds its inputs from discovery to the manifest; at ImageNet's
+    1.28 million images a list of Items alone was 246 MiB. Keys live in one
+    string, the rest in NumPy arrays and small shared tables, and an Item is
+    made when asked for: one at a time when iterated, a list for a slice
+    (one shard's worth).
+    """
+
+    def __init__(self, items):
+        n = len(items)
+        lengths = np.fromiter((len(it.key) for it in items), np.int64, n)
+        self._ends = np.cumsum(lengths)
+        self._starts = self._ends - lengths
+        self._keys = "".join(it.key for it in items)
+        places, classes = {}, {}
+        self._place = np.fromiter(
+            (places.setdefault((None if it.name == it.key else it.name, it.where, it.relative),
+                               len(places)) for it in items), np.int32, n)
+        self._places = list(places)
+        self._index = np.fromiter((it.index for it in items), np.int64, n)
+        self._label = np.fromiter((it.label for it in items), np.int64, n)
+        self._cls = np.fromiter(
+            (-1 if it.class_name is None else classes.setdefault(it.class_name, len(classes)) for it in items),
+            np.int32, n)
+        self._classes = list(classes)
+
+    def _items(self, a: int, b: int) -> list:
+        """Items a..b-1, column by column (NumPy scalars one by one cost ~4x more)."""
+        keys, places, classes = self._keys, self._places, self._classes
+        make = tuple.__new__  # Item's own __new__ is Python code: three times slower
+        out = []
+        for s, e, p, index, label, c in zip(self._starts[a:b].tolist(), self._ends[a:b].tolist(),
+                                            self._place[a:b].tolist(), self._index[a:b].tolist(),
+                                            self._label[a:b].tolist(), self._cls[a:b].tolist()):
+            key = keys[s:e]
+            name, where, relative = places[p]
+            out.append(make(Item, (key if name is None else name, key, where, index, label,
+                                   None if c < 0 else classes[c], relative)))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return self._items(start, max(start, stop))
+            return [self._items(j, j + 1)[0] for j in range(start, stop, step)]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("item index out of range")
+        i %= n
+        return self._items(i, i + 1)[0]
+
+    def __iter__(self):
+        for a in range(0, len(self), 4096):
+            yield from self._items(a, a + 4096)
+
+    def select(self, positions) -> "ItemList":
+        """The items at these positions, sharing this list's storage."""
+        out = ItemList.__new__(ItemList)
+        out.__dict__.update(self.__dict__)
+        positions = np.asarray(positions, np.int64)
+        for col in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
+            setattr(out, col, getattr(self, col)[positions])
+        return out
 
 
 class ImageFile:
@@ -167,7 +241,7 @@ def source_for(path: str, compression: str | None = None):
 class Inventory:
     """Every input of a run, sorted by key, with the classes the folders gave."""
 
-    items: list
+    items: Sequence  # an ItemList
     classes: list | None
     skipped: list
 
@@ -202,6 +276,7 @@ def discover(paths, compression: str | None = None) -> Inventory:
         for j, it in enumerate(items):  # in place: one Item per input at any time
             if it.class_name is not None:
                 items[j] = it._replace(label=index[it.class_name])
+    items = ItemList(items)
     return Inventory(items, classes, skipped)
 
 
