@@ -26,11 +26,11 @@ GZIP_MAGIC = b"\x1f\x8b"
 class Item(NamedTuple):
     """One input image. index >= 0 marks record `index` of a TFRecord file.
 
-    A run keeps one per input for its whole length, so an Item holds nothing
-    it can share or derive: a folder's images keep the folder (one string
-    for all of them) and their key, and give `path` as the two joined. A
-    tuple rather than a frozen dataclass: tuples are made about four times
-    faster and are smaller.
+    Discovery makes one per input before ItemList packs them, so an Item
+    holds nothing it can share or derive: a folder's images keep the folder
+    (one string for all of them) and their key, and give `path` as the two
+    joined. A tuple rather than a frozen dataclass: tuples are made about
+    four times faster and are smaller.
 
     Order items with `items.sort(key=ORDER)`: by name, which is the key of
     an image and the file's key for TFRecord records. The sort is stable
@@ -159,10 +159,10 @@ class ImageFolder:
     def items(self):
         """Items in no particular order (discover() sorts them).
 
-        Memory per input is what a run keeps for its whole length, so a
-        million images must not cost a gigabyte: one Item each, built while
-        the directory is read (no DirEntry list, no intermediate tuples),
-        sharing the folder's path and its class name.
+        A million images must not cost a gigabyte even before discover()
+        packs them: one Item each, built while the directory is read (no
+        DirEntry list, no intermediate tuples), sharing the folder's path
+        and its class name.
         """
         items = []
         classes = {}
@@ -258,8 +258,8 @@ def discover(paths, compression: str | None = None) -> Inventory:
         items.extend(found)
         skipped.extend(bad)
     items.sort(key=ORDER)
-    # Equal keys usually sort side by side; a sorted list of references
-    # finds them all at 8 bytes per input (a dict would take about 100).
+    # Sorted, equal keys sit side by side: a sorted list of references finds
+    # them at 8 bytes per input (a dict would take about 100).
     keys = sorted(it.key for it in items)
     dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
     del keys
