@@ -16,9 +16,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -496,9 +496,9 @@ def _plan(opts: EncodeOptions, pool: OrderedPool | None = None) -> _Plan:
         journal.start(header)
     todo = [i for i in range(n_shards) if i not in done]
     todo_items = inv.items
-    if len(todo) < n_shards:
-        todo_items = inv.items.select(np.concatenate(
-            [np.arange(i * shard_size, min((i + 1) * shard_size, len(inv.items))) for i in todo] or [np.zeros(0, int)]))
+    if len(todo) < n_shards:  # a resumed run: only the shards still to make
+        positions = [np.arange(i * shard_size, min((i + 1) * shard_size, len(inv.items))) for i in todo]
+        todo_items = inv.items.select(np.concatenate(positions) if positions else np.zeros(0, np.int64))
     plan = _Plan(inv, shape, channels, first, shard_size, n_shards, header, journal, done, todo, todo_items, notes)
     workers = opts.workers or default_workers()
     plan.pool = pool or OrderedPool(min(workers, max(1, len(todo_items) // 64)))
