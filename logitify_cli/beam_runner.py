@@ -160,7 +160,7 @@ def make_shard(spec: dict) -> dict:
 
 def _remote_items(opts):
     """Discovery through FileSystems.match for cloud folders and files."""
-    from .sources import ORDER, Inventory, Item, is_tfrecord_name
+    from .sources import Item, inventory, is_tfrecord_name
 
     _, fs, _ = _beam()
     items = []
@@ -174,11 +174,7 @@ def _remote_items(opts):
                 continue
             cls = rel.split("/", 1)[0] if "/" in rel else None
             items.append(Item(rel, rel, m.path, class_name=cls))
-    items.sort(key=ORDER)
-    names = sorted({i.class_name for i in items if i.class_name})
-    index = {n: k for k, n in enumerate(names)}
-    items = [i._replace(label=index.get(i.class_name, -1)) for i in items]
-    return Inventory(items, names or None, [])
+    return inventory(items, [])
 
 
 def encode_beam(opts, report, beam_args) -> dict:

@@ -257,6 +257,15 @@ def discover(paths, compression: str | None = None) -> Inventory:
         found, bad = source_for(path, compression).items()
         items.extend(found)
         skipped.extend(bad)
+    return inventory(items, skipped)
+
+
+def inventory(items: list, skipped: list) -> Inventory:
+    """Sort, refuse two inputs with one key, number the classes and pack.
+
+    The end of every discovery: local here, through Beam's FileSystems for
+    cloud folders. `items` is consumed.
+    """
     items.sort(key=ORDER)
     # Sorted, equal keys sit side by side: a sorted list of references finds
     # them at 8 bytes per input (a dict would take about 100).
@@ -276,8 +285,7 @@ def discover(paths, compression: str | None = None) -> Inventory:
         for j, it in enumerate(items):  # in place: one Item per input at any time
             if it.class_name is not None:
                 items[j] = it._replace(label=index[it.class_name])
-    items = ItemList(items)
-    return Inventory(items, classes, skipped)
+    return Inventory(ItemList(items), classes, skipped)
 
 
 def read_path_list(stream, null: bool = False):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo
+from conftest import photo, save
 
 pytest.importorskip("apache_beam")
 
@@ -71,3 +71,22 @@ def test_beam_options_only_with_beam(cli, image_folder, tmp_path):
     src, _ = image_folder
     r = cli("encode", src, "-o", tmp_path / "o", "--", "--runner=DirectRunner")
     assert r.exit_code == 2 and "--runner beam" in r.stderr
+
+
+def test_cloud_discovery_ends_like_local_discovery(tmp_path, rng):
+    """Discovery through Beam's FileSystems (run here on local folders) sorts,
+    numbers classes and refuses a key two folders share, as discover() does."""
+    from types import SimpleNamespace
+
+    from logitify_cli.beam_runner import _remote_items
+    from logitify_cli.errors import LogitifyError
+    from logitify_cli.sources import discover
+
+    for rel in ("a/dogs/1.png", "a/cats/2.png", "a/cats/1.png", "b/cats/1.png"):
+        save(str(tmp_path / rel), photo(rng, 4, 4))
+    one = SimpleNamespace(sources=[str(tmp_path / "a")])
+    got, want = _remote_items(one), discover(one.sources)
+    assert [(it.key, it.label, it.path) for it in got.items] == [(it.key, it.label, it.path) for it in want.items]
+    assert got.classes == want.classes == ["cats", "dogs"]
+    with pytest.raises(LogitifyError, match="share the key 'cats/1.png'"):
+        _remote_items(SimpleNamespace(sources=[str(tmp_path / "a"), str(tmp_path / "b")]))
