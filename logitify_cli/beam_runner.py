@@ -1,331 +1,283 @@
-"""The Beam runner: the same shards, made by any worker of any Beam engine.
+"""The Beam runner: the plan's shards, made by any worker of any Beam engine.
 
-The launcher plans exactly as the local runner does (same discovery, same
-probe, same shard layout), so each output shard's list of inputs is known
-before a pixel is read. That list is the unit of work: a worker decodes its
-inputs, runs the same transform and the same sink, and leaves a receipt
-(count, sha256, skipped inputs). A retried shard gives the same bytes. The
-launcher writes the manifest once, at the end, from the receipts.
+The launcher plans exactly as the local runner does (planner.plan), so each
+shard's inputs are known before a pixel is read; a ShardTask is the unit of
+work. A worker reads its inputs (from disk or a bucket, through FileSystems),
+runs make_shard, the local runner's own shard routine, with a transform
+built once in DoFn.setup, and leaves a receipt beside the shard. A retried
+shard gives the same bytes. The launcher then writes the manifest from the
+receipts, so nothing travels back through the launcher's own disk.
 
-Sources and outputs go through Beam's FileSystems, so cloud paths work where
-Beam's extras (e.g. apache-beam[gcp]) are installed.
+`decode` runs the same way: one unit of work per shard, each writing its
+images through the same image outputs as the local runner.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 
-import numpy as np
-
-from . import images as images_mod
+from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
+from .report import Reporter
+from .results import DecodeResult, EncodeResult
 
 RECEIPT = ".{file}.receipt.json"
-_TRANSFORMS = {}
-
-
-def _pipeline_options(beam_args):
-    """Beam's options, quiet unless asked: its workers log at INFO by default."""
-    import logging
-
-    from . import _tf
-
-    _, _, PipelineOptions = _beam()
-    args = list(beam_args or ["--runner=DirectRunner"])
-    if not _tf.verbose:
-        logging.getLogger().setLevel(logging.ERROR)
-        if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-            args.append("--default_sdk_harness_log_level=ERROR")
-    return PipelineOptions(args)
-
-
-@contextlib.contextmanager
-def _scratch():
-    """A private temp root for one pipeline run, removed after it.
-
-    Beam's local job service and stager make temp folders they never remove
-    (two or three per run); pointing tempfile at our own folder keeps them
-    out of the machine's temp directory.
-    """
-    root = tempfile.mkdtemp(prefix="logitify-beam-")
-    before = tempfile.tempdir
-    tempfile.tempdir = root
-    try:
-        yield root
-    finally:
-        tempfile.tempdir = before
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _beam():
-    import logging
-
-    from . import _tf
-
-    if not _tf.verbose:  # Beam warns about optional cloud clients at import
-        logging.getLogger().setLevel(logging.ERROR)
     try:
         import apache_beam as beam
-        from apache_beam.io.filesystems import FileSystems
         from apache_beam.options.pipeline_options import PipelineOptions
     except ImportError:
         raise UsageError("--runner beam needs Apache Beam: pip install 'logitify[beam]'") from None
-    return beam, FileSystems, PipelineOptions
+    return beam, PipelineOptions
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
+def _options(beam_args):
+    """Beam's pipeline options, also handed to FileSystems in this process (endpoints, credentials)."""
+    from . import _tf
+
+    _, PipelineOptions = _beam()
+    args = list(beam_args or ["--runner=DirectRunner"])
+    if not _tf.verbose and not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=ERROR")
+    options = PipelineOptions(args)
+    fs.configure(options)
+    return options
 
 
-def _join(base: str, name: str) -> str:
-    if _is_remote(base):
-        return base.rstrip("/") + "/" + name
-    return os.path.join(base, name)
-
-
-def _write_json(path: str, obj) -> None:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
-    if _is_remote(path):
-        _, fs, _ = _beam()
-        with fs.create(path) as f:
-            f.write(data)
-    else:
-        manifest_mod.write_json_atomic(path, obj)
-
-
-def _read_bytes(path: str) -> bytes:
-    if _is_remote(path):
-        _, fs, _ = _beam()
-        with fs.open(path) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _transform(opts, shape):
-    from .pipeline import _start_transform
-
-    key = (opts.params, tuple(shape), opts.batch_size, opts.device)
-    if key not in _TRANSFORMS:
-        _TRANSFORMS[key] = _start_transform(opts, shape)
-    return _TRANSFORMS[key]
-
-
-def make_shard(spec: dict) -> dict:
-    """One output shard, start to end, on whichever worker gets it."""
-    from .pipeline import SHARD_SINKS, _payloads, _write_shard, collect_shard
-
-    opts, items, shape = spec["opts"], spec["items"], tuple(spec["shape"])
-
-    def decoded():
-        for it, payload, label in _payloads(items, opts):
-            try:
-                if isinstance(payload, BaseException):
-                    raise images_mod.ImageReadError(str(payload))
-                if isinstance(payload, str) and _is_remote(payload):
-                    payload = _read_bytes(payload)
-                yield it, label, images_mod.decode(payload, spec["channels"], opts.size, opts.max_pixels), None
-            except images_mod.ImageReadError as e:
-                yield it, label, None, str(e)
-
-    # Warnings are the launcher's to print, from the receipts.
-    good, skipped = collect_shard(decoded(), opts, shape, spec["first_key"], warn=lambda msg: None)
-    sink_cls = SHARD_SINKS[opts.format]
-    remote = _is_remote(opts.out)
-    local_opts = opts
-    tmpdir = None
-    if remote:  # build locally, then copy through FileSystems
-        import dataclasses
-
-        tmpdir = tempfile.mkdtemp(prefix="logitify-shard-")
-        local_opts = dataclasses.replace(opts, out=tmpdir)
+def _run(pipeline_fn, options) -> None:
+    """Run a pipeline; a failure inside a worker comes back as its one useful line."""
+    beam, _ = _beam()
     try:
-        info = _write_shard(sink_cls, local_opts, spec["index"], spec["n_shards"], shape, good,
-                            _transform(opts, shape))
-        if remote:
-            _, fs, _ = _beam()
-            fs.copy([os.path.join(tmpdir, info["file"])], [_join(opts.out, info["file"])])
-    finally:
-        if tmpdir:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    receipt = {"index": spec["index"], **info, "skipped": skipped}
-    _write_json(_join(opts.out, RECEIPT.format(file=info["file"])), receipt)
-    return receipt
+        with _quiet_beam(), beam.Pipeline(options=options) as p:
+            pipeline_fn(p)
+    except LogitifyError:
+        raise
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        useful = [ln for ln in lines if "LogitifyError" in ln]
+        line = (useful or lines or [type(e).__name__])[-1]
+        line = line.split("LogitifyError: ", 1)[-1]
+        raise LogitifyError(f"the Beam pipeline failed: {line}") from None
 
 
-def _remote_items(opts):
-    """Discovery through FileSystems.match for cloud folders and files."""
-    from .sources import Item, inventory, is_tfrecord_name
+class _quiet_beam:
+    """Beam logs at INFO and warns about optional clients: quiet unless --verbose, restored after."""
 
-    _, fs, _ = _beam()
-    items = []
-    for src in opts.sources:
-        base = src.rstrip("/")
-        matches = fs.match([base + "/**"])[0].metadata_list or fs.match([base])[0].metadata_list
-        for m in matches:
-            rel = m.path[len(base) + 1:] if m.path.startswith(base + "/") else m.path
-            name = rel.rsplit("/", 1)[-1]
-            if name.startswith(".") or is_tfrecord_name(name) or not images_mod.is_image_name(name):
-                continue
-            cls = rel.split("/", 1)[0] if "/" in rel else None
-            items.append(Item(rel, rel, m.path, class_name=cls))
-    return inventory(items, [])
+    def __enter__(self):
+        import logging
+
+        from . import _tf
+
+        self.logger = logging.getLogger("apache_beam")
+        self.level = self.logger.level
+        if not _tf.verbose:
+            self.logger.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
-def encode_beam(opts, report, beam_args) -> dict:
+def _receipt_path(out: str, file: str) -> str:
+    return fs.join(out, RECEIPT.format(file=file))
+
+
+def _read_json(path: str):
+    try:
+        return json.loads(fs.read_bytes(path, 64 << 20))
+    except (OSError, ValueError) as e:
+        raise LogitifyError(f"cannot read {path}: {e}") from None
+
+
+# -- encode ---------------------------------------------------------------------------------
+
+def _make_shard_fn():
+    beam, _ = _beam()
+
+    class MakeShard(beam.DoFn):
+        def __init__(self, options, shape):
+            self.options, self.shape = options, tuple(shape)
+            self.transform = None
+
+        def setup(self):
+            from .shards import build_transform
+
+            self.transform = build_transform(self.options, self.shape)
+
+        def process(self, task):
+            from .pixels import read_in_process
+            from .shards import make_shard
+
+            result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect),
+                                self.transform)
+            fs.write_bytes(_receipt_path(task.options.out, result.file), json.dumps(result.to_dict()).encode())
+            yield result.file
+
+    return MakeShard
+
+
+def _prepare_remote_output(out: str, overwrite: bool) -> None:
+    """A bucket prefix: empty, or (with --overwrite) holding only what a logitify manifest there names."""
+    found = [p for p, _ in fs.listing(out)]
+    if not found:
+        return
+    if not overwrite:
+        raise LogitifyError(f"output {out} is not empty; pass --overwrite to replace what logitify wrote there")
+    owned = set()
+    try:
+        owned.update(fs.join(out, f) for f in manifest_mod.parse(
+            fs.read_bytes(fs.join(out, manifest_mod.MANIFEST), manifest_mod.MANIFEST_MAX_BYTES),
+            out).owned_files())
+    except (OSError, LogitifyError):
+        pass
+    prefix = out.rstrip("/") + "/"
+    foreign = sorted(p for p in found if p not in owned and not
+                     (p.startswith(prefix) and p[len(prefix):].startswith(".") and p.endswith(".receipt.json")))
+    if foreign:
+        raise LogitifyError(f"output {out} holds {foreign[0]}, which logitify did not write; "
+                            "--overwrite replaces only logitify's own files")
+    fs.delete(found)
+
+
+def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     """`logitify encode --runner beam [-- BEAM_OPTIONS...]`."""
-    beam, fs, PipelineOptions = _beam()
-    from . import pipeline as P
-    from .sinks import SHARD_SINKS
+    from .formats import get as get_format
+    from .outdir import OutputFolder
+    from .planner import plan
 
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
-    remote = any(_is_remote(s) for s in opts.sources)
-    if not _is_remote(opts.out):
-        P.refuse_existing_output(opts.out, opts.overwrite, False)
-        P.prepare_output(opts.out, opts.overwrite, False)
-    inv = _remote_items(opts) if remote else P.discover(opts.sources, opts.compression)
-    if not inv.items:
-        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)))
-    probe_opts = opts
-    if remote:
-        first = inv.items[0]
-        shape = images_mod.decode(_read_bytes(first.path), opts.channels or 3, opts.size, opts.max_pixels).shape
-        channels = shape[2]
-    else:
-        shape, channels, first = P._probe(inv.items, probe_opts)
-        if shape is None:
-            raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
-    dims = int(np.prod(shape))
-    shard_size = opts.shard_size or max(1, P.SHARD_BYTES // (4 * dims))
-    n_shards = max(1, -(-len(inv.items) // shard_size))
-    for s in inv.skipped:
-        report.warn(f"skipped {s['source']}: {s['reason']}")
-    specs = [{"opts": opts, "index": i, "n_shards": n_shards, "shape": list(shape), "channels": channels,
-              "first_key": first.key,
-              "items": inv.items[i * shard_size:(i + 1) * shard_size]} for i in range(n_shards)]
-    options = _pipeline_options(beam_args)
+    fmt = get_format(opts.format)
+    options = _options(beam_args)
+    folder = None
+    if not fs.is_remote(opts.out):
+        folder = OutputFolder(opts.out)
+        folder.check(opts.overwrite, False)
     try:
-        with _scratch(), beam.Pipeline(options=options) as p:
-            _ = (p | "Shards" >> beam.Create(specs, reshuffle=False)
-                   | "Spread" >> beam.Reshuffle()
-                   | "MakeShard" >> beam.Map(make_shard))
-    except LogitifyError:
+        p = plan(opts)
+    except LogitifyError as e:
+        for note in e.notes:
+            report.warn(note)
         raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        useful = [m for m in msg if "LogitifyError" in m or "cannot read" in m or "pass --size" in m]
-        raise LogitifyError(f"the Beam pipeline failed: {(useful or msg or [type(e).__name__])[-1]}") from None
-    shards, skipped = [], list(inv.skipped)
-    for i in range(n_shards):
-        name = SHARD_SINKS[opts.format].shard_name(opts.name, opts.split, i, n_shards)
-        path = _join(opts.out, RECEIPT.format(file=name))
-        try:
-            receipt = json.loads(_read_bytes(path))
-        except (OSError, ValueError) as e:
-            raise LogitifyError(f"no receipt for shard {name} ({e})") from None
-        shards.append({k: receipt[k] for k in ("file", "num_examples", "sha256")})
-        for s in receipt["skipped"]:
-            report.warn(f"skipped {s['source']}: {s['reason']}")
-        skipped.extend(receipt["skipped"])
-    skipped.sort(key=lambda s: s["source"])
-    total = sum(s["num_examples"] for s in shards)
-    if total == 0:
-        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image")
-    seconds = time.time() - t0
-    header = P._run_header(opts, shape, channels, shard_size, n_shards, inv.items)
-    m = P.build_manifest(opts, shape, channels, shard_size, inv.classes, shards, skipped, header,
-                         {"seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1),
-                          "runner": "beam"})
-    extra = []
-    if not _is_remote(opts.out):
-        extra = SHARD_SINKS[opts.format].write_metadata(opts.out, m)
-        P.Journal(opts.out).remove()
-    _write_json(_join(opts.out, manifest_mod.MANIFEST), m)
-    for s in shards:
-        path = _join(opts.out, RECEIPT.format(file=s["file"]))
-        if _is_remote(path):
-            fs.delete([path])
+    for note in p.notes:
+        report.warn(note)
+    if folder is not None:
+        folder.create()
+        folder.lock.acquire()
+    try:
+        if folder is not None:
+            folder.prepare(opts.overwrite, False, inputs=p.inputs_among)
         else:
-            os.unlink(path)
-    return {"command": "encode", "runner": "beam", "output": opts.out, "format": opts.format, "num_examples": total,
-            "num_shards": n_shards, "shards": [s["file"] for s in shards], "resumed_shards": 0, "shape": list(shape),
-            "classes": inv.classes, "skipped": skipped, "metadata_files": extra, "seconds": round(seconds, 3),
-            "images_per_second": round(total / seconds, 1)}
+            _prepare_remote_output(opts.out, opts.overwrite)
+        tasks = [p.task(spec) for spec in p.shards]
+        make = _make_shard_fn()
+        beam, _ = _beam()
+        _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
+                         | "Spread" >> beam.Reshuffle()
+                         | "MakeShard" >> beam.ParDo(make(opts, p.shape))), options)
+        shards, skipped = [], list(p.skipped)
+        for spec in p.shards:
+            receipt = _read_json(_receipt_path(opts.out, spec.file))
+            shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
+            for s in receipt["skipped"]:
+                report.warn(f"skipped {s['source']}: {s['reason']}")
+            skipped.extend(receipt["skipped"])
+        total = sum(s.num_examples for s in shards)
+        if total == 0:
+            raise LogitifyError(f"none of the {len(p.items)} inputs could be read as an image")
+        seconds = time.time() - t0
+        rate = round(total / seconds, 1) if seconds else None
+        m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate,
+                                                      "runner": "beam"})
+        extra = fmt.write_metadata(opts.out, m)
+        manifest_mod.write(opts.out, m)
+        fs.delete([_receipt_path(opts.out, s.file) for s in shards])
+    finally:
+        if folder is not None:
+            folder.lock.release()
+    return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
+                        shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes, skipped=m.skipped,
+                        metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam")
 
 
-def decode_shard(spec: dict) -> dict:
-    """Decode one shard of a dataset to PNGs (or npz) inside the output folder."""
+# -- decode ---------------------------------------------------------------------------------
+
+def _decode_shard_fn():
+    beam, _ = _beam()
+
+    class DecodeShard(beam.DoFn):
+        def __init__(self, dataset, out, fmt, batch_size, device, overwrite):
+            self.dataset, self.out, self.fmt = dataset, out, fmt
+            self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
+
+        def setup(self):
+            from .dataset import LogitDataset
+            from .device import resolve_device
+
+            self.ds = LogitDataset(self.dataset)
+            self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
+
+        def process(self, index):
+            from .decode_run import shard_jobs
+            from .outputs import IMAGE_OUTPUTS
+
+            output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite)
+            written, failed = 0, []
+            for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size, self.tf_device):
+                done = output.write(job)
+                failed += [p for p in done["problems"] if not p["refused"]]
+                output.refused += [{"key": p["key"], "reason": p["reason"]} for p in done["problems"] if p["refused"]]
+                written += done["images"] - len(done["problems"])
+            receipt = {"index": index, "written": written, "refused": output.refused,
+                       "failed": [p["reason"] for p in failed]}
+            fs.write_bytes(_receipt_path(self.out, f"restore-{index:05d}"), json.dumps(receipt).encode())
+            yield index
+
+    return DecodeShard
+
+
+def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=False, report: Reporter | None = None,
+                beam_args=()) -> DecodeResult:
     from .dataset import LogitDataset
-    from .sinks import NpzImageSink, PngImageSink, write_png
-
-    ds = LogitDataset(spec["dataset"])
-    shard = ds.manifest["shards"][spec["index"]]
-    arrays = ds.read_shard(shard)
-    images = ds.inverse(arrays["logits"])
-    refused = []
-    if spec["format"] == "npz":
-        NpzImageSink(spec["out"]).write_shard(spec["index"], len(ds.manifest["shards"]), images,
-                                              [str(k) for k in arrays["keys"]], arrays["labels"])
-        return {"index": spec["index"], "written": len(images), "refused": []}
-    png = PngImageSink(spec["out"])
-    written = 0
-    for key, img in zip(arrays["keys"], images):
-        try:
-            path = png.target(str(key))
-        except ValueError as e:
-            refused.append({"key": str(key), "reason": str(e)})
-            continue
-        write_png(path, img)
-        written += 1
-    return {"index": spec["index"], "written": written, "refused": refused}
-
-
-def decode_beam(dataset, out, fmt, overwrite, report, beam_args) -> dict:
-    beam, _, PipelineOptions = _beam()
-    from .dataset import LogitDataset
+    from .decode_run import finish, prepare_folder
+    from .outdir import FolderLock
 
     t0 = time.time()
+    options = _options(beam_args)
     ds = LogitDataset(dataset)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
-    os.makedirs(out, exist_ok=True)
-    specs = [{"dataset": os.path.abspath(dataset), "out": os.path.abspath(out), "format": fmt, "index": i}
-             for i in range(len(ds.manifest["shards"]))]
-    results_dir = tempfile.mkdtemp(prefix="logitify-decode-")
+    lock = None
+    if fs.is_remote(out):
+        if fs.listing(out) and not overwrite:
+            raise LogitifyError(f"output {out} is not empty; pass --overwrite to write into it")
+    else:
+        prepare_folder(out, overwrite)
+        lock = FolderLock(out).acquire()
+        dataset, out = (dataset if fs.is_remote(dataset) else os.path.abspath(dataset)), os.path.abspath(out)
     try:
-        for s in specs:
-            s["results"] = results_dir
-        try:
-            with _scratch(), beam.Pipeline(options=_pipeline_options(beam_args)) as p:
-                _ = p | beam.Create(specs, reshuffle=False) | beam.Reshuffle() | beam.Map(_decode_and_report)
-        except Exception as e:
-            msg = str(e).strip().splitlines()
-            raise LogitifyError(f"the Beam pipeline failed: {(msg or [type(e).__name__])[-1]}") from None
-        results = [json.load(open(os.path.join(results_dir, f"{s['index']}.json"))) for s in specs]
+        beam, _ = _beam()
+        make = _decode_shard_fn()
+        n = len(ds.shards)
+        _run(lambda pl: (pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False)
+                         | "Spread" >> beam.Reshuffle()
+                         | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite))),
+             options)
+        receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
+        results = [_read_json(r) for r in receipts]
+        fs.delete(receipts)
     finally:
-        shutil.rmtree(results_dir, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+    failed = [f for r in results for f in r["failed"]]
+    if failed:
+        raise LogitifyError(failed[0])
     written = sum(r["written"] for r in results)
-    refused = [x for r in results for x in r["refused"]]
-    for x in refused:
-        report.warn(f"refused key {x['key']!r}: {x['reason']}")
     seconds = time.time() - t0
-    summary = {"command": "decode", "runner": "beam", "dataset": dataset, "output": out, "format": fmt,
-               "num_images": written, "refused": refused, "seconds": round(seconds, 3),
-               "images_per_second": round(written / seconds, 1) if seconds else None}
-    if refused:
-        raise LogitifyError(f"{len(refused)} key(s) would have written outside {out} and were refused", summary)
-    return summary
-
-
-def _decode_and_report(spec):
-    r = decode_shard(spec)
-    with open(os.path.join(spec["results"], f"{spec['index']}.json"), "w") as f:
-        json.dump(r, f)
-    return r
+    result = DecodeResult(dataset=dataset, output=out, format=fmt, num_images=written,
+                          refused=[x for r in results for x in r["refused"]], seconds=round(seconds, 3),
+                          images_per_second=round(written / seconds, 1) if seconds else None, runner="beam")
+    return finish(result, out, report or Reporter(quiet=True))

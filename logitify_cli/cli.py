@@ -1,10 +1,11 @@
-"""The command line: thin click commands over the pipeline.
+"""The command line: thin click commands over the runners.
 
 Only click is imported at module level, so `logitify --help` is instant; the
-pipeline (and TensorFlow behind it) is imported when a command runs.
+runners (and TensorFlow behind them) are imported when a command runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +31,34 @@ def _size(ctx, param, value):
     return h, w
 
 
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, read when asked (a format registered later is offered too)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+def _shard_formats():
+    from .formats import names
+
+    return names()
+
+
+def _image_outputs():
+    from .outputs import IMAGE_OUTPUTS
+
+    return list(IMAGE_OUTPUTS)
+
+
 class BeamArgsCommand(click.Command):
     """Everything after a bare `--` is handed to Apache Beam as pipeline options."""
 
@@ -51,6 +80,28 @@ def stream_options(f):
     return f
 
 
+@contextlib.contextmanager
+def _private_temp():
+    """A temp root of our own for a Beam run, removed after it.
+
+    Beam's local job service and stager make temp folders they never remove
+    (several per run). The CLI owns its process, so it points tempfile at a
+    folder of its own for the run and puts the old value back; the library
+    functions themselves leave tempfile alone.
+    """
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="logitify-beam-")
+    before = tempfile.tempdir
+    tempfile.tempdir = root
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _sigterm_as_interrupt():
     """SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C."""
     import signal
@@ -65,7 +116,12 @@ def _sigterm_as_interrupt():
 
 
 def run_command(fn):
-    """Turn a command body returning a summary dict into streams and exit codes."""
+    """Turn a command body returning a Result into streams and exit codes.
+
+    Every command goes through here: a LogitifyError is one line on stderr
+    (with --json, also an object on stdout), anything unexpected is one line
+    too unless --verbose, and data printed from files is escaped.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
@@ -75,19 +131,22 @@ def run_command(fn):
         _tf.verbose = verbose
         _sigterm_as_interrupt()
         try:
-            from .pipeline import Reporter  # NumPy and Pillow: a Ctrl-C may land here too
+            from .report import Reporter, printable  # NumPy and Pillow: a Ctrl-C may land here too
 
             report = Reporter(quiet=quiet, progress=progress)
-            summary = fn(*args, report=report, **kwargs)
-            code = summary.pop("_exit", 0) if isinstance(summary, dict) else 0
+            result = fn(*args, report=report, **kwargs)
         except LogitifyError as e:
-            summary = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else None
-            click.echo(f"logitify: error: {e.args[0]}", err=True)
+            from .report import Reporter, printable
+
+            for note in e.notes:
+                Reporter(quiet=quiet).warn(note)
+            click.echo(f"logitify: error: {printable(e.message)}", err=True)
             if as_json:
-                out = {"ok": False, "error": str(e.args[0])}
-                if summary:
-                    out.update(summary)
-                click.echo(json.dumps(out))
+                out = {"ok": False, "error": e.message}
+                if e.result is not None:
+                    out.update(e.result.to_dict())
+                    out["ok"] = False
+                click.echo(json.dumps(out, default=str))
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("logitify: interrupted; whole shards are kept, run again with --resume to finish", err=True)
@@ -97,14 +156,20 @@ def run_command(fn):
         except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
             if verbose:
                 raise
-            click.echo(f"logitify: error: {type(e).__name__}: {e} (run with --verbose for details)", err=True)
+            from .report import printable
+
+            click.echo(f"logitify: error: {type(e).__name__}: {printable(e)} (run with --verbose for details)",
+                       err=True)
             sys.exit(1)
         if as_json:
-            summary.pop("message", None)
-            click.echo(json.dumps({"ok": code == 0, **summary}, default=str))
-        elif not quiet and summary.get("message"):
-            click.echo(summary["message"], err=True)
-        sys.exit(code)
+            click.echo(json.dumps({"ok": result.exit_code == 0, **result.to_dict()}, default=str))
+        else:
+            text = result.stdout_text()
+            if text:
+                click.echo(text)
+            if not quiet and result.message():
+                click.echo(printable(result.message()), err=True)
+        sys.exit(result.exit_code)
 
     return wrapper
 
@@ -124,7 +189,7 @@ def main():
 @main.command(cls=BeamArgsCommand, context_settings=CONTEXT)
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCES... [-- BEAM_OPTIONS...]")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("-f", "--format", "fmt", type=click.Choice(["npz", "tfrecord"]), default="npz", show_default=True,
+@click.option("-f", "--format", "fmt", type=RegistryChoice(_shard_formats), default="npz", show_default=True,
               help="Shard format.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Squeeze [0,1] into (alpha/2, 1-alpha/2) before the logit.")
@@ -141,7 +206,7 @@ def main():
               help="Output channels [3, or 1 when the first image is grayscale].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where TensorFlow runs the transform.")
-@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes [all cores].")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Processes that read images [all cores].")
 @click.option("--compress", is_flag=True, help="Deflate npz shards / GZIP TFRecord shards.")
 @click.option("--compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
               help="Compression of TFRecord inputs (auto detects GZIP).")
@@ -175,10 +240,8 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
-    import os
-
     from .errors import UsageError
-    from .pipeline import EncodeOptions, encode as run_encode
+    from .planner import EncodeOptions
     from .sources import read_path_list
     from .transform import TransformParams
 
@@ -188,7 +251,7 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
     for s in sources:
         if s == "-":
             paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
-        elif not os.path.lexists(s):
+        elif "://" not in s and not os.path.lexists(s):
             raise UsageError(f"no such file or directory: {s}")
         else:
             paths.append(s)
@@ -208,23 +271,21 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
     if runner == "beam":
         from .beam_runner import encode_beam
 
-        summary = encode_beam(opts, report, beam_args)
-    elif beam_args:
+        with _private_temp():
+            return encode_beam(opts, report, beam_args)
+    if beam_args:
         raise UsageError("options after '--' are for --runner beam")
-    else:
-        summary = run_encode(opts, report)
-    summary["message"] = (
-        f"encoded {summary['num_examples']} images into {summary['num_shards']} {fmt} shard(s) in {out}"
-        + (f" ({len(summary['skipped'])} skipped)" if summary["skipped"] else "")
-        + f" in {summary['seconds']:.1f} s"
-    )
-    return summary
+    if "://" in out:
+        raise UsageError("an output folder in a bucket needs --runner beam (its workers write the shards there)")
+    from .encode_run import run_encode
+
+    return run_encode(opts, report)
 
 
 @click.command(cls=BeamArgsCommand, context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(), metavar="DATASET [-- BEAM_OPTIONS...]")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the images.")
-@click.option("-f", "--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
+@click.option("-f", "--format", "fmt", type=RegistryChoice(_image_outputs), default="png", show_default=True,
               help="Lossless PNGs at each key, or uint8 npz arrays per shard.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores].")
@@ -244,19 +305,21 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, re
     Example:
       logitify decode out/ -o restored/
     """
-    from .pipeline import decode as run_decode
+    from .errors import UsageError
 
     beam_args = click.get_current_context().meta.get("beam_args", [])
     if runner == "beam":
         from .beam_runner import decode_beam
 
-        summary = decode_beam(dataset, out, fmt, overwrite, report, beam_args)
-        summary["message"] = f"decoded {summary['num_images']} images into {out} in {summary['seconds']:.1f} s"
-        return summary
-    summary = run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
-                         overwrite=overwrite, report=report)
-    summary["message"] = f"decoded {summary['num_images']} images into {out} in {summary['seconds']:.1f} s"
-    return summary
+        with _private_temp():
+            return decode_beam(dataset, out, fmt, batch_size=batch_size, device=device, overwrite=overwrite,
+                           report=report, beam_args=beam_args)
+    if beam_args:
+        raise UsageError("options after '--' are for --runner beam")
+    from .decode_run import run_decode
+
+    return run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
+                      overwrite=overwrite, report=report)
 
 
 main.add_command(decode, "decode")
@@ -267,9 +330,9 @@ main.add_command(decode, "invert")
 @click.argument("dataset", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")
-def info(dataset, plot_path, as_json, verbose):
+@stream_options
+@run_command
+def info(dataset, plot_path, report):
     """Summarize an encoded DATASET: counts, classes, parameters, statistics.
 
     \b
@@ -278,23 +341,9 @@ def info(dataset, plot_path, as_json, verbose):
       logitify info out/ --json | jq .logdet
       logitify info out/ --plot out.png
     """
-    from . import _tf
-    from .errors import LogitifyError
+    from .info import info as run_info
 
-    _tf.verbose = verbose
-    try:
-        from .info import info as run_info, render
-
-        summary = run_info(dataset, plot_path)
-    except LogitifyError as e:
-        click.echo(f"logitify: error: {e.args[0]}", err=True)
-        sys.exit(e.exit_code)
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        click.echo(render(summary))
-        if plot_path:
-            click.echo(f"plot         {plot_path}")
+    return run_info(dataset, plot_path, report=report)
 
 
 @main.command(context_settings=CONTEXT)

@@ -1,4 +1,11 @@
-"""Errors the CLI turns into one clear line and an exit code."""
+"""Errors the CLI turns into one clear line and an exit code.
+
+Each carries what a caller may need as named fields, never in `args`:
+`message` (the line shown), `result` (a partial result object the command
+still reports, e.g. a verify summary with its problems) and `notes` (warnings
+gathered before the failure, printed ahead of the error).
+"""
+from __future__ import annotations
 
 
 class LogitifyError(Exception):
@@ -6,8 +13,42 @@ class LogitifyError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str, *, result=None, notes=()):
+        super().__init__(message)
+        self.message = message
+        self.result = result
+        self.notes = list(notes)
+
 
 class UsageError(LogitifyError):
     """The command was asked for something it cannot do as asked (exit 2)."""
 
     exit_code = 2
+
+
+class OutputInUse(LogitifyError):
+    """Another run holds the output folder's lock."""
+
+    def __init__(self, message: str, *, folder: str, pid: int | None):
+        super().__init__(message)
+        self.folder = folder
+        self.pid = pid
+
+
+class ForeignFile(LogitifyError):
+    """The output folder holds a file logitify did not write and would have to replace or remove."""
+
+    def __init__(self, message: str, *, folder: str, file: str):
+        super().__init__(message)
+        self.folder = folder
+        self.file = file
+
+
+def write_error(e: OSError, what: str) -> LogitifyError:
+    """A failed write as one clear line (a full disk says so)."""
+    import errno
+
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return LogitifyError(f"cannot write {what}: {reason}")

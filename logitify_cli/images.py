@@ -308,3 +308,15 @@ def encode_pngs(jobs):
         except OSError as e:
             errors.append((path, e.strerror or str(e), e.errno))
     return errors
+
+
+# -- transitional names (file -> pixels is "read") -------------------------------------
+MAX_FILE_BYTES = 1 << 30
+
+
+def read_image(source, channels, size=None, max_pixels=DEFAULT_MAX_PIXELS, expect=None):
+    return decode(source, channels, size, max_pixels)
+
+
+def read_many(payloads, channels, size, max_pixels, expect=None):
+    return decode_many(payloads, channels, size, max_pixels)

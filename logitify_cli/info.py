@@ -1,4 +1,9 @@
-"""`logitify info`: what a dataset holds, in numbers and in one picture."""
+"""`logitify info`: what a dataset holds, in numbers and in one picture.
+
+Statistics are gathered a slice at a time (float64 sums, no float64 copy of
+a shard); the histogram keeps a fixed-size sample, so memory stays flat
+whatever the dataset's size.
+"""
 from __future__ import annotations
 
 import math
@@ -7,10 +12,12 @@ import os
 import numpy as np
 
 from .dataset import LogitDataset
-from .errors import LogitifyError
-from .manifest import public
+from .errors import LogitifyError, UsageError
+from .report import QUIET, printable
+from .results import InfoResult
 
 SAMPLES_PER_CLASS = 8
+PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
 HIST_VALUES = 1_000_000
 
 
@@ -22,12 +29,15 @@ class _Running:
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, a):
+        a = a.reshape(-1)
+        a = a[np.isfinite(a)] if not np.isfinite(a).all() else a
         if a.size == 0:
             return
-        a64 = a.astype(np.float64, copy=False)
         self.n += a.size
-        self.s += float(a64.sum())
-        self.ss += float(np.square(a64).sum())
+        for part in np.array_split(a, max(1, a.size // (1 << 20))):  # float64 temporaries of 8 MB at most
+            p64 = part.astype(np.float64)
+            self.s += float(p64.sum())
+            self.ss += float(np.dot(p64, p64))
         self.lo = min(self.lo, float(a.min()))
         self.hi = max(self.hi, float(a.max()))
 
@@ -39,8 +49,8 @@ class _Running:
         return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var)}
 
 
-def gather(path: str, want_samples: bool = False, check: bool = True):
-    """(summary dict, samples {label: [(key, logits)]}, logit sample, all log-dets)."""
+def gather(path: str, want_samples: bool = False, check: bool = True, report=QUIET):
+    """(dataset, summary dict, samples {label: [(key, logits)]}, logit sample, all log-dets)."""
     ds = LogitDataset(path)
     m = ds.manifest
     logits_stats, logdet_stats = _Running(), _Running()
@@ -50,55 +60,69 @@ def gather(path: str, want_samples: bool = False, check: bool = True):
     budget = HIST_VALUES
     rng = np.random.default_rng(0)
     shards_out = []
-    for shard, a in ds.iter_shards(check=check):
-        logits_stats.add(a["logits"])
-        logdet_stats.add(a["logdet"])
-        logdets.append(a["logdet"])
-        for lab in a["labels"]:
-            counts[int(lab)] = counts.get(int(lab), 0) + 1
-        if want_samples:
-            for key, lab, y in zip(a["keys"], a["labels"], a["logits"]):
-                bucket = samples.setdefault(int(lab), [])
-                if len(bucket) < SAMPLES_PER_CLASS:
-                    bucket.append((str(key), y))
-            flat = a["logits"].reshape(-1)
-            if budget > 0 and flat.size:
-                take = flat if flat.size <= budget else rng.choice(flat, budget, replace=False)
-                hist.append(take)
-                budget -= take.size
-        shards_out.append({**shard, "bytes": os.path.getsize(ds.shard_path(shard))})
-    classes = m.get("classes")
+    with report.bar(ds.num_examples, "info") as bar:
+        for shard in ds.shards:
+            for a in ds.iter_chunks(shard, check=check):
+                logits_stats.add(a["logits"])
+                logdet_stats.add(a["logdet"])
+                logdets.append(a["logdet"])
+                labs, n = np.unique(a["labels"], return_counts=True)
+                for lab, k in zip(labs.tolist(), n.tolist()):
+                    counts[lab] = counts.get(lab, 0) + k
+                if want_samples:
+                    for key, lab, y in zip(a["keys"], a["labels"], a["logits"]):
+                        bucket = samples.setdefault(int(lab), [])
+                        if len(bucket) < SAMPLES_PER_CLASS:
+                            bucket.append((str(key), y.copy()))
+                    flat = a["logits"].reshape(-1)
+                    flat = flat[np.isfinite(flat)]
+                    if budget > 0 and flat.size:
+                        take = flat.copy() if flat.size <= budget else rng.choice(flat, budget, replace=False)
+                        hist.append(take)
+                        budget -= take.size
+                bar.update(len(a["keys"]))
+            shards_out.append({**shard.to_dict(), "bytes": _size(ds, shard)})
+    classes = m.classes
     class_counts = {}
     for lab, n in sorted(counts.items()):
         name = classes[lab] if classes and 0 <= lab < len(classes) else ("(no label)" if lab == -1 else str(lab))
         class_counts[name] = n
-    dims = m["logdet"].get("dims") or int(np.prod(m["shape"]))
+    dims = m.dims
     ld = logdet_stats.result()
     summary = {
         "command": "info",
         "dataset": path,
-        "format": m["format"],
-        "name": m.get("name"),
-        "split": m.get("split"),
-        "num_examples": m["num_examples"],
-        "shape": m["shape"],
+        "format": m.format,
+        "name": m.name,
+        "split": m.split,
+        "num_examples": m.num_examples,
+        "shape": list(m.shape),
         "dims": dims,
         "classes": classes,
         "class_counts": class_counts,
-        "transform": m["transform"],
+        "transform": m.transform,
         "lossless": ds.params.lossless,
-        "bpd_offset_nats": m["logdet"]["bpd_offset_nats"],
+        "bpd_offset_nats": m.logdet["bpd_offset_nats"],
         "logits": logits_stats.result(),
         "logdet": ld,
         "logdet_per_dim_mean": ld["mean"] / dims if ld["mean"] is not None else None,
         "shards": shards_out,
-        "total_bytes": sum(s["bytes"] for s in shards_out),
-        "skipped": m.get("skipped", []),
-        "tool_version": m.get("tool_version"),
+        "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
+        "skipped": m.skipped,
+        "tool_version": m.tool_version,
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
     lds = np.concatenate(logdets) if logdets else np.zeros(0, np.float32)
-    return ds, summary, samples, h, lds
+    return ds, summary, samples, h, lds[np.isfinite(lds)]
+
+
+def _size(ds, shard) -> int | None:
+    if ds.remote:
+        return None
+    try:
+        return os.path.getsize(ds.shard_path(shard))
+    except OSError:
+        return None
 
 
 def _fmt(x):
@@ -121,11 +145,12 @@ def render(summary: dict) -> str:
         lines.append("classes      " + ", ".join(f"{k}: {v}" for k, v in s["class_counts"].items()))
     lines.append(f"shards       {len(s['shards'])}, {s['total_bytes'] / 1e6:.1f} MB")
     for sh in s["shards"]:
-        lines.append(f"  {sh['file']}  {sh['num_examples']} examples  {sh['bytes'] / 1e6:.2f} MB  sha256 {sh['sha256'][:16]}")
+        size = "?" if sh["bytes"] is None else f"{sh['bytes'] / 1e6:.2f}"
+        lines.append(f"  {sh['file']}  {sh['num_examples']} examples  {size} MB  sha256 {sh['sha256'][:16]}")
     lines.append(f"skipped      {len(s['skipped'])}")
     for sk in s["skipped"]:
         lines.append(f"  {sk['source']}: {sk['reason']}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logdets: np.ndarray, path: str) -> None:
@@ -150,7 +175,7 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
         f"noise {t['noise']}, bits {t['bits']}, seed {t['seed']}", fontsize=11)
     for r, lab in enumerate(labels):
         items = samples[lab]
-        imgs = ds.inverse(np.stack([y for _, y in items])) if items else []
+        imgs = ds.inverse(np.nan_to_num(np.stack([y for _, y in items]), posinf=30.0, neginf=-30.0)) if items else []
         name = classes[lab] if 0 <= lab < len(classes) else ("no label" if lab == -1 else str(lab))
         for c in range(cols):
             ax = fig.add_subplot(grid[r, c])
@@ -174,17 +199,20 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
     ax2.set_title(f"log-det per image (TFGENZOO convention, D = {summary['dims']})", fontsize=10)
     ax2.set_xlabel("logdet (nats)")
     try:
-        fig.savefig(path)
+        fig.savefig(path, format=PLOT_FORMATS[os.path.splitext(path)[1].lower()])
     except OSError as e:
         raise LogitifyError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
 
 
-def info(path: str, plot_path: str | None = None) -> dict:
-    ds, summary, samples, hist, logdets = gather(path, want_samples=plot_path is not None)
+def info(path: str, plot_path: str | None = None, report=QUIET) -> InfoResult:
+    if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {plot_path}: name a file ending in {', '.join(PLOT_FORMATS)}")
+    ds, summary, samples, hist, logdets = gather(path, want_samples=plot_path is not None, report=report)
     if plot_path:
         plot(ds, summary, samples, hist, logdets, plot_path)
         summary["plot"] = plot_path
-    summary["manifest"] = public(ds.manifest)
-    return summary
+    summary["manifest"] = ds.manifest.to_dict()
+    text = render(summary) + (f"\nplot         {printable(plot_path)}" if plot_path else "")
+    return InfoResult(summary=summary, text=text)

@@ -204,20 +204,23 @@ class ImageFolder:
 class TfrecordFile:
     """A TFRecord file of tf.train.Example records; key FILE:INDEX."""
 
-    def __init__(self, path: str, compression: str | None = None):
+    def __init__(self, path: str, compression: str | None = None, key: str | None = None):
         self.path = path
         self.compression = compression
+        self.key = key
 
     def compression_type(self) -> str:
+        from . import fs
+
         if self.compression is not None:
             return "GZIP" if self.compression.lower() == "gzip" else ""
-        with open(self.path, "rb") as f:
+        with fs.open_read(self.path) as f:
             return "GZIP" if f.read(2) == GZIP_MAGIC else ""
 
     def items(self):
         from .records import count_records
 
-        name = _as_key(self.path)
+        name = self.key or _as_key(self.path)
         count, error = count_records(self.path, self.compression_type())
         items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(count)]
         skipped = []
@@ -246,11 +249,54 @@ class Inventory:
     skipped: list
 
 
+class BucketPrefix:
+    """A folder-like prefix (or one object) in a bucket, listed through Beam's FileSystems.
+
+    Keys are relative to the prefix, as for a local folder; the first
+    sub-folder is the class. A single object's key is its name, with no class.
+    """
+
+    def __init__(self, path: str, compression: str | None = None):
+        self.path = path.rstrip("/")
+        self.compression = compression
+
+    def items(self):
+        from . import fs
+
+        items, skipped = [], []
+        base = self.path + "/"
+        for path, size in fs.listing(self.path):
+            if path == self.path:  # the prefix names one object
+                rel = fs.basename(path)
+            elif path.startswith(base):
+                rel = path[len(base):]
+            else:
+                continue
+            name = rel.rsplit("/", 1)[-1]
+            if not name or any(is_hidden(part) for part in rel.split("/")):
+                continue
+            top = rel.split("/", 1)[0] if "/" in rel and path != self.path else None
+            if is_tfrecord_name(name):
+                found, bad = TfrecordFile(path, self.compression, key=rel).items()
+                items.extend(found)
+                skipped.extend(bad)
+            elif is_image_name(name):
+                items.append(Item(rel, rel, path, class_name=top))
+        return items, skipped
+
+
 def discover(paths, compression: str | None = None) -> Inventory:
+    from . import fs
+
     if not paths:
         raise UsageError("no sources given")
     items, skipped = [], []
     for path in paths:
+        if fs.is_remote(path):
+            found, bad = BucketPrefix(path, compression).items()
+            items.extend(found)
+            skipped.extend(bad)
+            continue
         if not os.path.lexists(path):
             skipped.append({"source": _as_key(path), "reason": "no such file or directory"})
             continue

@@ -5,9 +5,6 @@ tensorflow-datasets is needed only by those who load with it.
 """
 from __future__ import annotations
 
-import os
-
-TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 LABELS_FILE = "label.labels.txt"
 
 
@@ -33,37 +30,39 @@ def features_json(shape, classes) -> dict:
     }
 
 
-def dataset_info_json(manifest: dict, num_bytes: int) -> dict:
-    t = manifest["transform"]
+def dataset_info_json(manifest, num_bytes: int, template: str) -> dict:
+    t = manifest.transform
     return {
         "description": (
             "Logits of dequantized images (TFGENZOO LogitifyImage) written by logitify: "
             f"alpha={t['alpha']}, corruption_level={t['corruption_level']}, noise={t['noise']}, "
             f"bits={t['bits']}, seed={t['seed']}. logdet is the forward log-det-Jacobian; "
-            f"bpd_offset_nats={manifest['logdet']['bpd_offset_nats']}."
+            f"bpd_offset_nats={manifest.logdet['bpd_offset_nats']}."
         ),
         "fileFormat": "tfrecord",
-        "name": manifest["name"],
+        "name": manifest.name,
         "splits": [{
-            "filepathTemplate": TEMPLATE,
-            "name": manifest["split"],
+            "filepathTemplate": template,
+            "name": manifest.split,
             "numBytes": str(num_bytes),
-            "shardLengths": [str(s["num_examples"]) for s in manifest["shards"]],
+            "shardLengths": [str(s.num_examples) for s in manifest.shards],
         }],
         "version": "1.0.0",
     }
 
 
-def write_tfds_metadata(out_dir: str, manifest: dict) -> list:
-    from .manifest import write_json_atomic
+def write_tfds_metadata(out_dir: str, manifest, fmt) -> list:
+    """features.json, label.labels.txt (with classes) and dataset_info.json, here or in a bucket."""
+    from . import fs
+    from .formats.tfrecord import TFDS_TEMPLATE
+    from .manifest import json_bytes
 
-    num_bytes = sum(os.path.getsize(os.path.join(out_dir, s["file"])) for s in manifest["shards"])
-    write_json_atomic(os.path.join(out_dir, "features.json"), features_json(manifest["shape"], manifest["classes"]))
+    num_bytes = sum(fs.size(fs.join(out_dir, s.file)) for s in manifest.shards)
+    fs.write_bytes(fs.join(out_dir, "features.json"), json_bytes(features_json(manifest.shape, manifest.classes)))
     written = ["features.json"]
-    if manifest["classes"]:
-        with open(os.path.join(out_dir, LABELS_FILE), "w", encoding="utf-8") as f:
-            f.write("\n".join(manifest["classes"]) + "\n")
+    if manifest.classes:
+        fs.write_bytes(fs.join(out_dir, LABELS_FILE), ("\n".join(manifest.classes) + "\n").encode("utf-8"))
         written.append(LABELS_FILE)
-    write_json_atomic(os.path.join(out_dir, "dataset_info.json"), dataset_info_json(manifest, num_bytes))
+    fs.write_bytes(fs.join(out_dir, "dataset_info.json"), json_bytes(dataset_info_json(manifest, num_bytes, TFDS_TEMPLATE)))
     written.append("dataset_info.json")
     return written

@@ -14,6 +14,7 @@ Anything malformed raises ValueError.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -68,9 +69,15 @@ class ExampleWriter:
         return b"".join((b"\x0a", _uvarint(size), head, self._logits_head, logits))  # Example.features = 1
 
 
-def iter_records(path: str, compressed: bool):
+def iter_records(path: str, compressed: bool, max_length: int = 1 << 31):
+    """The records of a TFRecord file, each checked to fit before it is read.
+
+    A length over `max_length`, or (uncompressed) over what is left of the
+    file, is refused before any memory is taken for it.
+    """
     opener = gzip.open if compressed else open
     with opener(path, "rb") as f:
+        left = None if compressed else os.fstat(f.fileno()).st_size
         index = 0
         while True:
             head = f.read(12)
@@ -79,8 +86,13 @@ def iter_records(path: str, compressed: bool):
             if len(head) < 12:
                 raise ValueError(f"record {index}: truncated header")
             (n,) = struct.unpack("<Q", head[:8])
-            if n > 1 << 31:
-                raise ValueError(f"record {index}: absurd length {n}")
+            if n > max_length:
+                raise ValueError(f"record {index}: length {n} is more than a record here can hold ({max_length})")
+            if left is not None:
+                left -= 12
+                if n + 4 > left:
+                    raise ValueError(f"record {index}: length {n} runs past the end of the file")
+                left -= n + 4
             data = f.read(n)
             if len(data) < n or len(f.read(4)) < 4:
                 raise ValueError(f"record {index}: truncated")

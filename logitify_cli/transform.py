@@ -1,6 +1,6 @@
 """The maths: dequantize-and-logit, its inverse and both log-dets, in one place.
 
-Forward (SPEC §1), per image of D values with levels k in 0..L-1:
+Forward, per image of D values with levels k in 0..L-1:
 
     x~ = k + c*e,  z = x~ / (L-1+c),  p = z(1-a) + a/2,  y = logit(p)
     logdet = sum(softplus(y) + softplus(-y)) + D*log(1-a)      (TFGENZOO's)

@@ -1,4 +1,4 @@
-"""A float64 NumPy reference of SPEC §1, written independently of the package.
+"""A float64 NumPy reference of the transform, written independently of the package.
 
 It re-derives the noise from its published construction (a keyed murmur3
 finalizer over the pixel index) and applies the textbook formulas in float64.
@@ -87,7 +87,7 @@ def tfgenzoo_inverse(y, alpha):
 
 
 def inverse_levels(y, *, alpha=0.05, c=1.0, bits=8, noise_kind="uniform"):
-    """SPEC §1 inverse in float64: floor for uniform/none, nearest for gaussian."""
+    """The inverse in float64: floor for uniform/none, nearest for gaussian."""
     L = 2 ** bits
     p = 1.0 / (1.0 + np.exp(-np.asarray(y, np.float64)))
     z = (p - alpha / 2) / (1 - alpha)

@@ -73,20 +73,17 @@ def test_beam_options_only_with_beam(cli, image_folder, tmp_path):
     assert r.exit_code == 2 and "--runner beam" in r.stderr
 
 
-def test_cloud_discovery_ends_like_local_discovery(tmp_path, rng):
-    """Discovery through Beam's FileSystems (run here on local folders) sorts,
-    numbers classes and refuses a key two folders share, as discover() does."""
-    from types import SimpleNamespace
-
-    from logitify_cli.beam_runner import _remote_items
+def test_bucket_listing_ends_like_local_discovery(tmp_path, rng):
+    """Discovery through Beam's FileSystems (run here on local folders) keys, sorts,
+    numbers classes and refuses a key two folders share, as discovery of a folder does."""
     from logitify_cli.errors import LogitifyError
-    from logitify_cli.sources import discover
+    from logitify_cli.sources import BucketPrefix, discover, inventory
 
     for rel in ("a/dogs/1.png", "a/cats/2.png", "a/cats/1.png", "b/cats/1.png"):
         save(str(tmp_path / rel), photo(rng, 4, 4))
-    one = SimpleNamespace(sources=[str(tmp_path / "a")])
-    got, want = _remote_items(one), discover(one.sources)
+    got, want = inventory(*BucketPrefix(str(tmp_path / "a")).items()), discover([str(tmp_path / "a")])
     assert [(it.key, it.label, it.path) for it in got.items] == [(it.key, it.label, it.path) for it in want.items]
     assert got.classes == want.classes == ["cats", "dogs"]
+    both = [x for folder in ("a", "b") for x in BucketPrefix(str(tmp_path / folder)).items()[0]]
     with pytest.raises(LogitifyError, match="share the key 'cats/1.png'"):
-        _remote_items(SimpleNamespace(sources=[str(tmp_path / "a"), str(tmp_path / "b")]))
+        inventory(both, [])

@@ -193,9 +193,13 @@ def test_missing_source_and_existing_output(cli, image_folder, tmp_path):
     r = cli("encode", src, "-o", tmp_path / "o")
     assert r.exit_code == 1 and "--overwrite" in r.stderr
     assert os.listdir(tmp_path / "o") == ["mine.txt"]
-    assert cli("encode", src, "-o", tmp_path / "o", "--overwrite").exit_code == 0
+    # --overwrite replaces logitify's own files only: a folder of someone else's is refused, by name.
+    r = cli("encode", src, "-o", tmp_path / "o", "--overwrite")
+    assert r.exit_code == 1 and "mine.txt" in r.stderr
+    assert os.listdir(tmp_path / "o") == ["mine.txt"]
+    os.unlink(tmp_path / "o" / "mine.txt")
+    assert cli("encode", src, "-o", tmp_path / "o").exit_code == 0
     assert cli("encode", src, "-o", tmp_path / "o", "--overwrite", "--seed", "3").exit_code == 0
-    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["transform"]["seed"] == 3
 
 

@@ -78,9 +78,9 @@ def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
 
 def fail_third_shard(monkeypatch, error, partial=False):
     """Make the third npz shard's (index 2) write raise `error`; returns the real method."""
-    from logitify_cli import sinks
+    from logitify_cli.formats.npz import NpzShardWriter
 
-    real = sinks.NpzShardSink._write
+    real = NpzShardWriter._finish
 
     def failing(self):
         if self.file.startswith("train-00002-"):
@@ -90,7 +90,7 @@ def fail_third_shard(monkeypatch, error, partial=False):
             raise error
         return real(self)
 
-    monkeypatch.setattr(sinks.NpzShardSink, "_write", failing)
+    monkeypatch.setattr(NpzShardWriter, "_finish", failing)
     return real
 
 
@@ -109,13 +109,13 @@ def assert_shards_before_the_failure(out, count):
 
 
 def test_resume_with_other_options_is_refused(cli, many_images, tmp_path, monkeypatch):
-    from logitify_cli import sinks
+    from logitify_cli.formats.npz import NpzShardWriter
 
     real = fail_third_shard(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "o"
     r = cli("encode", many_images, "-o", out, "--shard-size", "50")
     assert r.exit_code == 130 and "interrupted" in r.stderr
-    monkeypatch.setattr(sinks.NpzShardSink, "_write", real)
+    monkeypatch.setattr(NpzShardWriter, "_finish", real)
     assert_shards_before_the_failure(out, 30)
     r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume", "--alpha", "0.1")
     assert r.exit_code == 1 and "alpha" in r.stderr
@@ -132,7 +132,7 @@ def test_resume_with_other_options_is_refused(cli, many_images, tmp_path, monkey
 
 def test_full_disk_ends_cleanly(cli, many_images, tmp_path, monkeypatch):
     """ENOSPC on the third shard: exit 1, one clear line, no lying manifest."""
-    from logitify_cli import sinks
+    from logitify_cli.formats.npz import NpzShardWriter
 
     real = fail_third_shard(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), partial=True)
     out = tmp_path / "o"
@@ -142,7 +142,7 @@ def test_full_disk_ends_cleanly(cli, many_images, tmp_path, monkeypatch):
     assert not (out / "manifest.json").exists()
     assert not any(n.startswith(".") and n != ".logitify-journal.jsonl" for n in os.listdir(out)), "a temp file was left"
     assert_shards_before_the_failure(out, 15)
-    monkeypatch.setattr(sinks.NpzShardSink, "_write", real)
+    monkeypatch.setattr(NpzShardWriter, "_finish", real)
     assert cli("encode", many_images, "-o", out, "--shard-size", "100", "--resume").exit_code == 0
     assert cli("verify", out).exit_code == 0
 
@@ -171,13 +171,15 @@ def test_tiny_filesystem(cli, many_images, tmp_path):
 def test_overwrite_removes_only_what_logitify_wrote(cli, many_images, tmp_path):
     out = tmp_path / "o"
     assert cli("encode", many_images / "c1", "-o", out, "-f", "tfrecord").exit_code == 0
+    assert cli("encode", many_images / "c2", "-o", out, "--overwrite").exit_code == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "train-00000-of-00001.npz"]
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     before = sorted(os.listdir(out))
-    r = cli("encode", many_images / "c2", "-o", out)
-    assert r.exit_code == 1 and sorted(os.listdir(out)) == before
-    assert cli("encode", many_images / "c2", "-o", out, "--overwrite").exit_code == 0
-    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "sub", "train-00000-of-00001.npz"]
+    for extra in ([], ["--overwrite"]):
+        r = cli("encode", many_images / "c2", "-o", out, *extra)
+        assert r.exit_code == 1 and sorted(os.listdir(out)) == before
+    assert "notes.txt" in r.stderr
 
 
 @st.composite

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitify_cli.sinks import HashingWriter
+from logitify_cli.formats.npz import HashingWriter
 
 BIG = HashingWriter.PARALLEL_BYTES
 

@@ -44,7 +44,7 @@ def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
 POOL_CODE = """
 import os, sys{tf}
 from logitify_cli.errors import LogitifyError
-from logitify_cli.pipeline import OrderedPool, can_fork
+from logitify_cli.pool import OrderedPool, can_fork
 print("fork" if can_fork() else "spawn")
 with OrderedPool(2) as pool:
     assert list(pool.imap(abs, [(i, -i) for i in range(20)], window=3)) == [(i, i) for i in range(20)]
@@ -69,7 +69,7 @@ LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="wo
 
 ORPHAN_CODE = """
 import os, signal
-from logitify_cli.pipeline import OrderedPool
+from logitify_cli.pool import OrderedPool
 pool = OrderedPool(2)
 pool.pool.submit(int).result()
 print(*pool.pool._processes, flush=True)
@@ -78,7 +78,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 SIGTERM_CODE = """
 import os, signal
-from logitify_cli.pipeline import OrderedPool
+from logitify_cli.pool import OrderedPool
 def stop(signum, frame):  # the CLI's own SIGTERM handler, which a forked worker inherits
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, stop)

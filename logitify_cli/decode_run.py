@@ -1,0 +1,82 @@
+"""The local runner of `decode`: shards -> inverse -> image files, in a worker pool.
+
+Shards are read a slice at a time and the inverse runs in NumPy (TensorFlow
+only when a GPU is asked for); the output's jobs (PNG files, npz per shard)
+are written by the workers while the next slice is read.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .dataset import LogitDataset
+from .device import resolve_device
+from .errors import LogitifyError
+from .outdir import FolderLock
+from .outputs import IMAGE_OUTPUTS
+from .pool import OrderedPool, default_workers
+from .report import QUIET, Reporter
+from .results import DecodeResult
+
+
+def prepare_folder(out: str, overwrite: bool) -> None:
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise LogitifyError(f"output {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
+
+
+def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, device=None):
+    """The output's jobs for one shard, read a slice at a time."""
+    for chunk in ds.iter_chunks(shard):
+        images = ds.inverse(chunk["logits"], device, batch_size)
+        yield from output.add(index, chunk["keys"], chunk["labels"], images)
+    yield from output.end_shard(index)
+
+
+def record(done: dict, output) -> int:
+    """Images a job wrote; its refused keys kept on the output, a failed write raised."""
+    failed = [p for p in done["problems"] if not p["refused"]]
+    if failed:
+        raise LogitifyError(failed[0]["reason"])
+    output.refused.extend({"key": p["key"], "reason": p["reason"]} for p in done["problems"])
+    return done["images"] - len(done["problems"])
+
+
+def finish(result: DecodeResult, out: str, report: Reporter) -> DecodeResult:
+    """Refused keys are reported, then the run fails naming how many; a failed write fails at once."""
+    for x in result.refused:
+        report.warn(f"refused key {x['key']!r}: {x['reason']}")
+    if result.refused:
+        raise LogitifyError(f"{len(result.refused)} key(s) could not be written inside {out} and were refused",
+                            result=result)
+    return result
+
+
+def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, workers=None,
+               device: str = "auto", overwrite: bool = False, report: Reporter = QUIET) -> DecodeResult:
+    t0 = time.time()
+    ds = LogitDataset(dataset)
+    prepare_folder(out, overwrite)
+    tf_device = resolve_device(device) if device == "gpu" else None
+    output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite)
+    written = 0
+    with FolderLock(out):
+        # The pool first: its workers fork before the progress bar starts a thread.
+        with OrderedPool(workers or default_workers()) as pool, report.bar(ds.num_examples, "decode") as bar:
+            def jobs():
+                for i, shard in enumerate(ds.shards):
+                    for job in shard_jobs(ds, output, i, shard, batch_size, tf_device):
+                        yield job, job
+
+            for _, done in pool.imap(output.write, jobs(), window=pool.workers * 4):
+                written += record(done, output)
+                bar.update(done["images"])
+    seconds = time.time() - t0
+    result = DecodeResult(dataset=dataset, output=out, format=fmt, num_images=written, refused=output.refused,
+                          seconds=round(seconds, 3), images_per_second=round(written / seconds, 1) if seconds else None)
+    return finish(result, out, report)

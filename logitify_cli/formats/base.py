@@ -1,0 +1,134 @@
+"""What every shard format provides, and the checks every reader shares."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from ..errors import LogitifyError
+
+# Examples a reader hands over at a time: whole shards can be gigabytes, so
+# readers work through them in slices of about this many bytes of logits.
+CHUNK_BYTES = 32 << 20
+
+
+def temp_name(path: str) -> str:
+    """Where a file is written before it is renamed into place."""
+    d, b = os.path.split(path)
+    return os.path.join(d, f".{b}.tmp-{os.getpid()}")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_rename(tmp: str, final: str, synced: bool = False) -> None:
+    if not synced:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def chunk_rows(shape, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Examples per chunk for logits of this shape."""
+    return max(1, chunk_bytes // (4 * int(np.prod(shape))))
+
+
+def check_chunk(name: str, out: dict, shape) -> dict:
+    """A chunk's arrays have the dtypes and shapes the manifest promises, or LogitifyError."""
+    n = out["logits"].shape[0] if out["logits"].ndim else -1
+    if out["logits"].dtype != np.float32 or out["logits"].shape[1:] != tuple(shape):
+        raise LogitifyError(
+            f"shard {name}: logits are {out['logits'].dtype} {list(out['logits'].shape)}, "
+            f"expected float32 [n, {', '.join(map(str, shape))}]"
+        )
+    if out["logdet"].dtype != np.float32 or out["logdet"].shape != (n,):
+        raise LogitifyError(f"shard {name}: logdet is not float32 [{n}]")
+    if out["keys"].dtype.kind != "U" or out["keys"].shape != (n,):
+        raise LogitifyError(f"shard {name}: keys are not strings [{n}]")
+    if out["labels"].dtype != np.int64 or out["labels"].shape != (n,):
+        raise LogitifyError(f"shard {name}: labels are not int64 [{n}]")
+    return out
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name and renames it only when whole.
+
+    A file under a final name is therefore always complete. Bytes depend only
+    on the examples given: no timestamps, fixed field order.
+    """
+
+    def __init__(self, fmt: "ShardFormat", out_dir: str, file: str, shape, count: int, compress: bool):
+        self.format = fmt
+        self.out_dir = out_dir
+        self.shape = tuple(shape)
+        self.compress = compress
+        self.file = file
+        self.path = os.path.join(out_dir, file)
+        self.tmp = temp_name(self.path)
+        self.expected = count
+        self.count = 0
+
+    def add(self, keys, labels, logits, logdet) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> str | None:
+        """Close the temporary file; return its sha256 if known (and the file synced)."""
+        raise NotImplementedError
+
+    def close(self) -> dict:
+        try:
+            if self.count != self.expected:
+                raise ValueError(f"shard opened for {self.expected} examples got {self.count}")
+            digest = self._finish()
+            fsync_rename(self.tmp, self.path, synced=digest is not None)
+        except BaseException:
+            self.abort()
+            raise
+        return {"file": self.file, "num_examples": self.count, "sha256": digest or file_sha256(self.path)}
+
+    def abort(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class ShardFormat:
+    """One shard format. Subclasses set the class attributes and the methods."""
+
+    name: str = ""
+    template: str = ""  # str.format with name, split, index, count
+    glob: str = ""  # fnmatch pattern every shard file name of this format matches
+    description: str = ""
+
+    def shard_file(self, name: str, split: str, index: int, count: int) -> str:
+        return self.template.format(name=name, split=split, index=index, count=count)
+
+    def writer(self, out_dir: str, file: str, shape, count: int, compress: bool) -> ShardWriter:
+        raise NotImplementedError
+
+    def read_chunks(self, path: str, shape, count: int, compressed: bool, rows: int | None = None):
+        """Dicts of NumPy arrays (logits, logdet, keys, labels), `rows` examples at a time.
+
+        Never holds more than one chunk, and never reads more than `count`
+        examples of `shape` promise: a shard that says otherwise is refused.
+        """
+        raise NotImplementedError
+
+    def tf_dataset(self, files: list, shape, compressed: bool):
+        """A tf.data.Dataset of dicts {logits, logdet, key, label}, one per example."""
+        raise NotImplementedError
+
+    def metadata_files(self, manifest) -> list:
+        """Names of the files write_metadata() writes for this manifest."""
+        return []
+
+    def write_metadata(self, out_dir: str, manifest) -> list:
+        """Format-specific files beside the manifest; returns their names."""
+        return []

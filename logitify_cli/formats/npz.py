@@ -1,0 +1,252 @@
+"""npz shards: `{split}-{i:05d}-of-{n:05d}.npz`, arrays logits, logdet, keys, labels.
+
+Plain NumPy zip files (no pickle), readable with `np.load(f, allow_pickle=False)`.
+The logits stream into their zip entry batch by batch, so a shard is written
+in the memory of one batch, and read back in slices of a few megabytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import LogitifyError
+from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+FIELDS = ("logits", "logdet", "keys", "labels")
+HEADER_MAX = 4096  # an .npy header is at most a few hundred bytes
+KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
+
+
+class HashingWriter:
+    """A write-only, unseekable file that hashes what passes through.
+
+    zipfile then streams entries with data descriptors instead of seeking
+    back, so the shard's sha256 is known the moment it is written, with no
+    second read of the file.
+    """
+
+    PARALLEL_BYTES = 1 << 20
+
+    def __init__(self, path):
+        self._f = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self._pos = 0
+        self._io = None
+
+    def write(self, b):
+        """Hash and write; a large buffer is written by a helper thread while this one hashes it.
+
+        Both release the GIL, and the kernel's copy into the page cache costs
+        as much as the hash, so a shard's tail is written in about half the time.
+        """
+        n = memoryview(b).nbytes
+        if n < self.PARALLEL_BYTES:
+            self.sha256.update(b)
+            written = self._f.write(b)
+        else:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
+            pending = self._io.submit(self._f.write, b)
+            try:
+                self.sha256.update(b)
+            finally:
+                written = pending.result()
+        self._pos += written
+        return written
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, *args):
+        raise OSError("not seekable")
+
+    def seekable(self):
+        return False
+
+    def flush(self):
+        self._f.flush()
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def close(self):
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
+        self._f.close()
+
+
+class NpzShardWriter(ShardWriter):
+    """The number of examples is known when the shard is opened: logits stream straight into the zip."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logdet, self._keys, self._labels = [], [], []
+        self._raw = HashingWriter(self.tmp)
+        self._zip = zipfile.ZipFile(self._raw, "w")
+        self._entry = self._open_entry("logits.npy")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self.expected,) + self.shape}
+        np.lib.format.write_array_header_1_0(self._entry, header)
+
+    def add(self, keys, labels, logits, logdet):
+        if self.count + len(keys) > self.expected:
+            raise ValueError("more examples than the shard was opened for")
+        self._entry.write(np.ascontiguousarray(logits, dtype="<f4").data)
+        self._logdet.append(np.asarray(logdet, dtype="<f4"))
+        self._keys.extend(keys)
+        self._labels.extend(int(v) for v in labels)
+        self.count += len(keys)
+
+    def _open_entry(self, name):
+        info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+        info.compress_type = zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED
+        info.create_system = 3
+        info.external_attr = 0o644 << 16
+        return self._zip.open(info, "w", force_zip64=True)
+
+    def _array(self, name, arr):
+        with self._open_entry(name + ".npy") as f:
+            np.lib.format.write_array(f, arr, allow_pickle=False)
+
+    def _finish(self):
+        self._entry.close()
+        logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
+        self._array("logdet", logdet)
+        keys = np.array(self._keys, dtype=str) if self._keys else np.zeros(0, dtype="<U1")
+        self._array("keys", keys)
+        self._array("labels", np.array(self._labels, dtype="<i8").reshape(-1))
+        self._zip.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        return self._raw.sha256.hexdigest()
+
+    def abort(self):
+        for f in (self._entry, self._zip, self._raw):
+            try:
+                f.close()
+            except Exception:
+                pass
+        super().abort()
+
+
+def _npy_header(f, name: str, member: str):
+    """(shape, dtype) of an .npy stream, refusing pickles and Fortran order."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=HEADER_MAX)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=HEADER_MAX)
+        else:
+            raise ValueError(f"npy version {version}")
+    except (ValueError, SyntaxError, EOFError, OSError) as e:
+        raise LogitifyError(f"shard {name}: {member} is not a NumPy array ({e})") from None
+    if dtype.hasobject:
+        raise LogitifyError(f"shard {name}: holds object (pickled) arrays, refused")
+    if fortran:
+        raise LogitifyError(f"shard {name}: {member} is in Fortran order")
+    return shape, dtype
+
+
+def _read_exact(f, n: int, name: str, member: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise LogitifyError(f"shard {name}: {member} is truncated")
+    return data
+
+
+class NpzFormat(ShardFormat):
+    name = "npz"
+    template = "{split}-{index:05d}-of-{count:05d}.npz"
+    glob = "*-?????-of-?????.npz"
+    description = "NumPy zip files: np.load(f, allow_pickle=False)"
+
+    def writer(self, out_dir, file, shape, count, compress):
+        return NpzShardWriter(self, out_dir, file, shape, count, compress)
+
+    def read_chunks(self, path, shape, count, compressed, rows=None):
+        name = os.path.basename(path)
+        shape = tuple(shape)
+        dims = int(np.prod(shape))
+        rows = rows or chunk_rows(shape)
+        # What each member may hold at the most, from the manifest's promise:
+        # a small deflated file that claims more is refused before it is inflated.
+        limits = {"logits": HEADER_MAX + 4 * dims * count, "logdet": HEADER_MAX + 4 * count,
+                  "labels": HEADER_MAX + 8 * count, "keys": HEADER_MAX + 4 * KEY_CHARS_MAX * count}
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = {i.filename: i for i in z.infolist()}
+                missing = [f for f in FIELDS if f + ".npy" not in members]
+                if missing:
+                    raise LogitifyError(f"shard {name}: missing arrays {', '.join(missing)}")
+                for field in FIELDS:
+                    if members[field + ".npy"].file_size > limits[field]:
+                        raise LogitifyError(f"shard {name}: {field} holds more than the manifest's "
+                                            f"{count} examples of {list(shape)} allow")
+                small = {}
+                for field in ("logdet", "keys", "labels"):
+                    with z.open(field + ".npy") as f:
+                        shp, dtype = _npy_header(f, name, field)
+                        n = int(np.prod(shp)) if len(shp) else 1
+                        data = _read_exact(f, n * dtype.itemsize, name, field)
+                        small[field] = np.frombuffer(data, dtype).reshape(shp)
+                with z.open("logits.npy") as f:
+                    shp, dtype = _npy_header(f, name, "logits")
+                    if dtype != np.dtype("<f4") or tuple(shp[1:]) != shape or len(shp) != 4:
+                        raise LogitifyError(f"shard {name}: logits are {dtype} {list(shp)}, "
+                                            f"expected float32 [n, {', '.join(map(str, shape))}]")
+                    n = shp[0]
+                    if n != count:
+                        raise LogitifyError(f"shard {name}: holds {n} examples, manifest says {count}")
+                    for field, kind in (("logdet", "f"), ("keys", "U"), ("labels", "i")):
+                        if small[field].shape != (n,) or small[field].dtype.kind != kind:
+                            raise LogitifyError(f"shard {name}: {field} is {small[field].dtype} "
+                                                f"{list(small[field].shape)}, not one per example ({n})")
+                    for a in range(0, n, rows):
+                        b = min(n, a + rows)
+                        data = _read_exact(f, (b - a) * dims * 4, name, "logits")
+                        yield check_chunk(name, {"logits": np.frombuffer(data, "<f4").reshape((b - a,) + shape),
+                                                 "logdet": small["logdet"][a:b], "keys": small["keys"][a:b],
+                                                 "labels": small["labels"][a:b]}, shape)
+        except LogitifyError:
+            raise
+        except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError) as e:
+            raise LogitifyError(f"shard {name}: unreadable ({e})") from None
+
+    def tf_dataset(self, files, shape, compressed):
+        """Whole slices of each shard go into the graph, then are split into examples."""
+        from .._tf import tf as _tf
+
+        tf = _tf()
+        h, w, c = shape
+        counts = list(files.values()) if isinstance(files, dict) else None
+        paths = list(files)
+        fmt = self
+
+        def gen():
+            for i, path in enumerate(paths):
+                count = counts[i] if counts else _count_npz(path)
+                for d in fmt.read_chunks(path, shape, count, compressed, rows=4096):
+                    yield {"logits": d["logits"], "logdet": d["logdet"],
+                           "key": np.char.encode(d["keys"], "utf-8", "surrogatepass") if len(d["keys"]) else np.zeros(0, "S1"),
+                           "label": d["labels"]}
+
+        sig = {
+            "logits": tf.TensorSpec([None, h, w, c], tf.float32),
+            "logdet": tf.TensorSpec([None], tf.float32),
+            "key": tf.TensorSpec([None], tf.string),
+            "label": tf.TensorSpec([None], tf.int64),
+        }
+        return tf.data.Dataset.from_generator(gen, output_signature=sig).unbatch()
+
+
+def _count_npz(path: str) -> int:
+    with zipfile.ZipFile(path) as z, z.open("logits.npy") as f:
+        shp, _ = _npy_header(f, os.path.basename(path), "logits")
+        return int(shp[0])

@@ -1,0 +1,139 @@
+"""Files on this machine or in a bucket: one small interface for both.
+
+Local paths use the os module. Paths with a scheme (s3://, gs://, ...) go
+through Apache Beam's FileSystems, so any store Beam has a plugin for works
+where its extra is installed (apache-beam[aws] for s3://, [gcp] for gs://).
+The runners and sources call these functions and never branch on the scheme.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import LogitifyError, UsageError
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _fs():
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ImportError:
+        raise UsageError("paths in buckets (s3://, gs://) need Apache Beam: pip install 'logitify[beam]'") from None
+    return FileSystems
+
+
+def configure(options) -> None:
+    """Hand Beam's pipeline options (endpoints, credentials) to FileSystems in this process.
+
+    Workers get them with the pipeline; the launcher lists and reads buckets
+    itself (discovery, the probe, receipts, the manifest) and needs them too.
+    """
+    _fs().set_options(options)
+
+
+def join(base: str, name: str) -> str:
+    if is_remote(base):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(path)
+
+
+def open_read(path: str):
+    """A binary file object, read as stored (no decompression by file extension)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    from apache_beam.io.filesystem import CompressionTypes
+
+    try:
+        return _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as e:  # Beam wraps every store's errors in its own
+        raise OSError(f"cannot open {path}: {_first_line(e)}") from None
+
+
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    with open_read(path) as f:
+        return f.read() if limit is None else f.read(limit)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole small file; locally through a temporary name and a rename."""
+    if is_remote(path):
+        from apache_beam.io.filesystem import CompressionTypes
+
+        with _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
+        return
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def upload(local_path: str, path: str) -> None:
+    """Copy a finished local file to `path` (a bucket or another local folder)."""
+    if not is_remote(path):
+        shutil.copyfile(local_path, path)
+        return
+    from apache_beam.io.filesystem import CompressionTypes
+
+    with open(local_path, "rb") as src, _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    found = _fs().match([path])[0].metadata_list
+    if not found:
+        raise FileNotFoundError(path)
+    return found[0].size_in_bytes
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    return _fs().exists(path)
+
+
+def delete(paths) -> None:
+    paths = list(paths)
+    remote = [p for p in paths if is_remote(p)]
+    for p in paths:
+        if not is_remote(p):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+    if remote:
+        _fs().delete(remote)
+
+
+def listing(prefix: str):
+    """(path, size) of every object under a bucket prefix (a "folder"), or of the object itself."""
+    fs = _fs()
+    base = prefix.rstrip("/")
+    try:
+        found = fs.match([base + "/**"])[0].metadata_list
+        if not found:
+            found = fs.match([base])[0].metadata_list
+    except Exception as e:
+        raise LogitifyError(f"cannot list {prefix}: {_first_line(e)}") from None
+    return [(m.path, m.size_in_bytes) for m in found]
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

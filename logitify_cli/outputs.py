@@ -1,0 +1,263 @@
+"""Image outputs of `decode`: PNG files at each key, or uint8 npz per shard.
+
+One interface for both, so neither runner branches on the output format:
+the runner hands each shard's images to `add()` and `end_shard()`, which
+return picklable jobs, and runs each job with `write()` (in a worker process
+locally, in the Beam worker itself). Jobs create every folder and file
+without following links: a key whose path meets a symbolic link, a hard
+link or a non-folder is refused, by name, and nothing is written through it.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+
+import numpy as np
+
+from . import fs
+
+IMAGE_SUFFIXES = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
+)
+PNG_JOB = 64  # images per PNG job
+
+
+class Refused(Exception):
+    """A key whose file cannot be written where it belongs without touching something else."""
+
+
+def key_relpath(key: str) -> str:
+    """A key as a relative path inside the output folder, or ValueError.
+
+    Keys come from manifests written by strangers: NUL, '..' components and
+    absolute paths are refused rather than cleaned up. On POSIX only '/'
+    separates: '\\' and ':' are ordinary characters of a name.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("empty key")
+    if "\0" in key:
+        raise ValueError("key contains a NUL byte")
+    text = key
+    if os.name == "nt":
+        text = key.replace("\\", "/")
+        if len(text) > 1 and text[1] == ":" and text[0].isalpha():
+            raise ValueError("key is an absolute path")
+    if text.startswith("/"):
+        raise ValueError("key is an absolute path")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise ValueError("key climbs out of the output folder ('..')")
+    return "/".join(parts)
+
+
+def png_relpath(key: str) -> str:
+    rel = key_relpath(key)
+    stem, ext = os.path.splitext(rel)
+    if ext.lower() in IMAGE_SUFFIXES and not stem.endswith("/") and os.path.basename(stem):
+        return stem + ".png"
+    return rel + ".png"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    arr = image[:, :, 0] if image.shape[2] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class _Folders:
+    """Open folders under a root, made and entered without following links."""
+
+    FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+    def __init__(self, root: str):
+        self.root = root
+        self.fds = {}
+
+    def fd(self, rel_dir: str) -> int:
+        if rel_dir in self.fds:
+            return self.fds[rel_dir]
+        if not rel_dir:
+            # The root is the user's own choice of folder: a link there is theirs to make.
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        else:
+            parent, _, name = rel_dir.rpartition("/")
+            pfd = self.fd(parent)
+            try:
+                os.mkdir(name, 0o777, dir_fd=pfd)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(name, self.FLAGS, dir_fd=pfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise Refused(f"{rel_dir} is a link or not a folder") from None
+                raise
+        self.fds[rel_dir] = fd
+        return fd
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def _create(folders: _Folders, rel: str, overwrite: bool) -> int:
+    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite."""
+    rel_dir, _, name = rel.rpartition("/")
+    dfd = folders.fd(rel_dir)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(3):
+        try:
+            return os.open(name, flags, 0o644, dir_fd=dfd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise Refused(f"{rel} is a symbolic link") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused(f"{rel} exists and is not a file") from None
+            if st.st_nlink > 1:
+                raise Refused(f"{rel} is a hard link to a file elsewhere") from None
+            if not overwrite:
+                raise Refused(f"{rel} exists (pass --overwrite to replace it)") from None
+            os.unlink(name, dir_fd=dfd)
+    raise Refused(f"{rel} keeps reappearing")
+
+
+def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None) -> None:
+    """Write data at root/rel: in a bucket as an object, here without following any link."""
+    if fs.is_remote(root):
+        fs.write_bytes(fs.join(root, rel), bytes(data))
+        return
+    own = folders is None
+    folders = folders or _Folders(root)
+    try:
+        fd = _create(folders, rel, overwrite)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(rel.rpartition("/")[2], dir_fd=folders.fd(rel.rpartition("/")[0]))
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+    finally:
+        if own:
+            folders.close()
+
+
+class ImageOutput:
+    """Base of the image outputs."""
+
+    name = ""
+
+    def __init__(self, root: str, n_shards: int, overwrite: bool):
+        self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
+        self.refused = []  # {key, reason} of keys no file can be made for
+
+    def add(self, shard: int, keys, labels, images) -> list:
+        """Jobs ready to run for a slice of a shard's images."""
+        raise NotImplementedError
+
+    def end_shard(self, shard: int) -> list:
+        return []
+
+    @staticmethod
+    def write(job) -> list:
+        """Run one job (in any process): {"images": how many it held, "problems": [{key, reason, refused}]}."""
+        raise NotImplementedError
+
+
+class PngOutput(ImageOutput):
+    """Lossless PNGs at each key, '.png' for the extension, class folders kept."""
+
+    name = "png"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._taken = set()
+
+    def _target(self, key: str) -> str:
+        rel = png_relpath(key)
+        if rel in self._taken:  # e.g. a.jpg and a.png both in the input
+            rel = key_relpath(key) + ".png"
+            if rel in self._taken:
+                raise ValueError(f"two keys map to the same file {rel!r}")
+        self._taken.add(rel)
+        return rel
+
+    def add(self, shard, keys, labels, images):
+        batch = []
+        for key, img in zip(keys, images):
+            key = str(key)
+            try:
+                batch.append((key, self._target(key), img))
+            except ValueError as e:
+                self.refused.append({"key": key, "reason": str(e)})
+        return [(self.root, self.overwrite, batch[a:a + PNG_JOB]) for a in range(0, len(batch), PNG_JOB)]
+
+    @staticmethod
+    def write(job):
+        root, overwrite, batch = job
+        problems = []
+        folders = None if fs.is_remote(root) else _Folders(root)
+        try:
+            for key, rel, img in batch:
+                try:
+                    write_file(root, rel, png_bytes(img), overwrite, folders)
+                except Refused as e:
+                    problems.append({"key": key, "reason": str(e), "refused": True})
+                except OSError as e:
+                    problems.append({"key": key, "reason": f"cannot write {rel}: {e.strerror or e}",
+                                     "refused": False})
+        finally:
+            if folders is not None:
+                folders.close()
+        return {"images": len(batch), "problems": problems}
+
+
+class NpzOutput(ImageOutput):
+    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels."""
+
+    name = "npz"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._parts = {}
+
+    def add(self, shard, keys, labels, images):
+        self._parts.setdefault(shard, []).append(([str(k) for k in keys], np.asarray(labels), images))
+        return []
+
+    def end_shard(self, shard):
+        parts = self._parts.pop(shard, [])
+        keys = [k for p in parts for k in p[0]]
+        labels = np.concatenate([p[1] for p in parts]).astype("<i8") if parts else np.zeros(0, "<i8")
+        images = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 1), np.uint8)
+        name = f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
+        return [(self.root, self.overwrite, name, keys, labels, images)]
+
+    @staticmethod
+    def write(job):
+        root, overwrite, name, keys, labels, images = job
+        buf = io.BytesIO()
+        np.savez(buf, images=images, keys=np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"), labels=labels)
+        problems = []
+        try:
+            write_file(root, name, buf.getbuffer(), overwrite)
+        except Refused as e:
+            problems = [{"key": name, "reason": str(e), "refused": True}]
+        except OSError as e:
+            problems = [{"key": name, "reason": f"cannot write {name}: {e.strerror or e}", "refused": False}]
+        return {"images": 0 if problems else len(keys), "problems": problems}
+
+
+IMAGE_OUTPUTS = {cls.name: cls for cls in (PngOutput, NpzOutput)}

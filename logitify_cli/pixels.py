@@ -1,0 +1,139 @@
+"""The stream of pixels: inputs read into uint8 arrays, in order, ahead of use.
+
+Reading (file -> pixels) runs in the worker pool; records of TFRecord inputs
+and objects in buckets are fetched here and only their bytes travel on.
+"""
+from __future__ import annotations
+
+import collections
+
+from . import fs
+from . import images as images_mod
+from .pool import OrderedPool
+
+
+def payloads(items, opts):
+    """(item, path-or-bytes-or-error, label) for each item, in order.
+
+    `opts` gives `compression`, `image_key` and `label_key` for TFRecord inputs.
+    """
+    reader = None
+    for it in items:
+        if it.index < 0:
+            path = it.path
+            if fs.is_remote(path):
+                try:
+                    yield it, fs.read_bytes(path, images_mod.MAX_FILE_BYTES + 1), it.label
+                except OSError as e:
+                    yield it, OSError(str(e)), it.label
+                continue
+            yield it, path, it.label
+            continue
+        if reader is None:
+            from .records import RecordReader
+            from .sources import TfrecordFile
+
+            reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+        from .records import parse_example
+
+        try:
+            data, label = parse_example(reader.read(it.path, it.index), opts.image_key, opts.label_key)
+            yield it, data, label
+        except (ValueError, StopIteration, OSError) as e:
+            yield it, ValueError(str(e) or "record missing"), -1
+
+
+def chunks(iterable, n):
+    chunk = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class ReadTask:
+    """A picklable chunk task for the pool: payloads in, packed pixels or reasons out."""
+
+    def __init__(self, channels, size, max_pixels, expect=None):
+        self.channels, self.size, self.max_pixels, self.expect = channels, size, max_pixels, expect
+
+    def __call__(self, payloads):
+        return images_mod.read_many(payloads, self.channels, self.size, self.max_pixels, self.expect)
+
+
+def read_one(payload, channels, size, max_pixels, expect=None):
+    """(array or None, reason or None) for one payload, in this process."""
+    if isinstance(payload, BaseException):
+        return None, str(payload)
+    try:
+        return images_mod.read_image(payload, channels, size, max_pixels, expect=expect), None
+    except images_mod.ImageReadError as e:
+        return None, str(e)
+
+
+def read_in_process(items, opts, channels, expect=None):
+    """(item, label, array or None, reason or None) for each item, read here (Beam workers)."""
+    for it, payload, label in payloads(items, opts):
+        arr, reason = read_one(payload, channels, opts.size, opts.max_pixels, expect)
+        yield it, label, arr, reason
+
+
+class PixelStream:
+    """(item, label, uint8 array or None, reason or None), in item order.
+
+    Reading runs ahead in the workers, up to `ahead_bytes` of pixels, so a
+    run can import TensorFlow while the first images are being read.
+    """
+
+    CHUNK_BYTES = 4 << 20  # pixels per job: big enough that workers never wait on this process's GIL
+    # What an image in flight costs besides its pixels: its item, path and
+    # result entry, on both ends of the pipe. It matters for small images
+    # (784 bytes of pixels for MNIST), where counting pixels alone let
+    # hundreds of thousands of images be in flight.
+    IN_FLIGHT_OVERHEAD = 512
+
+    def __init__(self, items, opts, channels, pool: OrderedPool, image_bytes: int, ahead_bytes: int = 64 << 20,
+                 expect=None):
+        self.task = ReadTask(channels, opts.size, opts.max_pixels, expect)
+        self.chunk = max(1, min(256, self.CHUNK_BYTES // max(1, image_bytes)))
+        self.pool_workers = pool.workers
+        self.image_bytes = max(1, image_bytes)
+        self.ahead(ahead_bytes)
+        jobs = ((ch, [p for _, p, _ in ch]) for ch in chunks(payloads(items, opts), self.chunk))
+        self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
+        self._buffer = collections.deque()
+
+    def ahead(self, nbytes: int) -> None:
+        """Let the workers read up to about nbytes ahead of use."""
+        per_job = (self.image_bytes + self.IN_FLIGHT_OVERHEAD) * self.chunk
+        self.window = max(self.pool_workers * 3, nbytes // per_job)
+
+    @staticmethod
+    def _describe(chunk):
+        return ", ".join(it.key for it, _, _ in chunk[:3]) + (" ..." if len(chunk) > 3 else "")
+
+    def start(self):
+        """Submit a window of work now and wait for the first result.
+
+        The wait is what gives the plan its head start over TensorFlow's
+        import: the readers are busy by the time the import begins.
+        """
+        if not self._buffer:
+            self._buffer.extend(self._take())
+        return self
+
+    def _take(self):
+        chunk, results = next(self._results)
+        return [(it, label, arr, reason)
+                for (it, _, label), (arr, reason) in zip(chunk, images_mod.unpack_many(results))]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._buffer:
+            self._buffer.extend(self._take())
+        return self._buffer.popleft()

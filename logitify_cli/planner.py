@@ -1,0 +1,231 @@
+"""The plan of an encode run: every shard's inputs, fixed before they are read.
+
+plan(options) discovers the inputs, reads the first readable one for the
+dataset's shape, and lays the inputs out in shards: shard i holds inputs
+i*N .. i*N+N-1 (less those that turn out unreadable). A shard's bytes then
+depend only on its inputs and the options, so any runner (local, Beam) can
+make any shard, in any order, on any machine, and a killed run can be
+resumed shard by shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import images as images_mod
+from .errors import LogitifyError
+from .pixels import PixelStream, payloads
+from .pool import OrderedPool
+from .transform import TransformParams
+
+SHARD_BYTES = 256 << 20  # default shard size: about this many bytes of logits
+
+
+@dataclass
+class EncodeOptions:
+    sources: list
+    out: str
+    format: str = "npz"
+    params: TransformParams = field(default_factory=TransformParams)
+    batch_size: int = 256
+    shard_size: int | None = None
+    size: tuple | None = None
+    channels: int | None = None
+    device: str = "auto"
+    workers: int | None = None
+    compress: bool = False
+    compression: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    name: str = "logitify"
+    split: str = "train"
+    on_error: str = "skip"
+    resume: bool = False
+    overwrite: bool = False
+    max_pixels: int = images_mod.DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One output shard: its file and the positions of its inputs in the plan."""
+
+    index: int
+    n_shards: int
+    file: str
+    start: int
+    stop: int
+
+
+@dataclass
+class ShardTask:
+    """Everything make_shard needs for one shard, self-contained (it travels to Beam workers)."""
+
+    spec: ShardSpec
+    items: list
+    options: EncodeOptions
+    shape: tuple
+    channels: int
+    first_key: str
+
+    @property
+    def expect(self):
+        """The (height, width) every input must have, read from headers, when nothing resizes."""
+        return None if self.options.size else tuple(self.shape[:2])
+
+
+@dataclass
+class RunPlan:
+    options: EncodeOptions
+    items: Sequence  # an ItemList, sorted by key
+    classes: list | None
+    skipped: list  # inputs refused at discovery
+    shape: tuple
+    channels: int
+    first_key: str
+    shard_size: int
+    shards: list  # of ShardSpec
+    header: dict
+    notes: list
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.header)
+
+    def items_of(self, spec: ShardSpec) -> list:
+        return self.items[spec.start:spec.stop]
+
+    def inputs_among(self, paths) -> list:
+        """Which of these local paths are inputs of this run (links followed): never to be removed."""
+        import os
+
+        from . import fs
+
+        real = {os.path.realpath(p): p for p in paths}
+        if not real:
+            return []
+        folders, hits = {}, set()
+        for it in self.items:
+            path = it.path
+            if fs.is_remote(path):
+                continue
+            d, b = os.path.split(path)
+            rd = folders.get(d)
+            if rd is None:
+                rd = folders[d] = os.path.realpath(d)
+            rp = os.path.join(rd, b)
+            if rp not in real and os.path.islink(path):
+                rp = os.path.realpath(path)
+            if rp in real:
+                hits.add(real[rp])
+        return sorted(hits)
+
+    def task(self, spec: ShardSpec) -> ShardTask:
+        return ShardTask(spec, self.items_of(spec), self.options, tuple(self.shape), self.channels, self.first_key)
+
+    def shard_of(self, key: str) -> int | None:
+        """The shard an input key belongs to (None if it is not an input)."""
+        import bisect
+
+        keys = _Keys(self.items)
+        j = bisect.bisect_left(keys, key)
+        if j < len(keys) and keys[j] == key:
+            return j // self.shard_size
+        return None
+
+
+class _Keys(Sequence):
+    """The keys of an ItemList, for bisect (items are sorted by key)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i].key
+
+
+def probe(items, opts: EncodeOptions):
+    """(shape, channels, item) of the first readable input in order, or (None, None, None)."""
+    for it, payload, _ in payloads(items, opts):
+        if isinstance(payload, BaseException):
+            continue
+        try:
+            channels = opts.channels
+            if channels is None:
+                mode = images_mod.peek_mode(payload, opts.max_pixels)
+                channels = 1 if images_mod.is_grayscale_mode(mode) else 3
+            arr = images_mod.read_image(payload, channels, opts.size, opts.max_pixels)
+            return arr.shape, channels, it
+        except images_mod.ImageReadError:
+            continue
+    return None, None, None
+
+
+def fingerprint(header: dict) -> str:
+    """What a resume compares, and the manifest records: a hash of the run header."""
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items) -> dict:
+    """The inputs and every option that changes a shard's bytes: what a resume must match."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\0{it.label}\0".encode("utf-8", "surrogatepass"))
+    return {
+        "format": opts.format,
+        "name": opts.name,
+        "split": opts.split,
+        "transform": opts.params.to_dict(),
+        "shape": list(shape),
+        "size": list(opts.size) if opts.size else None,
+        "channels": channels,
+        "shard_size": shard_size,
+        "num_shards": n_shards,
+        "compress": opts.compress,
+        "image_key": opts.image_key,
+        "label_key": opts.label_key,
+        "max_pixels": opts.max_pixels,
+        "inputs": h.hexdigest(),
+    }
+
+
+def plan(opts: EncodeOptions) -> RunPlan:
+    """Discover, probe and lay out the shards; nothing is written."""
+    from .formats import get
+    from .sources import discover
+
+    fmt = get(opts.format)
+    inv = discover(opts.sources, opts.compression)
+    if not inv.items:
+        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)),
+                            notes=[f"skipped {s['source']}: {s['reason']}" for s in inv.skipped])
+    notes = [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
+    shape, channels, first = probe(inv.items, opts)
+    if shape is None:
+        # Every input is bad: record why, one by one, then fail.
+        with OrderedPool(1) as pool:
+            for it, _, _, reason in PixelStream(inv.items, opts, opts.channels or 3, pool, 1):
+                notes.append(f"skipped {it.key}: {reason}")
+        raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image", notes=notes)
+    dims = int(np.prod(shape))
+    shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
+    n = len(inv.items)
+    n_shards = max(1, -(-n // shard_size))
+    shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, opts.split, i, n_shards),
+                        i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
+    header = run_header(opts, shape, channels, shard_size, n_shards, inv.items)
+    if not opts.params.lossless:
+        notes.append("this transform is lossy: decode gives the nearest level, not always the original "
+                     f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
+    return RunPlan(opts, inv.items, inv.classes, list(inv.skipped), tuple(shape), channels, first.key,
+                   shard_size, shards, header, notes)

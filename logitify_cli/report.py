@@ -1,0 +1,59 @@
+"""How a run talks to its user: warnings and a progress bar on stderr, or nothing.
+
+Everything printed from data (file names, keys, manifest fields) goes through
+printable(): a newline in a file name must not forge a `logitify: error:`
+line, and a manifest must not send escape codes to the user's terminal.
+"""
+from __future__ import annotations
+
+import sys
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def printable(text) -> str:
+    """`text` with control, format and unpaired surrogate characters escaped.
+
+    Backslashes are doubled only where some other character was escaped, so
+    ordinary names read as they are and an escaped one is unambiguous.
+    """
+    s = str(text)
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+class Reporter:
+    """Warnings and a progress bar on stderr, or nothing with `quiet`."""
+
+    def __init__(self, quiet: bool = False, progress: bool | None = None, stream=None):
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.show_progress = (not quiet) and (progress if progress is not None else isatty())
+
+    def warn(self, msg: str) -> None:
+        if not self.quiet:
+            self.stream.write(f"logitify: {printable(msg)}\n")
+            self.stream.flush()
+
+    def bar(self, total, desc, unit="img"):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress,
+                    file=self.stream, dynamic_ncols=True, mininterval=0.5)
+
+
+QUIET = Reporter(quiet=True)

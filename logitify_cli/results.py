@@ -1,0 +1,103 @@
+"""What each command returns: small objects the CLI prints as a line or as JSON."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Result:
+    """Base: `to_dict()` for --json, `message()` for the one line on stderr."""
+
+    command = ""
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, **asdict(self)}
+
+    def message(self) -> str:
+        return ""
+
+    def stdout_text(self) -> str:
+        """What is printed on stdout without --json (most commands: nothing)."""
+        return ""
+
+    @property
+    def exit_code(self) -> int:
+        return 0
+
+
+@dataclass
+class EncodeResult(Result):
+    command = "encode"
+    output: str
+    format: str
+    num_examples: int
+    num_shards: int
+    shards: list
+    shape: list
+    classes: list | None
+    skipped: list
+    metadata_files: list
+    seconds: float
+    images_per_second: float | None
+    resumed_shards: int = 0
+    runner: str = "local"
+
+    def message(self) -> str:
+        return (f"encoded {self.num_examples} images into {self.num_shards} {self.format} shard(s) in {self.output}"
+                + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + f" in {self.seconds:.1f} s")
+
+
+@dataclass
+class DecodeResult(Result):
+    command = "decode"
+    dataset: str
+    output: str
+    format: str
+    num_images: int
+    refused: list
+    seconds: float
+    images_per_second: float | None
+    runner: str = "local"
+
+    def message(self) -> str:
+        return f"decoded {self.num_images} images into {self.output} in {self.seconds:.1f} s"
+
+
+@dataclass
+class VerifyResult(Result):
+    command = "verify"
+    dataset: str
+    num_examples: int
+    num_shards: int
+    compared_with_sources: int
+    problems: list
+    seconds: float
+    against: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.pop("against")
+        return {**d, "ok": self.ok}
+
+    def message(self) -> str:
+        return f"{self.dataset}: {self.num_examples} examples in {self.num_shards} shard(s) verified" + (
+            f", {self.compared_with_sources} equal to their sources bit for bit" if self.against else "")
+
+
+@dataclass
+class InfoResult(Result):
+    """`info` prints its whole summary, not one line."""
+
+    command = "info"
+    summary: dict = field(default_factory=dict)
+    text: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.summary)
+
+    def stdout_text(self) -> str:
+        return self.text

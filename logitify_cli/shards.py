@@ -1,0 +1,181 @@
+"""make_shard: one output shard from its inputs' pixels, the same for every runner.
+
+The local runner and the Beam runner both call make_shard with a ShardTask
+from the plan and the task's pixels (read in a pool, or in the Beam worker
+itself). It skips or fails on unreadable inputs, refuses odd sizes,
+transforms batch by batch and streams into the format's writer, so a shard's
+bytes are the same whoever makes it.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import fs
+from .errors import LogitifyError, write_error
+from .formats import get as get_format
+from .manifest import ShardEntry
+from .transform import image_seeds
+
+
+@dataclass
+class ShardResult:
+    """A finished shard: what the journal and the manifest record of it."""
+
+    index: int
+    file: str
+    num_examples: int
+    sha256: str
+    skipped: list = field(default_factory=list)
+
+    def entry(self) -> ShardEntry:
+        return ShardEntry(self.file, self.num_examples, self.sha256)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "file": self.file, "num_examples": self.num_examples,
+                "sha256": self.sha256, "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardResult":
+        return cls(int(d["index"]), str(d["file"]), int(d["num_examples"]), str(d["sha256"]), list(d["skipped"]))
+
+
+def collect(task, pixels, warn, tick=lambda n: None):
+    """(good [(key, label, array)], skipped [{source, reason}]) of one shard's pixels.
+
+    `pixels` yields (item, label, array or None, reason or None); a list is
+    emptied as it is read, so the pixels are held once.
+    """
+    opts, shape = task.options, tuple(task.shape)
+    good, skipped = [], []
+
+    def each():
+        if isinstance(pixels, list):
+            for j in range(len(pixels)):
+                x, pixels[j] = pixels[j], None
+                yield x
+        else:
+            yield from pixels
+
+    for it, label, arr, reason in each():
+        tick(1)
+        if arr is None:
+            if opts.on_error == "fail":
+                raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")
+            skipped.append({"source": it.key, "reason": reason})
+            warn(f"skipped {it.key}: {reason}")
+            continue
+        if arr.shape != shape:
+            raise LogitifyError(
+                f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
+                f"{shape[1]}x{shape[0]} (set by {task.first_key}); pass --size HxW to resize all images"
+            )
+        good.append((it.key, label, arr))
+    return good, skipped
+
+
+def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: None, cancel=None) -> ShardResult:
+    """Read, check, transform and write one shard into task.options.out (a folder or a bucket prefix)."""
+    good, skipped = collect(task, pixels, warn, tick)
+    out = task.options.out
+    if not fs.is_remote(out):
+        info = write_shard(task, good, transform, out, cancel)
+    else:  # written here, then copied up whole: a bucket never sees half a shard
+        local = tempfile.mkdtemp(prefix="logitify-shard-")
+        try:
+            info = write_shard(task, good, transform, local, cancel)
+            try:
+                fs.upload(os.path.join(local, info["file"]), fs.join(out, info["file"]))
+            except OSError as e:
+                raise write_error(e, fs.join(out, info["file"])) from None
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], skipped)
+
+
+def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
+    """Transform a shard's images batch by batch straight into its writer; empties `good`.
+
+    A writer thread takes each batch's logits (CRC, sha256 and the write
+    release the GIL) while the next batch is being transformed. Setting
+    `cancel` abandons the shard (its temp file is removed).
+    """
+    opts = task.options
+    fmt = get_format(opts.format)
+    writer = None
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    failure = []
+
+    def write_batches():
+        while True:
+            job = todo.get()
+            if job is None:
+                return
+            if not failure:
+                try:
+                    writer.add(*job)
+                except BaseException as e:  # handed to the main thread below
+                    failure.append(e)
+
+    thread = None
+
+    def stop_writer():
+        nonlocal thread
+        if thread is not None:
+            failure.append(None)  # the writer drops what is left
+            while thread.is_alive():
+                try:
+                    todo.put(None, timeout=0.1)
+                except queue.Full:
+                    pass
+                thread.join(0.1)
+            thread = None
+
+    try:
+        writer = fmt.writer(out_dir, task.spec.file, task.shape, len(good), opts.compress)
+        thread = threading.Thread(target=write_batches, name=f"shard-{task.spec.index}", daemon=True)
+        thread.start()
+        bs = opts.batch_size
+        for start in range(0, len(good), bs):
+            if failure:
+                break
+            if cancel is not None and cancel.is_set():
+                raise LogitifyError(f"shard {task.spec.index} abandoned")
+            batch = good[start:start + bs]
+            good[start:start + bs] = [None] * len(batch)  # pixels are freed as they are transformed
+            keys = [k for k, _, _ in batch]
+            images = np.stack([a for _, _, a in batch])
+            y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
+            todo.put((keys, [lab for _, lab, _ in batch], y, logdet))
+        todo.put(None)
+        thread.join()
+        thread = None
+        if failure:
+            raise failure[0]
+        return writer.close()
+    except OSError as e:
+        stop_writer()
+        if writer is not None:
+            writer.abort()
+        raise write_error(e, writer.file if writer is not None else task.spec.file) from None
+    except BaseException:
+        stop_writer()
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def build_transform(opts, shape):
+    """Import TensorFlow, place and compile the transform (the slow start of every runner)."""
+    from .device import resolve_device
+    from .transform import LogitTransform
+
+    transform = LogitTransform(opts.params, shape, resolve_device(opts.device), batch_size=opts.batch_size)
+    transform.warm_up()
+    return transform
