@@ -20,10 +20,9 @@ import time
 from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
+from .outdir import RECEIPT
 from .report import Reporter
 from .results import DecodeResult, EncodeResult
-
-RECEIPT = ".{file}.receipt.json"
 
 
 def _beam():
@@ -46,6 +45,12 @@ def _options(beam_args):
     options = PipelineOptions(args)
     fs.configure(options)
     return options
+
+
+def _worker_filesystems(beam_args) -> None:
+    """A worker's FileSystems get the run's options (endpoints, credentials) before it touches a bucket."""
+    _, PipelineOptions = _beam()
+    fs.configure(PipelineOptions(list(beam_args)))
 
 
 def _run(pipeline_fn, options) -> None:
@@ -99,13 +104,14 @@ def _make_shard_fn():
     beam, _ = _beam()
 
     class MakeShard(beam.DoFn):
-        def __init__(self, options, shape):
-            self.options, self.shape = options, tuple(shape)
+        def __init__(self, options, shape, beam_args):
+            self.options, self.shape, self.beam_args = options, tuple(shape), list(beam_args)
             self.transform = None
 
         def setup(self):
             from .shards import build_transform
 
+            _worker_filesystems(self.beam_args)
             self.transform = build_transform(self.options, self.shape)
 
         def process(self, task):
@@ -172,6 +178,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     try:
         if folder is not None:
             folder.prepare(opts.overwrite, False, inputs=p.inputs_among)
+            folder.journal.start(p.header)  # names this run's shards, so --overwrite can clear a failed one
         else:
             _prepare_remote_output(opts.out, opts.overwrite)
         tasks = [p.task(spec) for spec in p.shards]
@@ -179,7 +186,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         beam, _ = _beam()
         _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
-                         | "MakeShard" >> beam.ParDo(make(opts, p.shape))), options)
+                         | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
         shards, skipped = [], list(p.skipped)
         for spec in p.shards:
             receipt = _read_json(_receipt_path(opts.out, spec.file))
@@ -197,6 +204,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
         fs.delete([_receipt_path(opts.out, s.file) for s in shards])
+        if folder is not None:
+            folder.journal.remove()
     finally:
         if folder is not None:
             folder.lock.release()
@@ -211,14 +220,16 @@ def _decode_shard_fn():
     beam, _ = _beam()
 
     class DecodeShard(beam.DoFn):
-        def __init__(self, dataset, out, fmt, batch_size, device, overwrite):
+        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args):
             self.dataset, self.out, self.fmt = dataset, out, fmt
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
+            self.beam_args = list(beam_args)
 
         def setup(self):
             from .dataset import LogitDataset
             from .device import resolve_device
 
+            _worker_filesystems(self.beam_args)
             self.ds = LogitDataset(self.dataset)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
@@ -264,7 +275,8 @@ def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=Fals
         n = len(ds.shards)
         _run(lambda pl: (pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
-                         | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite))),
+                         | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite,
+                                                            beam_args))),
              options)
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
         results = [_read_json(r) for r in receipts]

@@ -57,7 +57,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
         folder.prepare(opts.overwrite, opts.resume, inputs=p.inputs_among)
         done = {}
         if opts.resume:
-            done = folder.resumable(p.header, p.fingerprint, p.shard_of)
+            done = folder.resumable(p.header, p.fingerprint, p.shards_of)
         if not done:
             folder.journal.start(p.header)
     except BaseException:

@@ -17,11 +17,26 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+_configured = False
+
+
 def _fs():
+    """Beam's FileSystems, given default options on first use.
+
+    Without options set, Beam refuses every s3:// path; the defaults let
+    boto3's own configuration (AWS_ENDPOINT_URL, credentials files) apply to
+    commands that take no Beam options, such as verify and info.
+    """
+    global _configured
     try:
         from apache_beam.io.filesystems import FileSystems
     except ImportError:
         raise UsageError("paths in buckets (s3://, gs://) need Apache Beam: pip install 'logitify[beam]'") from None
+    if not _configured:
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        FileSystems.set_options(PipelineOptions([]))
+        _configured = True
     return FileSystems
 
 
@@ -31,7 +46,9 @@ def configure(options) -> None:
     Workers get them with the pipeline; the launcher lists and reads buckets
     itself (discovery, the probe, receipts, the manifest) and needs them too.
     """
+    global _configured
     _fs().set_options(options)
+    _configured = True
 
 
 def join(base: str, name: str) -> str:
@@ -127,7 +144,9 @@ def listing(prefix: str):
     base = prefix.rstrip("/")
     try:
         found = fs.match([base + "/**"])[0].metadata_list
-        if not found:
+        # One object named by the prefix itself; a bare bucket names none (and Beam
+        # would retry that look-up for minutes).
+        if not found and "/" in base.split("://", 1)[-1]:
             found = fs.match([base])[0].metadata_list
     except Exception as e:
         raise LogitifyError(f"cannot list {prefix}: {_first_line(e)}") from None

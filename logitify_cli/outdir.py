@@ -20,6 +20,7 @@ from .errors import ForeignFile, LogitifyError, OutputInUse
 from .report import printable
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
+RECEIPT = ".{file}.receipt.json"  # what a Beam worker leaves beside the shard it made
 
 
 def describe_difference(old: dict, new: dict) -> str:
@@ -40,17 +41,19 @@ class Journal:
     def __init__(self, folder: str):
         self.path = os.path.join(folder, manifest_mod.JOURNAL)
 
-    def start(self, header: dict) -> None:
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"header": header}) + "\n")
+    def _write(self, line: str, mode: int) -> None:
+        """Append or start afresh, never through a link someone left at the journal's name."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | mode | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
+    def start(self, header: dict) -> None:
+        self._write(json.dumps({"header": header}) + "\n", os.O_TRUNC)
+
     def append(self, entry: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"shard": entry}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._write(json.dumps({"shard": entry}) + "\n", os.O_APPEND)
 
     def load(self):
         """(header or None, {index: entry}); a line cut by a kill ends what is known."""
@@ -187,6 +190,8 @@ class OutputFolder:
         if header is not None:
             names.update(header_files(header))
             names.update(e["file"] for e in entries.values() if isinstance(e.get("file"), str))
+        # Receipts a Beam run leaves beside its shards until it writes the manifest.
+        names.update(RECEIPT.format(file=n) for n in list(names))
         return names
 
     def prepare(self, overwrite: bool, resume: bool, inputs=None) -> None:
@@ -221,10 +226,10 @@ class OutputFolder:
             if os.path.islink(p) or os.path.isfile(p):
                 os.unlink(p)
 
-    def resumable(self, header: dict, fingerprint: str, shard_of) -> dict:
+    def resumable(self, header: dict, fingerprint: str, shards_of) -> dict:
         """{index: journal entry} of shards a previous run finished that are still whole.
 
-        `shard_of(key)` is the shard index an input key belongs to. The journal
+        `shards_of(keys)` maps input keys to their shard index. The journal
         is started afresh with those entries, ready for this run's.
         """
         from .formats.base import file_sha256
@@ -238,7 +243,8 @@ class OutputFolder:
             if m.stats.get("fingerprint") != fingerprint:
                 raise LogitifyError(f"--resume: {self.path} holds a finished dataset made from other inputs or options")
             old = header
-            entries = {i: {**s.to_dict(), "index": i, "skipped": [x for x in m.skipped if shard_of(x["source"]) == i]}
+            where = shards_of({x["source"] for x in m.skipped})
+            entries = {i: {**s.to_dict(), "index": i, "skipped": [x for x in m.skipped if where.get(x["source"]) == i]}
                        for i, s in enumerate(m.shards)}
         if old != header:
             raise LogitifyError(f"--resume: the earlier run used other inputs or options ({describe_difference(old, header)})")

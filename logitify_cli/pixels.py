@@ -23,7 +23,7 @@ def payloads(items, opts):
             path = it.path
             if fs.is_remote(path):
                 try:
-                    yield it, fs.read_bytes(path, images_mod.MAX_FILE_BYTES + 1), it.label
+                    yield it, fs.read_bytes(path), it.label
                 except OSError as e:
                     yield it, OSError(str(e)), it.label
                 continue

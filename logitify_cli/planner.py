@@ -130,28 +130,12 @@ class RunPlan:
     def task(self, spec: ShardSpec) -> ShardTask:
         return ShardTask(spec, self.items_of(spec), self.options, tuple(self.shape), self.channels, self.first_key)
 
-    def shard_of(self, key: str) -> int | None:
-        """The shard an input key belongs to (None if it is not an input)."""
-        import bisect
-
-        keys = _Keys(self.items)
-        j = bisect.bisect_left(keys, key)
-        if j < len(keys) and keys[j] == key:
-            return j // self.shard_size
-        return None
-
-
-class _Keys(Sequence):
-    """The keys of an ItemList, for bisect (items are sorted by key)."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i].key
+    def shards_of(self, keys) -> dict:
+        """{key: shard index} for those of `keys` that are inputs (one pass over the inputs)."""
+        keys = set(keys)
+        if not keys:
+            return {}
+        return {it.key: j // self.shard_size for j, it in enumerate(self.items) if it.key in keys}
 
 
 def probe(items, opts: EncodeOptions):
