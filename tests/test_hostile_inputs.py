@@ -1,4 +1,7 @@
 """Inputs made by someone unlucky or hostile: the run says why, never crashes, never hangs."""
+import gzip
+import io
+import json
 import os
 import struct
 import subprocess
@@ -7,12 +10,221 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import photo, save
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- TFRecord framing, written here from the format's definition -------------------------
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def header(n: int) -> bytes:
+    """A record header claiming n bytes, its length checksum right."""
+    length = struct.pack("<Q", n)
+    return length + struct.pack("<I", _masked(length))
+
+
+def record(data: bytes) -> bytes:
+    return header(len(data)) + data + struct.pack("<I", _masked(data))
+
+
+def example(image: bytes, label: int = 0) -> bytes:
+    """A tf.train.Example {image: bytes, label: int64}, laid out by hand."""
+    def field(tag, payload):
+        return bytes([tag]) + _varint(len(payload)) + payload
+
+    def entry(name, feature):
+        return field(0x0A, field(0x0A, name) + field(0x12, feature))
+
+    feats = entry(b"image", field(0x0A, field(0x0A, image))) + entry(b"label", field(0x1A, field(0x0A, _varint(label))))
+    return field(0x0A, feats)
+
+
+def _varint(n):
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run_cli(*args, timeout=120, env=None, stdin=None):
+    return subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env or ENV, cwd=REPO, input=stdin)
+
+
+def test_crc32c_check_value():
+    from logitify_cli.records import crc32c, masked_crc32c
+
+    assert _crc32c(b"123456789") == crc32c(b"123456789") == 0xE3069283
+    assert masked_crc32c(b"abc") == _masked(b"abc")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=700) | st.integers(0, 5000).map(lambda n: np.random.default_rng(n).bytes(n)),
+                max_size=30))
+def test_crc32c_many_agrees_with_the_definition(buffers):
+    from logitify_cli.records import crc32c, crc32c_many
+
+    assert crc32c_many(buffers).tolist() == [crc32c(b) for b in buffers]
+    assert [crc32c(b) for b in buffers[:4]] == [_crc32c(b) for b in buffers[:4]]
+
+
+def test_huge_length_header_ends_the_file_without_a_crash(tmp_path, rng):
+    """2**40 bytes claimed with a valid length checksum: TensorFlow died of SIGSEGV here."""
+    good = example(png(photo(rng, 8, 8)), 1)
+    path = tmp_path / "evil.tfrecord"
+    path.write_bytes(record(good) + header(1 << 40) + b"\0" * 64)
+    r = run_cli("encode", path, "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["num_examples"] == 1
+    (skip,) = m["skipped"]
+    assert skip["source"].endswith("evil.tfrecord:1")
+    assert "corrupt" in skip["reason"] and str(1 << 40) in skip["reason"]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_every_truncation_keeps_the_whole_records_before_it(tmp_path, rng, compressed):
+    from logitify_cli.records import count_records, read_records
+
+    recs = [example(png(photo(rng, 4, 4)), i) for i in range(3)]
+    data = b"".join(record(r) for r in recs)
+    ends = np.cumsum([len(record(r)) for r in recs]).tolist()
+    if compressed:
+        data = gzip.compress(data)
+    path = tmp_path / "cut.tfrecord"
+    for cut in range(len(data) + 1):
+        path.write_bytes(data[:cut])
+        count, reason = count_records(str(path), "GZIP" if compressed else "")
+        if compressed:
+            assert (reason is None) == (cut in (0, len(data))), (cut, reason)
+            assert count == (3 if cut == len(data) else count) and count <= 3
+        else:
+            assert count == sum(e <= cut for e in ends)
+            assert (reason is None) == (cut in [0, *ends]), (cut, reason)
+        if reason:
+            assert reason.startswith("corrupt TFRecord data: ")
+        got = []
+        with pytest.raises(ValueError) if reason else _nothing():
+            for rec in read_records(str(path), "GZIP" if compressed else ""):
+                got.append(rec)
+        assert got == recs[:count]
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_damaged_bytes_never_hand_out_a_damaged_record(data):
+    """Any flipped byte: the records given are exactly an intact prefix, or an error says where it stopped."""
+    import tempfile
+
+    from logitify_cli.records import RecordError, read_records
+
+    recs = [data.draw(st.binary(max_size=300)) for _ in range(data.draw(st.integers(1, 4)))]
+    raw = bytearray(b"".join(record(r) for r in recs))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.tfrecord")
+        with open(path, "wb") as f:
+            f.write(raw)
+        got = []
+        try:
+            for rec in read_records(path):
+                got.append(rec)
+        except RecordError as e:
+            assert e.index == len(got)
+        assert got == recs[:len(got)]
+
+
+def test_files_written_by_tensorflow_read_the_same(tmp_path):
+    import tensorflow as tf
+
+    from logitify_cli.records import read_records
+
+    rng = np.random.default_rng(3)
+    recs = [rng.bytes(int(n)) for n in rng.integers(0, 20000, 50)] + [b"", b"x" * 3]
+    for comp in ("", "GZIP"):
+        path = str(tmp_path / f"tf{comp}.tfrecord")
+        with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type=comp)) as w:
+            for r in recs:
+                w.write(r)
+        assert list(read_records(path, comp)) == recs
+    # GZIP members one after another (gzip a b > c) read as one stream
+    both = tmp_path / "two.tfrecord"
+    both.write_bytes(gzip.compress(record(b"one")) + gzip.compress(record(b"two")))
+    assert list(read_records(str(both), "GZIP")) == [b"one", b"two"]
+
+
+def test_gzip_record_claiming_too_much_is_refused_before_inflating_it(tmp_path):
+    from logitify_cli.records import GZIP_MAX_RECORD_BYTES, count_records
+
+    path = tmp_path / "big.tfrecord"
+    path.write_bytes(gzip.compress(record(b"fine") + header(1 << 40) + b"\0" * 100))
+    count, reason = count_records(str(path), "GZIP")
+    assert count == 1 and str(1 << 40) in reason and str(GZIP_MAX_RECORD_BYTES) in reason
+    path.write_bytes(gzip.compress(record(b"fine")) + b"trailing junk")
+    assert count_records(str(path), "GZIP") == (1, "corrupt TFRecord data: bytes after the end of the GZIP data")
+
+
+def test_gzip_bomb_stops_at_the_budget(tmp_path, monkeypatch):
+    """A small file that inflates without end: reading stops at a bound, with a reason, in bounded memory."""
+    from logitify_cli import records
+
+    zeros = record(bytes(1 << 20))  # valid 1 MiB records of zeros: they compress about 1000:1
+    path = tmp_path / "bomb.tfrecord.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        for _ in range(200):
+            f.write(zeros)
+    assert path.stat().st_size < (1 << 20)
+    monkeypatch.setattr(records, "GZIP_MIN_BUDGET", 64 << 20)  # the default budget, smaller, for a quick test
+    t = time.monotonic()
+    count, reason = records.count_records(str(path), "GZIP")
+    assert time.monotonic() - t < 30
+    assert 50 <= count < 64 and "decompression bomb" in reason
+
+
+def test_fifo_named_like_a_tfrecord_is_skipped(tmp_path):
+    from logitify_cli.records import count_records
+
+    fifo = tmp_path / "pipe.tfrecord"
+    os.mkfifo(fifo)
+    count, reason = count_records(str(fifo), "")
+    assert count == 0 and "named pipe" in reason
 
 
 # -- files that are not files ----------------------------------------------------------
