@@ -346,3 +346,58 @@ def test_huge_images_of_the_wrong_size_cost_no_memory(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) < 40_000  # KiB; one decoded image alone is 192,000
+
+
+# -- TensorFlow's import -----------------------------------------------------------------
+
+def _python(code, env_extra=None, timeout=180):
+    env = dict(ENV, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+def test_two_threads_importing_tensorflow_leave_stderr_working():
+    """Threads arriving while TensorFlow is being imported wait; fd 2 is redirected once and restored."""
+    code = (
+        "import os, sys, threading, time\n"
+        "from logitify_cli import _tf\n"
+        "real_dup2, moves = os.dup2, []\n"
+        "def spy(fd, fd2, *a):\n"
+        "    if fd2 == 2:\n"
+        "        moves.append(threading.current_thread().name)\n"
+        "    return real_dup2(fd, fd2, *a)\n"
+        "os.dup2 = spy\n"
+        "def load(late):\n"
+        "    while late and 'tensorflow' not in sys.modules:\n"  # arrive while the first is importing
+        "        time.sleep(0.001)\n"
+        "    _tf.tf()\n"
+        "threads = [threading.Thread(target=load, args=(late,)) for late in (False, True, True)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "assert len(moves) == 2 and moves[0] == moves[1], moves\n"
+        "print('python still reaches stderr', file=sys.stderr, flush=True)\n"
+        "os.write(2, b'fd 2 too\\n')\n"
+    )
+    r = _python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "python still reaches stderr\nfd 2 too\n"
+
+
+@pytest.mark.parametrize("level", ["0", "1", "2"])
+def test_a_users_log_level_does_not_let_tensorflow_talk(level):
+    code = (
+        "import os\n"
+        "from logitify_cli import _tf\n"
+        "tf = _tf.tf()\n"
+        "f = tf.function(lambda x: tf.reduce_sum(x * 2.0), jit_compile=True)\n"  # XLA logs its start-up
+        "f(tf.ones([8]))\n"
+        "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == " + repr(level) + ", 'the user value is back'\n"
+    )
+    r = _python(code, {"TF_CPP_MIN_LOG_LEVEL": level})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+
+
+def test_verbose_shows_tensorflows_lines():
+    r = _python("from logitify_cli import _tf\n_tf.verbose = True\n_tf.tf()\n")
+    assert r.returncode == 0 and r.stderr.strip()
