@@ -289,9 +289,22 @@ def inventory(items: list, skipped: list) -> Inventory:
 
 
 def read_path_list(stream, null: bool = False):
-    """Paths from a stream: one per line, or NUL-separated (find -print0)."""
+    r"""Paths from a stream: NUL-separated (find -print0), or one per line.
+
+    Lines end at "\n" only (not at "\r", U+2028, "\x0b", "\x0c", "\x1c"-"\x1e"
+    or "\x85", which are ordinary characters in POSIX names). A "\r" is
+    part of the name too, except when every line ends with one: such a list
+    came from a CRLF tool, so one "\r" is taken off each line. Blank lines
+    are ignored; names of any kind are safe only with NUL separators.
+    """
     data = stream.read()
     if isinstance(data, bytes):
         data = data.decode("utf-8", "surrogateescape")
-    parts = data.split("\0") if null else data.splitlines()
-    return [p for p in parts if p.strip()]
+    if null:
+        return [p for p in data.split("\0") if p]
+    lines = data.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if lines and all(line.endswith("\r") for line in lines):
+        lines = [line[:-1] for line in lines]
+    return [p for p in lines if p.strip()]

@@ -401,3 +401,17 @@ def test_a_users_log_level_does_not_let_tensorflow_talk(level):
 def test_verbose_shows_tensorflows_lines():
     r = _python("from logitify_cli import _tf\n_tf.verbose = True\n_tf.tf()\n")
     assert r.returncode == 0 and r.stderr.strip()
+
+
+# -- lists of paths on stdin -------------------------------------------------------------
+
+def test_path_lists_split_on_newline_only():
+    from logitify_cli.sources import read_path_list
+
+    odd = ["a\rb.png", "c\u2028d.png", "e\x0bf.png", "g\x0ch.png", "i\x1cj\x1dk\x1el.png", "m\x85n.png", " sp.png"]
+    assert read_path_list(io.StringIO("\n".join(odd) + "\n")) == odd
+    assert read_path_list(io.BytesIO(("\n".join(odd)).encode())) == odd
+    assert read_path_list(io.StringIO("x.png\r\ny.png\r\n\r\n")) == ["x.png", "y.png"]  # a CRLF list
+    assert read_path_list(io.StringIO("x.png\r\ny.png\n")) == ["x.png\r", "y.png"]  # a name ending in CR
+    assert read_path_list(io.BytesIO(b"a\nb.png\0 \0\0c\xff.png\0"), null=True) == ["a\nb.png", " ", "c\udcff.png"]
+    assert read_path_list(io.StringIO("\n  \nz.png")) == ["z.png"]
