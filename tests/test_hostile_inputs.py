@@ -415,3 +415,152 @@ def test_path_lists_split_on_newline_only():
     assert read_path_list(io.StringIO("x.png\r\ny.png\n")) == ["x.png\r", "y.png"]  # a name ending in CR
     assert read_path_list(io.BytesIO(b"a\nb.png\0 \0\0c\xff.png\0"), null=True) == ["a\nb.png", " ", "c\udcff.png"]
     assert read_path_list(io.StringIO("\n  \nz.png")) == ["z.png"]
+
+
+# -- discovery: what is a file, a folder, a link -----------------------------------------
+
+def _tree(root, rng, rels):
+    for rel in rels:
+        save(str(root / rel), photo(rng, 4, 4), format="PNG")
+    return root
+
+
+def _found(inv):
+    return [(it.key, it.class_name) for it in inv.items], {s["source"]: s["reason"] for s in inv.skipped}
+
+
+def test_fifos_sockets_and_devices_are_skipped_at_discovery(tmp_path, rng):
+    import socket
+
+    from logitify_cli.sources import discover
+
+    src = _tree(tmp_path / "s", rng, ["cats/a.png"])
+    os.mkfifo(src / "cats" / "pipe.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "cats" / "sock.png"))
+    os.symlink("/dev/null", src / "cats" / "null.png")
+    os.mkfifo(src / "cats" / "pipe.txt")  # not named like an image: not an input at all
+    os.mkfifo(tmp_path / "alone.png")
+    try:
+        inv = discover([str(src), str(tmp_path / "alone.png"), "/dev/zero"])
+    finally:
+        sock.close()
+    items, skipped = _found(inv)
+    assert items == [("cats/a.png", "cats")]
+    assert {k.rsplit("/", 1)[-1]: v for k, v in skipped.items()} == {
+        "pipe.png": "not a regular file (a named pipe)",
+        "sock.png": "not a regular file (a socket)",
+        "null.png": "not a regular file (a character device)",
+        "alone.png": "not a regular file (a named pipe)",
+        "zero": "not a regular file (a character device)",
+    }
+
+
+@pytest.mark.parametrize("as_single_path", [False, True])
+def test_encode_with_a_fifo_named_like_an_image_finishes(tmp_path, rng, as_single_path):
+    src = _tree(tmp_path / "s", rng, ["cats/a.png", "dogs/b.png"])
+    fifo = src / "cats" / "pipe.png"
+    os.mkfifo(fifo)
+    args = [fifo, src / "cats" / "a.png"] if as_single_path else [src]
+    r = run_cli("encode", *args, "-o", tmp_path / "out", timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["reason"] for s in m["skipped"]] == ["not a regular file (a named pipe)"]
+    assert "named pipe" in r.stderr
+
+
+def test_links_to_folders_are_followed_once_and_loops_are_listed(tmp_path, rng):
+    from logitify_cli.sources import discover
+
+    ext = _tree(tmp_path / "other_disk", rng, ["cats/a.png", "cats/deep/b.png"])
+    src = _tree(tmp_path / "s", rng, ["dogs/c.png"])
+    os.symlink(ext / "cats", src / "felines")  # a class folder kept elsewhere
+    os.symlink(ext / "cats", src / "zz_again")  # a second way into the same folder
+    os.symlink(src, src / "dogs" / "up")  # back to the top: a loop
+    os.symlink(".", src / "dogs" / "self")  # to itself
+    os.symlink(tmp_path / "gone", src / "dogs" / "gone.png")
+    os.symlink(tmp_path / "gone", src / "gone_folder")
+    items, skipped = _found(discover([str(src)]))
+    assert items == [("dogs/c.png", "dogs"), ("felines/a.png", "felines"), ("felines/deep/b.png", "felines")]
+    assert skipped == {
+        "dogs/gone.png": "broken symbolic link",
+        "dogs/self": "symbolic link loop: leads back to 'dogs'",
+        "dogs/up": "symbolic link loop: leads back to the top folder",
+        "gone_folder": "broken symbolic link",
+        "zz_again": "not followed: the same folder as 'felines', searched already",
+    }
+
+
+def test_unreadable_folders_are_listed(tmp_path, rng, monkeypatch):
+    from logitify_cli import sources
+
+    src = _tree(tmp_path / "s", rng, ["cats/a.png", "dogs/b.png"])
+    real = os.scandir
+
+    def scandir(path):
+        if os.path.basename(os.path.normpath(path)) == "dogs":
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    items, skipped = _found(sources.discover([str(src)]))
+    assert items == [("cats/a.png", "cats")]
+    assert skipped == {"dogs": "cannot read folder: Permission denied"}
+    items, skipped = _found(sources.discover([str(src / "dogs")]))
+    assert items == [] and list(skipped.values()) == ["cannot read folder: Permission denied"]
+
+
+# -- keys of files named one by one ------------------------------------------------------
+
+def test_absolute_inputs_get_relative_keys_in_any_order(tmp_path, rng, monkeypatch):
+    from logitify_cli.sources import discover, single_file_keys
+
+    root = _tree(tmp_path / "photos", rng, ["cats/a.png", "cats/b.png", "dogs/a.png", "x.png"])
+    paths = [str(root / r) for r in ("cats/a.png", "cats/b.png", "dogs/a.png", "x.png")]
+    keys = [it.key for it in discover(paths).items]
+    assert keys == ["cats/a.png", "cats/b.png", "dogs/a.png", "x.png"]
+    assert [it.key for it in discover(paths[::-1]).items] == keys
+    assert single_file_keys(paths[:2]) == {paths[0]: "a.png", paths[1]: "b.png"}
+    monkeypatch.chdir(root / "cats")
+    # '..' never reaches a key; relative inputs without it keep theirs
+    assert single_file_keys(["../dogs/a.png", "a.png"]) == {"../dogs/a.png": "dogs/a.png", "a.png": "cats/a.png"}
+    assert single_file_keys(["a.png", "./b.png", "sub//c.png"]) == {"a.png": "a.png", "./b.png": "b.png",
+                                                                     "sub//c.png": "sub//c.png"}
+    assert single_file_keys([paths[0], "/" + paths[0].lstrip("/")]) == {paths[0]: "a.png"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "..", ".", "c.png", "d e", "f\\g"]), min_size=1, max_size=4),
+                min_size=1, max_size=6), st.booleans(), st.randoms())
+def test_single_file_keys_are_relative_distinct_and_order_free(parts, absolute, rnd):
+    from logitify_cli.sinks import key_relpath
+    from logitify_cli.sources import single_file_keys
+
+    paths = [("/base/" if absolute else "") + "/".join(p) + "/z.png" for p in parts]
+    keys = single_file_keys(paths)
+    shuffled = list(paths)
+    rnd.shuffle(shuffled)
+    assert single_file_keys(shuffled) == keys
+    for p, k in keys.items():
+        assert not k.startswith("/") and ".." not in k.split("/")
+        key_relpath(k)  # decode accepts it
+    files = {}
+    for p, k in keys.items():
+        files.setdefault(k, set()).add(os.path.abspath(p))
+    assert all(len(f) == 1 for f in files.values())  # two files never share a key
+
+
+def test_find_with_absolute_paths_then_decode(tmp_path, rng):
+    """find "$PWD/photos" -name '*.png' -print0 | logitify encode - --null: decode gives the images back."""
+    root = tmp_path / "photos"
+    truth = {}
+    for rel in ("cats/a.png", "dogs/b.png"):
+        truth[rel] = photo(rng, 6, 5)
+        save(str(root / rel), truth[rel])
+    listing = "".join(str(root / rel) + "\0" for rel in truth)
+    r = run_cli("encode", "-", "--null", "-o", tmp_path / "out", stdin=listing)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("decode", tmp_path / "out", "-o", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    for rel, arr in truth.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / rel)), arr)
