@@ -564,3 +564,49 @@ def test_find_with_absolute_paths_then_decode(tmp_path, rng):
     assert r.returncode == 0, r.stderr
     for rel, arr in truth.items():
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "back" / rel)), arr)
+
+
+# -- keys as file names on decode ---------------------------------------------------------
+
+def test_backslash_and_colon_are_name_characters_on_posix(monkeypatch):
+    from logitify_cli.sinks import key_relpath, png_relpath
+
+    if os.name == "nt":
+        pytest.skip("POSIX names")
+    for key in ("c:x.png", "x\\..\\y.png", "a\\b.png", "d/train.tfrecord:3", "\\\\server\\share.png"):
+        assert key_relpath(key) == key
+    assert png_relpath("a\\b.jpg") == "a\\b.png" and png_relpath("d/t.tfrecord:3") == "d/t.tfrecord:3.png"
+    assert key_relpath("./a//b/./c.png") == "a/b/c.png"
+    for bad in ("", "x\0.png", "/abs.png", "..", "../x.png", "a/../../b.png", "a/..", ".", "./"):
+        with pytest.raises(ValueError):
+            key_relpath(bad)
+    # Windows: '\' separates, drives and devices are refused, streams are not written
+    monkeypatch.setattr(os, "name", "nt")
+    assert key_relpath("a\\b.png") == "a/b.png"
+    assert key_relpath("d/train.tfrecord:3") == "d/train.tfrecord_3"
+    for bad in ("c:x.png", "C:\\x.png", "x\\..\\..\\y.png", "\\abs.png", "con.png", "a/NUL", "com1.txt.png"):
+        with pytest.raises(ValueError):
+            key_relpath(bad)
+
+
+def test_decode_writes_odd_but_safe_posix_names(cli, tmp_path, rng):
+    import hashlib
+
+    if os.name == "nt":
+        pytest.skip("POSIX names")
+    src = tmp_path / "one"
+    save(str(src / "a.png"), photo(rng, 4, 4))
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    shard = tmp_path / "ds" / m["shards"][0]["file"]
+    z = dict(np.load(shard, allow_pickle=False))
+    keys = ["c:x.png", "x\\..\\y.png", "a\\b.png"]
+    n = len(keys)
+    np.savez(shard, logits=np.repeat(z["logits"], n, 0), logdet=np.repeat(z["logdet"], n, 0),
+             keys=np.array(keys), labels=np.full(n, -1, np.int64))
+    m["shards"][0].update(num_examples=n, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    m["num_examples"] = n
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(keys)
