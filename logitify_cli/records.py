@@ -24,9 +24,11 @@ from ._tf import tf as _tf
 
 IMAGE_KEY_FALLBACKS = ("image", "image/encoded")
 
-# A record in a GZIP file cannot be checked against the file's size; no
-# encoded image a run could use comes near this.
-GZIP_MAX_RECORD_BYTES = 256 << 20
+# The most a record may claim. A GZIP file's records cannot be checked
+# against its size, and a sparse file can claim a terabyte it does not hold;
+# no encoded image a run could use comes near this (an uncompressed RGB
+# image at Pillow's pixel limit is 256 MiB).
+MAX_RECORD_BYTES = 256 << 20
 # All the bytes a GZIP file may inflate to: this many times its own size, but
 # at least GZIP_MIN_BUDGET. Records of encoded images barely compress; deflate
 # itself can reach about 1032:1, which is what a bomb uses.
@@ -295,8 +297,8 @@ def _open_bytes(path: str, compression_type: str, bound_inflated: bool):
 def _frames(stream, max_record_bytes: int):
     """(data, stored masked data checksum) of each record; RecordError where framing fails.
 
-    A record's length is trusted only once its checksum matches and it fits
-    in what the file still holds (or, inflated, under max_record_bytes).
+    A record's length is trusted only once its checksum matches, it fits in
+    what the file still holds (when known) and is at most max_record_bytes.
     """
     index = 0
     take = stream.take
@@ -317,14 +319,16 @@ def _frames(stream, max_record_bytes: int):
         if left is not None and n + 4 > left:
             raise RecordError(index, f"the header claims {n} bytes but the file holds only "
                                      f"{max(0, left - 4)} more (truncated or damaged)")
-        if left is None and n > max_record_bytes:
+        if n > max_record_bytes:
             raise RecordError(index, f"the header claims {n} bytes, more than the {max_record_bytes} "
-                                     "a record of a GZIP file may have")
+                                     "a record may have")
         try:
             data = take(n)
             crc = take(4)
         except _Unreadable as e:
             raise RecordError(index, str(e)) from None
+        except MemoryError:
+            raise RecordError(index, f"a record of {n} bytes does not fit in memory") from None
         if len(data) < n or len(crc) < 4:
             raise RecordError(index, "the file ends inside the record (truncated)")
         yield data, crc
@@ -332,14 +336,15 @@ def _frames(stream, max_record_bytes: int):
 
 
 def read_records(path: str, compression_type: str = "", check_data: bool = True,
-                 max_record_bytes: int = GZIP_MAX_RECORD_BYTES, bound_inflated: bool = True):
+                 max_record_bytes: int = MAX_RECORD_BYTES, bound_inflated: bool = True):
     """The records of a TFRecord file in order, each checked before it is yielded.
 
     Raises RecordError (a ValueError with .index and .reason) at the first
     record that cannot be read whole and intact, after yielding all before
     it; OSError if the file cannot be opened or is not a regular file.
     `check_data=False` skips the data checksums (files vouched for by a
-    sha256); `max_record_bytes` and `bound_inflated` are the GZIP limits.
+    sha256); `max_record_bytes` caps each record, `bound_inflated` limits
+    what a GZIP file may inflate to (GZIP_MAX_RATIO, GZIP_MIN_BUDGET).
     """
     fd, stream = _open_bytes(path, compression_type, bound_inflated)
     try:

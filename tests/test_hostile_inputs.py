@@ -191,14 +191,27 @@ def test_files_written_by_tensorflow_read_the_same(tmp_path):
 
 
 def test_gzip_record_claiming_too_much_is_refused_before_inflating_it(tmp_path):
-    from logitify_cli.records import GZIP_MAX_RECORD_BYTES, count_records
+    from logitify_cli.records import MAX_RECORD_BYTES, count_records
 
     path = tmp_path / "big.tfrecord"
     path.write_bytes(gzip.compress(record(b"fine") + header(1 << 40) + b"\0" * 100))
     count, reason = count_records(str(path), "GZIP")
-    assert count == 1 and str(1 << 40) in reason and str(GZIP_MAX_RECORD_BYTES) in reason
+    assert count == 1 and str(1 << 40) in reason and str(MAX_RECORD_BYTES) in reason
     path.write_bytes(gzip.compress(record(b"fine")) + b"trailing junk")
     assert count_records(str(path), "GZIP") == (1, "corrupt TFRecord data: bytes after the end of the GZIP data")
+
+
+def test_sparse_file_claiming_a_terabyte_is_refused_without_reading_it(tmp_path):
+    from logitify_cli.records import count_records
+
+    path = tmp_path / "sparse.tfrecord"
+    with open(path, "wb") as f:
+        f.write(record(b"fine") + header((1 << 40) - 100))
+        f.truncate(1 << 40)  # holes: no disk used, but the size fits the claim
+    t = time.monotonic()
+    count, reason = count_records(str(path), "")
+    assert time.monotonic() - t < 5
+    assert count == 1 and "a record may have" in reason
 
 
 def test_gzip_bomb_stops_at_the_budget(tmp_path, monkeypatch):
