@@ -146,15 +146,45 @@ class ItemList(Sequence):
 
 
 class ImageFile:
-    """A single image path; its key is the path as given, or as single_file_keys() chose."""
+    """A single image path; its key is the path as given, or as single_file_keys() chose.
 
-    def __init__(self, path: str, key: str | None = None):
+    Only a regular file becomes an input: a missing path, a broken link, a
+    FIFO, socket or device is a skipped entry with its reason, and nothing
+    is opened to find out.
+    """
+
+    def __init__(self, path: str, key: str | None = None, mode=None):
         self.path = path
         self.key = key
+        self._mode = mode  # os.stat(path).st_mode or the OSError, if the caller has it
 
     def items(self):
         key = self.key or _as_key(self.path)
+        reason = _unusable(self.path, self._mode)
+        if reason:
+            return [], [{"source": key, "reason": reason}]
         return [Item(key, key, self.path)], []
+
+
+def _stat_mode(path: str):
+    """os.stat(path).st_mode, or the OSError (following links)."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as e:
+        return e
+
+
+def _unusable(path: str, mode=None) -> str | None:
+    """Why a file named by the user cannot be an input, or None."""
+    if mode is None:
+        mode = _stat_mode(path)
+    if isinstance(mode, FileNotFoundError):
+        return "broken symbolic link" if os.path.islink(path) else "no such file or directory"
+    if isinstance(mode, OSError):
+        return f"cannot read: {_why(mode)}"
+    if not stat.S_ISREG(mode):
+        return _not_regular(mode)
+    return None
 
 
 def _not_regular(mode: int) -> str:
@@ -368,36 +398,20 @@ def discover(paths, compression: str | None = None) -> Inventory:
     """
     if not paths:
         raise UsageError("no sources given")
-    kinds = {}
-    for path in paths:
-        try:
-            kinds[path] = os.stat(path).st_mode
-        except OSError as e:
-            kinds[path] = e
+    kinds = {path: _stat_mode(path) for path in paths}
     keys = single_file_keys(p for p in paths if not (isinstance(kinds[p], int) and stat.S_ISDIR(kinds[p])))
     items, skipped = [], []
     for path in paths:
         mode = kinds[path]
         if isinstance(mode, int) and stat.S_ISDIR(mode):
-            found, bad = ImageFolder(path).items()
-            items.extend(found)
-            skipped.extend(bad)
-            continue
-        key = keys[path]
-        if isinstance(mode, OSError):
-            if isinstance(mode, FileNotFoundError):
-                reason = "broken symbolic link" if os.path.islink(path) else "no such file or directory"
-            else:
-                reason = f"cannot read: {_why(mode)}"
-            skipped.append({"source": key, "reason": reason})
-        elif not stat.S_ISREG(mode):
-            skipped.append({"source": key, "reason": _not_regular(mode)})
-        elif is_tfrecord_name(os.path.basename(path)):
-            found, bad = TfrecordFile(path, compression, key).items()
-            items.extend(found)
-            skipped.extend(bad)
+            source = ImageFolder(path)
+        elif isinstance(mode, int) and stat.S_ISREG(mode) and is_tfrecord_name(os.path.basename(path)):
+            source = TfrecordFile(path, compression, keys[path])
         else:
-            items.append(Item(key, key, path))
+            source = ImageFile(path, keys[path], mode)
+        found, bad = source.items()
+        items.extend(found)
+        skipped.extend(bad)
     skipped.sort(key=lambda s: s["source"])
     return inventory(items, skipped)
 
