@@ -623,3 +623,12 @@ def test_decode_writes_odd_but_safe_posix_names(cli, tmp_path, rng):
     r = cli("decode", tmp_path / "ds", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(tmp_path / "out")) == sorted(keys)
+
+
+def test_on_error_fail_with_tfrecord_input_says_why(tmp_path, rng):
+    """Counting records and TensorFlow's import overlap: the reason must still reach stderr."""
+    path = tmp_path / "mixed.tfrecord"
+    path.write_bytes(record(example(png(photo(rng, 8, 8)))) + record(example(b"not an image")))
+    r = run_cli("encode", path, "-o", tmp_path / "out", "--on-error", "fail")
+    assert r.returncode == 1
+    assert "mixed.tfrecord:1" in r.stderr and "Traceback" not in r.stderr
