@@ -355,7 +355,9 @@ def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
             return None
     except (OSError, ValueError, struct.error, MemoryError):
         return None
-    if expect_size is not None and (h, w) != tuple(expect_size):
+    if expect_size is not None and (h, w) != tuple(expect_size) and (w, h) != tuple(expect_size):
+        # (turned a quarter, it would fit: Pillow's road cannot rule out a late
+        # eXIf before decoding, so neither does this one; decode checks after)
         raise ImageSizeMismatch((h, w, channels), expect_size)
     try:
         return Image.frombytes(mode, (w, h), b"".join(idat), "zip", mode)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import photo, save
+from test_plain_png import pngs, same
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -632,3 +633,24 @@ def test_on_error_fail_with_tfrecord_input_says_why(tmp_path, rng):
     r = run_cli("encode", path, "-o", tmp_path / "out", "--on-error", "fail")
     assert r.returncode == 1
     assert "mixed.tfrecord:1" in r.stderr and "Traceback" not in r.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), channels=st.sampled_from([1, 3]), how=st.sampled_from(["intact", "flip", "cut"]))
+def test_both_roads_refuse_the_same_sizes(data, channels, how):
+    """With expect_size, the plain-PNG shortcut and Pillow's road still agree, on damaged files too."""
+    from logitify_cli.images import ImageReadError, decode
+
+    def outcome_sized(source, channels, fast, expect):
+        try:
+            return decode(source, channels, fast=fast, expect_size=expect)
+        except ImageReadError as e:
+            return f"{type(e).__name__}: {e}"
+
+    png_data = data.draw(pngs())
+    h, w = Image.open(io.BytesIO(png_data)).size[::-1]
+    expect = data.draw(st.sampled_from([(h, w), (w, h), (h + 1, w), (3, 5)]))
+    if how != "intact":
+        i = data.draw(st.integers(0, len(png_data) - 1))
+        png_data = png_data[:i] + (bytes([png_data[i] ^ 0x41]) + png_data[i + 1:] if how == "flip" else b"")
+    assert same(outcome_sized(png_data, channels, True, expect), outcome_sized(png_data, channels, False, expect))
