@@ -363,7 +363,8 @@ def single_file_keys(paths) -> dict:
     on the order the paths came in, and two different files never share one.
     """
     paths = list(dict.fromkeys(paths))
-    if all(not os.path.isabs(p) and ".." not in _parts(p) and not os.path.splitdrive(p)[0] for p in paths):
+    if all(not os.path.isabs(p) and not os.path.splitdrive(p)[0] and not (".." in p and ".." in _parts(p))
+           for p in paths):
         return {p: _as_key(p) for p in paths}
     full = {p: os.path.abspath(p) for p in paths}
     out = {}
