@@ -3,25 +3,46 @@
 TensorFlow's import costs seconds and prints start-up lines from C++ before
 its own log level applies, so the CLI imports it only when a command needs it,
 with the process's stderr file descriptor pointed elsewhere meanwhile.
+
+The import happens once, under a lock: two threads redirecting fd 2 at the
+same time would each save the other's redirection and leave stderr pointing
+at a closed temporary file for the rest of the run.
 """
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+import threading
 
 _tf = None
 verbose = False
 _KERAS_EAGER = "keras.src.optimizers"
+_lock = threading.RLock()
 
 
 def tf():
-    """Return the tensorflow module, importing it on first use."""
-    global _tf
+    """Return the tensorflow module, importing it on first use (other threads wait)."""
     if _tf is not None:
         return _tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    with _lock:
+        if _tf is not None:
+            return _tf
+        return _import()
+
+
+def _import():
+    global _tf
+    # TensorFlow's C++ logging reads its level once, early in the import.
+    # Unless verbose it is 3 whatever the environment says (a user's 0 made
+    # XLA's start-up lines appear); the user's own value is put back after.
+    user_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     # oneDNN rewrites can reorder float sums; we want bit-stable output.
+    # Left set: TensorFlow may consult it after the import.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # TensorFlow's __init__ imports keras.src.optimizers eagerly, only to
     # register Keras optimizers for SavedModel loading, and tolerates an
@@ -39,6 +60,10 @@ def tf():
     finally:
         if blocked and sys.modules.get(_KERAS_EAGER, 0) is None:
             del sys.modules[_KERAS_EAGER]
+        if user_level is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = user_level
     if not verbose:
         module.get_logger().setLevel("ERROR")
     # Grappler's arithmetic rewrites reassociate float sums such as
@@ -50,18 +75,21 @@ def tf():
 
 
 def _quiet_import():
+    """Import TensorFlow with fd 2 on a temporary file; fd 2 is back before this returns or raises."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow as module
-        except Exception:  # a broken install: show what TensorFlow said (not on Ctrl-C)
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode("utf-8", "replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    try:
+        with tempfile.TemporaryFile(mode="w+b") as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                import tensorflow as module
+            except Exception:  # a broken install: show what TensorFlow said (not on Ctrl-C)
+                os.dup2(saved, 2)
+                capture.seek(0)
+                sys.stderr.write(capture.read().decode("utf-8", "replace"))
+                raise
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
     return module

@@ -7,7 +7,6 @@ of shard i+1, so the cores never wait at a shard boundary.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -4,8 +4,10 @@ Runs in decode worker processes, so it imports only NumPy and Pillow.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -28,6 +30,66 @@ class ImageReadError(Exception):
     """An input that cannot become pixels; its message is the reason recorded."""
 
 
+class ImageSizeMismatch(ImageReadError):
+    """The image is not of the size the caller expects (read_image's expect_size).
+
+    `shape` is (h, w, channels) as decode would have returned it (after EXIF
+    orientation), `expected` the (h, w) asked for. Raised before any pixel is
+    decoded whenever the header tells the size.
+    """
+
+    def __init__(self, shape, expected):
+        self.shape = tuple(int(x) for x in shape)
+        self.expected = tuple(int(x) for x in expected)
+        h, w = self.shape[:2]
+        super().__init__(f"image is {w}x{h} but {self.expected[1]}x{self.expected[0]} was expected")
+
+    def __reduce__(self):  # travels back from the decode workers
+        return type(self), (self.shape, self.expected)
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file (a FIFO, socket or device): never read, never waited on."""
+
+    def __init__(self, path, mode: int):
+        reason = f"not a regular file ({file_kind(mode)})"
+        super().__init__(reason)
+        self.strerror = reason
+        self.path = path
+        self.mode = mode
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words, for a reason."""
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def open_regular(path) -> int:
+    """A read-only descriptor of a regular file, or OSError (NotRegularFile).
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a
+    writer; it changes nothing for regular files.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -38,6 +100,8 @@ def _why_unreadable(path: str, error: Exception) -> str:
         return "broken symbolic link"
     if os.path.isdir(path):
         return "is a directory, not an image"
+    if isinstance(error, NotRegularFile):
+        return str(error)
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
@@ -48,14 +112,29 @@ def _why_unreadable(path: str, error: Exception) -> str:
     return f"cannot read: {getattr(error, 'strerror', None) or error}"
 
 
-def _open(source, max_pixels: int):
-    """Open lazily (header only) and refuse bombs before decoding."""
+@contextlib.contextmanager
+def _opened(source, max_pixels: int):
+    """The image, header read, bombs refused; it and its file are closed after.
+
+    A path is opened here, never waiting on a FIFO or a device, and handed
+    to Pillow as a file.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageReadError("empty image bytes")
-        fp = io.BytesIO(source)
-    else:
-        fp = source
+        with _open(io.BytesIO(source), max_pixels) as img:
+            yield img
+        return
+    try:
+        fp = os.fdopen(open_regular(source), "rb")
+    except OSError as e:
+        raise ImageReadError(_why_unreadable(source, e)) from None
+    with fp, _open(fp, max_pixels, source) as img:
+        yield img
+
+
+def _open(fp, max_pixels: int, path=None):
+    """Open lazily (header only) and refuse bombs before decoding; `path` names fp for reasons."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -63,8 +142,8 @@ def _open(source, max_pixels: int):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageReadError(f"decompression bomb: {e}") from None
         except (UnidentifiedImageError, OSError) as e:
-            if fp is source:
-                raise ImageReadError(_why_unreadable(source, e)) from None
+            if path is not None:
+                raise ImageReadError(_why_unreadable(path, e)) from None
             raise ImageReadError("not an image Pillow can read") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -90,7 +169,7 @@ def _orientation(img) -> int:
 
 def peek_mode(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """The Pillow mode of an image, read from its header."""
-    with _open(source, max_pixels) as img:
+    with _opened(source, max_pixels) as img:
         return img.mode
 
 
@@ -111,19 +190,48 @@ def _high_bytes(img) -> Image.Image:
     return Image.fromarray((arr >> shift).astype(np.uint8), mode="L")
 
 
-def decode(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = True) -> np.ndarray:
+_SWAPS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
+
+
+def _check_header_size(img, channels: int, expect_size) -> None:
+    """Refuse an image whose header already says it is not expect_size (h, w).
+
+    EXIF orientation is read from the header where it can be; a PNG may
+    carry its eXIf after the pixel data, so there either orientation passes
+    here and decode checks the result.
+    """
+    w, h = img.size
+    final = (w, h) if _orientation(img) in _SWAPS else (h, w)
+    want = tuple(expect_size)
+    if final == want:
+        return
+    if img.format == "PNG" and "exif" not in img.info and (w, h) == want:
+        return
+    raise ImageSizeMismatch((*final, channels), want)
+
+
+def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = True,
+           expect_size=None) -> np.ndarray:
     """uint8 [H, W, channels] from a path or encoded bytes; ImageReadError if not.
 
     `fast` lets plain PNGs skip Pillow's per-file Python parsing (same
-    decoder, same pixels; see _plain_png).
+    decoder, same pixels; see _plain_png). `expect_size` (h, w), used only
+    without `size`: an image of any other size (after EXIF orientation)
+    raises ImageSizeMismatch, before its pixels are decoded wherever its
+    header tells, so a run of small images is not made to decode a huge
+    stray one only to refuse it.
     """
+    if size is not None:
+        expect_size = None
     try:
-        img = _plain_png(source, max_pixels) if fast else None
+        img = _plain_png(source, max_pixels, channels, expect_size) if fast else None
         plain = img is not None
         if not plain:
-            img = _open(source, max_pixels)
-        with img:
+            img = _opened(source, max_pixels)
+        with img as img:
             if not plain:
+                if expect_size is not None:
+                    _check_header_size(img, channels, expect_size)
                 try:
                     img.seek(0)
                 except EOFError:
@@ -131,6 +239,8 @@ def decode(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXEL
                 img.load()
                 if _orientation(img) != 1:
                     img = ImageOps.exif_transpose(img)
+            if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
+                raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
             img = _convert(img, channels)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
@@ -164,11 +274,14 @@ def _read_small(path):
 
     open() would add an isatty ioctl, a seek and two more stats per file,
     which at 50,000 small PNGs is a measurable part of a worker's time.
+    Anything but a regular file gives None (Pillow's road then says why):
+    O_NONBLOCK keeps a FIFO from holding the open, and it is never read.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        size = os.fstat(fd).st_size
-        if size > _PLAIN_PNG_MAX_BYTES:
+        st = os.fstat(fd)
+        size = st.st_size
+        if size > _PLAIN_PNG_MAX_BYTES or not stat.S_ISREG(st.st_mode):
             return None
         data = os.read(fd, size)
         while len(data) < size:  # a short read (e.g. a network filesystem): keep reading
@@ -181,7 +294,7 @@ def _read_small(path):
         os.close(fd)
 
 
-def _plain_png(source, max_pixels: int):
+def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
     """Decode a plain PNG with Pillow's own zlib/unfilter decoder, or None.
 
     Image.open spends most of a small PNG's time parsing chunks in Python.
@@ -191,7 +304,9 @@ def _plain_png(source, max_pixels: int):
     the same decoder Pillow's PNG plugin uses. Anything else, and any
     failure, returns None so the caller takes Pillow's full road, which
     then gives Pillow's verdict. tests/test_plain_png.py checks both roads
-    agree on valid, odd and damaged files.
+    agree on valid, odd and damaged files. A plain PNG has no EXIF, so its
+    IHDR is its size: one other than expect_size raises ImageSizeMismatch
+    before the pixels are decoded, as Pillow's road would.
     """
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -238,8 +353,15 @@ def _plain_png(source, max_pixels: int):
             pos = end
         if state != "data":
             return None
-        return Image.frombytes(mode, (w, h), b"".join(idat), "zip", mode)
     except (OSError, ValueError, struct.error, MemoryError):
+        return None
+    if expect_size is not None and (h, w) != tuple(expect_size) and (w, h) != tuple(expect_size):
+        # (turned a quarter, it would fit: Pillow's road cannot rule out a late
+        # eXIf before decoding, so neither does this one; decode checks after)
+        raise ImageSizeMismatch((h, w, channels), expect_size)
+    try:
+        return Image.frombytes(mode, (w, h), b"".join(idat), "zip", mode)
+    except (OSError, ValueError, MemoryError):
         return None
 
 
@@ -261,12 +383,13 @@ def _convert(img, channels: int):
     return img
 
 
-def decode_many(payloads, channels, size, max_pixels):
+def read_many(payloads, channels, size, max_pixels, expect_size=None):
     """Worker entry point: (stacked arrays, shapes, reasons) for a chunk.
 
     Images of the chunk's common shape travel as one array (one buffer to
     pickle, not dozens); the odd ones out, and failures, ride alongside.
-    Unpack with unpack_many().
+    Unpack with unpack_many(). With expect_size (h, w), an image of another
+    size has the ImageSizeMismatch itself as its reason, not a string.
     """
     arrays, reasons = [], []
     for p in payloads:
@@ -275,8 +398,11 @@ def decode_many(payloads, channels, size, max_pixels):
             reasons.append(str(p))
             continue
         try:
-            arrays.append(decode(p, channels, size, max_pixels))
+            arrays.append(read_image(p, channels, size, max_pixels, expect_size=expect_size))
             reasons.append(None)
+        except ImageSizeMismatch as e:
+            arrays.append(None)
+            reasons.append(e)
         except ImageReadError as e:
             arrays.append(None)
             reasons.append(str(e))
@@ -289,34 +415,9 @@ def decode_many(payloads, channels, size, max_pixels):
 
 
 def unpack_many(result):
-    """[(array or None, reason or None)] from decode_many()'s result."""
+    """[(array or None, reason or None)] from read_many()'s result."""
     stack, same, odd, reasons = result
     out = [(odd.get(i), r) for i, r in enumerate(reasons)]
     for j, i in enumerate(same):
         out[i] = (stack[j], None)
     return out
-
-
-def encode_pngs(jobs):
-    """Worker entry point for decode: write (path, uint8 HWC) pairs as PNG."""
-    from .sinks import write_png
-
-    errors = []
-    for path, image in jobs:
-        try:
-            write_png(path, image)
-        except OSError as e:
-            errors.append((path, e.strerror or str(e), e.errno))
-    return errors
-
-
-# -- transitional names (file -> pixels is "read") -------------------------------------
-MAX_FILE_BYTES = 1 << 30
-
-
-def read_image(source, channels, size=None, max_pixels=DEFAULT_MAX_PIXELS, expect=None):
-    return decode(source, channels, size, max_pixels)
-
-
-def read_many(payloads, channels, size, max_pixels, expect=None):
-    return decode_many(payloads, channels, size, max_pixels)

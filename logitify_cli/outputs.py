@@ -31,9 +31,13 @@ class Refused(Exception):
 def key_relpath(key: str) -> str:
     """A key as a relative path inside the output folder, or ValueError.
 
-    Keys come from manifests written by strangers: NUL, '..' components and
-    absolute paths are refused rather than cleaned up. On POSIX only '/'
-    separates: '\\' and ':' are ordinary characters of a name.
+    Keys come from manifests written by strangers: empty keys, NUL,
+    absolute paths and '..' components are refused rather than cleaned up.
+    Only '/' separates folders: on POSIX '\\' and ':' are ordinary
+    characters of a name (the key 'a\\b.png' is one file, 'c:x.png' a file
+    in the output folder). On Windows '\\' separates too, drives and device
+    names (CON, NUL, COM1, ...) are refused, and any other ':' becomes '_'
+    (it would name an NTFS stream; TFRecord keys are FILE:INDEX).
     """
     if not isinstance(key, str) or not key:
         raise ValueError("empty key")
@@ -44,11 +48,16 @@ def key_relpath(key: str) -> str:
         text = key.replace("\\", "/")
         if len(text) > 1 and text[1] == ":" and text[0].isalpha():
             raise ValueError("key is an absolute path")
+        text = text.replace(":", "_")
     if text.startswith("/"):
         raise ValueError("key is an absolute path")
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts):
         raise ValueError("key climbs out of the output folder ('..')")
+    if os.name == "nt":
+        devices = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
+        if any(p.split(".")[0].rstrip(" ").upper() in devices for p in parts):
+            raise ValueError("key names a Windows device (CON, NUL, COM1, ...)")
     return "/".join(parts)
 
 

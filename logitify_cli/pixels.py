@@ -61,7 +61,7 @@ class ReadTask:
         self.channels, self.size, self.max_pixels, self.expect = channels, size, max_pixels, expect
 
     def __call__(self, payloads):
-        return images_mod.read_many(payloads, self.channels, self.size, self.max_pixels, self.expect)
+        return images_mod.read_many(payloads, self.channels, self.size, self.max_pixels, expect_size=self.expect)
 
 
 def read_one(payload, channels, size, max_pixels, expect=None):
@@ -69,7 +69,9 @@ def read_one(payload, channels, size, max_pixels, expect=None):
     if isinstance(payload, BaseException):
         return None, str(payload)
     try:
-        return images_mod.read_image(payload, channels, size, max_pixels, expect=expect), None
+        return images_mod.read_image(payload, channels, size, max_pixels, expect_size=expect), None
+    except images_mod.ImageSizeMismatch as e:
+        return None, e
     except images_mod.ImageReadError as e:
         return None, str(e)
 

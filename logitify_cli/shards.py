@@ -20,6 +20,7 @@ import numpy as np
 from . import fs
 from .errors import LogitifyError, write_error
 from .formats import get as get_format
+from .images import ImageSizeMismatch
 from .manifest import ShardEntry
 from .transform import image_seeds
 
@@ -65,17 +66,19 @@ def collect(task, pixels, warn, tick=lambda n: None):
 
     for it, label, arr, reason in each():
         tick(1)
+        # A size refused from the header (its pixels never read) is the same error as one seen after.
+        got = tuple(reason.shape) if isinstance(reason, ImageSizeMismatch) else (arr.shape if arr is not None else None)
+        if got is not None and got != shape:
+            raise LogitifyError(
+                f"{it.key} is {got[1]}x{got[0]} (channels {got[2]}) but the dataset is "
+                f"{shape[1]}x{shape[0]} (set by {task.first_key}); pass --size HxW to resize all images"
+            )
         if arr is None:
             if opts.on_error == "fail":
                 raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")
             skipped.append({"source": it.key, "reason": reason})
             warn(f"skipped {it.key}: {reason}")
             continue
-        if arr.shape != shape:
-            raise LogitifyError(
-                f"{it.key} is {arr.shape[1]}x{arr.shape[0]} (channels {arr.shape[2]}) but the dataset is "
-                f"{shape[1]}x{shape[0]} (set by {task.first_key}); pass --size HxW to resize all images"
-            )
         good.append((it.key, label, arr))
     return good, skipped
 

@@ -4,12 +4,18 @@ An Item is known before any pixel is read (its key, its label where the
 folder gives one, and where its bytes live), so the shard layout of a run is
 fixed up front. Each kind of input is a class beside its siblings:
 ImageFile, ImageFolder and TfrecordFile.
+
+Discovery never reads a byte of an input, never waits on one (FIFOs,
+sockets and devices named like images are skipped with a reason), and says
+what it did not follow: broken links, link loops, unreadable folders.
 """
 from __future__ import annotations
 
+import heapq
 import operator
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import LogitifyError, UsageError
-from .images import is_image_name
+from .images import file_kind, is_image_name
 
 TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -140,39 +146,107 @@ class ItemList(Sequence):
 
 
 class ImageFile:
-    """A single image path: its key is the path as given."""
+    """A single image path; its key is the path as given, or as single_file_keys() chose.
 
-    def __init__(self, path: str):
+    Only a regular file becomes an input: a missing path, a broken link, a
+    FIFO, socket or device is a skipped entry with its reason, and nothing
+    is opened to find out.
+    """
+
+    def __init__(self, path: str, key: str | None = None, mode=None):
         self.path = path
+        self.key = key
+        self._mode = mode  # os.stat(path).st_mode or the OSError, if the caller has it
 
     def items(self):
-        key = _as_key(self.path)
+        key = self.key or _as_key(self.path)
+        reason = _unusable(self.path, self._mode)
+        if reason:
+            return [], [{"source": key, "reason": reason}]
         return [Item(key, key, self.path)], []
 
 
+def _stat_mode(path: str):
+    """os.stat(path).st_mode, or the OSError (following links)."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as e:
+        return e
+
+
+def _unusable(path: str, mode=None) -> str | None:
+    """Why a file named by the user cannot be an input, or None."""
+    if mode is None:
+        mode = _stat_mode(path)
+    if isinstance(mode, FileNotFoundError):
+        return "broken symbolic link" if os.path.islink(path) else "no such file or directory"
+    if isinstance(mode, OSError):
+        return f"cannot read: {_why(mode)}"
+    if not stat.S_ISREG(mode):
+        return _not_regular(mode)
+    return None
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file ({file_kind(mode)})"
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
 class ImageFolder:
-    """A directory searched recursively; first sub-folder = class (ImageFolder)."""
+    """A directory searched recursively; first sub-folder = class (ImageFolder).
+
+    Links to folders are followed (a class folder may live on another
+    disk), each real folder once: a link back to a folder on its own path
+    is a loop, and a second way into a folder already searched is not taken
+    (its images would be there twice, under two keys). What is not followed
+    or cannot be read is listed with a reason, not dropped.
+    """
 
     def __init__(self, path: str):
         self.path = path
 
     def items(self):
-        """Items in no particular order (discover() sorts them).
+        """(items in no particular order (discover() sorts them), skipped entries).
 
         A million images must not cost a gigabyte even before discover()
         packs them: one Item each, built while the directory is read (no
         DirEntry list, no intermediate tuples), sharing the folder's path
-        and its class name.
+        and its class name. The plain tree is searched first and links to
+        folders afterwards, in order of their keys, so which way into a
+        folder counts does not depend on the order the disk lists entries in.
         """
-        items = []
+        items, skipped = [], []
         classes = {}
         root = os.path.join(self.path, "")  # keys use "/", which every OS here accepts in paths
+        seen = {}  # (st_dev, st_ino) of each folder searched -> its key prefix ("" for the top)
         stack = [("", self.path)]
-        while stack:
+        links = []  # heap of (key, path) of links to folders, followed after the plain tree
+
+        def skip(rel, reason):
+            skipped.append({"source": rel or _as_key(self.path), "reason": reason})
+
+        while stack or links:
+            if not stack:
+                rel, path = heapq.heappop(links)
+                stack.append((rel + "/", path))
             rel_dir, full_dir = stack.pop()
             try:
+                st = os.stat(full_dir)
                 it = os.scandir(full_dir)
-            except OSError:
+            except OSError as e:
+                skip(rel_dir[:-1], f"cannot read folder: {_why(e)}")
+                continue
+            first = seen.setdefault((st.st_dev, st.st_ino), rel_dir)
+            if first != rel_dir:
+                it.close()
+                where = f"'{first[:-1]}'" if first else "the top folder"
+                if rel_dir.startswith(first):
+                    skip(rel_dir[:-1], f"symbolic link loop: leads back to {where}")
+                else:
+                    skip(rel_dir[:-1], f"not followed: the same folder as {where}, searched already")
                 continue
             with it:
                 while True:
@@ -180,48 +254,86 @@ class ImageFolder:
                         e = next(it)
                     except StopIteration:
                         break
-                    except OSError:  # the folder vanished or broke while being read
+                    except OSError as err:  # the folder vanished or broke while being read
+                        skip(rel_dir[:-1], f"folder read only in part: {_why(err)}")
                         break
                     name = e.name
                     if is_hidden(name):
                         continue
                     rel = rel_dir + name
                     try:
-                        is_dir = e.is_dir(follow_symlinks=False)
-                    except OSError:
-                        is_dir = False
-                    if is_dir:
-                        stack.append((rel + "/", e.path))
-                    elif is_image_name(name):
-                        cls = None
-                        if rel_dir:  # nested: the first sub-folder is the class
-                            top = rel_dir[:rel_dir.index("/")]
-                            cls = classes.setdefault(top, top)
-                        items.append(Item(rel, rel, root, class_name=cls, relative=True))
-        return items, []
+                        if e.is_file(follow_symlinks=False):
+                            regular = True
+                        elif e.is_dir(follow_symlinks=False):
+                            stack.append((rel + "/", e.path))
+                            continue
+                        elif e.is_symlink():
+                            try:
+                                mode = os.stat(e.path).st_mode
+                            except FileNotFoundError:
+                                skip(rel, "broken symbolic link")
+                                continue
+                            except OSError as err:
+                                skip(rel, f"cannot follow symbolic link: {_why(err)}")
+                                continue
+                            if stat.S_ISDIR(mode):
+                                heapq.heappush(links, (rel, e.path))
+                                continue
+                            regular = stat.S_ISREG(mode)
+                        else:
+                            mode = e.stat(follow_symlinks=False).st_mode
+                            regular = False
+                    except OSError as err:  # the entry vanished while being looked at
+                        if is_image_name(name):
+                            skip(rel, f"cannot read: {_why(err)}")
+                        continue
+                    if not is_image_name(name):
+                        continue
+                    if not regular:
+                        skip(rel, _not_regular(mode))
+                        continue
+                    cls = None
+                    if rel_dir:  # nested: the first sub-folder is the class
+                        top = rel_dir[:rel_dir.index("/")]
+                        cls = classes.setdefault(top, top)
+                    items.append(Item(rel, rel, root, class_name=cls, relative=True))
+        return items, skipped
 
 
 class TfrecordFile:
-    """A TFRecord file of tf.train.Example records; key FILE:INDEX."""
+    """A TFRecord file of tf.train.Example records; key FILE:INDEX (FILE as for ImageFile)."""
 
-    def __init__(self, path: str, compression: str | None = None, key: str | None = None):
+    def __init__(self, path: str, compression: str | None = None, name: str | None = None):
         self.path = path
         self.compression = compression
-        self.key = key
+        self.name = name
 
     def compression_type(self) -> str:
-        from . import fs
-
+        """"GZIP" or ""; OSError if the file cannot be read (a FIFO is refused, not waited on)."""
         if self.compression is not None:
             return "GZIP" if self.compression.lower() == "gzip" else ""
-        with fs.open_read(self.path) as f:
-            return "GZIP" if f.read(2) == GZIP_MAGIC else ""
+        from . import fs
+
+        if fs.is_remote(self.path):
+            with fs.open_read(self.path) as f:
+                return "GZIP" if f.read(2) == GZIP_MAGIC else ""
+        from .images import open_regular
+
+        fd = open_regular(self.path)
+        try:
+            return "GZIP" if os.pread(fd, 2, 0) == GZIP_MAGIC else ""
+        finally:
+            os.close(fd)
 
     def items(self):
         from .records import count_records
 
-        name = self.key or _as_key(self.path)
-        count, error = count_records(self.path, self.compression_type())
+        name = self.name or _as_key(self.path)
+        try:
+            compression = self.compression_type()
+        except OSError as e:
+            return [], [{"source": f"{name}:0", "reason": f"cannot read: {_why(e)}"}]
+        count, error = count_records(self.path, compression)
         items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(count)]
         skipped = []
         if error:
@@ -229,15 +341,49 @@ class TfrecordFile:
         return items, skipped
 
 
-def source_for(path: str, compression: str | None = None):
-    """The source class for one path named by the user."""
+def source_for(path: str, compression: str | None = None, key: str | None = None):
+    """The source class for one path named by the user (`key`: the single file's key)."""
     if os.path.isdir(path):
         return ImageFolder(path)
     if is_tfrecord_name(os.path.basename(path)):
         if not os.path.exists(path):
             raise UsageError(f"no such file: {path}")
-        return TfrecordFile(path, compression)
-    return ImageFile(path)
+        return TfrecordFile(path, compression, key)
+    return ImageFile(path, key)
+
+
+def _parts(path: str) -> list:
+    seps = "/\\" if os.name == "nt" else "/"
+    return re.split(f"[{re.escape(seps)}]", path)
+
+
+def single_file_keys(paths) -> dict:
+    """{path: key} for files named one by one (images, TFRecord files).
+
+    Relative paths without '..' keep their key: the path as given (as
+    before). If any path is absolute or climbs with '..', every one of them
+    is keyed by its path relative to the deepest folder holding them all
+    (`find "$PWD/photos" -print0` gives keys like 'cats/a.png', not
+    '/home/...'), so keys stay relative, never contain '..', do not depend
+    on the order the paths came in, and two different files never share one.
+    """
+    paths = list(dict.fromkeys(paths))
+    if all(not os.path.isabs(p) and not os.path.splitdrive(p)[0] and not (".." in p and ".." in _parts(p))
+           for p in paths):
+        return {p: _as_key(p) for p in paths}
+    full = {p: os.path.abspath(p) for p in paths}
+    out = {}
+    by_drive = {}
+    for p, f in full.items():
+        by_drive.setdefault(os.path.splitdrive(f)[0], []).append(p)
+    for drive, group in by_drive.items():
+        base = os.path.commonpath([os.path.dirname(full[p]) for p in group])
+        for p in group:
+            key = os.path.relpath(full[p], base).replace(os.sep, "/")
+            if len(by_drive) > 1:  # Windows, several drives: the drive letter leads
+                key = drive.rstrip(":").replace("\\", "/").strip("/") + "/" + key
+            out[p] = key
+    return out
 
 
 @dataclass
@@ -277,7 +423,7 @@ class BucketPrefix:
                 continue
             top = rel.split("/", 1)[0] if "/" in rel and path != self.path else None
             if is_tfrecord_name(name):
-                found, bad = TfrecordFile(path, self.compression, key=rel).items()
+                found, bad = TfrecordFile(path, self.compression, rel).items()
                 items.extend(found)
                 skipped.extend(bad)
             elif is_image_name(name):
@@ -286,10 +432,18 @@ class BucketPrefix:
 
 
 def discover(paths, compression: str | None = None) -> Inventory:
+    """Everything the user named, found and keyed; nothing is read or waited on.
+
+    One stat per path: a folder is searched, a regular file becomes an
+    input, anything else (missing, a broken link, a FIFO, socket or
+    device) is a skipped entry with its reason.
+    """
     from . import fs
 
     if not paths:
         raise UsageError("no sources given")
+    kinds = {path: _stat_mode(path) for path in paths if not fs.is_remote(path)}
+    keys = single_file_keys(p for p in kinds if not (isinstance(kinds[p], int) and stat.S_ISDIR(kinds[p])))
     items, skipped = [], []
     for path in paths:
         if fs.is_remote(path):
@@ -297,12 +451,17 @@ def discover(paths, compression: str | None = None) -> Inventory:
             items.extend(found)
             skipped.extend(bad)
             continue
-        if not os.path.lexists(path):
-            skipped.append({"source": _as_key(path), "reason": "no such file or directory"})
-            continue
-        found, bad = source_for(path, compression).items()
+        mode = kinds[path]
+        if isinstance(mode, int) and stat.S_ISDIR(mode):
+            source = ImageFolder(path)
+        elif isinstance(mode, int) and stat.S_ISREG(mode) and is_tfrecord_name(os.path.basename(path)):
+            source = TfrecordFile(path, compression, keys[path])
+        else:
+            source = ImageFile(path, keys[path], mode)
+        found, bad = source.items()
         items.extend(found)
         skipped.extend(bad)
+    skipped.sort(key=lambda s: s["source"])
     return inventory(items, skipped)
 
 
@@ -335,9 +494,22 @@ def inventory(items: list, skipped: list) -> Inventory:
 
 
 def read_path_list(stream, null: bool = False):
-    """Paths from a stream: one per line, or NUL-separated (find -print0)."""
+    r"""Paths from a stream: NUL-separated (find -print0), or one per line.
+
+    Lines end at "\n" only (not at "\r", U+2028, "\x0b", "\x0c", "\x1c"-"\x1e"
+    or "\x85", which are ordinary characters in POSIX names). A "\r" is
+    part of the name too, except when every line ends with one: such a list
+    came from a CRLF tool, so one "\r" is taken off each line. Blank lines
+    are ignored; names of any kind are safe only with NUL separators.
+    """
     data = stream.read()
     if isinstance(data, bytes):
         data = data.decode("utf-8", "surrogateescape")
-    parts = data.split("\0") if null else data.splitlines()
-    return [p for p in parts if p.strip()]
+    if null:
+        return [p for p in data.split("\0") if p]
+    lines = data.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if lines and all(line.endswith("\r") for line in lines):
+        lines = [line[:-1] for line in lines]
+    return [p for p in lines if p.strip()]

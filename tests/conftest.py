@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, os.path.dirname(__file__))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+pytest_plugins = ["s3server"]  # a real S3-compatible server on loopback, for the bucket tests
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True,
                           derandomize=bool(os.environ.get("CI")))
 settings.load_profile("ci")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import photo, save
-from logitify_cli.images import ImageReadError, decode, is_grayscale_mode, peek_mode
+from logitify_cli.images import ImageReadError, read_image, is_grayscale_mode, peek_mode
 
 
 def test_exif_orientation_is_applied(tmp_path, rng):
@@ -17,9 +17,9 @@ def test_exif_orientation_is_applied(tmp_path, rng):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = str(tmp_path / "rot.jpg")
     img.save(path, exif=exif, quality=100)
-    out = decode(path, 3)
+    out = read_image(path, 3)
     assert out.shape == (20, 10, 3)
-    plain = decode(save(str(tmp_path / "plain.jpg"), arr, quality=100), 3)
+    plain = read_image(save(str(tmp_path / "plain.jpg"), arr, quality=100), 3)
     np.testing.assert_array_equal(out, np.rot90(plain, k=-1))
 
 
@@ -28,21 +28,21 @@ def test_palette_la_rgba_cmyk_and_1bit_convert(tmp_path, rng):
     rgb = Image.fromarray(arr)
     pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.save(tmp_path / "p.png")
-    np.testing.assert_array_equal(decode(str(tmp_path / "p.png"), 3), np.asarray(pal.convert("RGB")))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "p.png"), 3), np.asarray(pal.convert("RGB")))
     la = rgb.convert("LA")
     la.save(tmp_path / "la.png")
-    assert decode(str(tmp_path / "la.png"), 1)[:, :, 0].tolist() == np.asarray(rgb.convert("L")).tolist()
+    assert read_image(str(tmp_path / "la.png"), 1)[:, :, 0].tolist() == np.asarray(rgb.convert("L")).tolist()
     rgba = rgb.convert("RGBA")
     rgba.putalpha(128)
     rgba.save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(decode(str(tmp_path / "rgba.png"), 3), arr)
-    assert decode(str(tmp_path / "rgba.png"), 4)[:, :, 3].min() == 128
+    np.testing.assert_array_equal(read_image(str(tmp_path / "rgba.png"), 3), arr)
+    assert read_image(str(tmp_path / "rgba.png"), 4)[:, :, 3].min() == 128
     cmyk = rgb.convert("CMYK")
     cmyk.save(tmp_path / "cmyk.tif")
-    np.testing.assert_array_equal(decode(str(tmp_path / "cmyk.tif"), 3), np.asarray(cmyk.convert("RGB")))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "cmyk.tif"), 3), np.asarray(cmyk.convert("RGB")))
     bw = rgb.convert("1")
     bw.save(tmp_path / "bw.png")
-    out = decode(str(tmp_path / "bw.png"), 1)
+    out = read_image(str(tmp_path / "bw.png"), 1)
     assert set(np.unique(out)) <= {0, 255} and out.shape == (12, 12, 1)
 
 
@@ -50,31 +50,31 @@ def test_16_bit_is_scaled_not_clipped(tmp_path):
     vals = np.array([[0, 255, 256, 40000], [65535, 1000, 30000, 511]], np.uint16)
     Image.fromarray(vals).save(tmp_path / "g16.png")
     assert peek_mode(str(tmp_path / "g16.png")).startswith("I")
-    out = decode(str(tmp_path / "g16.png"), 1)[:, :, 0]
+    out = read_image(str(tmp_path / "g16.png"), 1)[:, :, 0]
     np.testing.assert_array_equal(out, (vals >> 8).astype(np.uint8))
 
 
 def test_first_frame_of_gif_and_tiff(tmp_path, rng):
     frames = [Image.fromarray(photo(rng, 8, 8)).convert("P") for _ in range(3)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    np.testing.assert_array_equal(decode(str(tmp_path / "a.gif"), 3), np.asarray(frames[0].convert("RGB")))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "a.gif"), 3), np.asarray(frames[0].convert("RGB")))
     pages = [Image.fromarray(photo(rng, 8, 8)) for _ in range(2)]
     pages[0].save(tmp_path / "a.tif", save_all=True, append_images=pages[1:])
-    np.testing.assert_array_equal(decode(str(tmp_path / "a.tif"), 3), np.asarray(pages[0]))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "a.tif"), 3), np.asarray(pages[0]))
 
 
 def test_formats_bmp_webp_lossless(tmp_path, rng):
     arr = photo(rng, 9, 7)
     for name, kw in (("a.bmp", {}), ("a.webp", {"lossless": True})):
-        np.testing.assert_array_equal(decode(save(str(tmp_path / name), arr, **kw), 3), arr)
+        np.testing.assert_array_equal(read_image(save(str(tmp_path / name), arr, **kw), 3), arr)
 
 
 def test_channels_and_resize(tmp_path, rng):
     arr = photo(rng, 20, 30)
     path = save(str(tmp_path / "a.png"), arr)
-    assert decode(path, 1).shape == (20, 30, 1)
-    assert decode(path, 4).shape == (20, 30, 4)
-    assert decode(path, 3, size=(8, 16)).shape == (8, 16, 3)
+    assert read_image(path, 1).shape == (20, 30, 1)
+    assert read_image(path, 4).shape == (20, 30, 4)
+    assert read_image(path, 3, size=(8, 16)).shape == (8, 16, 3)
     assert is_grayscale_mode("L") and is_grayscale_mode("I;16") and not is_grayscale_mode("RGB")
 
 
@@ -88,7 +88,7 @@ def test_bad_inputs_raise_a_reason(tmp_path, maker, reason):
     path = str(tmp_path / "bad.png")
     maker(path)
     with pytest.raises(ImageReadError, match=reason):
-        decode(path, 3)
+        read_image(path, 3)
 
 
 def test_truncated_image(tmp_path, rng):
@@ -97,7 +97,7 @@ def test_truncated_image(tmp_path, rng):
     path = tmp_path / "cut.png"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ImageReadError, match="(?i)truncat|cannot decode"):
-        decode(str(path), 3)
+        read_image(str(path), 3)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
@@ -106,6 +106,6 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     img.save(path, optimize=True)
     with pytest.raises(ImageReadError, match="decompression bomb"):
-        decode(str(path), 3)
+        read_image(str(path), 3)
     with pytest.raises(ImageReadError, match="decompression bomb"):
-        decode(str(path), 3, max_pixels=10_000)
+        read_image(str(path), 3, max_pixels=10_000)

@@ -1,8 +1,8 @@
 """The plain-PNG shortcut must give exactly what Pillow's full road gives.
 
-decode(fast=True) may skip Image.open for plain PNGs; on every file, valid,
+read_image(fast=True) may skip Image.open for plain PNGs; on every file, valid,
 odd or damaged, it must return the same pixels or fail with the same reason
-as decode(fast=False).
+as read_image(fast=False).
 """
 import io
 import struct
@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from conftest import photo
-from logitify_cli.images import ImageReadError, _plain_png, decode
+from logitify_cli.images import ImageReadError, _plain_png, read_image
 
 
 def outcome(source, channels, fast, size=None):
     try:
-        return decode(source, channels, size, fast=fast)
+        return read_image(source, channels, size, fast=fast)
     except ImageReadError as e:
         return str(e)
 
@@ -121,7 +121,7 @@ def test_shortcut_is_taken_for_plain_pngs_and_paths(tmp_path, rng):
         path.write_bytes(data)
         assert _plain_png(str(path), 10**9) is not None
         for channels in (1, 3, 4):
-            assert same(decode(str(path), channels), decode(data, channels, fast=False))
+            assert same(read_image(str(path), channels), read_image(data, channels, fast=False))
 
 
 def test_shortcut_declines_what_could_change_pixels(rng):
@@ -153,11 +153,11 @@ def test_bad_header_crc_fails_as_pillow_does(rng):
     data[29] ^= 0xFF  # inside IHDR's body: its CRC no longer matches
     assert _plain_png(bytes(data), 10**9) is None
     with pytest.raises(ImageReadError):
-        decode(bytes(data), 3)
+        read_image(bytes(data), 3)
 
 
 def test_pixel_limits_apply_to_the_shortcut(rng):
     data = png_bytes(photo(rng, 20, 20), "RGB")
     assert _plain_png(data, 399) is None
     with pytest.raises(ImageReadError, match="decompression bomb"):
-        decode(data, 3, max_pixels=399)
+        read_image(data, 3, max_pixels=399)

@@ -202,7 +202,7 @@ def random_image_file(draw):
        alpha=st.floats(1e-6, 0.99), c=st.floats(0.05, 1.0), bits=st.integers(1, 8), noise=st.sampled_from(["uniform", "none"]),
        fmt=st.sampled_from(["npz", "tfrecord"]))
 def test_encode_decode_is_the_identity(cli, tmp_path_factory, files, channels, alpha, c, bits, noise, fmt):
-    from logitify_cli.images import decode as read_pixels
+    from logitify_cli.images import read_image as read_pixels
 
     root = tmp_path_factory.mktemp("prop")
     src = root / "src"

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from conftest import photo, save
-from s3server import beam_s3, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 pytest.importorskip("apache_beam")
 
@@ -79,7 +78,7 @@ def test_tfrecord_inputs_in_a_bucket_are_encoded(cli, tmp_path, rng, s3_server, 
                   + _map_entry(b"label", _field(b"\x1a", _field(b"\x0a", _uvarint(i % 2)))))
             w.write(b"\x0a" + _uvarint(len(ex)) + ex)
     s3_server.upload_folder(path.parent, s3_bucket, "records")
-    assert cli("encode", path.parent, "-o", tmp_path / "local", "--shard-size", "3").exit_code == 0
+    assert cli("encode", path, "-o", tmp_path / "local", "--shard-size", "3").exit_code == 0
     r = cli("encode", f"s3://{s3_bucket}/records", "-o", tmp_path / "beam", "--shard-size", "3", *beam(s3_server))
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "beam" / "manifest.json").read_text())

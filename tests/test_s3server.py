@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from s3server import beam_s3, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 MiB = 1 << 20
 
