@@ -308,3 +308,35 @@ def test_the_documented_reader_refuses_an_altered_shard(cli, tmp_path):
         list(reader["read_dataset"](str(out))[1])
     with pytest.raises(ValueError, match="CRC"):
         list(reader["tfrecords"](str(shard), False))
+
+
+# -- the example format printed in ARCHITECTURE.md ---------------------------------------------
+
+def test_the_architecture_example_format_works_as_printed(cli, image_folder, tmp_path):
+    import types
+
+    with open(os.path.join(ROOT, "ARCHITECTURE.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(# logitify_cli/formats/raw\.py\n.*?)```", f.read(), re.S)
+    assert len(blocks) == 1
+    module = types.ModuleType("logitify_cli.formats.raw")
+    module.__package__ = "logitify_cli.formats"
+    exec(compile(blocks[0], "ARCHITECTURE.md", "exec"), module.__dict__)
+    formats.register(module.RawFormat())
+    try:
+        src, truth = image_folder
+        raw, npz = tmp_path / "raw", tmp_path / "npz"
+        assert cli("encode", src, "-o", raw, "-f", "raw", "--shard-size", "5").exit_code == 0
+        assert cli("encode", src, "-o", npz, "--shard-size", "5").exit_code == 0
+        assert sorted(p.name for p in raw.glob("*.raw")) == [f"logitify-train-{i:05d}-of-00003.raw" for i in range(3)]
+        for a, b in zip(lg.iter_numpy(str(raw)), lg.iter_numpy(str(npz)), strict=True):
+            for k in ("logits", "logdet", "keys", "labels"):
+                np.testing.assert_array_equal(a[k], b[k])
+        got = list(lg.load(str(raw), with_keys=True, with_labels=True).as_numpy_iterator())
+        want = list(lg.load(str(npz), with_keys=True, with_labels=True).as_numpy_iterator())
+        assert len(got) == len(want) == len(truth)
+        for g, w in zip(got, want):
+            for x, y in zip(g, w):
+                np.testing.assert_array_equal(x, y)
+        assert cli("verify", raw).exit_code == 0
+    finally:
+        formats.FORMATS.pop("raw", None)
