@@ -54,7 +54,17 @@ class OrderedPool:
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                             initargs=(os.getpid() if fork else None,))
             if fork:
-                self.pool.submit(int)  # forks every worker now, before this process starts a thread
+                # Workers start with SIGINT and SIGTERM held until _worker_init has set them: one
+                # stopped while starting would run the CLI's handler, whose KeyboardInterrupt Python
+                # may just print and go on from, and then wait forever on the queue's lock. The
+                # executor's thread, started here too, keeps them held: they go to this thread.
+                import signal
+
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    self.pool.submit(int)  # forks every worker now, before this process starts a thread
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def imap(self, fn, jobs, window=None, describe=lambda meta: ""):
         """(meta, fn(args)) for each (meta, args) in jobs, in order.
@@ -91,12 +101,17 @@ class OrderedPool:
         """Wait for the workers; with `cancel`, drop queued work and stop them now."""
         if self.pool is not None:
             procs = dict(getattr(self.pool, "_processes", None) or {}) if cancel else {}
+            thread = getattr(self.pool, "_executor_manager_thread", None) if cancel else None
             self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
-            for proc in procs.values():  # a decode in progress is of no use to anyone now
+            for proc in procs.values():  # work in progress is of no use to anyone now
                 try:
                     proc.terminate()
                 except (OSError, ValueError):
                     pass
+            if thread is not None:
+                # Its workers are dying: it ends now, not while the interpreter exits, whose hook
+                # writes to the wakeup pipe this thread closes ("Exception ignored ... Bad file descriptor").
+                thread.join()
             self.pool = None
 
     def __enter__(self):
@@ -112,12 +127,14 @@ def _worker_init(forked_from=None):
     A forked worker inherits the CLI's SIGTERM handler, and both ends of the
     pool's pipes, so it would neither die on SIGTERM nor ever read EOF once
     the main process is gone. It gets SIGTERM's default back and, on Linux,
-    asks to be killed when its parent dies (PR_SET_PDEATHSIG).
+    asks to be killed when its parent dies (PR_SET_PDEATHSIG). OrderedPool
+    forks it with both signals blocked; they are unblocked only here.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # one sent meanwhile acts now
     if forked_from is not None:
         try:
             import ctypes

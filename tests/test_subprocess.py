@@ -78,16 +78,29 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 SIGTERM_CODE = """
 import os, signal
+from multiprocessing.connection import wait
 from logitify_cli.pool import OrderedPool
 def stop(signum, frame):  # the CLI's own SIGTERM handler, which a forked worker inherits
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, stop)
+gate, opener = os.pipe()
+forks = []
+os.register_at_fork(before=lambda: forks.append(1),  # the second worker waits at its start until told
+                    after_in_child=lambda: len(forks) == 2 and os.read(gate, 1))
 pool = OrderedPool(2)
-pid = pool.pool.submit(os.getpid).result()  # a worker that has surely run its initializer
-worker = pool.pool._processes[pid]
-os.kill(worker.pid, signal.SIGTERM)
-worker.join(10)
-print(worker.exitcode, flush=True)
+executor, manager = pool.pool, pool.pool._executor_manager_thread
+first = executor._processes[executor.submit(os.getpid).result()]  # only the first can answer
+second, = (p for p in executor._processes.values() if p is not first)
+os.kill(first.pid, signal.SIGTERM)
+print(bool(wait([first.sentinel], 10)), flush=True)
+os.kill(second.pid, signal.SIGTERM)  # still starting, as the executor's or close()'s SIGTERM may find it
+os.write(opener, b"!")
+stopped = bool(wait([second.sentinel], 10))
+print(stopped, flush=True)
+if not stopped:
+    second.kill()  # else the executor waits for it, forever
+pool.close(cancel=True)  # returns once the executor's thread has reaped both: their exit codes are settled
+print(first.exitcode, second.exitcode, manager.is_alive(), flush=True)
 """
 
 
@@ -119,8 +132,16 @@ def test_forked_workers_die_with_their_parent(tmp_path):
 
 @LINUX_ONLY
 def test_a_forked_worker_stops_quietly_on_sigterm():
-    out = run_code(SIGTERM_CODE, timeout=60)
-    assert out.strip() == "-15"
+    """Past its initializer or still starting: SIGTERM stops it, with nothing on stderr, nothing left waiting.
+
+    A worker that ran the CLI's handler instead would print a KeyboardInterrupt and, if the killed
+    one held the task queue's lock, wait on it forever, and the executor's thread with it.
+    The second worker is held at its start by a pipe, not by luck; exit codes are read after
+    close(cancel=True), which returns once the executor's thread (it reaps the workers too) has ended.
+    """
+    r = subprocess.run([sys.executable, "-c", SIGTERM_CODE], capture_output=True, text=True, env=ENV, timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.split() == ["True", "True", "-15", "-15", "False"]
 
 
 def test_real_run_has_clean_streams(tmp_path, rng):
@@ -136,5 +157,9 @@ def test_real_run_has_clean_streams(tmp_path, rng):
     r = run("decode", tmp_path / "out", "-o", tmp_path / "back", "-q")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     assert sorted(os.listdir(tmp_path / "back")) == [f"{i}.png" for i in range(4)]
+    os.remove(tmp_path / "back" / "2.png")
+    os.mkdir(tmp_path / "back" / "2.png")  # a write error stops the pool: one line, nothing from its ending
+    r = run("decode", tmp_path / "out", "-o", tmp_path / "back", "--overwrite", "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot write" in r.stderr, r.stderr
     r = run("encode", tmp_path / "in", "-o", tmp_path / "out2", "--alpha", "2")
     assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
