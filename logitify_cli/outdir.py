@@ -108,7 +108,11 @@ class FolderLock:
         except ImportError:  # no flock (Windows): one run at a time is the user's to keep
             return self
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise LogitifyError(f"cannot write {self.path} (the output folder's lock): "
+                                    f"{e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

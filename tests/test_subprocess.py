@@ -157,9 +157,18 @@ def test_real_run_has_clean_streams(tmp_path, rng):
     r = run("decode", tmp_path / "out", "-o", tmp_path / "back", "-q")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     assert sorted(os.listdir(tmp_path / "back")) == [f"{i}.png" for i in range(4)]
-    os.remove(tmp_path / "back" / "2.png")
-    os.mkdir(tmp_path / "back" / "2.png")  # a write error stops the pool: one line, nothing from its ending
-    r = run("decode", tmp_path / "out", "-o", tmp_path / "back", "--overwrite", "-q")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot write" in r.stderr, r.stderr
+    # A write error stops the pool: one line, nothing from its ending. An immutable file refuses
+    # even root; where chattr is not to be had, a refused key (a folder in a file's place) stands in.
+    back = tmp_path / "back"
+    if subprocess.run(["chattr", "+i", str(back / "2.png")], capture_output=True).returncode == 0:
+        try:
+            r = run("decode", tmp_path / "out", "-o", back, "--overwrite", "-q")
+        finally:
+            subprocess.run(["chattr", "-i", str(back / "2.png")], check=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot write" in r.stderr, r.stderr
+    os.remove(back / "2.png")
+    os.mkdir(back / "2.png")
+    r = run("decode", tmp_path / "out", "-o", back, "--overwrite", "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "refused" in r.stderr, r.stderr
     r = run("encode", tmp_path / "in", "-o", tmp_path / "out2", "--alpha", "2")
     assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
