@@ -41,9 +41,10 @@ def bits_per_dim(log_prob, logdet, manifest):
         from ._tf import tf as _tf
 
         tf = _tf()
+        # Python floats become float32 tensors unless told: constants take log_prob's dtype.
         log_prob = tf.convert_to_tensor(log_prob)
         total = log_prob + tf.cast(logdet, log_prob.dtype)
-        return -(total - tf.cast(offset, log_prob.dtype)) / tf.cast(dims * math.log(2.0), log_prob.dtype)
+        return -(total - tf.constant(offset, log_prob.dtype)) / tf.constant(dims * math.log(2.0), log_prob.dtype)
     total = np.asarray(log_prob, np.float64) + np.asarray(logdet, np.float64)
     return -(total - offset) / (dims * math.log(2.0))
 
@@ -59,7 +60,7 @@ def iw_bits_per_dim(log_probs, logdets, manifest):
         total = log_probs + tf.cast(logdets, log_probs.dtype)
         k = tf.cast(tf.shape(total)[-1], log_probs.dtype)
         bound = tf.reduce_logsumexp(total, axis=-1) - tf.math.log(k)
-        return -(bound - tf.cast(offset, log_probs.dtype)) / tf.cast(dims * math.log(2.0), log_probs.dtype)
+        return -(bound - tf.constant(offset, log_probs.dtype)) / tf.constant(dims * math.log(2.0), log_probs.dtype)
     total = np.asarray(log_probs, np.float64) + np.asarray(logdets, np.float64)
     top = np.max(total, axis=-1, keepdims=True)
     bound = np.squeeze(top, -1) + np.log(np.sum(np.exp(total - top), axis=-1)) - math.log(total.shape[-1])
