@@ -4,6 +4,7 @@ The library side, for training code:
 
     import logitify_cli as lg
     ds = lg.load("out/")              # tf.data.Dataset of (logits, logdet)
+    ds = lg.load("out/", noise="fresh", epoch=3)  # epoch 3's own dequantization noise
     for shard in lg.iter_numpy("out/"):  # NumPy dicts, shard by shard
         ...
     lg.LogitTransform(lg.TransformParams(), (32, 32, 3))  # the maths itself
@@ -21,6 +22,8 @@ _LAZY = {
     "LogitDataset": ("dataset", "LogitDataset"),
     "load": ("dataset", "load"),
     "iter_numpy": ("dataset", "iter_numpy"),
+    "bits_per_dim": ("bpd", "bits_per_dim"),
+    "iw_bits_per_dim": ("bpd", "iw_bits_per_dim"),
 }
 
 __all__ = ["__version__", *_LAZY]

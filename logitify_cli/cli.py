@@ -193,6 +193,8 @@ def main():
               help="Shard format.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Squeeze [0,1] into (alpha/2, 1-alpha/2) before the logit.")
+@click.option("--alpha-convention", type=click.Choice(["tfgenzoo", "realnvp"]), default="tfgenzoo", show_default=True,
+              help="How --alpha is meant: tfgenzoo (alpha/2, 1-alpha/2) or realnvp (alpha, 1-alpha), i.e. 2x ours.")
 @click.option("--corruption-level", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Scale c of the dequantization noise.")
 @click.option("--noise", type=click.Choice(["uniform", "gaussian", "none"]), default="uniform", show_default=True,
@@ -225,7 +227,7 @@ def main():
 @click.option("--null", "null_sep", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @stream_options
 @run_command
-def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_size, shard_size, size, channels,
+def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size, channels,
            device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
            overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
@@ -247,6 +249,12 @@ def encode(sources, out, fmt, alpha, corruption_level, noise, bits, seed, batch_
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    from .conventions import tool_alpha
+
+    try:
+        alpha = tool_alpha(alpha, alpha_convention)
+    except ValueError as e:
+        raise UsageError(f"--alpha: {e}") from None
     paths = []
     for s in sources:
         if s == "-":

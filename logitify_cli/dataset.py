@@ -156,9 +156,27 @@ class LogitDataset:
         return ds.map(pick)
 
 
-def load(path: str, with_keys: bool = False, with_labels: bool = False):
-    """tf.data.Dataset of (logits, logdet[, key][, label]) from a logitify folder."""
-    return LogitDataset(path).as_tf_dataset(with_keys=with_keys, with_labels=with_labels)
+def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: str = "stored",
+         epoch: int = 0, epochs: int | None = None, draws: int | None = None, shards=None):
+    """tf.data.Dataset of (logits, logdet[, key][, label]) from a logitify folder.
+
+    noise="stored" gives the logits on disk. noise="fresh" redraws the
+    dequantization noise in the graph: `epoch=E` is epoch E's draw (epoch 0
+    is the stored one, bit for bit), `epochs=N` runs N epochs in a row from
+    `epoch`, `draws=K` gives K evaluation draws per image (logits
+    [K,H,W,C], log-dets [K]). `shards` (fresh only) reads a subset of shards.
+    """
+    ds = LogitDataset(path)
+    if noise == "fresh":
+        from .noise import fresh_dataset
+
+        return fresh_dataset(ds, epoch=epoch, epochs=epochs, draws=draws, with_keys=with_keys,
+                             with_labels=with_labels, shards=shards)
+    if noise != "stored":
+        raise LogitifyError(f"noise must be 'stored' or 'fresh', got {noise!r}")
+    if epoch or epochs is not None or draws is not None or shards is not None:
+        raise LogitifyError("epoch, epochs, draws and shards need noise='fresh' (the stored logits are one draw)")
+    return ds.as_tf_dataset(with_keys=with_keys, with_labels=with_labels)
 
 
 def iter_numpy(path: str):

@@ -94,6 +94,7 @@ class Manifest:
             "compressed": bool(self.compressed),
             "transform": self.transform,
             "logdet": self.logdet,
+            "alpha_conventions": _alpha_equivalents(self.params.alpha),
             "classes": self.classes,
             "shards": [s.to_dict() for s in self.shards],
             "skipped": self.skipped,
@@ -184,6 +185,12 @@ class Manifest:
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out
+
+
+def _alpha_equivalents(alpha: float) -> dict:
+    from .conventions import alpha_equivalents
+
+    return alpha_equivalents(alpha)
 
 
 def _plain_name(f: str) -> bool:

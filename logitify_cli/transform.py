@@ -96,6 +96,70 @@ def image_seeds(seed: int, keys) -> np.ndarray:
     return out
 
 
+def key_seeds(seed: int, keys) -> np.ndarray:
+    """image_seeds() for keys given as UTF-8 bytes (as tf.data carries them): the same words."""
+    out = np.empty((len(keys), 2), dtype=np.uint32)
+    prefix = str(int(seed)).encode() + b"\0"
+    for i, key in enumerate(keys):
+        out[i] = np.frombuffer(hashlib.blake2b(prefix + bytes(key), digest_size=8).digest(), dtype="<u4")
+    return out
+
+
+# Domains of the re-keyed noise: training epochs and evaluation draws never share words.
+EPOCH_DOMAIN = 0x3C6EF372
+DRAW_DOMAIN = 0xA54FF53A
+
+
+def _fmix_ops(h, xor, shr, const):
+    h = xor(h, shr(h, 16))
+    h = h * const(0x85EBCA6B)
+    h = xor(h, shr(h, 13))
+    h = h * const(0xC2B2AE35)
+    return xor(h, shr(h, 16))
+
+
+def _mix_ops(seeds0, seeds1, n, domain, xor, shr, const):
+    m = _fmix_ops(n * const(0x9E3779B9) + const(domain), xor, shr, const)
+    m2 = _fmix_ops(m + const(0x6A09E667), xor, shr, const)
+    return _fmix_ops(xor(seeds0, m), xor, shr, const), _fmix_ops(xor(seeds1, m2), xor, shr, const)
+
+
+def rekey_seeds_numpy(seeds, n, domain: int) -> np.ndarray:
+    """Seed words [..., 2] re-keyed by counter n (epoch or draw) in a domain; NumPy twin of rekey_seeds_tf.
+
+    For the epoch domain, n = 0 leaves the words as they are: epoch 0 is the
+    noise encode drew, so the shards on disk are epoch 0.
+    """
+    s = np.asarray(seeds, np.uint32)
+    n = np.broadcast_to(np.asarray(n, np.uint64).astype(np.uint32), s.shape[:-1])
+
+    def const(v):
+        return np.uint32(v)
+
+    with np.errstate(over="ignore"):
+        a, b = _mix_ops(s[..., 0], s[..., 1], n, domain, np.bitwise_xor, np.right_shift, const)
+    out = np.stack([a, b], axis=-1).astype(np.uint32)
+    if domain == EPOCH_DOMAIN:
+        out = np.where((n == 0)[..., None], s, out)
+    return out
+
+
+def rekey_seeds_tf(tf, seeds, n, domain: int):
+    """TensorFlow twin of rekey_seeds_numpy: seeds uint32 [..., 2], n an integer tensor broadcasting to [...]."""
+    u32 = tf.uint32
+    seeds = tf.convert_to_tensor(seeds, u32)
+    n = tf.cast(tf.cast(n, tf.int64) % (1 << 32), u32) + tf.zeros_like(seeds[..., 0])
+
+    def const(v):
+        return tf.constant(v, u32)
+
+    a, b = _mix_ops(seeds[..., 0], seeds[..., 1], n, domain, tf.bitwise.bitwise_xor, tf.bitwise.right_shift, const)
+    out = tf.stack([a, b], axis=-1)
+    if domain == EPOCH_DOMAIN:
+        out = tf.where(tf.equal(n, 0)[..., None], seeds, out)
+    return out
+
+
 def inverse_constants(p: TransformParams):
     """(base, scale, top, shift) of the inverse: k = clip(floor(base + tanh(y/2)*scale), 0, top).
 
@@ -188,6 +252,19 @@ class LogitTransform:
             with self._device_scope():
                 out.append(self._inverse(chunk).numpy()[:n])
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def graph_functions(self):
+        """(forward, inverse) as the tf.functions encode runs, for use inside a tf.data graph.
+
+        forward(uint8 images, uint32 seeds [B,2]) -> (logits, float32 logdet);
+        inverse(float32 logits) -> uint8 images. Re-noising a stored dataset
+        is inverse then forward with other seed words: no second copy of the maths.
+        """
+        if self._forward is None:
+            self._forward = self._build_forward()
+        if self._inverse is None:
+            self._inverse = self._build_inverse()
+        return self._forward, self._inverse
 
     def warm_up(self) -> None:
         """Compile the forward pass now (XLA compiles once per batch shape)."""

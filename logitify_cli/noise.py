@@ -1,0 +1,155 @@
+"""Fresh dequantization noise from stored shards: every epoch its own draw, K draws for evaluation.
+
+A lossless dataset's logits give every level back exactly (the float64 tanh
+inverse `decode` uses), and its keys give each image's seed words. So an
+epoch's logits are: inverse(stored logits) -> levels, then the very forward
+program `encode` runs, with the image's seed words re-keyed by the epoch
+(`rekey_seeds_*`, epoch 0 = the words encode used, so epoch 0 is the stored
+shards bit for bit). Evaluation draws are re-keyed in a domain of their own.
+
+Seed words are computed in NumPy when a slice of a shard is read (blake2b of
+the key, as `image_seeds`) and travel with the logits into the graph; the
+re-keying, inverse and forward run there, a fixed-size padded batch at a
+time (one compiled program). Nothing depends on batch size, shuffling,
+interleave order or which reader reads which shard.
+"""
+from __future__ import annotations
+
+from .errors import LogitifyError
+from .transform import DRAW_DOMAIN, EPOCH_DOMAIN, LogitTransform, image_seeds, rekey_seeds_tf
+
+BATCH = 512  # images (or images x draws) per compiled call
+ROWS = 4096  # examples per slice read from a shard
+
+
+def check_refreshable(params, where: str = "this dataset") -> None:
+    """LogitifyError unless the stored logits give every level back exactly (and there is noise to redraw)."""
+    if params.noise == "gaussian":
+        raise LogitifyError(
+            f"{where} cannot take fresh noise: it was encoded with gaussian noise, which is centred on each "
+            "level and spills into its neighbours, so the stored logits do not give the levels back exactly "
+            "(re-encode with --noise uniform)")
+    if params.corruption_level > 1.0:
+        raise LogitifyError(
+            f"{where} cannot take fresh noise: its corruption level {params.corruption_level:g} is above 1, "
+            "so the intervals [k, k+c) of neighbouring levels overlap and the stored logits do not give the "
+            "levels back exactly (re-encode with --corruption-level 1 or less)")
+    if params.noise == "none":
+        raise LogitifyError(
+            f"{where} cannot take fresh noise: it was encoded with --noise none, so there is no noise to "
+            "redraw and every epoch would equal the stored one (re-encode with --noise uniform)")
+
+
+def _select_shards(ds, shards):
+    if shards is None:
+        return list(ds.shards)
+    by_name = {s.file: s for s in ds.shards}
+    out = []
+    for s in shards:
+        if isinstance(s, int):
+            out.append(ds.shards[s])
+        elif isinstance(s, str) and s in by_name:
+            out.append(by_name[s])
+        elif getattr(s, "file", None) in by_name:
+            out.append(by_name[s.file])
+        else:
+            raise LogitifyError(f"{ds.path}: no shard {s!r} in this dataset")
+    return out
+
+
+def _slices(ds, shards, tf):
+    """Batched dicts (logits, logdet, key, label, seeds), a shard slice at a time, from any format."""
+    import numpy as np
+
+    h, w, c = ds.shape
+    seed = ds.params.seed
+    fmt, compressed = ds.format, ds.manifest.compressed
+    entries = [(ds.shard_path(s), s.num_examples) for s in shards]
+
+    def gen():
+        for path, count in entries:
+            for d in fmt.read_chunks(path, ds.shape, count, compressed, rows=ROWS):
+                keys = d["keys"]
+                yield {"logits": d["logits"], "logdet": d["logdet"],
+                       "key": np.char.encode(keys, "utf-8", "surrogatepass") if len(keys) else np.zeros(0, "S1"),
+                       "label": d["labels"], "seeds": image_seeds(seed, keys)}
+
+    sig = {
+        "logits": tf.TensorSpec([None, h, w, c], tf.float32),
+        "logdet": tf.TensorSpec([None], tf.float32),
+        "key": tf.TensorSpec([None], tf.string),
+        "label": tf.TensorSpec([None], tf.int64),
+        "seeds": tf.TensorSpec([None, 2], tf.uint32),
+    }
+    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+
+def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | None = None,
+                  with_keys: bool = False, with_labels: bool = False, shards=None, batch_size: int = BATCH):
+    """tf.data.Dataset like LogitDataset.as_tf_dataset, with the noise redrawn in the graph.
+
+    epoch E (and epochs=N: E, E+1, ..., E+N-1 in a row), or draws=K: per image
+    logits [K,H,W,C] and log-dets [K], keyed by draw index, apart from every
+    epoch's noise. `shards` (indices or file names) reads only those shards,
+    for one reader of several; values never depend on the split.
+    """
+    from ._tf import tf as _tf
+
+    tf = _tf()
+    check_refreshable(ds.params, ds.path)
+    if ds.remote:
+        raise LogitifyError(f"{ds.path}: tf.data cannot read this store here; copy the dataset folder "
+                            "to a local disk first (e.g. aws s3 cp --recursive, gsutil -m cp -r)")
+    if type(epoch) is not int or epoch < 0 or epoch >= 1 << 32:
+        raise LogitifyError(f"epoch must be an integer from 0 to 2**32-1, got {epoch!r}")
+    if epochs is not None and (type(epochs) is not int or epochs < 1 or epoch + epochs > 1 << 32):
+        raise LogitifyError(f"epochs must be a positive integer (epoch + epochs <= 2**32), got {epochs!r}")
+    if draws is not None:
+        if type(draws) is not int or draws < 1:
+            raise LogitifyError(f"draws must be a positive integer, got {draws!r}")
+        if epoch or epochs is not None:
+            raise LogitifyError("draws are for evaluation and have their own noise: give draws or epoch/epochs, "
+                                "not both")
+    h, w, c = ds.shape
+    forward, inverse = LogitTransform(ds.params, ds.shape).graph_functions()
+    k = draws or 1
+    rows = max(1, int(batch_size) // k)
+    source = _slices(ds, _select_shards(ds, shards), tf).rebatch(rows)
+
+    def pick(ex, y, logdet):
+        out = (y, logdet)
+        if with_keys:
+            out += (ex["key"],)
+        if with_labels:
+            out += (ex["label"],)
+        return out
+
+    def padded(ex):
+        # Every call sees `rows` images: one compiled program, whatever the slice.
+        n = tf.shape(ex["logits"])[0]
+        y = tf.pad(ex["logits"], [[0, rows - n], [0, 0], [0, 0], [0, 0]])
+        s = tf.pad(ex["seeds"], [[0, rows - n], [0, 0]])
+        return n, inverse(y), s
+
+    def renoise(ex, e):
+        n, images, seeds = padded(ex)
+        y, logdet = forward(images, rekey_seeds_tf(tf, seeds, e, EPOCH_DOMAIN))
+        return pick(ex, y[:n], logdet[:n])
+
+    def draw(ex):
+        n, images, seeds = padded(ex)
+        images = tf.repeat(images, k, axis=0)
+        index = tf.tile(tf.range(k, dtype=tf.int64), [rows])
+        y, logdet = forward(images, rekey_seeds_tf(tf, tf.repeat(seeds, k, axis=0), index, DRAW_DOMAIN))
+        return pick(ex, tf.reshape(y, [rows, k, h, w, c])[:n], tf.reshape(logdet, [rows, k])[:n])
+
+    if draws is not None:
+        out = source.map(draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif epochs is None:
+        out = source.map(lambda ex: renoise(ex, tf.constant(epoch, tf.int64)),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        out = tf.data.Dataset.range(epoch, epoch + epochs).flat_map(
+            lambda e: source.map(lambda ex: renoise(ex, e), num_parallel_calls=tf.data.AUTOTUNE,
+                                 deterministic=True))
+    return out.unbatch()
