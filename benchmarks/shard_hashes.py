@@ -42,20 +42,17 @@ RUNS = {
 
 def _tfrecord_of_images(path: str, count: int, size: int, seed: int) -> None:
     """A TFRecord file of tf.train.Example records (image bytes + int64 label)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from logitify_cli.tfrecord_io import _field, _map_entry, _uvarint
+    import tensorflow as tf
 
     rng = np.random.default_rng(seed)
-    from logitify_cli._tf import tf
-
-    with tf().io.TFRecordWriter(path) as w:
+    with tf.io.TFRecordWriter(path) as w:
         for i in range(count):
             arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
-            ex = (_map_entry(b"image", _field(b"\x0a", _field(b"\x0a", buf.getvalue())))
-                  + _map_entry(b"label", _field(b"\x1a", _field(b"\x0a", _uvarint(i % 3)))))
-            w.write(b"\x0a" + _uvarint(len(ex)) + ex)
+            feats = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
+                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 3]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True))
 
 
 def main() -> None:

@@ -176,8 +176,12 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         try:
             for spec in started.todo:
                 task = p.task(spec)
-                pixels = [next(stream) for _ in range(spec.stop - spec.start)]
-                bar.update(len(pixels))
+                pixels = []
+                for j in range(spec.stop - spec.start):
+                    pixels.append(next(stream))
+                    if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
+                        bar.update(256)
+                bar.update(len(pixels) % 256)
                 started_shard = ex.submit(
                     lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
                     task, pixels)

@@ -64,8 +64,6 @@ def test_bucket_to_bucket_equals_local_and_decodes_back(cli, image_folder, tmp_p
 
 
 def test_tfrecord_inputs_in_a_bucket_are_encoded(cli, tmp_path, rng, s3_server, s3_bucket, beam_s3):
-    from logitify_cli.tfrecord_io import _field, _map_entry, _uvarint
-
     import tensorflow as tf
 
     path = tmp_path / "in" / "part.tfrecord"
@@ -74,9 +72,9 @@ def test_tfrecord_inputs_in_a_bucket_are_encoded(cli, tmp_path, rng, s3_server, 
         for i in range(7):
             buf = io.BytesIO()
             Image.fromarray(photo(rng, 8, 8)).save(buf, "PNG")
-            ex = (_map_entry(b"image", _field(b"\x0a", _field(b"\x0a", buf.getvalue())))
-                  + _map_entry(b"label", _field(b"\x1a", _field(b"\x0a", _uvarint(i % 2)))))
-            w.write(b"\x0a" + _uvarint(len(ex)) + ex)
+            feats = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
+                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
     s3_server.upload_folder(path.parent, s3_bucket, "records")
     assert cli("encode", path, "-o", tmp_path / "local", "--shard-size", "3").exit_code == 0
     r = cli("encode", f"s3://{s3_bucket}/records", "-o", tmp_path / "beam", "--shard-size", "3", *beam(s3_server))
