@@ -164,12 +164,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     if not fs.is_remote(opts.out):
         folder = OutputFolder(opts.out)
         folder.check(opts.overwrite, False)
-    try:
-        p = plan(opts)
-    except LogitifyError as e:
-        for note in e.notes:
-            report.warn(note)
-        raise
+    p = plan(opts)  # a failure's notes (skipped inputs) travel on the error
     for note in p.notes:
         report.warn(note)
     if folder is not None:

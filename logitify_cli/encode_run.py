@@ -126,12 +126,7 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         raise UsageError("--resume and --overwrite exclude each other")
     folder = OutputFolder(opts.out)
     folder.check(opts.overwrite, opts.resume)
-    try:
-        started = _start_while_tf_imports(opts)
-    except LogitifyError as e:
-        for note in e.notes:
-            report.warn(note)
-        raise
+    started = _start_while_tf_imports(opts)  # a failure's notes (skipped inputs) travel on the error
     try:
         return _run(started, opts, fmt, report, t0)
     finally:

@@ -88,11 +88,16 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        try:
+            os.unlink(tmp)  # a leftover of a killed process that had our pid (a link is removed, not followed)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces the name itself: a link at `path` is not followed
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
