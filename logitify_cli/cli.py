@@ -279,6 +279,10 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     if runner == "beam":
         from .beam_runner import encode_beam
 
+        if workers is not None:
+            raise UsageError("--workers is for the local runner; Beam's own options set its parallelism "
+                             "(e.g. -- --direct_num_workers=4, or your engine's worker count)")
+
         with _private_temp():
             return encode_beam(opts, report, beam_args)
     if beam_args:
@@ -318,6 +322,10 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, re
     beam_args = click.get_current_context().meta.get("beam_args", [])
     if runner == "beam":
         from .beam_runner import decode_beam
+
+        if workers is not None:
+            raise UsageError("--workers is for the local runner; Beam's own options set its parallelism "
+                             "(e.g. -- --direct_num_workers=4, or your engine's worker count)")
 
         with _private_temp():
             return decode_beam(dataset, out, fmt, batch_size=batch_size, device=device, overwrite=overwrite,

@@ -1,4 +1,4 @@
-"""Pixels from files: every Pillow rule of SPEC §4 in one function.
+"""Pixels from files (reading): every rule of Pillow as the reference decoder, in one place.
 
 Runs in decode worker processes, so it imports only NumPy and Pillow.
 """
