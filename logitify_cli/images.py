@@ -1,6 +1,6 @@
 """Pixels from files (reading): every rule of Pillow as the reference decoder, in one place.
 
-Runs in decode worker processes, so it imports only NumPy and Pillow.
+Runs in the pool's reader processes, so it imports only NumPy and Pillow.
 """
 from __future__ import annotations
 

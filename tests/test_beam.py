@@ -71,6 +71,8 @@ def test_beam_options_only_with_beam(cli, image_folder, tmp_path):
     src, _ = image_folder
     r = cli("encode", src, "-o", tmp_path / "o", "--", "--runner=DirectRunner")
     assert r.exit_code == 2 and "--runner beam" in r.stderr
+    r = cli("encode", src, "-o", tmp_path / "o", "--workers", "2", "--runner", "beam")
+    assert r.exit_code == 2 and "direct_num_workers" in r.stderr
 
 
 def test_bucket_listing_ends_like_local_discovery(tmp_path, rng):
