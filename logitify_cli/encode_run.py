@@ -72,7 +72,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     dims = int(np.prod(p.shape))
     stream = PixelStream(items, opts, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
-                         expect=None if opts.size else tuple(p.shape[:2]))
+                         expect=opts.expect_size(p.shape))
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up
     return _Started(p, folder, done, todo, pool, stream, len(items))
