@@ -214,3 +214,20 @@ def test_verify_against_sources_of_a_lossy_dataset(cli, folder, tmp_path):
     save(str(src / key), arr)
     r = cli("verify", out, "--against", src)
     assert r.exit_code == 1 and "pixels_sha256 of the sources" in r.stderr
+
+
+def test_the_reader_in_the_docs_recomputes_it(cli, folder, tmp_path):
+    """docs/format.md's plain-Python reader gives the manifest's fingerprint from the logits, both formats."""
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "docs", "format.md"), encoding="utf-8") as f:
+        (block,) = re.findall(r"```python\n(# logitify_reader\.py\n.*?)```", f.read(), re.S)
+    reader = {"__name__": "logitify_reader"}
+    exec(compile(block, "docs/format.md", "exec"), reader)
+    src, truth = folder
+    for fmt in ("npz", "tfrecord"):
+        out = tmp_path / fmt
+        assert cli("encode", src, "-o", out, "-f", fmt, "--shard-size", "5", "--bits", "6").exit_code == 0
+        manifest, shards = reader["read_dataset"](str(out))
+        assert reader["fingerprint"](manifest, shards) == manifest["fingerprint"] == by_hand(truth, 6)

@@ -306,3 +306,12 @@ def test_a_real_photo_in_every_mode_and_filter(tmp_path):
                         continue
                     np.testing.assert_array_equal(read_image(path, 3, geometry), want,
                                                   err_msg=f"{path} {size} {crop} {mode} {filt}")
+
+
+def test_readme_picture_is_there():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert "docs/resize-modes.png" in readme
+    with Image.open(os.path.join(root, "docs", "resize-modes.png")) as img:
+        assert img.format == "PNG"
