@@ -78,8 +78,9 @@ def read_one(payload, channels, size, max_pixels, expect=None):
 
 def read_in_process(items, opts, channels, expect=None):
     """(item, label, array or None, reason or None) for each item, read here (Beam workers)."""
+    geometry = opts.geometry
     for it, payload, label in payloads(items, opts):
-        arr, reason = read_one(payload, channels, opts.geometry, opts.max_pixels, expect)
+        arr, reason = read_one(payload, channels, geometry, opts.max_pixels, expect)
         yield it, label, arr, reason
 
 

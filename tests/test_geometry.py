@@ -22,6 +22,8 @@ def reference(path, channels, size=None, mode="stretch", crop=None, filt="bicubi
     """The issue's rules, written again with nothing but Pillow: orientation, mode, crop, resize, paste."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
+        if img.mode == "P":  # logitify's rule: a palette image becomes RGB (RGBA with transparency) first
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         img = img.convert(MODES[channels])
     if crop is not None:
         top, left, h, w = crop
@@ -63,10 +65,12 @@ def image_files(draw, folder, count):
         thin = draw(st.sampled_from(["no", "no", "no", "row", "column"]))
         h = 1 if thin == "row" else draw(st.integers(1, 70))
         w = 1 if thin == "column" else draw(st.integers(1, 70))
-        kind = draw(st.sampled_from(["RGB png", "L png", "RGBA png", "LA png", "RGB jpeg", "L jpeg", "turned jpeg"]))
+        kind = draw(st.sampled_from(["RGB png", "L png", "RGBA png", "LA png", "P png", "RGB jpeg", "L jpeg",
+                                     "turned jpeg"]))
         mode = kind.split()[0] if kind != "turned jpeg" else "RGB"
         arr = photo(rng, h, w, 4)
-        img = Image.fromarray(arr, "RGBA").convert(mode)
+        img = Image.fromarray(arr, "RGBA")
+        img = img.convert("RGB").quantize(16) if mode == "P" else img.convert(mode)
         if kind.endswith("png"):
             path = os.path.join(folder, f"im{i:02d}.png")
             img.save(path)
@@ -116,13 +120,14 @@ def test_decoded_pngs_equal_pillow_for_every_filter(cli, tmp_path_factory, mode,
     h, w = data.draw(size_st, label="size")
     crop = data.draw(st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 3),
                                                     st.integers(1, 30), st.integers(1, 30))), label="crop")
-    for filt in sorted(FILTERS):
+    for i, filt in enumerate(sorted(FILTERS)):
+        channels = (1, 3, 4)[i % 3]
         out, back = work / f"out-{filt}", work / f"back-{filt}"
         args = ["encode", src, "-o", out, "--size", f"{h}x{w}", "--resize-mode", mode, "--filter", filt,
-                "--channels", "3", "--workers", "1", "--json"]
+                "--channels", channels, "--workers", "1", "--json"]
         if crop:
             args += ["--crop", ",".join(map(str, crop))]
-        wants = {os.path.basename(p): reference(p, 3, (h, w), mode, crop, filt) for p in paths}
+        wants = {os.path.basename(p): reference(p, channels, (h, w), mode, crop, filt) for p in paths}
         r = cli(*args)
         if all(v is None for v in wants.values()):
             assert r.exit_code == 1 and "could be read" in r.stderr
@@ -139,7 +144,8 @@ def test_decoded_pngs_equal_pillow_for_every_filter(cli, tmp_path_factory, mode,
             if want is None:
                 assert not png.exists()
                 continue
-            np.testing.assert_array_equal(np.asarray(Image.open(png)), want, err_msg=f"{name} {mode} {filt}")
+            got = np.asarray(Image.open(png))
+            np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{name} {mode} {filt}")
         assert cli("verify", out, "--against", src, "-q").exit_code == 0
 
 
