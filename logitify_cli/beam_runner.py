@@ -182,10 +182,16 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
                          | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
-        shards, skipped = [], list(p.skipped)
+        from .shards import packed_digests
+
+        shards, skipped, pixels = [], list(p.skipped), []
         for spec in p.shards:
             receipt = _read_json(_receipt_path(opts.out, spec.file))
             shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
+            pixels.append(packed_digests(receipt))
+            if pixels[-1] is None:
+                raise LogitifyError(f"the receipt of {spec.file} lacks its pixel digests (a worker of another "
+                                    "logitify version?)")
             for s in receipt["skipped"]:
                 report.warn(f"skipped {s['source']}: {s['reason']}")
             skipped.extend(receipt["skipped"])
@@ -195,7 +201,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         seconds = time.time() - t0
         rate = round(total / seconds, 1) if seconds else None
         m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate,
-                                                      "runner": "beam"})
+                                                      "runner": "beam"}, pixels=pixels)
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
         fs.delete([_receipt_path(opts.out, s.file) for s in shards])

@@ -31,6 +31,23 @@ def _size(ctx, param, value):
     return h, w
 
 
+def _crop(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        top, left, h, w = (int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not TOP,LEFT,HEIGHT,WIDTH, e.g. 40,15,148,148") from None
+    if top < 0 or left < 0 or not (0 < h <= 65535 and 0 < w <= 65535):
+        raise click.BadParameter(f"{value!r}: TOP and LEFT must be 0 or more, HEIGHT and WIDTH from 1 to 65535")
+    return top, left, h, w
+
+
+# The names of --filter and --resize-mode, without importing Pillow for --help.
+FILTER_NAMES = ["box", "bilinear", "bicubic", "lanczos", "hamming", "nearest"]
+RESIZE_MODE_NAMES = ["stretch", "center-crop", "border"]
+
+
 class RegistryChoice(click.Choice):
     """A choice among a registry's names, read when asked (a format registered later is offered too)."""
 
@@ -203,7 +220,15 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed; noise depends on it and the image key only.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
 @click.option("--shard-size", type=click.IntRange(1), default=None, help="Images per shard [about 256 MB of logits].")
-@click.option("--size", callback=_size, metavar="HxW", help="Resize every image (bicubic); without it all must share one size.")
+@click.option("--size", callback=_size, metavar="HxW",
+              help="Resize every image to HxW (see --resize-mode, --filter); without it all must share one size.")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODE_NAMES), default=None,
+              help="How --size treats another aspect ratio: stretch it, take the largest centred window "
+                   "of the target's aspect ratio, or fit inside and pad with black [stretch].")
+@click.option("--crop", callback=_crop, metavar="TOP,LEFT,HEIGHT,WIDTH",
+              help="Take this fixed window of every image first (before any resize); smaller images are skipped.")
+@click.option("--filter", "resample", type=click.Choice(FILTER_NAMES), default=None,
+              help="Pillow's resampling filter for --size [bicubic].")
 @click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
               help="Output channels [3, or 1 when the first image is grayscale].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
@@ -227,8 +252,8 @@ def main():
 @click.option("--null", "null_sep", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @stream_options
 @run_command
-def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size, channels,
-           device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
+def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
+           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
            overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
@@ -239,6 +264,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     Examples:
       logitify encode photos/ -o out/
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
+      logitify encode celeba/ -o out/ --crop 40,15,148,148 --size 64x64 --filter box
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
@@ -249,6 +275,9 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if size is None and (resize_mode or resample):
+        raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
+                         "without --size nothing is resized")
     from .conventions import tool_alpha
 
     try:
@@ -272,6 +301,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
         name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
+        resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
     )
     if max_pixels:
         opts.max_pixels = max_pixels

@@ -7,6 +7,7 @@ of shard i+1, so the cores never wait at a shard boundary.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from .planner import EncodeOptions, RunPlan, plan
 from .pool import OrderedPool, can_fork, default_workers
 from .report import Reporter
 from .results import EncodeResult
-from .shards import ShardResult, build_transform, make_shard
+from .shards import ShardResult, build_transform, make_shard, packed_digests
 
 # Pixels the workers may read ahead while TensorFlow starts. More buys
 # nothing on a busy machine (the import and the readers share the cores) and
@@ -44,6 +45,7 @@ class _Started:
     pool: OrderedPool
     stream: PixelStream
     count: int  # inputs still to read
+    fingerprint: dict | None = None  # a finished dataset's, when a resume keeps every shard of it
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
@@ -55,8 +57,10 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     try:
         folder.prepare(opts.overwrite, opts.resume, inputs=p.inputs_among)
         done = {}
+        fingerprint = None
         if opts.resume:
             done = folder.resumable(p.header, p.fingerprint, p.shards_of)
+            done, fingerprint = _with_digests(done, p)
         if not done:
             folder.journal.start(p.header)
     except BaseException:
@@ -72,10 +76,29 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     dims = int(np.prod(p.shape))
     stream = PixelStream(items, opts, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
-                         expect=None if opts.size else tuple(p.shape[:2]))
+                         expect=opts.expect_size(p.shape))
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up
-    return _Started(p, folder, done, todo, pool, stream, len(items))
+    return _Started(p, folder, done, todo, pool, stream, len(items), fingerprint)
+
+
+def _with_digests(done: dict, p: RunPlan):
+    """(shards to keep, fingerprint to keep): kept shards must bring their pixel digests.
+
+    A journal's entries carry them. A finished dataset resumed whole keeps
+    its manifest's fingerprint; otherwise a kept shard without digests (from
+    a manifest, or a journal written before digests were kept) is made again.
+    """
+    if all(packed_digests(e) is not None for e in done.values()):
+        return done, None
+    if len(done) == p.n_shards:
+        try:
+            m = manifest_mod.read(os.path.join(p.options.out, manifest_mod.MANIFEST))
+            if m.fingerprint is not None:
+                return done, m.fingerprint
+        except LogitifyError:
+            pass
+    return {i: e for i, e in done.items() if packed_digests(e) is not None}, None
 
 
 def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
@@ -140,9 +163,11 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     journal = started.folder.journal
     skipped = list(p.skipped)
     shards = [None] * p.n_shards
+    digests = [b""] * p.n_shards  # each shard's pixel digests, packed
     for i, entry in started.done.items():
         shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
         skipped.extend(entry.get("skipped", []))
+        digests[i] = packed_digests(entry) or b""
     made = 0
 
     def finish(future):
@@ -150,6 +175,7 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         result: ShardResult = future.result()
         made += result.num_examples
         shards[result.index] = result.entry()
+        digests[result.index] = packed_digests(result.to_dict())
         skipped.extend(result.skipped)
         try:
             journal.append(result.to_dict())
@@ -195,7 +221,10 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     if total == 0:
         raise LogitifyError(f"none of the {len(p.items)} inputs could be read as an image")
     rate = round(made / seconds, 1) if seconds else None
-    m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate})
+    m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate},
+                             pixels=None if started.fingerprint else digests)
+    if started.fingerprint:
+        m.fingerprint = started.fingerprint
     try:
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)

@@ -11,6 +11,7 @@ import stat
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,6 +24,17 @@ IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
 )
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# --filter names, with Pillow's meaning.
+FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_FILTER = "bicubic"
+RESIZE_MODES = ("stretch", "center-crop", "border")
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 
 
@@ -46,6 +58,100 @@ class ImageSizeMismatch(ImageReadError):
 
     def __reduce__(self):  # travels back from the decode workers
         return type(self), (self.shape, self.expected)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How decoded pixels become the dataset's size: --crop, then --size by --resize-mode and --filter.
+
+    Applied after EXIF orientation and the conversion to the output
+    channels, with Pillow's own crop, resize (never reduce or draft) and
+    paste, so the pixels equal, byte for byte, what those calls give:
+
+    - crop (top, left, height, width): that fixed window first; an image
+      too small for it is unreadable (ImageReadError, the input is skipped);
+    - size (H, W), image w x h:
+      stretch: resize to W x H whatever the aspect ratio;
+      center-crop: the largest centred window of the target's aspect ratio,
+        then resize. If w*H > h*W, the width w2 = max(1, h*W // H) from
+        left = (w - w2) // 2 (full height); else the height
+        h2 = max(1, w*H // W) from top = (h - h2) // 2 (full width);
+      border: resize to fit inside, keeping the aspect ratio, and paste on
+        zeros (black; transparent black with 4 channels). If w*H >= h*W, to
+        W x max(1, (h*W + w//2) // w), else max(1, (w*H + h//2) // h) x H,
+        pasted at ((W - w') // 2, (H - h') // 2).
+    """
+
+    size: tuple | None = None  # (H, W)
+    resize_mode: str = "stretch"
+    crop: tuple | None = None  # (top, left, height, width)
+    filter: str = DEFAULT_FILTER
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode {self.resize_mode!r} (expected one of {', '.join(RESIZE_MODES)})")
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter {self.filter!r} (expected one of {', '.join(FILTERS)})")
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+            if len(self.size) != 2 or min(self.size) < 1:
+                raise ValueError(f"size {self.size!r} is not (height, width) of positive integers")
+        if self.crop is not None:
+            object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
+            if len(self.crop) != 4 or min(self.crop[:2]) < 0 or min(self.crop[2:]) < 1:
+                raise ValueError(f"crop {self.crop!r} is not (top, left, height, width) "
+                                 "with top, left >= 0 and height, width >= 1")
+
+    @property
+    def out_size(self):
+        """(H, W) of every result, or None when it follows the input."""
+        return self.size or (self.crop[2:] if self.crop else None)
+
+    def apply(self, img):
+        """img (a Pillow image) cropped, resized and padded as described above."""
+        if self.crop is not None:
+            top, left, ch, cw = self.crop
+            w, h = img.size
+            if top + ch > h or left + cw > w:
+                raise ImageReadError(f"image is {w}x{h}, too small for the crop window of {cw}x{ch} at "
+                                     f"top {top}, left {left} (it needs at least {left + cw}x{top + ch})")
+            img = img.crop((left, top, left + cw, top + ch))
+        if self.size is None:
+            return img
+        H, W = self.size
+        w, h = img.size
+        resample = FILTERS[self.filter]
+        if self.resize_mode == "center-crop":
+            if w * H > h * W:
+                w2 = max(1, h * W // H)
+                left = (w - w2) // 2
+                img = img.crop((left, 0, left + w2, h))
+            elif w * H < h * W:
+                h2 = max(1, w * H // W)
+                top = (h - h2) // 2
+                img = img.crop((0, top, w, top + h2))
+        elif self.resize_mode == "border":
+            if w * H >= h * W:
+                inner = (W, max(1, (h * W + w // 2) // w))
+            else:
+                inner = (max(1, (w * H + h // 2) // h), H)
+            if img.size != inner:
+                img = img.resize(inner, resample, reducing_gap=None)
+            if inner == (W, H):
+                return img
+            canvas = Image.new(img.mode, (W, H))
+            canvas.paste(img, ((W - inner[0]) // 2, (H - inner[1]) // 2))
+            return canvas
+        if img.size != (W, H):  # (Pillow's resize to the same size is a copy)
+            img = img.resize((W, H), resample, reducing_gap=None)
+        return img
+
+
+def as_geometry(size) -> Geometry | None:
+    """read_image's `size`: None, (H, W) (stretch, bicubic, as before geometry options existed) or a Geometry."""
+    if size is None or isinstance(size, Geometry):
+        return size
+    return Geometry(size=tuple(size))
 
 
 class NotRegularFile(OSError):
@@ -214,14 +320,17 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
            expect_size=None) -> np.ndarray:
     """uint8 [H, W, channels] from a path or encoded bytes; ImageReadError if not.
 
+    `size` is None, (H, W) (stretched with bicubic) or a Geometry, applied
+    after EXIF orientation and the conversion to `channels`.
     `fast` lets plain PNGs skip Pillow's per-file Python parsing (same
     decoder, same pixels; see _plain_png). `expect_size` (h, w), used only
-    without `size`: an image of any other size (after EXIF orientation)
-    raises ImageSizeMismatch, before its pixels are decoded wherever its
-    header tells, so a run of small images is not made to decode a huge
-    stray one only to refuse it.
+    when nothing crops or resizes: an image of any other size (after EXIF
+    orientation) raises ImageSizeMismatch, before its pixels are decoded
+    wherever its header tells, so a run of small images is not made to
+    decode a huge stray one only to refuse it.
     """
-    if size is not None:
+    geometry = as_geometry(size)
+    if geometry is not None:
         expect_size = None
     try:
         img = _plain_png(source, max_pixels, channels, expect_size) if fast else None
@@ -242,8 +351,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
             img = _convert(img, channels)
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            if geometry is not None:
+                img = geometry.apply(img)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageReadError:
         raise

@@ -110,6 +110,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
         "skipped": m.skipped,
         "tool_version": m.tool_version,
+        "geometry": {k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
+        "fingerprint": m.fingerprint,
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
     lds = np.concatenate(logdets) if logdets else np.zeros(0, np.float32)
@@ -129,6 +131,18 @@ def _fmt(x):
     return "-" if x is None else f"{x:.6g}"
 
 
+def _geometry_text(g: dict) -> str:
+    """How the images were sized, in one line."""
+    parts = []
+    if g.get("crop"):
+        top, left, h, w = g["crop"]
+        parts.append(f"crop {w}x{h} at top {top}, left {left}")
+    if g.get("size"):
+        h, w = g["size"]
+        parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'})")
+    return ", then ".join(parts) or "as read (no crop, no resize)"
+
+
 def render(summary: dict) -> str:
     s = summary
     t = s["transform"]
@@ -141,6 +155,12 @@ def render(summary: dict) -> str:
         "logits       " + "  ".join(f"{k} {_fmt(s['logits'][k])}" for k in ("min", "max", "mean", "std")),
         "logdet       " + "  ".join(f"{k} {_fmt(s['logdet'][k])}" for k in ("min", "max", "mean", "std")),
     ]
+    lines.append("geometry     " + _geometry_text(s.get("geometry") or {}))
+    fp = s.get("fingerprint")
+    if fp:
+        lines += [f"fingerprint  pixels sha256 {fp['pixels_sha256']}", f"             keys sha256 {fp['keys_sha256']}"]
+    else:
+        lines.append("fingerprint  none (made before logitify recorded one)")
     if s["class_counts"]:
         lines.append("classes      " + ", ".join(f"{k}: {v}" for k, v in s["class_counts"].items()))
     lines.append(f"shards       {len(s['shards'])}, {s['total_bytes'] / 1e6:.1f} MB")

@@ -48,6 +48,7 @@ class Manifest:
     source: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    fingerprint: dict | None = None  # {pixels_sha256, keys_sha256}; None in manifests made before it existed
     tool_version: str = __version__
     folder: str | None = None
 
@@ -98,6 +99,7 @@ class Manifest:
             "classes": self.classes,
             "shards": [s.to_dict() for s in self.shards],
             "skipped": self.skipped,
+            **({"fingerprint": dict(self.fingerprint)} if self.fingerprint is not None else {}),
             "files": list(self.files),
             "source": self.source,
             "stats": self.stats,
@@ -177,14 +179,43 @@ class Manifest:
         for k in ("source", "stats"):
             if not isinstance(m.get(k, {}), dict):
                 fail(f"{k} is not an object")
+        problem = _geometry_problem(m.get("source", {}))
+        if problem:
+            fail(f"source: {problem}")
+        fp = m.get("fingerprint")
+        if fp is not None and not (isinstance(fp, dict) and set(fp) == {"pixels_sha256", "keys_sha256"}
+                                   and all(_is_sha256(v) for v in fp.values())):
+            fail("fingerprint is not {pixels_sha256, keys_sha256} of two sha256 hex digests")
         version = m.get("tool_version")
         out = cls(format=m["format"], name=name, split=split, shape=tuple(shape), params=params,
                   classes=classes, shards=entries, skipped=skipped, compressed=bool(m.get("compressed", False)),
                   source=m.get("source", {}), stats=m.get("stats", {}), files=files,
-                  tool_version=version if isinstance(version, str) else "unknown")
+                  fingerprint=dict(fp) if fp is not None else None, tool_version=version if isinstance(version, str) else "unknown")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out
+
+
+def _is_sha256(x) -> bool:
+    from .fingerprint import is_digest
+
+    return is_digest(x)
+
+
+def _geometry_problem(source: dict) -> str | None:
+    """What is wrong with the geometry a manifest's `source` records (resize_mode, crop, filter), if anything."""
+    from .images import FILTERS, RESIZE_MODES
+
+    mode, crop, filt = source.get("resize_mode"), source.get("crop"), source.get("filter")
+    if mode is not None and mode not in RESIZE_MODES:
+        return f"resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}"
+    if filt is not None and filt not in FILTERS:
+        return f"filter {filt!r} is not one of {', '.join(FILTERS)}"
+    if crop is not None and not (isinstance(crop, list) and len(crop) == 4
+                                 and all(type(v) is int and 0 <= v < 1 << 20 for v in crop)
+                                 and min(crop[2:]) > 0):
+        return f"crop {crop!r} is not [top, left, height, width]"
+    return None
 
 
 def _alpha_equivalents(alpha: float) -> dict:
@@ -239,17 +270,28 @@ def write(out_dir: str, manifest: Manifest) -> None:
     fs.write_bytes(fs.join(out_dir, MANIFEST), json_bytes(manifest.to_dict()))
 
 
-def for_run(plan, shards, skipped, stats: dict) -> Manifest:
-    """The manifest of a finished encode run, the same for every runner."""
+def for_run(plan, shards, skipped, stats: dict, pixels=None) -> Manifest:
+    """The manifest of a finished encode run, the same for every runner.
+
+    `pixels`: every shard's pixel digests, packed (shards.packed_digests),
+    for the fingerprint; its keys are the plan's inputs less the skipped ones.
+    """
+    from .fingerprint import fingerprint
+
     opts = plan.options
+    fp = None
+    if pixels is not None:
+        gone = {s["source"] for s in skipped}
+        fp = fingerprint(pixels, (it.key for it in plan.items if it.key not in gone))
     m = Manifest(
         format=opts.format, name=opts.name, split=opts.split, shape=tuple(plan.shape), params=opts.params,
         classes=plan.classes, shards=list(shards), skipped=sorted(skipped, key=lambda s: s["source"]),
         compressed=bool(opts.compress),
         source={"size": list(opts.size) if opts.size else None, "channels": plan.channels,
                 "max_pixels": opts.max_pixels, "image_key": opts.image_key, "label_key": opts.label_key,
-                "shard_size": plan.shard_size},
+                "shard_size": plan.shard_size, **opts.geometry_record()},
         stats={**stats, "fingerprint": plan.fingerprint},
+        fingerprint=fp,
     )
     m.files = m.shard_format().metadata_files(m)
     return m

@@ -78,8 +78,9 @@ def read_one(payload, channels, size, max_pixels, expect=None):
 
 def read_in_process(items, opts, channels, expect=None):
     """(item, label, array or None, reason or None) for each item, read here (Beam workers)."""
+    geometry = opts.geometry
     for it, payload, label in payloads(items, opts):
-        arr, reason = read_one(payload, channels, opts.size, opts.max_pixels, expect)
+        arr, reason = read_one(payload, channels, geometry, opts.max_pixels, expect)
         yield it, label, arr, reason
 
 
@@ -99,7 +100,7 @@ class PixelStream:
 
     def __init__(self, items, opts, channels, pool: OrderedPool, image_bytes: int, ahead_bytes: int = 64 << 20,
                  expect=None):
-        self.task = ReadTask(channels, opts.size, opts.max_pixels, expect)
+        self.task = ReadTask(channels, opts.geometry, opts.max_pixels, expect)
         self.chunk = max(1, min(256, self.CHUNK_BYTES // max(1, image_bytes)))
         self.pool_workers = pool.workers
         self.image_bytes = max(1, image_bytes)

@@ -47,6 +47,27 @@ class EncodeOptions:
     resume: bool = False
     overwrite: bool = False
     max_pixels: int = images_mod.DEFAULT_MAX_PIXELS
+    resize_mode: str = "stretch"  # how --size resizes: stretch, center-crop, border
+    crop: tuple | None = None  # (top, left, height, width), taken before any resize
+    filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
+
+    @property
+    def geometry(self):
+        """What read_image does to each image's size (an images.Geometry), or None when nothing changes it."""
+        if self.size is None and self.crop is None:
+            return None
+        return images_mod.Geometry(size=self.size, resize_mode=self.resize_mode, crop=self.crop,
+                                   filter=self.filter)
+
+    def expect_size(self, shape):
+        """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
+        return None if self.geometry is not None else tuple(shape[:2])
+
+    def geometry_record(self) -> dict:
+        """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes."""
+        return {"resize_mode": self.resize_mode if self.size else None,
+                "crop": list(self.crop) if self.crop else None,
+                "filter": self.filter if self.size else None}
 
 
 @dataclass(frozen=True)
@@ -73,8 +94,8 @@ class ShardTask:
 
     @property
     def expect(self):
-        """The (height, width) every input must have, read from headers, when nothing resizes."""
-        return None if self.options.size else tuple(self.shape[:2])
+        """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
+        return self.options.expect_size(self.shape)
 
 
 @dataclass
@@ -148,7 +169,7 @@ def probe(items, opts: EncodeOptions):
             if channels is None:
                 mode = images_mod.peek_mode(payload, opts.max_pixels)
                 channels = 1 if images_mod.is_grayscale_mode(mode) else 3
-            arr = images_mod.read_image(payload, channels, opts.size, opts.max_pixels)
+            arr = images_mod.read_image(payload, channels, opts.geometry, opts.max_pixels)
             return arr.shape, channels, it
         except images_mod.ImageReadError:
             continue
@@ -165,7 +186,7 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     h = hashlib.sha256()
     for it in items:
         h.update(f"{it.key}\0{it.label}\0".encode("utf-8", "surrogatepass"))
-    return {
+    header = {
         "format": opts.format,
         "name": opts.name,
         "split": opts.split,
@@ -181,6 +202,17 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         "max_pixels": opts.max_pixels,
         "inputs": h.hexdigest(),
     }
+    # The geometry, only where it differs from what runs did before these
+    # options existed, so the header (and the fingerprint in stats) of such
+    # runs stays the same and they still resume; a resume with other
+    # geometry still differs here and is refused.
+    if opts.crop:
+        header["crop"] = list(opts.crop)
+    if opts.size and opts.resize_mode != "stretch":
+        header["resize_mode"] = opts.resize_mode
+    if opts.size and opts.filter != images_mod.DEFAULT_FILTER:
+        header["filter"] = opts.filter
+    return header
 
 
 def plan(opts: EncodeOptions) -> RunPlan:

@@ -73,6 +73,7 @@ class VerifyResult(Result):
     problems: list
     seconds: float
     against: bool = False
+    fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
 
     @property
     def ok(self) -> bool:

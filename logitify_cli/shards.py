@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fingerprint as fingerprint_mod
 from . import fs
 from .errors import LogitifyError, write_error
 from .formats import get as get_format
@@ -27,24 +28,42 @@ from .transform import image_seeds
 
 @dataclass
 class ShardResult:
-    """A finished shard: what the journal and the manifest record of it."""
+    """A finished shard: what the journal and the manifest record of it.
+
+    `pixels` holds each image's pixel digest (fingerprint.image_digest, hex,
+    in shard order), so the run's fingerprint is made without reading a
+    pixel again, even for shards a resumed run keeps.
+    """
 
     index: int
     file: str
     num_examples: int
     sha256: str
     skipped: list = field(default_factory=list)
+    pixels: list = field(default_factory=list)
 
     def entry(self) -> ShardEntry:
         return ShardEntry(self.file, self.num_examples, self.sha256)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "file": self.file, "num_examples": self.num_examples,
-                "sha256": self.sha256, "skipped": self.skipped}
+                "sha256": self.sha256, "skipped": self.skipped, "pixels": self.pixels}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardResult":
-        return cls(int(d["index"]), str(d["file"]), int(d["num_examples"]), str(d["sha256"]), list(d["skipped"]))
+        return cls(int(d["index"]), str(d["file"]), int(d["num_examples"]), str(d["sha256"]), list(d["skipped"]),
+                   list(d.get("pixels", [])))
+
+
+def packed_digests(entry: dict) -> bytes | None:
+    """A journal entry's or receipt's pixel digests, packed (32 bytes each), or None if it has none to trust."""
+    pixels = entry.get("pixels")
+    if not isinstance(pixels, list) or len(pixels) != entry.get("num_examples"):
+        return None
+    try:
+        return fingerprint_mod.from_hex(pixels)
+    except ValueError:
+        return None
 
 
 def collect(task, pixels, warn, tick=lambda n: None):
@@ -99,21 +118,26 @@ def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: No
                 raise write_error(e, fs.join(out, info["file"])) from None
         finally:
             shutil.rmtree(local, ignore_errors=True)
-    return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], skipped)
+    return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], skipped,
+                       fingerprint_mod.to_hex(info["pixels"]))
 
 
 def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
     """Transform a shard's images batch by batch straight into its writer; empties `good`.
 
     A writer thread takes each batch's logits (CRC, sha256 and the write
-    release the GIL) while the next batch is being transformed. Setting
-    `cancel` abandons the shard (its temp file is removed).
+    release the GIL) and hashes its pixels for the fingerprint while the
+    next batch is being transformed. Setting `cancel` abandons the shard
+    (its temp file is removed). Returns the writer's {file, num_examples,
+    sha256} and `pixels`, the images' digests (raw) in shard order.
     """
     opts = task.options
     fmt = get_format(opts.format)
     writer = None
     todo: queue.Queue = queue.Queue(maxsize=2)
     failure = []
+    digests = []
+    bits = opts.params.bits
 
     def write_batches():
         while True:
@@ -122,7 +146,8 @@ def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
                 return
             if not failure:
                 try:
-                    writer.add(*job)
+                    writer.add(*job[:4])
+                    digests.extend(fingerprint_mod.digests(job[4], bits))
                 except BaseException as e:  # handed to the main thread below
                     failure.append(e)
 
@@ -155,13 +180,13 @@ def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
             keys = [k for k, _, _ in batch]
             images = np.stack([a for _, _, a in batch])
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
-            todo.put((keys, [lab for _, lab, _ in batch], y, logdet))
+            todo.put((keys, [lab for _, lab, _ in batch], y, logdet, images))
         todo.put(None)
         thread.join()
         thread = None
         if failure:
             raise failure[0]
-        return writer.close()
+        return {**writer.close(), "pixels": digests}
     except OSError as e:
         stop_writer()
         if writer is not None:

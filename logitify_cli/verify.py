@@ -6,7 +6,6 @@ size and the number of keys, never the dataset's pixels.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -27,10 +26,10 @@ def _logdet64(logits, alpha):
 
 
 def _digest(img: np.ndarray) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(img.shape).encode())
-    h.update(np.ascontiguousarray(img).data)
-    return h.digest()
+    """The image's pixel digest, as the fingerprint takes it (sha256 of shape and pixels)."""
+    from .fingerprint import image_digest
+
+    return image_digest(img)
 
 
 def verify(path: str, against=None, report=QUIET) -> VerifyResult:
@@ -40,6 +39,11 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
     problems = []
     checked = 0
     decoded = {} if against else None
+    # The fingerprint, recomputed from the decoded images where they are the
+    # encoded pixels (lossless), and from the sources with --against.
+    want_fp = ds.manifest.fingerprint
+    pixel_digests = [] if want_fp is not None and params.lossless else None
+    shard_failed = False
 
     def problem(where, what):
         problems.append({"where": where, "problem": what})
@@ -62,17 +66,28 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
                         if str(k) in seen:
                             problem(str(k), "key appears twice")
                         seen.add(str(k))
-                    if decoded is not None:
-                        for k, img in zip(keys, ds.inverse(logits)):
-                            decoded[str(k)] = _digest(img)
+                    if decoded is not None or pixel_digests is not None:
+                        safe = logits if finite.all() else np.where(np.isfinite(logits), logits, 0)  # (reported above)
+                        for k, img in zip(keys, ds.inverse(safe)):
+                            d = _digest(img)
+                            if decoded is not None:
+                                decoded[str(k)] = d
+                            if pixel_digests is not None:
+                                pixel_digests.append(d)
                     checked += len(keys)
                     bar.update(len(keys))
             except LogitifyError as e:
                 problem(shard.file, e.message)
-    compared = _compare_sources(ds, against, decoded, problem) if against else 0
+                shard_failed = True
+    source_digests = [] if want_fp is not None else None
+    compared = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
+    fingerprint = None
+    if want_fp is not None and not shard_failed:
+        fingerprint = _check_fingerprint(want_fp, seen, pixel_digests, source_digests if against else None,
+                                         ds.num_examples, problem)
     result = VerifyResult(dataset=path, num_examples=checked, num_shards=len(ds.shards),
                           compared_with_sources=compared, problems=problems, seconds=round(time.time() - t0, 3),
-                          against=bool(against))
+                          against=bool(against), fingerprint=fingerprint)
     if problems:
         names = sorted({p["where"] for p in problems})
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
@@ -80,8 +95,34 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
     return result
 
 
-def _compare_sources(ds, sources, decoded, problem) -> int:
-    """Read the sources as encode did (same size, channels, keys) and compare digests."""
+def _check_fingerprint(want, keys, decoded_digests, source_digests, count, problem) -> dict:
+    """Recompute the manifest's fingerprint (keys; pixels from the decoded images and the sources), report a mismatch.
+
+    Returns what was recomputed: {keys_sha256, pixels_sha256 (decoded, or
+    None when the dataset is lossy), sources_pixels_sha256 (with --against,
+    or None)}.
+    """
+    from .fingerprint import keys_sha256, pixels_sha256
+
+    out = {"keys_sha256": keys_sha256(keys), "pixels_sha256": None, "sources_pixels_sha256": None}
+    if out["keys_sha256"] != want["keys_sha256"]:
+        problem("fingerprint", f"keys_sha256 of the shards' keys is {out['keys_sha256']}, "
+                               f"the manifest says {want['keys_sha256']}")
+    for name, digests, where in (("pixels_sha256", decoded_digests, "the decoded images"),
+                                 ("sources_pixels_sha256", source_digests, "the sources")):
+        if digests is None or len(digests) != count:  # (a missing image is reported already)
+            continue
+        out[name] = pixels_sha256(b"".join(digests))
+        if out[name] != want["pixels_sha256"]:
+            problem("fingerprint", f"pixels_sha256 of {where} is {out[name]}, the manifest says {want['pixels_sha256']}")
+    return out
+
+
+def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
+    """Read the sources as encode did (same geometry, channels, keys) and compare digests.
+
+    The digest of each source image found in the dataset is appended to `digests`, if given.
+    """
     from .pixels import PixelStream
     from .planner import EncodeOptions
     from .pool import OrderedPool
@@ -91,7 +132,9 @@ def _compare_sources(ds, sources, decoded, problem) -> int:
     size = tuple(src["size"]) if isinstance(src.get("size"), list) and len(src["size"]) == 2 else None
     channels = src.get("channels") if src.get("channels") in (1, 3, 4) else ds.shape[2]
     opts = EncodeOptions(sources=list(sources), out="", image_key=str(src.get("image_key", "image")),
-                         label_key=str(src.get("label_key", "label")), size=size, channels=channels)
+                         label_key=str(src.get("label_key", "label")), size=size, channels=channels,
+                         resize_mode=src.get("resize_mode") or "stretch", filter=src.get("filter") or "bicubic",
+                         crop=tuple(src["crop"]) if src.get("crop") else None)
     if type(src.get("max_pixels")) is int and src["max_pixels"] > 0:
         opts.max_pixels = src["max_pixels"]
     inv = discover(opts.sources)
@@ -109,6 +152,8 @@ def _compare_sources(ds, sources, decoded, problem) -> int:
                 problem(it.key, f"source cannot be read now: {reason}")
                 continue
             want = (arr >> shift) << shift
+            if digests is not None:
+                digests.append(_digest(want))
             if want.shape != tuple(ds.shape):
                 problem(it.key, f"the source gives shape {list(want.shape)}, the dataset {list(ds.shape)}")
             elif got != _digest(want) and ds.params.lossless:
