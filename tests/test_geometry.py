@@ -1,5 +1,4 @@
 """--resize-mode, --crop and --filter give exactly what Pillow's own crop and resize give."""
-import io
 import json
 import os
 
