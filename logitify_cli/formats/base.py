@@ -1,6 +1,7 @@
 """What every shard format provides, and the checks every reader shares."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 
@@ -105,10 +106,20 @@ class ShardFormat:
     name: str = ""
     template: str = ""  # str.format with name, split, index, count
     glob: str = ""  # fnmatch pattern every shard file name of this format matches
+    metadata_names: tuple = ()  # every name write_metadata() may ever write
     description: str = ""
 
     def shard_file(self, name: str, split: str, index: int, count: int) -> str:
         return self.template.format(name=name, split=split, index=index, count=count)
+
+    def owns(self, file: str) -> bool:
+        """Whether a file name is one this format writes: a shard name or its metadata.
+
+        --overwrite removes what a manifest names only when the name also has
+        this shape, so a manifest cannot send it after a user's other files.
+        """
+        return (bool(file) and "/" not in file and os.sep not in file
+                and (fnmatch.fnmatchcase(file, self.glob) or file in self.metadata_names))
 
     def writer(self, out_dir: str, file: str, shape, count: int, compress: bool) -> ShardWriter:
         raise NotImplementedError

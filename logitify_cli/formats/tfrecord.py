@@ -57,6 +57,7 @@ class TfrecordFormat(ShardFormat):
     template = (TFDS_TEMPLATE.replace("{DATASET}", "{name}").replace("{SPLIT}", "{split}")
                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", "{index:05d}-of-{count:05d}"))
     glob = "*.tfrecord-?????-of-?????"
+    metadata_names = TFDS_FILES
     description = "TFRecord files of tf.train.Example, with TFDS metadata"
 
     def writer(self, out_dir, file, shape, count, compress):

@@ -1,0 +1,257 @@
+"""Hostile folders, datasets and names: what logitify may touch, read, hold and print.
+
+Every test builds its own hostile input and checks a user's files, the
+process's memory or the terminal come through unharmed.
+"""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo, save
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(folder):
+    """{relative path: bytes, '-> target' for a link, '/' for a folder} of everything under folder."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            rel = os.path.relpath(p, folder)
+            if os.path.islink(p):
+                out[rel] = "-> " + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = "/"
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = f.read()
+    return out
+
+
+def png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tfds_shard(path, images, labels):
+    """A TFDS-style TFRecord of Examples {image: PNG bytes, label: int64}, as another tool writes them."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for img, lab in zip(images, labels):
+            ex = tf.train.Example(features=tf.train.Features(feature={
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png_bytes(img)])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[lab]))}))
+            w.write(ex.SerializeToString())
+
+
+@pytest.fixture
+def pics(tmp_path, rng):
+    """A folder of four 8x8 PNGs."""
+    root = tmp_path / "pics"
+    for i in range(4):
+        save(str(root / f"p{i}.png"), photo(rng, 8, 8))
+    return root
+
+
+def fake_manifest(folder, **changes):
+    """A logitify-valid manifest.json in folder, made by editing the one of a real run."""
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+# -- --overwrite and --resume touch only logitify's own files -------------------------------------
+
+
+def test_overwrite_refuses_a_tfds_folder_of_another_tool(cli, pics, tmp_path, rng):
+    tfds = tmp_path / "mnist"
+    tfds.mkdir()
+    write_tfds_shard(tfds / "mnist-train.tfrecord-00000-of-00001", [photo(rng, 8, 8, 1)[:, :, 0]] * 3, [0, 1, 0])
+    (tfds / "dataset_info.json").write_text('{"name": "mnist"}')
+    (tfds / "features.json").write_text('{"type": "FeaturesDict"}')
+    before = snapshot(tfds)
+    for sources in ([tfds / "mnist-train.tfrecord-00000-of-00001"], [pics]):
+        r = cli("encode", *sources, "-o", tfds, "--overwrite")
+        assert r.exit_code == 1, r.output
+        assert "dataset_info.json" in r.stderr and "did not write" in r.stderr
+        assert snapshot(tfds) == before  # not even a lock file was left
+
+
+def test_overwrite_refuses_someone_elses_shard_beside_a_logitify_dataset(cli, pics, tmp_path):
+    out = tmp_path / "o"
+    assert cli("encode", pics, "-o", out).exit_code == 0
+    np.savez(out / "photos-00000-of-00002.npz", x=np.arange(3))
+    before = snapshot(out)
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "photos-00000-of-00002.npz" in r.stderr
+    assert snapshot(out) == before
+
+
+def test_overwrite_refuses_a_manifest_that_is_not_logitifys(cli, pics, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"version": 3, "files": ["train-00000-of-00001.npz"]}')
+    np.savez(out / "train-00000-of-00001.npz", mine=np.arange(3))
+    before = snapshot(out)
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "holds manifest.json" in r.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("claim", ["files", "journal"])
+def test_a_manifest_or_journal_cannot_claim_a_users_file(cli, pics, tmp_path, claim):
+    """Names logitify never gives its files stay the user's, whatever a manifest or journal says."""
+    out = tmp_path / "o"
+    assert cli("encode", pics, "-o", out).exit_code == 0
+    (out / "thesis.tex").write_text("four years of work")
+    if claim == "files":
+        fake_manifest(out, files=["thesis.tex"])
+    else:
+        header = {"format": "npz", "name": "logitify", "split": "train", "num_shards": 1}
+        (out / ".logitify-journal.jsonl").write_text(
+            json.dumps({"header": header}) + "\n"
+            + json.dumps({"shard": {"index": 0, "file": "thesis.tex", "num_examples": 1, "sha256": "0"}}) + "\n")
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "thesis.tex" in r.stderr
+    assert (out / "thesis.tex").read_text() == "four years of work"
+
+
+@pytest.mark.parametrize("name", ["../victim.txt", "/abs/victim.txt"])
+def test_a_manifest_naming_files_outside_owns_nothing(cli, pics, tmp_path, name):
+    out = tmp_path / "o"
+    assert cli("encode", pics, "-o", out).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    m = json.loads((out / "manifest.json").read_text())
+    m["shards"][0]["file"] = name if name.startswith("..") else str(victim)
+    (out / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(out)
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "manifest.json" in r.stderr
+    assert snapshot(out) == before and victim.read_text() == "keep"
+
+
+def test_encoding_a_logitify_tfrecord_dataset_into_itself_removes_nothing(cli, pics, tmp_path):
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds, "-f", "tfrecord").exit_code == 0
+    shard = next(p for p in ds.iterdir() if ".tfrecord-" in p.name)
+    before = snapshot(ds)
+    r = cli("encode", shard, pics, "-o", ds, "--overwrite", "-f", "tfrecord")
+    assert r.exit_code == 1, r.output
+    assert shard.name in r.stderr and "an input of this run" in r.stderr
+    assert snapshot(ds) == before
+
+
+def test_a_manifest_naming_an_input_as_its_shard_cannot_remove_it(cli, pics, tmp_path, rng):
+    """Another tool's TFRecord, claimed by a (valid) logitify manifest beside it, survives as an input."""
+    folder = tmp_path / "mixed"
+    assert cli("encode", pics, "-o", folder, "-f", "tfrecord").exit_code == 0
+    for p in folder.iterdir():
+        if ".tfrecord-" in p.name:
+            p.unlink()
+    theirs = folder / "mnist-train.tfrecord-00000-of-00001"
+    write_tfds_shard(theirs, [photo(rng, 8, 8)] * 2, [0, 1])
+    m = json.loads((folder / "manifest.json").read_text())
+    m["shards"][0]["file"] = theirs.name
+    (folder / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(folder)
+    r = cli("encode", theirs, "-o", folder, "--overwrite")
+    assert r.exit_code == 1 and theirs.name in r.stderr and "input" in r.stderr
+    assert snapshot(folder) == before
+
+
+def test_overwrite_refuses_a_folder_that_looks_like_the_root(cli, pics, tmp_path):
+    root = tmp_path / "rootlike"
+    for d in ("bin", "etc", "home", "usr"):
+        (root / d).mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0")
+    (root / "vmlinuz").write_bytes(b"\x7fELF")
+    before = snapshot(root)
+    r = cli("encode", pics, "-o", root, "--overwrite")
+    assert r.exit_code == 1 and "holds bin," in r.stderr
+    assert snapshot(root) == before
+
+
+def test_the_root_and_the_home_folder_are_never_cleared(cli, pics, tmp_path, monkeypatch):
+    """The root is checked by the rule alone (nothing is run there); home is a fake one."""
+    from logitify_cli.errors import LogitifyError
+    from logitify_cli.outdir import OutputFolder, protected_folder
+
+    assert protected_folder("/") == "the root of the file system"
+    with pytest.raises(LogitifyError, match="root of the file system"):
+        OutputFolder("/").check(overwrite=True, resume=False)
+    home = tmp_path / "home"
+    # A home folder holding nothing but an old logitify dataset: the ownership rules alone would clear it.
+    assert cli("encode", pics, "-o", home).exit_code == 0
+    monkeypatch.setenv("HOME", str(home))
+    before = snapshot(home)
+    for flag in ("--overwrite", "--resume"):
+        r = cli("encode", pics, "-o", home, flag)
+        assert r.exit_code == 1 and "home folder" in r.stderr
+        assert snapshot(home) == before
+
+
+def test_overwrite_removes_links_never_their_targets(cli, pics, tmp_path):
+    out = tmp_path / "o"
+    assert cli("encode", pics, "-o", out).exit_code == 0
+    shard = next(p for p in out.iterdir() if p.name.endswith(".npz"))
+    precious = tmp_path / "precious.npz"
+    precious.write_bytes(b"mine, not logitify's")
+    shard.unlink()
+    shard.symlink_to(precious)
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert precious.read_bytes() == b"mine, not logitify's"
+    assert not shard.is_symlink() and shard.stat().st_size > 100
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("name,flag", [(".logitify.lock", "--overwrite"), (".logitify.lock", "--resume"),
+                                       (".logitify-journal.jsonl", "--resume")])
+def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, link, name, flag):
+    out = tmp_path / "o"
+    out.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious data")
+    if link == "symbolic":
+        (out / name).symlink_to(precious)
+    else:
+        os.link(precious, out / name)
+    r = cli("encode", pics, "-o", out, flag)
+    assert precious.read_text() == "precious data"
+    if name == ".logitify.lock":  # refused by name: a lock is not taken over through a link
+        assert r.exit_code == 1 and name in r.stderr and "Traceback" not in r.output
+    else:  # a journal that is a link says nothing: the link goes, a journal of the run's own replaces it
+        assert r.exit_code == 0, r.output
+        assert not os.path.lexists(out / name) and (out / "manifest.json").is_file()
+
+
+def test_resume_never_replaces_a_file_it_did_not_write(cli, pics, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train-00000-of-00001.npz").write_bytes(b"someone's archive")
+    r = cli("encode", pics, "-o", out, "--resume")
+    assert r.exit_code == 1 and "train-00000-of-00001.npz" in r.stderr
+    assert (out / "train-00000-of-00001.npz").read_bytes() == b"someone's archive"
+    assert sorted(os.listdir(out)) == ["train-00000-of-00001.npz"]
+
+
+def test_overwrite_still_replaces_logitifys_own_files(cli, pics, tmp_path):
+    """The rules above leave the ordinary case working, metadata of either format included."""
+    out = tmp_path / "o"
+    assert cli("encode", pics, "-o", out, "-f", "tfrecord").exit_code == 0
+    assert cli("encode", pics, "-o", out, "--overwrite").exit_code == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "train-00000-of-00001.npz"]
+    assert cli("encode", pics, "-o", out, "--overwrite", "-f", "tfrecord").exit_code == 0
+    assert cli("verify", out).exit_code == 0
