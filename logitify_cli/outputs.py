@@ -21,7 +21,11 @@ from . import fs
 IMAGE_SUFFIXES = frozenset(
     ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
 )
-PNG_JOB = 64  # images per PNG job
+PNG_JOB = 64  # images per PNG job at most
+PNG_JOB_BYTES = 8 << 20  # and about this many bytes of pixels: large images travel a few at a time
+NAME_MAX = 255  # bytes in one file name on the file systems we know
+# Errors that say a key cannot be a file name here: the key is refused, the run goes on.
+KEY_ERRNOS = frozenset(getattr(errno, n) for n in ("ENAMETOOLONG", "EILSEQ", "EINVAL") if hasattr(errno, n))
 
 
 class Refused(Exception):
@@ -39,6 +43,10 @@ def key_relpath(key: str) -> str:
         raise ValueError("empty key")
     if "\0" in key:
         raise ValueError("key contains a NUL byte")
+    try:
+        os.fsencode(key)
+    except UnicodeError:
+        raise ValueError("key holds characters no file name here can have") from None
     text = key
     if os.name == "nt":
         text = key.replace("\\", "/")
@@ -47,8 +55,12 @@ def key_relpath(key: str) -> str:
     if text.startswith("/"):
         raise ValueError("key is an absolute path")
     parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
+    if any(p == ".." for p in parts):
         raise ValueError("key climbs out of the output folder ('..')")
+    if not parts:
+        raise ValueError("key names the output folder itself, not a file in it")
+    if any(len(os.fsencode(p)) > NAME_MAX - 4 for p in parts):  # room for '.png'
+        raise ValueError(f"key has a name longer than {NAME_MAX - 4} bytes")
     return "/".join(parts)
 
 
@@ -106,8 +118,11 @@ class _Folders:
         self.fds = {}
 
 
-def _create(folders: _Folders, rel: str, overwrite: bool) -> int:
-    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite."""
+def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset()) -> int:
+    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite.
+
+    `protect` holds (device, inode) of files never to replace: the dataset being decoded.
+    """
     rel_dir, _, name = rel.rpartition("/")
     dfd = folders.fd(rel_dir)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -122,13 +137,16 @@ def _create(folders: _Folders, rel: str, overwrite: bool) -> int:
                 raise Refused(f"{rel} exists and is not a file") from None
             if st.st_nlink > 1:
                 raise Refused(f"{rel} is a hard link to a file elsewhere") from None
+            if (st.st_dev, st.st_ino) in protect:
+                raise Refused(f"{rel} is a file of the dataset being decoded") from None
             if not overwrite:
                 raise Refused(f"{rel} exists (pass --overwrite to replace it)") from None
             os.unlink(name, dir_fd=dfd)
     raise Refused(f"{rel} keeps reappearing")
 
 
-def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None) -> None:
+def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None,
+               protect=frozenset()) -> None:
     """Write data at root/rel: in a bucket as an object, here without following any link."""
     if fs.is_remote(root):
         fs.write_bytes(fs.join(root, rel), bytes(data))
@@ -136,7 +154,7 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
     own = folders is None
     folders = folders or _Folders(root)
     try:
-        fd = _create(folders, rel, overwrite)
+        fd = _create(folders, rel, overwrite, protect)
         try:
             view = memoryview(data)
             while view:
@@ -154,13 +172,25 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
             folders.close()
 
 
+def problem(key: str, rel: str, e: BaseException) -> dict:
+    """A failed write as a problem: refused when the key is to blame, a failure of the run otherwise."""
+    if isinstance(e, Refused):
+        return {"key": key, "reason": str(e), "refused": True}
+    if isinstance(e, OSError) and e.errno in KEY_ERRNOS:
+        return {"key": key, "reason": f"{rel} cannot be made here: {e.strerror or e}", "refused": True}
+    if isinstance(e, OSError):
+        return {"key": key, "reason": f"cannot write {rel}: {e.strerror or e}", "refused": False}
+    return {"key": key, "reason": f"{rel} cannot be made here: {e}", "refused": True}  # ValueError: the name
+
+
 class ImageOutput:
     """Base of the image outputs."""
 
     name = ""
 
-    def __init__(self, root: str, n_shards: int, overwrite: bool):
+    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
+        self.protect = None if protect is None else frozenset(protect)  # see _create
         self.refused = []  # {key, reason} of keys no file can be made for
 
     def add(self, shard: int, keys, labels, images) -> list:
@@ -202,22 +232,21 @@ class PngOutput(ImageOutput):
                 batch.append((key, self._target(key), img))
             except ValueError as e:
                 self.refused.append({"key": key, "reason": str(e)})
-        return [(self.root, self.overwrite, batch[a:a + PNG_JOB]) for a in range(0, len(batch), PNG_JOB)]
+        per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB
+        protect = self.protect or frozenset()
+        return [(self.root, self.overwrite, batch[a:a + per_job], protect) for a in range(0, len(batch), per_job)]
 
     @staticmethod
     def write(job):
-        root, overwrite, batch = job
+        root, overwrite, batch, protect = job
         problems = []
         folders = None if fs.is_remote(root) else _Folders(root)
         try:
             for key, rel, img in batch:
                 try:
-                    write_file(root, rel, png_bytes(img), overwrite, folders)
-                except Refused as e:
-                    problems.append({"key": key, "reason": str(e), "refused": True})
-                except OSError as e:
-                    problems.append({"key": key, "reason": f"cannot write {rel}: {e.strerror or e}",
-                                     "refused": False})
+                    write_file(root, rel, png_bytes(img), overwrite, folders, protect)
+                except (Refused, OSError, ValueError) as e:
+                    problems.append(problem(key, rel, e))
         finally:
             if folders is not None:
                 folders.close()
@@ -243,20 +272,18 @@ class NpzOutput(ImageOutput):
         labels = np.concatenate([p[1] for p in parts]).astype("<i8") if parts else np.zeros(0, "<i8")
         images = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 1), np.uint8)
         name = f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
-        return [(self.root, self.overwrite, name, keys, labels, images)]
+        return [(self.root, self.overwrite, name, keys, labels, images, self.protect or frozenset())]
 
     @staticmethod
     def write(job):
-        root, overwrite, name, keys, labels, images = job
+        root, overwrite, name, keys, labels, images, protect = job
         buf = io.BytesIO()
         np.savez(buf, images=images, keys=np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"), labels=labels)
         problems = []
         try:
-            write_file(root, name, buf.getbuffer(), overwrite)
-        except Refused as e:
-            problems = [{"key": name, "reason": str(e), "refused": True}]
-        except OSError as e:
-            problems = [{"key": name, "reason": f"cannot write {name}: {e.strerror or e}", "refused": False}]
+            write_file(root, name, buf.getbuffer(), overwrite, protect=protect)
+        except (Refused, OSError, ValueError) as e:
+            problems = [problem(name, name, e)]
         return {"images": 0 if problems else len(keys), "problems": problems}
 
 

@@ -200,6 +200,9 @@ def test_the_root_and_the_home_folder_are_never_cleared(cli, pics, tmp_path, mon
         r = cli("encode", pics, "-o", home, flag)
         assert r.exit_code == 1 and "home folder" in r.stderr
         assert snapshot(home) == before
+    r = cli("decode", home, "-o", home, "--overwrite")
+    assert r.exit_code == 1 and "home folder" in r.stderr
+    assert snapshot(home) == before
 
 
 def test_overwrite_removes_links_never_their_targets(cli, pics, tmp_path):
@@ -255,3 +258,119 @@ def test_overwrite_still_replaces_logitifys_own_files(cli, pics, tmp_path):
     assert sorted(os.listdir(out)) == ["manifest.json", "train-00000-of-00001.npz"]
     assert cli("encode", pics, "-o", out, "--overwrite", "-f", "tfrecord").exit_code == 0
     assert cli("verify", out).exit_code == 0
+
+
+# -- decode writes inside its folder only -----------------------------------------------------------
+
+
+def rewrite_npz_dataset(ds, keys, labels=None, logits=None, logdet=None):
+    """Make a dataset of one npz shard hold these keys (and arrays), manifest and sha256 to match."""
+    m = json.loads((ds / "manifest.json").read_text())
+    first = m["shards"][0]["file"]
+    z = dict(np.load(ds / first, allow_pickle=False))
+    for s in m["shards"]:
+        (ds / s["file"]).unlink()
+    n = len(keys)
+    arrays = {"logits": np.repeat(z["logits"][:1], n, 0) if logits is None else logits,
+              "logdet": np.repeat(z["logdet"][:1], n, 0) if logdet is None else logdet,
+              "keys": np.array(keys),
+              "labels": np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)}
+    np.savez(ds / first, **arrays)
+    m["shards"] = [{"file": first, "num_examples": n, "sha256": hashlib.sha256((ds / first).read_bytes()).hexdigest()}]
+    m["num_examples"] = n
+    (ds / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.fixture
+def keyed(cli, pics, tmp_path):
+    """A function: a dataset (one npz shard of 8x8 images) holding the given keys."""
+    made = []
+
+    def make(keys, **arrays):
+        ds = tmp_path / f"ds{len(made)}"
+        assert cli("encode", pics, "-o", ds).exit_code == 0
+        rewrite_npz_dataset(ds, keys, **arrays)
+        made.append(ds)
+        return ds
+
+    return make
+
+
+def refusal_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("logitify: refused key")]
+
+
+def test_decode_png_never_writes_through_links(cli, keyed, tmp_path):
+    ds = keyed(["ok.png", "hard.png", "soft.png", "linked/inside.png", "cls/fine.png"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "target.png").write_bytes(b"a user's picture")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(elsewhere / "target.png", out / "hard.png")
+    (out / "soft.png").symlink_to(elsewhere / "target.png")
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    before = snapshot(elsewhere)
+    r = cli("decode", ds, "-o", out, "--overwrite")
+    assert r.exit_code == 1
+    assert snapshot(elsewhere) == before
+    lines = refusal_lines(r.stderr)
+    assert len(lines) == 3
+    for key in ("hard.png", "soft.png", "linked/inside.png"):
+        assert sum(key in line for line in lines) == 1
+    assert "logitify: error: 3 key(s) could not be written" in r.stderr and "Traceback" not in r.output
+    assert Image.open(out / "ok.png").size == (8, 8) and Image.open(out / "cls" / "fine.png").size == (8, 8)
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_decode_npz_never_writes_through_links(cli, keyed, tmp_path, link):
+    ds = keyed(["a.png", "b.png"])
+    elsewhere = tmp_path / "elsewhere.npz"
+    elsewhere.write_bytes(b"a user's archive")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "images-00000-of-00001.npz"
+    target.symlink_to(elsewhere) if link == "symbolic" else os.link(elsewhere, target)
+    r = cli("decode", ds, "-o", out, "-f", "npz", "--overwrite")
+    assert r.exit_code == 1 and elsewhere.read_bytes() == b"a user's archive"
+    assert len(refusal_lines(r.stderr)) == 1 and "images-00000-of-00001.npz" in r.stderr
+    assert "logitify: error: 1 key(s)" in r.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="on Windows '\\' and ':' are separators")
+def test_backslash_and_colon_are_ordinary_characters(cli, keyed, tmp_path):
+    ds = keyed(["a\\b.png", "c:x.png", "dir\\sub/y.png"])
+    out = tmp_path / "out"
+    r = cli("decode", ds, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(snapshot(out)) == ["a\\b.png", "c:x.png", "dir\\sub", "dir\\sub/y.png"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_keys_that_cannot_be_file_names_are_refused_one_by_one(cli, keyed, tmp_path, fmt):
+    """Escapes, '..', absolute paths, lone surrogates and overlong names: each refused, the rest written."""
+    bad = ["../up.png", "/abs/x.png", "a/../../up2.png", ".", "lone\ud800surrogate.png", "y" * 300 + ".png"]
+    ds = keyed(bad + ["good.png"])
+    out = tmp_path / "sandbox" / "out"
+    r = cli("decode", ds, "-o", out, "-f", fmt)
+    assert "Traceback" not in r.output
+    if fmt == "npz":  # keys are data in an npz: nothing to refuse
+        assert r.exit_code == 0, r.output
+        with np.load(out / "images-00000-of-00001.npz", allow_pickle=False) as z:
+            assert len(z["keys"]) == 7
+        return
+    assert r.exit_code == 1
+    assert len(refusal_lines(r.stderr)) == len(bad)
+    assert f"logitify: error: {len(bad)} key(s)" in r.stderr
+    assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/good.png": snapshot(out)["good.png"]}
+
+
+def test_decode_never_replaces_the_dataset_it_reads(cli, pics, tmp_path):
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds, "--split", "images").exit_code == 0
+    shard = ds / "images-00000-of-00001.npz"
+    before = shard.read_bytes()
+    r = cli("decode", ds, "-o", ds, "-f", "npz", "--overwrite")
+    assert r.exit_code == 1 and "dataset being decoded" in r.stderr
+    assert shard.read_bytes() == before and cli("verify", ds).exit_code == 0
