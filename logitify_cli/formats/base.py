@@ -11,7 +11,13 @@ from ..errors import LogitifyError
 
 # Examples a reader hands over at a time: whole shards can be gigabytes, so
 # readers work through them in slices of about this many bytes of logits.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
+# A compressed shard (deflated npz member, GZIP TFRecord) can claim anything:
+# a 1 MB file inflates to gigabytes. One example of a compressed shard is
+# read only up to this many bytes of logits (a 4096x4096x2 image); larger
+# ones are refused before anything is inflated. Uncompressed shards hold
+# what they claim on disk, so their examples are read whatever their size.
+EXPANDING_EXAMPLE_MAX = 128 << 20
 
 
 def temp_name(path: str) -> str:
@@ -35,9 +41,19 @@ def fsync_rename(tmp: str, final: str, synced: bool = False) -> None:
     os.replace(tmp, final)
 
 
-def chunk_rows(shape, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Examples per chunk for logits of this shape."""
-    return max(1, chunk_bytes // (4 * int(np.prod(shape))))
+def chunk_rows(shape, chunk_bytes: int = CHUNK_BYTES, extra: int = 0) -> int:
+    """Examples per chunk for logits of this shape (and `extra` bytes more per example)."""
+    return max(1, chunk_bytes // (4 * int(np.prod(shape)) + extra))
+
+
+def refuse_expanding(name: str, shape) -> None:
+    """LogitifyError if one example of this shape is more than a compressed shard may inflate to."""
+    nbytes = 4 * int(np.prod(shape))
+    if nbytes > EXPANDING_EXAMPLE_MAX:
+        raise LogitifyError(
+            f"shard {name}: its examples would inflate to {nbytes / 1e6:.0f} MB of logits each "
+            f"({'x'.join(map(str, shape))}); logitify inflates at most {EXPANDING_EXAMPLE_MAX >> 20} MiB per "
+            "example from a compressed shard")
 
 
 def check_chunk(name: str, out: dict, shape) -> dict:
