@@ -70,13 +70,14 @@ class VerifyResult(Result):
     num_examples: int
     num_shards: int
     compared_with_sources: int
-    problems: list
+    problems: list  # the first ones found, by name
     seconds: float
     against: bool = False
+    num_problems: int = 0  # all of them, listed or not
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.num_problems
 
     def to_dict(self) -> dict:
         d = super().to_dict()
