@@ -55,6 +55,7 @@ def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, dev
     """The output's jobs for one shard, read a slice at a time."""
     if output.protect is None:
         output.protect = dataset_files(ds)
+    output.begin_shard(index, shard.num_examples, ds.shape)
     for chunk in ds.iter_chunks(shard):
         images = ds.inverse(chunk["logits"], device, batch_size)
         yield from output.add(index, chunk["keys"], chunk["labels"], images)
@@ -105,6 +106,8 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
                 # An unreadable shard or a failed write ends the run, but the workers end as
                 # usual: the jobs in flight finish, and nothing is torn down mid-write.
                 failure = e
+            finally:
+                output.close()
     if failure is not None:
         raise failure
     seconds = time.time() - t0

@@ -197,8 +197,14 @@ class ImageOutput:
         """Jobs ready to run for a slice of a shard's images."""
         raise NotImplementedError
 
+    def begin_shard(self, shard: int, count: int, shape) -> None:
+        """Called before a shard's first slice, with how many images it holds and their shape."""
+
     def end_shard(self, shard: int) -> list:
         return []
+
+    def close(self) -> None:
+        """Drop whatever a failed run left half made."""
 
     @staticmethod
     def write(job) -> list:
@@ -253,38 +259,179 @@ class PngOutput(ImageOutput):
         return {"images": len(batch), "problems": problems}
 
 
+class _NpzStream:
+    """One shard's npz, written under a temporary name as its slices come.
+
+    The images stream straight into the zip entry, so the shard is never
+    whole in memory; keys and labels go to a side file beside it (keys of
+    each slice at that slice's width) and are copied in at the end, keys
+    widened to the widest. Locally both files are created in the output
+    folder without following links; for a bucket, in a local temp folder.
+    """
+
+    def __init__(self, root: str, name: str, count: int, shape):
+        import tempfile
+        import zipfile
+
+        self.remote = fs.is_remote(root)
+        self.name, self.count = name, count
+        self.dir = tempfile.mkdtemp(prefix="logitify-npz-") if self.remote else root
+        self.tmp = f".{name}.tmp-{os.getpid()}"
+        self.side = f".{name}.side.tmp-{os.getpid()}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for n in (self.tmp, self.side):
+            try:
+                os.unlink(os.path.join(self.dir, n))  # a leftover of a killed run of this process id
+            except FileNotFoundError:
+                pass
+        self._file = os.fdopen(os.open(os.path.join(self.dir, self.tmp), flags, 0o644), "w+b")
+        self._side = os.fdopen(os.open(os.path.join(self.dir, self.side), flags, 0o644), "w+b")
+        self._zip = zipfile.ZipFile(self._file, "w", allowZip64=True)
+        self._entry = self._open_entry("images.npy")
+        np.lib.format.write_array_header_1_0(
+            self._entry, {"descr": "|u1", "fortran_order": False, "shape": (count,) + tuple(shape)})
+        self._parts = []  # (rows, key width) of each slice in the side file
+        self.written = 0
+
+    def _open_entry(self, name):
+        import zipfile
+
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        return self._zip.open(info, "w", force_zip64=True)
+
+    def add(self, keys, labels, images) -> None:
+        if self.written + len(images) > self.count:
+            raise ValueError(f"{self.name}: more images than the shard holds")
+        self._entry.write(np.ascontiguousarray(images, np.uint8).data)
+        keys = np.asarray(keys)
+        keys = keys.astype("<U1") if keys.size == 0 else np.ascontiguousarray(keys.astype(f"<U{max(1, keys.dtype.itemsize // 4)}"))
+        self._side.write(np.asarray(labels, "<i8").tobytes())
+        self._side.write(keys.tobytes())
+        self._parts.append((len(images), keys.dtype.itemsize))
+        self.written += len(images)
+
+    def _copy(self, entry, width: int, keys: bool) -> None:
+        pos = 0
+        for rows, itemsize in self._parts:
+            self._side.seek(pos + (8 * rows if keys else 0))
+            if keys:
+                part = np.frombuffer(self._side.read(rows * itemsize), f"<U{itemsize // 4}")
+                entry.write(part.astype(f"<U{width}").tobytes())
+            else:
+                entry.write(self._side.read(8 * rows))
+            pos += rows * (8 + itemsize)
+
+    def finish(self) -> tuple:
+        """Close the zip; the job that puts it in place under its name."""
+        if self.written != self.count:
+            raise ValueError(f"{self.name}: {self.written} images, the shard holds {self.count}")
+        self._entry.close()
+        width = max([itemsize // 4 for _, itemsize in self._parts] + [1])
+        with self._open_entry("keys.npy") as e:
+            np.lib.format.write_array_header_1_0(e, {"descr": f"<U{width}", "fortran_order": False,
+                                                     "shape": (self.count,)})
+            self._copy(e, width, keys=True)
+        with self._open_entry("labels.npy") as e:
+            np.lib.format.write_array_header_1_0(e, {"descr": "<i8", "fortran_order": False, "shape": (self.count,)})
+            self._copy(e, width, keys=False)
+        self._zip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close(keep=True)
+        return self.dir, self.tmp, self.remote
+
+    def close(self, keep: bool = False) -> None:
+        for f in (getattr(self, "_entry", None), getattr(self, "_zip", None), self._file, self._side):
+            try:
+                if f is not None:
+                    f.close()
+            except (OSError, ValueError):
+                pass
+        names = [self.side] + ([] if keep else [self.tmp])
+        for n in names:
+            try:
+                os.unlink(os.path.join(self.dir, n))
+            except FileNotFoundError:
+                pass
+        if self.remote and not keep:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect, remote: bool) -> None:
+    """Move a finished temporary file to its name: the same refusals as a new file, and no link followed."""
+    if remote:
+        import shutil
+
+        try:
+            fs.upload(os.path.join(folder, tmp), fs.join(root, name))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    folders = _Folders(root)
+    try:
+        dfd = folders.fd("")
+        try:
+            fd = _create(folders, name, overwrite, protect)  # refuses links, hard links, the dataset's files
+            os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # a rename replaces a name, never writes through it
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        folders.close()
+
+
 class NpzOutput(ImageOutput):
-    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels."""
+    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels, streamed to disk."""
 
     name = "npz"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._parts = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open = {}
+
+    def _file(self, shard: int) -> str:
+        return f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
+
+    def begin_shard(self, shard, count, shape):
+        self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
-        self._parts.setdefault(shard, []).append(([str(k) for k in keys], np.asarray(labels), images))
+        if shard not in self._open:
+            self.begin_shard(shard, len(images), images.shape[1:])
+        self._open[shard].add([str(k) for k in keys] if not isinstance(keys, np.ndarray) else keys, labels, images)
         return []
 
     def end_shard(self, shard):
-        parts = self._parts.pop(shard, [])
-        keys = [k for p in parts for k in p[0]]
-        labels = np.concatenate([p[1] for p in parts]).astype("<i8") if parts else np.zeros(0, "<i8")
-        images = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 1), np.uint8)
-        name = f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
-        return [(self.root, self.overwrite, name, keys, labels, images, self.protect or frozenset())]
+        stream = self._open.pop(shard, None) or _NpzStream(self.root, self._file(shard), 0, (1, 1, 1))
+        try:
+            folder, tmp, remote = stream.finish()
+        except BaseException:
+            stream.close()
+            raise
+        return [(self.root, self.overwrite, self._file(shard), folder, tmp, remote, stream.count,
+                 self.protect or frozenset())]
+
+    def close(self):
+        for stream in self._open.values():
+            stream.close()
+        self._open = {}
 
     @staticmethod
     def write(job):
-        root, overwrite, name, keys, labels, images, protect = job
-        buf = io.BytesIO()
-        np.savez(buf, images=images, keys=np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"), labels=labels)
+        root, overwrite, name, folder, tmp, remote, count, protect = job
         problems = []
         try:
-            write_file(root, name, buf.getbuffer(), overwrite, protect=protect)
+            _place(root, folder, tmp, name, overwrite, protect, remote)
         except (Refused, OSError, ValueError) as e:
             problems = [problem(name, name, e)]
-        return {"images": 0 if problems else len(keys), "problems": problems}
+        return {"images": 0 if problems else count, "problems": problems}
 
 
 IMAGE_OUTPUTS = {cls.name: cls for cls in (PngOutput, NpzOutput)}

@@ -374,3 +374,207 @@ def test_decode_never_replaces_the_dataset_it_reads(cli, pics, tmp_path):
     r = cli("decode", ds, "-o", ds, "-f", "npz", "--overwrite")
     assert r.exit_code == 1 and "dataset being decoded" in r.stderr
     assert shard.read_bytes() == before and cli("verify", ds).exit_code == 0
+
+
+# -- memory stays bounded whatever a small file claims ---------------------------------------------
+
+GiB = 1 << 30
+ALPHA = 0.05
+
+MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.time()
+r = subprocess.run([sys.executable, "-m", "logitify_cli", *sys.argv[1:]], capture_output=True, text=True,
+                   errors="backslashreplace")
+print(json.dumps({"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr, "seconds": time.time() - t,
+                  "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def measured(*args, timeout=600):
+    """Run the CLI in a fresh process; its exit code, streams, seconds and peak resident memory (bytes)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", MEASURE, *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def bomb_manifest(fmt, shape, shard, count, compressed):
+    dims = int(np.prod(shape))
+    return {"format_version": 1, "tool_version": "0", "format": fmt, "name": "logitify", "split": "train",
+            "num_examples": count, "shape": list(shape), "dtype": "float32", "compressed": compressed,
+            "transform": {"alpha": ALPHA, "corruption_level": 1.0, "noise": "uniform", "bits": 8, "seed": 0},
+            "logdet": {"convention": "tfgenzoo", "dims": dims, "bpd_offset_nats": dims * np.log(256.0),
+                       "bits_per_dim": ""},
+            "classes": None, "skipped": [], "files": [], "source": {}, "stats": {},
+            "shards": [{"file": os.path.basename(shard), "num_examples": count,
+                        "sha256": hashlib.sha256(open(shard, "rb").read()).hexdigest()}]}
+
+
+def zero_logdet(shape):
+    """The log-det of all-zero logits: verify finds nothing wrong with them."""
+    dims = int(np.prod(shape))
+    return np.float32(dims * 2 * np.log(2.0) + dims * np.log1p(-ALPHA))
+
+
+def _npy_member(z, name, header, nbytes, compress):
+    import zipfile
+
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    zeros = bytes(8 << 20)
+    with z.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for a in range(0, nbytes, len(zeros)):
+            f.write(zeros[:min(len(zeros), nbytes - a)])
+
+
+def npz_bomb(folder, shape, count, claimed=None, key_chars=None):
+    """A deflated npz shard of all-zero logits that agrees with its manifest on `count` examples of `shape`.
+
+    `claimed`: how many examples logits.npy's header says it holds instead.
+    `key_chars`: keys as one '<U{key_chars}' array of zeros (a bomb of its own).
+    """
+    import zipfile
+
+    os.makedirs(folder)
+    path = os.path.join(folder, "train-00000-of-00001.npz")
+    n = count if claimed is None else claimed
+    with zipfile.ZipFile(path, "w") as z:
+        _npy_member(z, "logits.npy", {"descr": "<f4", "fortran_order": False, "shape": (n,) + shape},
+                    4 * int(np.prod(shape)) * n, True)
+        if key_chars:
+            _npy_member(z, "keys.npy", {"descr": f"<U{key_chars}", "fortran_order": False, "shape": (count,)},
+                        4 * key_chars * count, True)
+        else:
+            with z.open("keys.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.char.add("k", np.arange(count).astype("U12")))
+        for name, arr in (("logdet", np.full(count, zero_logdet(shape), "<f4")), ("labels", np.zeros(count, "<i8"))):
+            with z.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(bomb_manifest("npz", shape, path, count, True), f)
+
+
+def npz_lying_stored(folder, shape):
+    """An uncompressed npz shard whose header and manifest promise one example far larger than the file."""
+    import zipfile
+
+    os.makedirs(folder)
+    path = os.path.join(folder, "train-00000-of-00001.npz")
+    with zipfile.ZipFile(path, "w") as z:
+        for name, descr, shp in (("logits", "<f4", (1,) + shape), ("logdet", "<f4", (1,)), ("keys", "<U1", (1,)),
+                                 ("labels", "<i8", (1,))):
+            _npy_member(z, name + ".npy", {"descr": descr, "fortran_order": False, "shape": shp}, 8, False)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(bomb_manifest("npz", shape, path, 1, False), f)
+
+
+def gzip_record_bomb(folder, shape, compressed=True):
+    """A TFRecord shard (GZIP) of one record whose all-zero logits fill `shape`."""
+    import gzip
+    import struct
+
+    from logitify_cli.tfrecord_io import ExampleWriter, _field, _map_entry, _uvarint
+
+    os.makedirs(folder)
+    path = os.path.join(folder, "logitify-train.tfrecord-00000-of-00001")
+    nbytes = 4 * int(np.prod(shape))
+    head = (_map_entry(b"key", _field(b"\x0a", _field(b"\x0a", b"big.png")))
+            + _map_entry(b"label", _field(b"\x1a", _field(b"\x0a", _uvarint(0))))
+            + _map_entry(b"logdet", _field(b"\x12", _field(b"\x0a", zero_logdet(shape).tobytes()))))
+    logits_head = ExampleWriter(nbytes)._logits_head
+    prefix = b"\x0a" + _uvarint(len(head) + len(logits_head) + nbytes) + head + logits_head
+    zeros = bytes(8 << 20)
+    with (gzip.open(path, "wb", compresslevel=6) if compressed else open(path, "wb")) as f:
+        f.write(struct.pack("<Q", len(prefix) + nbytes) + bytes(4) + prefix)
+        if compressed:
+            for a in range(0, nbytes, len(zeros)):
+                f.write(zeros[:min(len(zeros), nbytes - a)])
+            f.write(bytes(4))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(bomb_manifest("tfrecord", shape, path, 1, compressed), f)
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    """Small files that claim to expand enormously, each beside a manifest that vouches for it."""
+    root = tmp_path_factory.mktemp("bombs")
+    made = {
+        # 528 KB of deflate, 500 MB of logits: 162,760 examples of 16x16x3
+        "npz-many-examples": lambda d: npz_bomb(d, (16, 16, 3), 162_760),
+        # one 500 MB example, manifest and header agreeing
+        "npz-one-huge-example": lambda d: npz_bomb(d, (11180, 11180, 1), 1),
+        # the header claims 162,760 examples, the manifest one
+        "npz-header-claims-more": lambda d: npz_bomb(d, (16, 16, 3), 1, claimed=162_760),
+        # 100,000 keys of 4,096 characters: 1.6 GB of keys behind 1.6 MB
+        "npz-key-bomb": lambda d: npz_bomb(d, (1, 1, 1), 100_000, key_chars=4096),
+        # one GZIP record that inflates to 1 GiB
+        "gzip-record-1GiB": lambda d: gzip_record_bomb(d, (16384, 16384, 1)),
+        # an uncompressed record and an uncompressed npz member claiming gigabytes the files do not hold
+        "tfrecord-claims-4GiB": lambda d: gzip_record_bomb(d, (32768, 32768, 1), compressed=False),
+        "npz-claims-4GiB": lambda d: npz_lying_stored(d, (32768, 32768, 1)),
+    }
+    for name, build in made.items():
+        build(str(root / name))
+    return root
+
+
+BOMB_RESULTS = {"npz-many-examples": 0, "npz-one-huge-example": 1, "npz-header-claims-more": 1,
+                "npz-key-bomb": None, "gzip-record-1GiB": 1, "tfrecord-claims-4GiB": 1, "npz-claims-4GiB": 1}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.parametrize("bomb", sorted(BOMB_RESULTS))
+@pytest.mark.parametrize("command", ["verify", "info", "info --plot", "decode"])
+def test_small_hostile_files_stay_under_1GiB(bombs, tmp_path, bomb, command):
+    ds = bombs / bomb
+    args = {"verify": ["verify", ds], "info": ["info", ds], "info --plot": ["info", ds, "--plot", tmp_path / "p.png"],
+            # 162,760 PNG files take a while whatever the memory: the many-examples bomb is decoded to npz
+            "decode": ["decode", ds, "-o", tmp_path / "out"] + (["-f", "npz"] if bomb == "npz-many-examples" else [])}
+    r = measured(*args[command])
+    assert r["peak"] < GiB, f"{bomb} {command}: peak {r['peak'] / 2**20:.0f} MiB"
+    assert r["seconds"] < 60
+    assert "Traceback" not in r["stderr"] + r["stdout"]
+    assert r["rc"] in (0, 1)
+    if BOMB_RESULTS[bomb] is not None and not (bomb == "npz-many-examples" and command == "decode"):
+        assert r["rc"] == BOMB_RESULTS[bomb], r["stderr"][-500:]
+    if r["rc"] == 1:
+        assert sum(line.startswith("logitify: error:") for line in r["stderr"].splitlines()) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_a_large_shard_is_read_in_slices(tmp_path, rng):
+    """20,000 32x32 images in ONE shard, 246 MB of logits: no command's memory follows the shard.
+
+    Each command's peak is compared with its own peak on a one-image dataset
+    (the interpreter, NumPy, matplotlib): the difference stays a fraction of the shard.
+    """
+    src = tmp_path / "src"
+    for i in range(20_000):
+        save(str(src / f"c{i % 4}" / f"{i:05d}.png"), photo(rng, 32, 32))
+    ds, tiny = tmp_path / "ds", tmp_path / "tiny"
+    save(str(tmp_path / "one" / "c0" / "00000.png"), photo(rng, 32, 32))
+    for args in (["encode", src, "-o", ds, "--shard-size", "20000"], ["encode", tmp_path / "one", "-o", tiny]):
+        r = measured(*args)
+        assert r["rc"] == 0, r["stderr"]
+    shard = next(ds.glob("*.npz"))
+    logits_bytes = 20_000 * 32 * 32 * 3 * 4
+    assert shard.stat().st_size > logits_bytes
+    commands = {"verify": lambda d, o: ["verify", d], "info": lambda d, o: ["info", d],
+                "info --plot": lambda d, o: ["info", d, "--plot", o / "p.png"],
+                "decode": lambda d, o: ["decode", d, "-o", o / "png"],
+                "decode -f npz": lambda d, o: ["decode", d, "-o", o / "npz", "-f", "npz"]}
+    for name, args in commands.items():
+        (tmp_path / "base").mkdir(exist_ok=True)
+        base = measured(*args(tiny, tmp_path / "base"))
+        r = measured(*args(ds, tmp_path))
+        assert r["rc"] == 0 and base["rc"] == 0, r["stderr"] + base["stderr"]
+        grew = r["peak"] - base["peak"]
+        assert grew < logits_bytes / 4, f"{name}: {grew / 2**20:.0f} MiB more than for one image"
+        assert r["peak"] < logits_bytes * 0.6, f"{name}: peak {r['peak'] / 2**20:.0f} MiB"
+    with np.load(tmp_path / "npz" / "images-00000-of-00001.npz", allow_pickle=False) as z:
+        assert z["images"].shape == (20_000, 32, 32, 3) and len(set(z["keys"].tolist())) == 20_000
+        key = str(z["keys"][123])
+        assert np.array_equal(z["images"][123], np.asarray(Image.open(tmp_path / "png" / key).convert("RGB")))
