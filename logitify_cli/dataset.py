@@ -137,13 +137,14 @@ class LogitDataset:
             return np.asarray(self.transform(device).inverse(logits))
         from .transform import inverse_numpy
 
-        if logits.size <= INVERSE_VALUES:
-            return inverse_numpy(self.params, logits)
-        out = np.empty(logits.shape, np.uint8)
-        flat_in, flat_out = logits.reshape(-1), out.reshape(-1)
-        for a in range(0, flat_in.size, INVERSE_VALUES):
-            flat_out[a:a + INVERSE_VALUES] = inverse_numpy(self.params, flat_in[a:a + INVERSE_VALUES])
-        return out
+        with np.errstate(invalid="ignore"):  # a non-finite logit has no level; verify names it
+            if logits.size <= INVERSE_VALUES:
+                return inverse_numpy(self.params, logits)
+            out = np.empty(logits.shape, np.uint8)
+            flat_in, flat_out = logits.reshape(-1), out.reshape(-1)
+            for a in range(0, flat_in.size, INVERSE_VALUES):
+                flat_out[a:a + INVERSE_VALUES] = inverse_numpy(self.params, flat_in[a:a + INVERSE_VALUES])
+            return out
 
     def as_tf_dataset(self, with_keys=False, with_labels=False):
         """A tf.data.Dataset of (logits, logdet[, key][, label]) per image."""

@@ -578,3 +578,172 @@ def test_a_large_shard_is_read_in_slices(tmp_path, rng):
         assert z["images"].shape == (20_000, 32, 32, 3) and len(set(z["keys"].tolist())) == 20_000
         key = str(z["keys"][123])
         assert np.array_equal(z["images"][123], np.asarray(Image.open(tmp_path / "png" / key).convert("RGB")))
+
+
+# -- one clear line for every bad input, never a traceback -----------------------------------------
+
+FORGED = "\nlogitify: error: forged\x1b[31m"
+
+
+def one_clear_error(r, code=1):
+    """Exit `code`, exactly one `logitify: error:` line, short, expected (not a bug's), nothing raw."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("logitify: error:")]
+    assert r.exit_code == code, r.output
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert len(lines[0]) < 600 and "--verbose for details" not in lines[0], lines[0][:600]
+    assert "Traceback" not in r.output and "\x1b" not in r.output
+    return lines[0]
+
+
+def four_commands(cli, ds, tmp_path):
+    return [cli("info", ds), cli("verify", ds), cli("decode", ds, "-o", tmp_path / "out"),
+            cli("info", ds, "--plot", tmp_path / "p.png")]
+
+
+MANIFEST_EDITS = {
+    "seed Infinity": lambda t: t.replace('"seed": 0', '"seed": Infinity'),
+    "alpha NaN": lambda t: t.replace('"alpha": 0.05', '"alpha": NaN'),
+    "shape a string": lambda t: json.dumps({**json.loads(t), "shape": "8x8x3"}),
+    "shards not a list": lambda t: json.dumps({**json.loads(t), "shards": {"a": 1}}),
+    "classes not strings": lambda t: json.dumps({**json.loads(t), "classes": [1, None]}),
+    "format a list": lambda t: json.dumps({**json.loads(t), "format": ["npz"]}),
+    "a 10 MB shard name": lambda t: json.dumps(
+        {**json.loads(t), "shards": [{**json.loads(t)["shards"][0], "file": "x" * (10 << 20)}]}),
+    "a 10 MB format version": lambda t: json.dumps({**json.loads(t), "format_version": "v" * (10 << 20)}),
+    "100 MB": lambda t: json.dumps({**json.loads(t), "stats": {"pad": "x" * (100 << 20)}}),
+    "deeply nested": lambda t: "[" * 200_000 + "]" * 200_000,
+    "not UTF-8": lambda t: b"\xff\xfe{",
+}
+
+
+@pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
+def test_broken_manifests_are_one_clear_line(cli, pics, tmp_path, edit):
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    text = MANIFEST_EDITS[edit]((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for r in four_commands(cli, ds, tmp_path):
+        assert "manifest" in one_clear_error(r)
+
+
+def test_a_manifest_that_is_a_folder_and_missing_or_unreadable_shards(cli, pics, tmp_path):
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    shard = next(ds.glob("*.npz"))
+    shard.unlink()
+    for r in four_commands(cli, ds, tmp_path):
+        assert shard.name in one_clear_error(r)
+    if os.geteuid() == 0:  # root reads any file: a file whose every read fails instead
+        if not os.path.exists("/proc/self/mem"):
+            pytest.skip("no file that fails to read")
+        shard.symlink_to("/proc/self/mem")
+    else:
+        shard.write_bytes(b"x")
+        shard.chmod(0)
+    for r in four_commands(cli, ds, tmp_path):
+        assert shard.name in one_clear_error(r)
+    (ds / "manifest.json").unlink()
+    (ds / "manifest.json").mkdir()
+    for r in four_commands(cli, ds, tmp_path):
+        assert "manifest.json" in one_clear_error(r)
+
+
+def test_nan_logits_plot_and_bad_plot_names(cli, keyed, tmp_path):
+    logits = np.zeros((3, 8, 8, 3), np.float32)
+    logits[0, 0, 0, 0] = np.nan
+    logits[1] = np.inf
+    ds = keyed(["a.png", "b.png", "c.png"], logits=logits, logdet=np.full(3, np.nan, np.float32))
+    r = cli("info", ds, "--plot", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "p.png").size[0] > 100
+    assert "a.png" in one_clear_error(cli("verify", ds))
+    assert ".xyz" in one_clear_error(cli("info", ds, "--plot", tmp_path / "x.xyz"), code=2)
+    assert "cannot write" in one_clear_error(cli("info", ds, "--plot", tmp_path / "no" / "such" / "p.png"))
+
+
+def test_constant_logits_and_a_single_example_plot(cli, keyed, tmp_path):
+    """One example, or logits all alike: histograms of zero width still draw."""
+    ds = keyed(["only.png"], logits=np.zeros((1, 8, 8, 3), np.float32), logdet=np.full(1, 3.0e8, np.float32))
+    r = cli("info", ds, "--plot", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("label,ok", [([], True), ([1, 2], False), ("bytes", False), ("key-int", False)])
+def test_tfrecord_records_with_odd_labels_and_keys(cli, pics, tmp_path, label, ok):
+    import tensorflow as tf
+
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds, "-f", "tfrecord").exit_code == 0
+    m = json.loads((ds / "manifest.json").read_text())
+    shard = ds / m["shards"][0]["file"]
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
+    with tf.io.TFRecordWriter(str(shard)) as w:
+        for ex in records:
+            f = ex.features.feature
+            if label == "bytes":
+                f["label"].Clear()
+                f["label"].bytes_list.value.append(b"cat")
+            elif label == "key-int":
+                f["key"].Clear()
+                f["key"].int64_list.value.append(7)
+            else:
+                f["label"].Clear()
+                f["label"].int64_list.value.extend(label)
+            w.write(ex.SerializeToString())
+    m["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (ds / "manifest.json").write_text(json.dumps(m))
+    for r in four_commands(cli, ds, tmp_path):
+        if ok:
+            assert r.exit_code == 0, r.output
+        else:
+            assert shard.name in one_clear_error(r)
+
+
+# -- nothing from data reaches the terminal raw ----------------------------------------------------
+
+
+def no_forgery(r):
+    text = r.output
+    assert "\x1b" not in text
+    assert not any(line.startswith("logitify: error: forged") for line in text.splitlines())
+
+
+def test_encode_skip_warnings_escape_file_names(cli, pics, tmp_path):
+    (pics / f"bad{FORGED}.png").write_bytes(b"not a png")
+    r = cli("encode", pics, "-o", tmp_path / "o")
+    assert r.exit_code == 0 and "skipped" in r.stderr
+    no_forgery(r)
+    r = cli("encode", pics, "-o", tmp_path / "o2", "--on-error", "fail")
+    one_clear_error(r)
+    no_forgery(r)
+    r = cli("info", tmp_path / "o")  # the skipped list, printed again
+    assert r.exit_code == 0 and "bad\\nlogitify" in r.stdout
+    no_forgery(r)
+
+
+def test_decode_refusals_and_verify_problems_escape_keys(cli, keyed, tmp_path):
+    logits = np.zeros((3, 8, 8, 3), np.float32)
+    logits[0] = np.nan
+    ds = keyed([f"../up{FORGED}.png", f"nan{FORGED}.png", "fine.png"], logits=logits)
+    r = cli("decode", ds, "-o", tmp_path / "out")
+    assert len(refusal_lines(r.stderr)) == 1
+    one_clear_error(r)
+    no_forgery(r)
+    r = cli("verify", ds)
+    one_clear_error(r)
+    no_forgery(r)
+    assert "nan\\nlogitify" in r.stderr
+
+
+def test_info_escapes_what_the_manifest_says(cli, pics, tmp_path):
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    fake_manifest(ds, name=f"n{FORGED}", split=f"s{FORGED}", classes=[f"c{FORGED}", "$^$"],
+                  skipped=[{"source": f"x{FORGED}", "reason": f"r{FORGED}"}])
+    m = json.loads((ds / "manifest.json").read_text())
+    rewrite_npz_dataset(ds, ["a.png", "b.png"], labels=[0, 1])
+    for args in (["info", ds], ["info", ds, "--plot", tmp_path / "p.png"], ["verify", ds]):
+        r = cli(*args)
+        assert r.exit_code == 0, r.output
+        no_forgery(r)
+    assert m["classes"][0] in json.loads(cli("info", ds, "--json").stdout)["classes"][0]
