@@ -12,7 +12,7 @@ import time
 from .dataset import LogitDataset
 from .device import resolve_device
 from .errors import LogitifyError
-from .outdir import FolderLock, protected_folder
+from .outdir import FolderLock, in_use, protected_folder
 from .outputs import IMAGE_OUTPUTS
 from .pool import OrderedPool, default_workers
 from .report import QUIET, Reporter
@@ -22,6 +22,9 @@ from .results import DecodeResult
 def prepare_folder(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise LogitifyError(f"output {out} exists and is not a folder")
+    pid = FolderLock(out).holder() if os.path.isdir(out) else None
+    if pid is not None:
+        raise in_use(out, pid)
     if os.path.isdir(out) and overwrite and protected_folder(out):
         raise LogitifyError(f"output folder {out} is {protected_folder(out)}; decode does not write there with "
                             "--overwrite: choose a folder of its own")
@@ -90,9 +93,16 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
     output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite)
     written = 0
     failure = None
-    with FolderLock(out):
-        # The pool first: its workers fork before the progress bar starts a thread.
-        with OrderedPool(workers or default_workers()) as pool, report.bar(ds.num_examples, "decode") as bar:
+    # The pool first: its workers fork before the progress bar starts a thread, and
+    # before the lock is taken, so none of them holds it should this process be killed.
+    pool = OrderedPool(workers or default_workers())
+    try:
+        lock = FolderLock(out).acquire()
+    except BaseException:
+        pool.close()  # idle workers: they end at once
+        raise
+    try:
+        with pool, report.bar(ds.num_examples, "decode") as bar:
             def jobs():
                 for i, shard in enumerate(ds.shards):
                     for job in shard_jobs(ds, output, i, shard, batch_size, tf_device):
@@ -108,6 +118,8 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
                 failure = e
             finally:
                 output.close()
+    finally:
+        lock.release()
     if failure is not None:
         raise failure
     seconds = time.time() - t0

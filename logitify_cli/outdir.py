@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+import time
 
 from . import manifest as manifest_mod
 from .errors import ForeignFile, LogitifyError, OutputInUse
@@ -175,6 +176,15 @@ def header_writes(header: dict) -> list:
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 
 
+LOCK_TRIES, LOCK_WAIT = 6, 0.05  # a held lock is retried for a quarter of a second
+
+
+def in_use(folder: str, pid: int | None) -> OutputInUse:
+    who = f"process {pid}" if pid else "another process"
+    return OutputInUse(f"output folder {folder} is in use by another logitify run ({who}); wait for it to finish",
+                       folder=folder, pid=pid)
+
+
 class FolderLock:
     """An flock()ed lock file: held for a run's length, gone when the process is."""
 
@@ -193,14 +203,17 @@ class FolderLock:
                 fd = _own_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file")
             except FileNotFoundError:  # its holder removed it as we opened it
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = _read_pid(fd)
-                os.close(fd)
-                who = f"process {pid}" if pid else "another process"
-                raise OutputInUse(f"output folder {self.folder} is in use by another logitify run ({who}); "
-                                  "wait for it to finish", folder=self.folder, pid=pid) from None
+            for attempt in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if attempt + 1 < LOCK_TRIES:  # another run's holder() may look for a moment
+                        time.sleep(LOCK_WAIT)
+                        continue
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise in_use(self.folder, pid) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
@@ -213,6 +226,28 @@ class FolderLock:
             self.fd = fd
             return self
         raise OutputInUse(f"output folder {self.folder}: cannot take its lock", folder=self.folder, pid=None)
+
+    def holder(self) -> int | None:
+        """The process id of a run holding this lock now (0 if it cannot be read), or None.
+
+        Looks without taking the lock for more than a moment, so a run can be
+        refused before it does any work; acquire() waits out such a look.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_pid(fd) or 0
+        finally:
+            os.close(fd)
+        return None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -253,6 +288,9 @@ class OutputFolder:
             raise LogitifyError(f"output {self.path} exists and is not a folder")
         if not os.path.isdir(self.path):
             return
+        pid = self.lock.holder()
+        if pid is not None:
+            raise in_use(self.path, pid)
         if overwrite or resume:
             what = protected_folder(self.path)
             if what is not None:

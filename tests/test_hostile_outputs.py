@@ -747,3 +747,110 @@ def test_info_escapes_what_the_manifest_says(cli, pics, tmp_path):
         assert r.exit_code == 0, r.output
         no_forgery(r)
     assert m["classes"][0] in json.loads(cli("info", ds, "--json").stdout)["classes"][0]
+
+
+# -- one run at a time: the lock ---------------------------------------------------------------------
+
+
+LOCK = ".logitify.lock"
+SLOW = ["--workers", "1", "--batch-size", "1", "--shard-size", "100"]
+
+
+@pytest.fixture(scope="module")
+def slow_input(tmp_path_factory):
+    """4,000 small images: with one worker and batches of one, a run of several seconds."""
+    root = tmp_path_factory.mktemp("slow")
+    rng = np.random.default_rng(7)
+    for i in range(4000):
+        save(str(root / f"c{i % 3}" / f"{i:04d}.png"), photo(rng, 8, 8))
+    return root
+
+
+def cli_process(*args):
+    """The CLI as a process of its own (its own session, so it and its workers can be stopped together)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "logitify_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def run_cli(*args, timeout=300):
+    p = cli_process(*args)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def wait_for_lock(proc, out, timeout=120):
+    """Until the run holds the folder's lock (its process id is in the lock file)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if (out / LOCK).read_text().strip() == str(proc.pid):
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run never took its lock")
+
+
+def stop_group(proc):
+    """SIGKILL what this test started (the run's own session), if anything of it is left."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.communicate()
+
+
+def test_a_second_run_is_refused_with_the_first_ones_pid(slow_input, tmp_path, keyed):
+    ds = keyed(["a.png"])
+    out = tmp_path / "o"
+    first = cli_process("encode", slow_input, "-o", out, *SLOW)
+    try:
+        wait_for_lock(first, out)
+        for args in (["encode", slow_input, "-o", out, "--overwrite"], ["encode", slow_input, "-o", out],
+                     ["encode", slow_input, "-o", out, "--resume"], ["decode", ds, "-o", out, "--overwrite"]):
+            rc, _, err = run_cli(*args)
+            assert rc == 1 and f"in use by another logitify run (process {first.pid})" in err, err
+            assert first.poll() is None, "the second run must not disturb the first"
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+    finally:
+        stop_group(first)
+    assert not (out / LOCK).exists()
+    assert run_cli("verify", out)[0] == 0
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_next(slow_input, tmp_path):
+    import signal
+
+    out = tmp_path / "o"
+    first = cli_process("encode", slow_input, "-o", out, *SLOW)
+    try:
+        wait_for_lock(first, out)
+        os.kill(first.pid, signal.SIGKILL)  # the run's main process only: its readers die with it
+        first.wait(timeout=60)
+    finally:
+        stop_group(first)
+    assert (out / LOCK).read_text().strip() == str(first.pid)  # left behind, but held by nobody
+    rc, _, err = run_cli("encode", slow_input, "-o", out, *SLOW, "--resume")
+    assert rc == 0, err
+    assert not (out / LOCK).exists()
+    assert run_cli("verify", out)[0] == 0
+
+
+def test_the_lock_is_gone_after_a_run_that_fails(cli, pics, tmp_path, keyed):
+    (pics / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "o"
+    rc, _, err = run_cli("encode", pics, "-o", out, "--on-error", "fail", "--workers", "1")
+    assert rc == 1 and "broken.png" in err
+    assert not (out / LOCK).exists()
+    ds = keyed(["../out.png", "in.png"])
+    out = tmp_path / "d"
+    rc, _, err = run_cli("decode", ds, "-o", out)
+    assert rc == 1 and "refused" in err
+    assert sorted(os.listdir(out)) == ["in.png"]
