@@ -70,7 +70,8 @@ def record(done: dict, output) -> int:
     failed = [p for p in done["problems"] if not p["refused"]]
     if failed:
         raise LogitifyError(failed[0]["reason"])
-    output.refused.extend({"key": p["key"], "reason": p["reason"]} for p in done["problems"])
+    for p in done["problems"]:
+        output.refuse(p["key"], p["reason"])
     return done["images"] - len(done["problems"])
 
 
@@ -78,8 +79,11 @@ def finish(result: DecodeResult, out: str, report: Reporter) -> DecodeResult:
     """Refused keys are reported, then the run fails naming how many; a failed write fails at once."""
     for x in result.refused:
         report.warn(f"refused key {x['key']!r}: {x['reason']}")
-    if result.refused:
-        raise LogitifyError(f"{len(result.refused)} key(s) could not be written inside {out} and were refused",
+    count = max(result.num_refused, len(result.refused))
+    if count > len(result.refused):
+        report.warn(f"... and {count - len(result.refused)} more refused key(s), not listed")
+    if count:
+        raise LogitifyError(f"{count} key(s) could not be written inside {out} and were refused",
                             result=result)
     return result
 
@@ -124,5 +128,6 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
         raise failure
     seconds = time.time() - t0
     result = DecodeResult(dataset=dataset, output=out, format=fmt, num_images=written, refused=output.refused,
+                          num_refused=output.num_refused,
                           seconds=round(seconds, 3), images_per_second=round(written / seconds, 1) if seconds else None)
     return finish(result, out, report)

@@ -24,6 +24,7 @@ IMAGE_SUFFIXES = frozenset(
 PNG_JOB = 64  # images per PNG job at most
 PNG_JOB_BYTES = 8 << 20  # and about this many bytes of pixels: large images travel a few at a time
 NAME_MAX = 255  # bytes in one file name on the file systems we know
+REFUSED_LISTED = 1000  # refused keys kept (and printed) by name; more are counted
 # Errors that say a key cannot be a file name here: the key is refused, the run goes on.
 KEY_ERRNOS = frozenset(getattr(errno, n) for n in ("ENAMETOOLONG", "EILSEQ", "EINVAL") if hasattr(errno, n))
 
@@ -191,7 +192,14 @@ class ImageOutput:
     def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
         self.protect = None if protect is None else frozenset(protect)  # see _create
-        self.refused = []  # {key, reason} of keys no file can be made for
+        self.refused = []  # {key, reason} of the first REFUSED_LISTED keys no file can be made for
+        self.num_refused = 0  # all of them
+
+    def refuse(self, key: str, reason: str) -> None:
+        """Keep a refused key: by name for the first REFUSED_LISTED, counted after that."""
+        self.num_refused += 1
+        if len(self.refused) < REFUSED_LISTED:
+            self.refused.append({"key": key, "reason": reason})
 
     def add(self, shard: int, keys, labels, images) -> list:
         """Jobs ready to run for a slice of a shard's images."""
@@ -237,7 +245,7 @@ class PngOutput(ImageOutput):
             try:
                 batch.append((key, self._target(key), img))
             except ValueError as e:
-                self.refused.append({"key": key, "reason": str(e)})
+                self.refuse(key, str(e))
         per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB
         protect = self.protect or frozenset()
         return [(self.root, self.overwrite, batch[a:a + per_job], protect) for a in range(0, len(batch), per_job)]

@@ -54,10 +54,11 @@ class DecodeResult(Result):
     output: str
     format: str
     num_images: int
-    refused: list
+    refused: list  # the first ones, by name
     seconds: float
     images_per_second: float | None
     runner: str = "local"
+    num_refused: int = 0  # all of them, listed or not
 
     def message(self) -> str:
         return f"decoded {self.num_images} images into {self.output} in {self.seconds:.1f} s"

@@ -366,6 +366,18 @@ def test_keys_that_cannot_be_file_names_are_refused_one_by_one(cli, keyed, tmp_p
     assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/good.png": snapshot(out)["good.png"]}
 
 
+def test_a_flood_of_refused_keys_is_counted_not_all_kept(cli, keyed, tmp_path):
+    """Refused keys are listed one line each up to a thousand; the rest are counted."""
+    ds = keyed([f"../k{i}.png" for i in range(1500)] + ["ok.png"])
+    r = cli("decode", ds, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 1
+    assert len(refusal_lines(r.stderr)) == 1000 and "500 more refused key(s)" in r.stderr
+    assert "logitify: error: 1500 key(s)" in r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["num_refused"] == 1500 and len(summary["refused"]) == 1000
+    assert os.listdir(tmp_path / "out") == ["ok.png"]
+
+
 def test_decode_never_replaces_the_dataset_it_reads(cli, pics, tmp_path):
     ds = tmp_path / "ds"
     assert cli("encode", pics, "-o", ds, "--split", "images").exit_code == 0
