@@ -81,7 +81,7 @@ def test_overwrite_refuses_a_tfds_folder_of_another_tool(cli, pics, tmp_path, rn
     (tfds / "dataset_info.json").write_text('{"name": "mnist"}')
     (tfds / "features.json").write_text('{"type": "FeaturesDict"}')
     before = snapshot(tfds)
-    for sources in ([tfds / "mnist-train.tfrecord-00000-of-00001"], [pics]):
+    for sources in ([tfds], [tfds / "mnist-train.tfrecord-00000-of-00001"], [pics]):
         r = cli("encode", *sources, "-o", tfds, "--overwrite")
         assert r.exit_code == 1, r.output
         assert "dataset_info.json" in r.stderr and "did not write" in r.stderr
@@ -217,6 +217,15 @@ def test_overwrite_removes_links_never_their_targets(cli, pics, tmp_path):
     assert r.exit_code == 0, r.output
     assert precious.read_bytes() == b"mine, not logitify's"
     assert not shard.is_symlink() and shard.stat().st_size > 100
+    # A manifest that is a link is not logitify's, wherever it points
+    theirs = tmp_path / "their-manifest.json"
+    theirs.write_bytes((out / "manifest.json").read_bytes())
+    (out / "manifest.json").unlink()
+    (out / "manifest.json").symlink_to(theirs)
+    before = snapshot(out)
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "holds manifest.json" in r.stderr
+    assert snapshot(out) == before and json.loads(theirs.read_text())["format"] == "npz"
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
