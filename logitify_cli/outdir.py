@@ -19,11 +19,12 @@ import stat
 import time
 
 from . import manifest as manifest_mod
-from .errors import ForeignFile, LogitifyError, OutputInUse
+from .errors import ForeignFile, LogitifyError, OutputInUse, write_error
 from .report import printable, short
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# Never through a link, never kept by a child, never blocked by a FIFO someone left under the name.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def _own_fd(path: str, flags: int, what: str) -> int:
@@ -81,19 +82,27 @@ class Journal:
 
     def start(self, header: dict) -> None:
         """A new journal: whatever held the name before (a link included) is unlinked, not written through."""
-        self.remove()
-        fd = _own_fd(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "journal")
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"header": header}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.remove()
+        except IsADirectoryError:
+            pass
+        if os.path.lexists(self.path):
+            raise LogitifyError(f"{printable(self.path)} is not a plain file, not logitify's journal; "
+                                "remove it and run again")
+        self._write(os.O_WRONLY | os.O_CREAT | os.O_EXCL, {"header": header})
 
     def append(self, entry: dict) -> None:
-        fd = _own_fd(self.path, os.O_WRONLY | os.O_APPEND, "journal")
-        with open(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"shard": entry}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._write(os.O_WRONLY | os.O_APPEND, {"shard": entry})
+
+    def _write(self, flags: int, record: dict) -> None:
+        try:
+            fd = _own_fd(self.path, flags, "journal")
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(e, self.path) from None
 
     def load(self):
         """(header or None, {index: entry}); a line cut by a kill ends what is known.
@@ -203,6 +212,8 @@ class FolderLock:
                 fd = _own_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file")
             except FileNotFoundError:  # its holder removed it as we opened it
                 continue
+            except OSError as e:
+                raise LogitifyError(f"cannot take the lock {printable(self.path)}: {e.strerror or e}") from None
             for attempt in range(LOCK_TRIES):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,6 +253,8 @@ class FolderLock:
         except OSError:
             return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None  # acquire() refuses it by name
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             return _read_pid(fd) or 0
@@ -340,9 +353,13 @@ class OutputFolder:
         return names
 
     def _ours(self, owned: set):
+        """Whether a name in the folder is logitify's: an owned name (or its temporary) that is no folder."""
         def ours(n):
             m = _TEMP.match(n)
-            return n in owned or (m is not None and m.group("name") in owned)
+            if not (n in owned or (m is not None and m.group("name") in owned)):
+                return False
+            p = os.path.join(self.path, n)
+            return os.path.islink(p) or not os.path.isdir(p)  # logitify never makes a folder here
 
         return ours
 

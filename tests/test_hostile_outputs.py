@@ -249,6 +249,27 @@ def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, 
         assert not os.path.lexists(out / name) and (out / "manifest.json").is_file()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+@pytest.mark.parametrize("name", [".logitify.lock", ".logitify-journal.jsonl", "train-00000-of-00001.npz"])
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_fifos_and_folders_under_logitifys_names_neither_hang_nor_crash(pics, tmp_path, kind, name, flag):
+    """A FIFO once made the lock check and the journal wait forever for a writer."""
+    out = tmp_path / "o"
+    out.mkdir()
+    os.mkfifo(out / name) if kind == "fifo" else (out / name).mkdir()
+    p = cli_process("encode", pics, "-o", out, flag)
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        stop_group(p)
+    if p.returncode == 0:  # a journal's name is logitify's own: a FIFO there is replaced, never opened
+        assert name == ".logitify-journal.jsonl" and kind == "fifo"
+    else:
+        assert p.returncode == 1 and name in err and "--verbose" not in err, err
+        assert (out / name).exists() and "Traceback" not in err
+
+
 def test_resume_never_replaces_a_file_it_did_not_write(cli, pics, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
