@@ -63,6 +63,10 @@ class LogitDataset:
         if not os.path.isfile(path):
             raise LogitifyError(f"shard {shard.file} is missing")
         try:
+            size = os.path.getsize(path)
+            if size > self.format.max_bytes(self.shape, shard.num_examples):
+                raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
+                                    f"of {'x'.join(map(str, self.shape))} can take")
             digest = file_sha256(path)
         except OSError as e:
             raise LogitifyError(f"shard {shard.file} cannot be read: {e.strerror or e}") from None
@@ -82,6 +86,13 @@ class LogitDataset:
                 self.check_shard_file(shard)
             yield self.shard_path(shard)
             return
+        try:
+            size = fs.size(self.shard_path(shard))
+        except OSError as e:
+            raise LogitifyError(f"shard {shard.file} cannot be read: {e}") from None
+        if size > self.format.max_bytes(self.shape, shard.num_examples):
+            raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
+                                f"of {'x'.join(map(str, self.shape))} can take")
         tmp = tempfile.mkdtemp(prefix="logitify-read-")
         try:
             local = os.path.join(tmp, shard.file)

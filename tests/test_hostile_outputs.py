@@ -684,6 +684,11 @@ def test_a_manifest_that_is_a_folder_and_missing_or_unreadable_shards(cli, pics,
         shard.chmod(0)
     for r in four_commands(cli, ds, tmp_path):
         assert shard.name in one_clear_error(r)
+    shard.unlink()
+    with open(shard, "wb") as f:  # a sparse file: nothing on disk, 100 GB to read and hash
+        f.truncate(100 << 30)
+    for r in four_commands(cli, ds, tmp_path):
+        assert shard.name in one_clear_error(r) and "bytes, more than" in r.stderr
     (ds / "manifest.json").unlink()
     (ds / "manifest.json").mkdir()
     for r in four_commands(cli, ds, tmp_path):

@@ -152,6 +152,14 @@ class ShardFormat:
         """A tf.data.Dataset of dicts {logits, logdet, key, label}, one per example."""
         raise NotImplementedError
 
+    def max_bytes(self, shape, count: int) -> int:
+        """The most a shard of `count` examples of `shape` can take on disk.
+
+        A larger file (a sparse file, a link to a device-sized file) is refused
+        before it is read, so no dataset can keep the sha256 check busy for hours.
+        """
+        raise NotImplementedError
+
     def metadata_files(self, manifest) -> list:
         """Names of the files write_metadata() writes for this manifest."""
         return []

@@ -241,6 +241,10 @@ class NpzFormat(ShardFormat):
                 MemoryError) as e:
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
 
+    def max_bytes(self, shape, count):
+        per_example = 4 * int(np.prod(shape)) + 4 + 8 + 4 * KEY_CHARS_MAX
+        return (1 << 20) + 4 * HEADER_MAX + count * per_example * 101 // 100  # deflate may add a little
+
     def tf_dataset(self, files, shape, compressed):
         """Whole slices of each shard go into the graph, then are split into examples."""
         from .._tf import tf as _tf

@@ -124,6 +124,10 @@ class TfrecordFormat(ShardFormat):
         if raw:
             yield chunk()
 
+    def max_bytes(self, shape, count):
+        per_record = 16 + 4 * int(np.prod(shape)) + KEY_BYTES_MAX  # framing, logits, all the rest
+        return (1 << 20) + count * per_record * 101 // 100  # GZIP may add a little
+
     def tf_dataset(self, files, shape, compressed):
         from .._tf import tf as _tf
 
