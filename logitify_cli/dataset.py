@@ -20,6 +20,8 @@ from . import manifest as manifest_mod
 from .errors import LogitifyError
 from .formats.base import file_sha256
 
+INVERSE_VALUES = 1 << 20  # logits the NumPy inverse takes at a time: 8 MB of float64 temporaries
+
 
 class LogitDataset:
     """A dataset folder written by `logitify encode`, here or in a bucket."""
@@ -60,7 +62,15 @@ class LogitDataset:
         path = self.shard_path(shard)
         if not os.path.isfile(path):
             raise LogitifyError(f"shard {shard.file} is missing")
-        self._check_digest(shard, file_sha256(path))
+        try:
+            size = os.path.getsize(path)
+            if size > self.format.max_bytes(self.shape, shard.num_examples):
+                raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
+                                    f"of {'x'.join(map(str, self.shape))} can take")
+            digest = file_sha256(path)
+        except OSError as e:
+            raise LogitifyError(f"shard {shard.file} cannot be read: {e.strerror or e}") from None
+        self._check_digest(shard, digest)
 
     @staticmethod
     def _check_digest(shard, digest):
@@ -76,6 +86,13 @@ class LogitDataset:
                 self.check_shard_file(shard)
             yield self.shard_path(shard)
             return
+        try:
+            size = fs.size(self.shard_path(shard))
+        except OSError as e:
+            raise LogitifyError(f"shard {shard.file} cannot be read: {e}") from None
+        if size > self.format.max_bytes(self.shape, shard.num_examples):
+            raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
+                                f"of {'x'.join(map(str, self.shape))} can take")
         tmp = tempfile.mkdtemp(prefix="logitify-read-")
         try:
             local = os.path.join(tmp, shard.file)
@@ -122,20 +139,23 @@ class LogitDataset:
         """uint8 images from logits with this dataset's parameters.
 
         On the CPU this is the NumPy twin of the TF inverse (same bytes, no
-        TensorFlow start-up), batch by batch so its float64 temporaries stay
-        small; with a device it runs in TensorFlow there.
+        TensorFlow start-up). It works value by value, so it runs over at
+        most INVERSE_VALUES at a time and its float64 temporaries stay small
+        however large one image is; with a device it runs in TensorFlow there.
         """
         logits = np.asarray(logits, np.float32)
         if device is not None:
             return np.asarray(self.transform(device).inverse(logits))
         from .transform import inverse_numpy
 
-        if len(logits) <= batch_size:
-            return inverse_numpy(self.params, logits)
-        out = np.empty(logits.shape, np.uint8)
-        for a in range(0, len(logits), batch_size):
-            out[a:a + batch_size] = inverse_numpy(self.params, logits[a:a + batch_size])
-        return out
+        with np.errstate(invalid="ignore"):  # a non-finite logit has no level; verify names it
+            if logits.size <= INVERSE_VALUES:
+                return inverse_numpy(self.params, logits)
+            out = np.empty(logits.shape, np.uint8)
+            flat_in, flat_out = logits.reshape(-1), out.reshape(-1)
+            for a in range(0, flat_in.size, INVERSE_VALUES):
+                flat_out[a:a + INVERSE_VALUES] = inverse_numpy(self.params, flat_in[a:a + INVERSE_VALUES])
+            return out
 
     def as_tf_dataset(self, with_keys=False, with_labels=False):
         """A tf.data.Dataset of (logits, logdet[, key][, label]) per image."""

@@ -12,7 +12,7 @@ import time
 from .dataset import LogitDataset
 from .device import resolve_device
 from .errors import LogitifyError
-from .outdir import FolderLock
+from .outdir import FolderLock, in_use, protected_folder
 from .outputs import IMAGE_OUTPUTS
 from .pool import OrderedPool, default_workers
 from .report import QUIET, Reporter
@@ -22,7 +22,17 @@ from .results import DecodeResult
 def prepare_folder(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise LogitifyError(f"output {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    pid = FolderLock(out).holder() if os.path.isdir(out) else None
+    if pid is not None:
+        raise in_use(out, pid)
+    if os.path.isdir(out) and overwrite and protected_folder(out):
+        raise LogitifyError(f"output folder {out} is {protected_folder(out)}; decode does not write there with "
+                            "--overwrite: choose a folder of its own")
+    try:
+        busy = os.path.isdir(out) and os.listdir(out)
+    except OSError as e:
+        raise LogitifyError(f"cannot read output folder {out}: {e.strerror or e}") from None
+    if busy and not overwrite:
         raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
     try:
         os.makedirs(out, exist_ok=True)
@@ -30,8 +40,25 @@ def prepare_folder(out: str, overwrite: bool) -> None:
         raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
 
 
+def dataset_files(ds: LogitDataset) -> frozenset:
+    """(device, inode) of the dataset's own files here: decode never replaces them, whatever the keys."""
+    if ds.remote:
+        return frozenset()
+    found = set()
+    for name in [s.file for s in ds.shards] + list(ds.manifest.files) + ["manifest.json"]:
+        try:
+            st = os.stat(os.path.join(ds.root, name))
+        except (OSError, ValueError):
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return frozenset(found)
+
+
 def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, device=None):
     """The output's jobs for one shard, read a slice at a time."""
+    if output.protect is None:
+        output.protect = dataset_files(ds)
+    output.begin_shard(index, shard.num_examples, ds.shape)
     for chunk in ds.iter_chunks(shard):
         images = ds.inverse(chunk["logits"], device, batch_size)
         yield from output.add(index, chunk["keys"], chunk["labels"], images)
@@ -43,7 +70,8 @@ def record(done: dict, output) -> int:
     failed = [p for p in done["problems"] if not p["refused"]]
     if failed:
         raise LogitifyError(failed[0]["reason"])
-    output.refused.extend({"key": p["key"], "reason": p["reason"]} for p in done["problems"])
+    for p in done["problems"]:
+        output.refuse(p["key"], p["reason"])
     return done["images"] - len(done["problems"])
 
 
@@ -51,8 +79,11 @@ def finish(result: DecodeResult, out: str, report: Reporter) -> DecodeResult:
     """Refused keys are reported, then the run fails naming how many; a failed write fails at once."""
     for x in result.refused:
         report.warn(f"refused key {x['key']!r}: {x['reason']}")
-    if result.refused:
-        raise LogitifyError(f"{len(result.refused)} key(s) could not be written inside {out} and were refused",
+    count = max(result.num_refused, len(result.refused))
+    if count > len(result.refused):
+        report.warn(f"... and {count - len(result.refused)} more refused key(s), not listed")
+    if count:
+        raise LogitifyError(f"{count} key(s) could not be written inside {out} and were refused",
                             result=result)
     return result
 
@@ -65,18 +96,38 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
     tf_device = resolve_device(device) if device == "gpu" else None
     output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite)
     written = 0
-    with FolderLock(out):
-        # The pool first: its workers fork before the progress bar starts a thread.
-        with OrderedPool(workers or default_workers()) as pool, report.bar(ds.num_examples, "decode") as bar:
+    failure = None
+    # The pool first: its workers fork before the progress bar starts a thread, and
+    # before the lock is taken, so none of them holds it should this process be killed.
+    pool = OrderedPool(workers or default_workers())
+    try:
+        lock = FolderLock(out).acquire()
+    except BaseException:
+        pool.close()  # idle workers: they end at once
+        raise
+    try:
+        with pool, report.bar(ds.num_examples, "decode") as bar:
             def jobs():
                 for i, shard in enumerate(ds.shards):
                     for job in shard_jobs(ds, output, i, shard, batch_size, tf_device):
                         yield job, job
 
-            for _, done in pool.imap(output.write, jobs(), window=pool.workers * 4):
-                written += record(done, output)
-                bar.update(done["images"])
+            try:
+                for _, done in pool.imap(output.write, jobs(), window=pool.workers * 4):
+                    written += record(done, output)
+                    bar.update(done["images"])
+            except LogitifyError as e:
+                # An unreadable shard or a failed write ends the run, but the workers end as
+                # usual: the jobs in flight finish, and nothing is torn down mid-write.
+                failure = e
+            finally:
+                output.close()
+    finally:
+        lock.release()
+    if failure is not None:
+        raise failure
     seconds = time.time() - t0
     result = DecodeResult(dataset=dataset, output=out, format=fmt, num_images=written, refused=output.refused,
+                          num_refused=output.num_refused,
                           seconds=round(seconds, 3), images_per_second=round(written / seconds, 1) if seconds else None)
     return finish(result, out, report)

@@ -1,13 +1,15 @@
 """`logitify info`: what a dataset holds, in numbers and in one picture.
 
-Statistics are gathered a slice at a time (float64 sums, no float64 copy of
-a shard); the histogram keeps a fixed-size sample, so memory stays flat
-whatever the dataset's size.
+Statistics are gathered a slice at a time, in float64 blocks of at most
+BLOCK_VALUES; the histograms keep a random sample of fixed size, the plot at
+most PLOT_CLASSES classes of small thumbnails, and labels are counted one by
+one up to LABELS_COUNTED: memory stays flat whatever the dataset claims.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -19,10 +21,15 @@ from .results import InfoResult
 SAMPLES_PER_CLASS = 8
 PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
 HIST_VALUES = 1_000_000
+BLOCK_VALUES = 1 << 20  # float64 temporaries of 8 MB at most
+PLOT_CLASSES = 16  # rows of samples in the plot
+THUMB_SIDE = 256  # samples are kept (and drawn) at most this many pixels a side
+LABELS_COUNTED = 10_000  # distinct labels counted one by one; the rest together
+OTHER_LABELS = "(other labels)"
 
 
 class _Running:
-    """min, max, mean and std over many arrays, in float64."""
+    """min, max, mean and std over many arrays, in float64, block by block."""
 
     def __init__(self):
         self.n, self.s, self.ss = 0, 0.0, 0.0
@@ -30,16 +37,19 @@ class _Running:
 
     def add(self, a):
         a = a.reshape(-1)
-        a = a[np.isfinite(a)] if not np.isfinite(a).all() else a
-        if a.size == 0:
-            return
-        self.n += a.size
-        for part in np.array_split(a, max(1, a.size // (1 << 20))):  # float64 temporaries of 8 MB at most
+        for start in range(0, a.size, BLOCK_VALUES):
+            part = a[start:start + BLOCK_VALUES]
+            ok = np.isfinite(part)
+            if not ok.all():
+                part = part[ok]
+            if part.size == 0:
+                continue
             p64 = part.astype(np.float64)
+            self.n += part.size
             self.s += float(p64.sum())
             self.ss += float(np.dot(p64, p64))
-        self.lo = min(self.lo, float(a.min()))
-        self.hi = max(self.hi, float(a.max()))
+            self.lo = min(self.lo, float(part.min()))
+            self.hi = max(self.hi, float(part.max()))
 
     def result(self):
         if not self.n:
@@ -49,37 +59,55 @@ class _Running:
         return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var)}
 
 
+def _sample(values, rate: float, rng) -> np.ndarray:
+    """About `rate` of the finite values, drawn at random (all of them at rate 1)."""
+    values = values.reshape(-1)
+    if rate < 1.0:
+        values = values[rng.integers(0, values.size, rng.binomial(values.size, rate))] if values.size else values
+    else:
+        values = values.copy()
+    return values[np.isfinite(values)]
+
+
+def _thumb(y: np.ndarray) -> np.ndarray:
+    """A copy of one image's logits, every s-th pixel, so it is at most THUMB_SIDE a side."""
+    s = max(1, -(-max(y.shape[0], y.shape[1]) // THUMB_SIDE))
+    return y[::s, ::s].copy()
+
+
 def gather(path: str, want_samples: bool = False, check: bool = True, report=QUIET):
-    """(dataset, summary dict, samples {label: [(key, logits)]}, logit sample, all log-dets)."""
+    """(dataset, summary dict, samples {label: [(key, logits)]}, logit sample, log-det sample)."""
     ds = LogitDataset(path)
     m = ds.manifest
     logits_stats, logdet_stats = _Running(), _Running()
-    counts = {}
+    counts, other = {}, 0
     samples = {}
     hist, logdets = [], []
-    budget = HIST_VALUES
     rng = np.random.default_rng(0)
+    value_rate = min(1.0, HIST_VALUES / max(1, m.num_examples * m.dims))
+    logdet_rate = min(1.0, HIST_VALUES / max(1, m.num_examples))
     shards_out = []
     with report.bar(ds.num_examples, "info") as bar:
         for shard in ds.shards:
             for a in ds.iter_chunks(shard, check=check):
                 logits_stats.add(a["logits"])
                 logdet_stats.add(a["logdet"])
-                logdets.append(a["logdet"])
                 labs, n = np.unique(a["labels"], return_counts=True)
                 for lab, k in zip(labs.tolist(), n.tolist()):
-                    counts[lab] = counts.get(lab, 0) + k
+                    if lab in counts or len(counts) < LABELS_COUNTED:
+                        counts[lab] = counts.get(lab, 0) + k
+                    else:
+                        other += k
                 if want_samples:
-                    for key, lab, y in zip(a["keys"], a["labels"], a["logits"]):
-                        bucket = samples.setdefault(int(lab), [])
+                    logdets.append(_sample(a["logdet"], logdet_rate, rng))
+                    hist.append(_sample(a["logits"], value_rate, rng))
+                    full = len(samples) >= PLOT_CLASSES and all(len(b) >= SAMPLES_PER_CLASS for b in samples.values())
+                    for key, lab, y in ([] if full else zip(a["keys"], a["labels"].tolist(), a["logits"])):
+                        if lab not in samples and len(samples) >= PLOT_CLASSES:
+                            continue
+                        bucket = samples.setdefault(lab, [])
                         if len(bucket) < SAMPLES_PER_CLASS:
-                            bucket.append((str(key), y.copy()))
-                    flat = a["logits"].reshape(-1)
-                    flat = flat[np.isfinite(flat)]
-                    if budget > 0 and flat.size:
-                        take = flat.copy() if flat.size <= budget else rng.choice(flat, budget, replace=False)
-                        hist.append(take)
-                        budget -= take.size
+                            bucket.append((str(key), _thumb(y)))
                 bar.update(len(a["keys"]))
             shards_out.append({**shard.to_dict(), "bytes": _size(ds, shard)})
     classes = m.classes
@@ -87,6 +115,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
     for lab, n in sorted(counts.items()):
         name = classes[lab] if classes and 0 <= lab < len(classes) else ("(no label)" if lab == -1 else str(lab))
         class_counts[name] = n
+    if other:
+        class_counts[OTHER_LABELS] = other
     dims = m.dims
     ld = logdet_stats.result()
     summary = {
@@ -115,7 +145,7 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
     lds = np.concatenate(logdets) if logdets else np.zeros(0, np.float32)
-    return ds, summary, samples, h, lds[np.isfinite(lds)]
+    return ds, summary, samples, h, lds
 
 
 def _size(ds, shard) -> int | None:
@@ -173,8 +203,25 @@ def render(summary: dict) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
+def _histogram(ax, values, bins: int, color: str) -> None:
+    """A histogram that any finite sample can have: in float64, over a range of non-zero width."""
+    values = np.asarray(values, np.float64)
+    if not values.size:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    if not hi - lo > max(abs(lo), abs(hi)) * 1e-9:  # one value (or nearly): a range around it
+        pad = max(0.5, abs(hi) * 1e-6)
+        lo, hi = lo - pad, hi + pad
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    ax.stairs(counts, edges, fill=True, color=color)
+
+
 def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logdets: np.ndarray, path: str) -> None:
-    """Decoded samples per class, the logit histogram, the log-det histogram."""
+    """Decoded samples per class, the logit histogram, the log-det histogram.
+
+    Text from the manifest is drawn escaped and as plain text (no '$...$'
+    mathematics), and matplotlib's own warnings stay quiet.
+    """
     try:
         import matplotlib
 
@@ -182,48 +229,52 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
         import matplotlib.pyplot as plt
     except ImportError:
         raise LogitifyError("--plot needs matplotlib: pip install 'logitify[plot]'") from None
+    plain = {"parse_math": False}
     labels = sorted(samples)
     classes = summary["classes"] or []
     rows = max(1, len(labels))
     cols = SAMPLES_PER_CLASS
-    fig = plt.figure(figsize=(12, 2.0 + 1.3 * rows + 3.2), dpi=100)
-    grid = fig.add_gridspec(rows + 2, cols, height_ratios=[1.3] * rows + [0.25, 3.2], hspace=0.35)
-    t = summary["transform"]
-    fig.suptitle(
-        f"{summary['name']} / {summary['split']}: {summary['num_examples']} images "
-        f"{'x'.join(map(str, summary['shape']))} - alpha {t['alpha']}, c {t['corruption_level']}, "
-        f"noise {t['noise']}, bits {t['bits']}, seed {t['seed']}", fontsize=11)
-    for r, lab in enumerate(labels):
-        items = samples[lab]
-        imgs = ds.inverse(np.nan_to_num(np.stack([y for _, y in items]), posinf=30.0, neginf=-30.0)) if items else []
-        name = classes[lab] if 0 <= lab < len(classes) else ("no label" if lab == -1 else str(lab))
-        for c in range(cols):
-            ax = fig.add_subplot(grid[r, c])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for sp in ax.spines.values():
-                sp.set_visible(False)
-            if c < len(imgs):
-                img = imgs[c]
-                ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
-                          vmin=0, vmax=255, interpolation="nearest")
-            if c == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    ax1 = fig.add_subplot(grid[rows + 1, : cols // 2])
-    ax1.hist(hist, bins=100, color="#3b75af")
-    ax1.set_title(f"logits (mean {_fmt(summary['logits']['mean'])}, std {_fmt(summary['logits']['std'])})", fontsize=10)
-    ax1.set_xlabel("y")
-    ax1.set_ylabel("count")
-    ax2 = fig.add_subplot(grid[rows + 1, cols // 2:])
-    ax2.hist(logdets, bins=min(60, max(10, len(logdets) // 4)), color="#c8553d")
-    ax2.set_title(f"log-det per image (TFGENZOO convention, D = {summary['dims']})", fontsize=10)
-    ax2.set_xlabel("logdet (nats)")
-    try:
-        fig.savefig(path, format=PLOT_FORMATS[os.path.splitext(path)[1].lower()])
-    except OSError as e:
-        raise LogitifyError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig = plt.figure(figsize=(12, 2.0 + 1.3 * rows + 3.2), dpi=100)
+        try:
+            grid = fig.add_gridspec(rows + 2, cols, height_ratios=[1.3] * rows + [0.25, 3.2], hspace=0.35)
+            t = summary["transform"]
+            fig.suptitle(printable(
+                f"{summary['name']} / {summary['split']}: {summary['num_examples']} images "
+                f"{'x'.join(map(str, summary['shape']))} - alpha {t['alpha']}, c {t['corruption_level']}, "
+                f"noise {t['noise']}, bits {t['bits']}, seed {t['seed']}"), fontsize=11, **plain)
+            for r, lab in enumerate(labels):
+                items = samples[lab]
+                imgs = ds.inverse(np.nan_to_num(np.stack([y for _, y in items]), posinf=30.0, neginf=-30.0)) if items else []
+                name = classes[lab] if 0 <= lab < len(classes) else ("no label" if lab == -1 else str(lab))
+                for c in range(cols):
+                    ax = fig.add_subplot(grid[r, c])
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    for sp in ax.spines.values():
+                        sp.set_visible(False)
+                    if c < len(imgs):
+                        img = imgs[c]
+                        ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+                                  vmin=0, vmax=255, interpolation="nearest")
+                    if c == 0:
+                        ax.set_ylabel(printable(name)[:40], rotation=0, ha="right", va="center", fontsize=9, **plain)
+            ax1 = fig.add_subplot(grid[rows + 1, : cols // 2])
+            _histogram(ax1, hist, 100, "#3b75af")
+            ax1.set_title(f"logits (mean {_fmt(summary['logits']['mean'])}, std {_fmt(summary['logits']['std'])})",
+                          fontsize=10, **plain)
+            ax1.set_xlabel("y")
+            ax1.set_ylabel("count")
+            ax2 = fig.add_subplot(grid[rows + 1, cols // 2:])
+            _histogram(ax2, logdets, min(60, max(10, len(logdets) // 4)), "#c8553d")
+            ax2.set_title(f"log-det per image (TFGENZOO convention, D = {summary['dims']})", fontsize=10, **plain)
+            ax2.set_xlabel("logdet (nats)")
+            fig.savefig(path, format=PLOT_FORMATS[os.path.splitext(path)[1].lower()])
+        except OSError as e:
+            raise LogitifyError(f"cannot write {path}: {e.strerror or e}") from None
+        finally:
+            plt.close(fig)
 
 
 def info(path: str, plot_path: str | None = None, report=QUIET) -> InfoResult:

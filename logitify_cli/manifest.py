@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .errors import LogitifyError
+from .report import short
 from .transform import TransformParams
 
 FORMAT_VERSION = 1
@@ -111,31 +112,33 @@ class Manifest:
         from .formats import FORMATS
 
         def fail(what):
+            if len(what) > 300:
+                what = what[:297] + "..."
             raise LogitifyError(f"{where}: not a valid logitify manifest: {what}")
 
         if not isinstance(m, dict):
             fail("not a JSON object")
         if m.get("format_version") != FORMAT_VERSION:
-            fail(f"format_version {m.get('format_version')!r} (this tool reads {FORMAT_VERSION})")
-        if m.get("format") not in FORMATS:
-            fail(f"unknown format {m.get('format')!r}")
+            fail(f"format_version {short(m.get('format_version'))} (this tool reads {FORMAT_VERSION})")
+        if not isinstance(m.get("format"), str) or m["format"] not in FORMATS:
+            fail(f"unknown format {short(m.get('format'))}")
         shape = m.get("shape")
         if not (isinstance(shape, list) and len(shape) == 3
                 and all(type(s) is int and 0 < s < 1 << 20 for s in shape)):
-            fail(f"shape {shape!r} is not [H, W, C] of positive integers")
+            fail(f"shape {short(shape)} is not [H, W, C] of positive integers")
         if shape[2] not in (1, 3, 4):
             fail(f"{shape[2]} channels (expected 1, 3 or 4)")
         if shape[0] * shape[1] * shape[2] > 1 << 31:
             fail(f"shape {shape!r} is larger than any image this tool writes")
         if m.get("dtype") != "float32":
-            fail(f"dtype {m.get('dtype')!r} (expected float32)")
+            fail(f"dtype {short(m.get('dtype'))} (expected float32)")
         t = m.get("transform")
         if not isinstance(t, dict):
             fail("transform is not an object")
         try:
             for k in ("alpha", "corruption_level"):
                 if type(t.get(k)) not in (int, float) or not math.isfinite(t[k]):
-                    raise ValueError(f"{k} {t.get(k)!r} is not a finite number")
+                    raise ValueError(f"{k} {short(t.get(k))} is not a finite number")
             if type(t.get("seed")) is not int or type(t.get("bits")) is not int:
                 raise ValueError("seed and bits must be integers")
             params = TransformParams.from_dict(t)
@@ -148,15 +151,16 @@ class Manifest:
         for s in shards:
             if not (isinstance(s, dict) and isinstance(s.get("file"), str) and type(s.get("num_examples")) is int
                     and isinstance(s.get("sha256"), str) and s["num_examples"] >= 0):
-                fail(f"bad shard entry {s!r}")
+                fail(f"bad shard entry {short(s)}")
             if not _plain_name(s["file"]):
-                fail(f"shard file name {s['file']!r} points outside the dataset folder")
+                fail(f"shard file name {short(s['file'])} names no file inside the dataset folder "
+                     "(it points outside, or is too long)")
             entries.append(ShardEntry(s["file"], s["num_examples"], s["sha256"]))
         if len({e.file for e in entries}) != len(entries):
             fail("two shard entries name the same file")
         total = sum(e.num_examples for e in entries)
         if m.get("num_examples") != total:
-            fail(f"num_examples {m.get('num_examples')!r} but the shards hold {total}")
+            fail(f"num_examples {short(m.get('num_examples'))} but the shards hold {total}")
         classes = m.get("classes")
         if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             fail("classes is neither null nor a list of names")
@@ -225,7 +229,13 @@ def _alpha_equivalents(alpha: float) -> dict:
 
 
 def _plain_name(f: str) -> bool:
-    return bool(f) and "/" not in f and "\\" not in f and f not in (".", "..") and "\0" not in f
+    """A name of a file right in the dataset folder, one this system can spell (at most 255 bytes)."""
+    if not f or "/" in f or "\\" in f or f in (".", "..") or "\0" in f or len(f) > 255:
+        return False
+    try:
+        return len(os.fsencode(f)) <= 255
+    except UnicodeError:
+        return False
 
 
 def _reject_constant(name):

@@ -11,25 +11,65 @@ Rules that keep a user's files safe:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
+import time
 
 from . import manifest as manifest_mod
-from .errors import ForeignFile, LogitifyError, OutputInUse
-from .report import printable
+from .errors import ForeignFile, LogitifyError, OutputInUse, write_error
+from .report import printable, short
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
 RECEIPT = ".{file}.receipt.json"  # what a Beam worker leaves beside the shard it made
+# Never through a link, never kept by a child, never blocked by a FIFO someone left under the name.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _own_fd(path: str, flags: int, what: str) -> int:
+    """Open a file of logitify's own in the output folder, never through a link.
+
+    A symbolic link or a hard link there could make logitify truncate or
+    append to a user's file elsewhere: such a file is refused by name.
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK):
+            raise LogitifyError(f"{printable(path)} is a symbolic link, not logitify's {what}; "
+                                "remove it and run again") from None
+        raise
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:  # unlinked as it was opened
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "removed while opened", path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "a hard link to a file elsewhere" if stat.S_ISREG(st.st_mode) else "not a plain file"
+        raise LogitifyError(f"{printable(path)} is {kind}, not logitify's {what}; remove it and run again")
+    return fd
+
+
+def protected_folder(path: str) -> str | None:
+    """What a folder is when it is one --overwrite must never clear: the root, or the home folder."""
+    real = os.path.realpath(path)
+    if os.path.dirname(real) == real:
+        return "the root of the file system"
+    home = os.path.expanduser("~")
+    if home != "~" and real == os.path.realpath(home):
+        return "your home folder"
+    return None
 
 
 def describe_difference(old: dict, new: dict) -> str:
     diffs = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(set(old) | set(new), key=str)[:20]:
         if k == "inputs":
             continue
         if old.get(k) != new.get(k):
-            diffs.append(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}")
+            diffs.append(f"{short(k)}: was {short(old.get(k))}, now {short(new.get(k))}")
     if old.get("inputs") != new.get("inputs"):
         diffs.append("the input files differ")
     return "; ".join(diffs) or "unknown difference"
@@ -41,37 +81,65 @@ class Journal:
     def __init__(self, folder: str):
         self.path = os.path.join(folder, manifest_mod.JOURNAL)
 
-    def _write(self, line: str, mode: int) -> None:
-        """Append or start afresh, never through a link someone left at the journal's name."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | mode | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
     def start(self, header: dict) -> None:
-        self._write(json.dumps({"header": header}) + "\n", os.O_TRUNC)
+        """A new journal: whatever held the name before (a link included) is unlinked, not written through."""
+        try:
+            self.remove()
+        except IsADirectoryError:
+            pass
+        if os.path.lexists(self.path):
+            raise LogitifyError(f"{printable(self.path)} is not a plain file, not logitify's journal; "
+                                "remove it and run again")
+        self._write(os.O_WRONLY | os.O_CREAT | os.O_EXCL, {"header": header})
 
     def append(self, entry: dict) -> None:
-        self._write(json.dumps({"shard": entry}) + "\n", os.O_APPEND)
+        self._write(os.O_WRONLY | os.O_APPEND, {"shard": entry})
+
+    def _write(self, flags: int, record: dict) -> None:
+        try:
+            fd = _own_fd(self.path, flags, "journal")
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(e, self.path) from None
 
     def load(self):
-        """(header or None, {index: entry}); a line cut by a kill ends what is known."""
+        """(header or None, {index: entry}); a line cut by a kill ends what is known.
+
+        A journal that is a link, or not a plain file, is not logitify's: it
+        says nothing (and so owns nothing in the folder). Entries count only
+        where they name the shard file their header gives their index, so a
+        journal can never claim a user's file.
+        """
         header, shards = None, {}
         try:
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
+            fd = _own_fd(self.path, os.O_RDONLY, "journal")
+        except (OSError, LogitifyError):
+            return None, {}
+        names = []
+        try:
+            with open(fd, encoding="utf-8") as f:
+                left = JOURNAL_MAX_BYTES
+                while left > 0:
+                    line = f.readline(left)
+                    if not line.endswith("\n"):
+                        break  # cut by a kill, or longer than any journal line
+                    left -= len(line)
                     try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
+                        rec = json.loads(line, parse_constant=_no_constant)
+                    except (ValueError, RecursionError):
                         break
                     if not isinstance(rec, dict):
                         break
                     if isinstance(rec.get("header"), dict):
                         header = rec["header"]
-                    elif isinstance(rec.get("shard"), dict) and isinstance(rec["shard"].get("index"), int):
+                        names = header_files(header)
+                        shards = {}
+                    elif _entry_ok(rec.get("shard"), names):
                         shards[rec["shard"]["index"]] = rec["shard"]
-        except (FileNotFoundError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError):
             return None, {}
         return header, shards
 
@@ -80,6 +148,21 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+JOURNAL_MAX_BYTES = 64 << 20  # a line per shard: far more than 100,000 shards need
+
+
+def _no_constant(name):
+    raise ValueError(name)
+
+
+def _entry_ok(entry, names: list) -> bool:
+    """A journal entry of a whole shard: the file its header names for its index, with a count and digest."""
+    return (isinstance(entry, dict) and type(entry.get("index")) is int and 0 <= entry["index"] < len(names)
+            and entry.get("file") == names[entry["index"]] and type(entry.get("num_examples")) is int
+            and entry["num_examples"] >= 0 and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("skipped", []), list))
 
 
 def header_files(header: dict) -> list:
@@ -91,7 +174,25 @@ def header_files(header: dict) -> list:
     if fmt is None or type(n) is not int or not 0 < n < 100000:
         return []
     name, split = str(header.get("name", "")), str(header.get("split", ""))
-    return [fmt.shard_file(name, split, i, n) for i in range(n)]
+    return [f for f in (fmt.shard_file(name, split, i, n) for i in range(n)) if fmt.owns(f)]
+
+
+def header_writes(header: dict) -> list:
+    """Every file a run with this header writes: its shards, the format's metadata, the manifest."""
+    from .formats import FORMATS
+
+    fmt = FORMATS.get(header.get("format"))
+    extra = list(fmt.metadata_names) if fmt is not None else []
+    return header_files(header) + extra + [manifest_mod.MANIFEST]
+
+
+LOCK_TRIES, LOCK_WAIT = 6, 0.05  # a held lock is retried for a quarter of a second
+
+
+def in_use(folder: str, pid: int | None) -> OutputInUse:
+    who = f"process {pid}" if pid else "another process"
+    return OutputInUse(f"output folder {folder} is in use by another logitify run ({who}); wait for it to finish",
+                       folder=folder, pid=pid)
 
 
 class FolderLock:
@@ -109,18 +210,22 @@ class FolderLock:
             return self
         for _ in range(10):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+                fd = _own_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file")
+            except FileNotFoundError:  # its holder removed it as we opened it
+                continue
             except OSError as e:
-                raise LogitifyError(f"cannot write {self.path} (the output folder's lock): "
-                                    f"{e.strerror or e}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = _read_pid(fd)
-                os.close(fd)
-                who = f"process {pid}" if pid else "another process"
-                raise OutputInUse(f"output folder {self.folder} is in use by another logitify run ({who}); "
-                                  "wait for it to finish", folder=self.folder, pid=pid) from None
+                raise LogitifyError(f"cannot take the lock {printable(self.path)}: {e.strerror or e}") from None
+            for attempt in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if attempt + 1 < LOCK_TRIES:  # another run's holder() may look for a moment
+                        time.sleep(LOCK_WAIT)
+                        continue
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise in_use(self.folder, pid) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
@@ -133,6 +238,30 @@ class FolderLock:
             self.fd = fd
             return self
         raise OutputInUse(f"output folder {self.folder}: cannot take its lock", folder=self.folder, pid=None)
+
+    def holder(self) -> int | None:
+        """The process id of a run holding this lock now (0 if it cannot be read), or None.
+
+        Looks without taking the lock for more than a moment, so a run can be
+        refused before it does any work; acquire() waits out such a look.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None  # acquire() refuses it by name
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_pid(fd) or 0
+        finally:
+            os.close(fd)
+        return None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -168,12 +297,25 @@ class OutputFolder:
         self.journal = Journal(path)
 
     def check(self, overwrite: bool, resume: bool) -> None:
-        """Fail at once, before any work, on an output we may not touch."""
+        """Fail at once, before any work and before anything is written, on an output we may not touch."""
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise LogitifyError(f"output {self.path} exists and is not a folder")
-        if os.path.isdir(self.path) and os.listdir(self.path) and not (overwrite or resume):
+        if not os.path.isdir(self.path):
+            return
+        pid = self.lock.holder()
+        if pid is not None:
+            raise in_use(self.path, pid)
+        if overwrite or resume:
+            what = protected_folder(self.path)
+            if what is not None:
+                raise LogitifyError(f"output folder {self.path} is {what}; logitify does not write there with "
+                                    f"--{'overwrite' if overwrite else 'resume'}: choose a folder of its own")
+        names = self._names()
+        if names and not (overwrite or resume):
             raise LogitifyError(f"output folder {self.path} is not empty; pass --overwrite to replace "
                                 "what logitify wrote there, or --resume to finish it")
+        if overwrite:
+            self._refuse_foreign(names, self.owned())
 
     def create(self) -> None:
         try:
@@ -181,45 +323,70 @@ class OutputFolder:
         except OSError as e:
             raise LogitifyError(f"cannot create output folder {self.path}: {e.strerror or e}") from None
 
+    def _names(self) -> list:
+        try:
+            return sorted(os.listdir(self.path))
+        except OSError as e:
+            raise LogitifyError(f"cannot read output folder {self.path}: {e.strerror or e}") from None
+
     def owned(self) -> set:
-        """Names of the files in the folder that logitify wrote (per its manifest and journal)."""
+        """Names of the files in the folder that logitify wrote (per its manifest and journal).
+
+        Only names of the shapes logitify gives its files count: a shard name
+        of the manifest's format, that format's metadata, the manifest itself.
+        A manifest that is not logitify's, or is a link, owns nothing.
+        """
+        from .formats import FORMATS
+
         names = {manifest_mod.LOCK, manifest_mod.JOURNAL}
         mpath = os.path.join(self.path, manifest_mod.MANIFEST)
         if os.path.isfile(mpath) and not os.path.islink(mpath):
             try:
-                names.update(manifest_mod.read(mpath).owned_files())
+                m = manifest_mod.read(mpath)
             except LogitifyError:
                 pass  # not ours: someone's manifest.json stays theirs
-        header, entries = self.journal.load()
+            else:
+                fmt = FORMATS[m.format]
+                names.update(f for f in m.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
+        header, _ = self.journal.load()
         if header is not None:
             names.update(header_files(header))
-            names.update(e["file"] for e in entries.values() if isinstance(e.get("file"), str))
         # Receipts a Beam run leaves beside its shards until it writes the manifest.
-        names.update(RECEIPT.format(file=n) for n in list(names))
+        names.update(RECEIPT.format(file=n) for n in list(names) if n not in (manifest_mod.LOCK, manifest_mod.JOURNAL))
         return names
+
+    def _ours(self, owned: set):
+        """Whether a name in the folder is logitify's: an owned name (or its temporary) that is no folder."""
+        def ours(n):
+            m = _TEMP.match(n)
+            if not (n in owned or (m is not None and m.group("name") in owned)):
+                return False
+            p = os.path.join(self.path, n)
+            return os.path.islink(p) or not os.path.isdir(p)  # logitify never makes a folder here
+
+        return ours
+
+    def _refuse_foreign(self, names: list, owned: set) -> None:
+        ours = self._ours(owned)
+        foreign = [n for n in names if not ours(n)]
+        if foreign:
+            raise ForeignFile(
+                f"output folder {self.path} holds {printable(foreign[0])}, which logitify did not write; "
+                "--overwrite replaces only logitify's own files: move it away or choose another folder",
+                folder=self.path, file=foreign[0])
 
     def prepare(self, overwrite: bool, resume: bool, inputs=None) -> None:
         """Clear what this run replaces: owned files (--overwrite), leftovers of killed runs (always).
 
         `inputs(paths)` answers which of these paths are inputs of this run.
         """
-        names = sorted(os.listdir(self.path))
+        names = self._names()
         owned = self.owned()
-
-        def ours(n):
-            m = _TEMP.match(n)
-            return n in owned or (m is not None and m.group("name") in owned)
-
-        temps = [n for n in names if _TEMP.match(n) and ours(n)]
-        remove = temps
+        ours = self._ours(owned)
+        remove = [n for n in names if _TEMP.match(n) and ours(n)]
         if overwrite:
-            foreign = [n for n in names if not ours(n)]
-            if foreign:
-                raise ForeignFile(
-                    f"output folder {self.path} holds {printable(foreign[0])}, which logitify did not write; "
-                    "--overwrite replaces only logitify's own files: move it away or choose another folder",
-                    folder=self.path, file=foreign[0])
-            remove = [n for n in names if n not in (manifest_mod.LOCK,)]
+            self._refuse_foreign(names, owned)
+            remove = [n for n in names if n != manifest_mod.LOCK]
         paths = [os.path.join(self.path, n) for n in remove]
         if inputs is not None:
             used = inputs([p for p in paths if os.path.isfile(p)])
@@ -227,7 +394,7 @@ class OutputFolder:
                 raise LogitifyError(f"--overwrite would remove {printable(used[0])}, an input of this run; "
                                     "write the output to another folder")
         for p in paths:
-            if os.path.islink(p) or os.path.isfile(p):
+            if os.path.islink(p) or os.path.isfile(p):  # a link goes, never what it points at
                 os.unlink(p)
 
     def resumable(self, header: dict, fingerprint: str, shards_of) -> dict:
@@ -238,6 +405,12 @@ class OutputFolder:
         """
         from .formats.base import file_sha256
 
+        ours = self._ours(self.owned())
+        for n in header_writes(header):
+            if os.path.lexists(os.path.join(self.path, n)) and not ours(n):
+                raise ForeignFile(f"output folder {self.path} holds {printable(n)}, which logitify did not write "
+                                  "and this run would replace; move it away or choose another folder",
+                                  folder=self.path, file=n)
         old, entries = self.journal.load()
         if old is None:
             mpath = os.path.join(self.path, manifest_mod.MANIFEST)

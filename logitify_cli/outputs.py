@@ -21,7 +21,12 @@ from . import fs
 IMAGE_SUFFIXES = frozenset(
     ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
 )
-PNG_JOB = 64  # images per PNG job
+PNG_JOB = 64  # images per PNG job at most
+PNG_JOB_BYTES = 8 << 20  # and about this many bytes of pixels: large images travel a few at a time
+NAME_MAX = 255  # bytes in one file name on the file systems we know
+REFUSED_LISTED = 1000  # refused keys kept (and printed) by name; more are counted
+# Errors that say a key cannot be a file name here: the key is refused, the run goes on.
+KEY_ERRNOS = frozenset(getattr(errno, n) for n in ("ENAMETOOLONG", "EILSEQ", "EINVAL") if hasattr(errno, n))
 
 
 class Refused(Exception):
@@ -43,6 +48,10 @@ def key_relpath(key: str) -> str:
         raise ValueError("empty key")
     if "\0" in key:
         raise ValueError("key contains a NUL byte")
+    try:
+        os.fsencode(key)
+    except UnicodeError:
+        raise ValueError("key holds characters no file name here can have") from None
     text = key
     if os.name == "nt":
         text = key.replace("\\", "/")
@@ -52,8 +61,12 @@ def key_relpath(key: str) -> str:
     if text.startswith("/"):
         raise ValueError("key is an absolute path")
     parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
+    if any(p == ".." for p in parts):
         raise ValueError("key climbs out of the output folder ('..')")
+    if not parts:
+        raise ValueError("key names the output folder itself, not a file in it")
+    if any(len(os.fsencode(p)) > NAME_MAX - 4 for p in parts):  # room for '.png'
+        raise ValueError(f"key has a name longer than {NAME_MAX - 4} bytes")
     if os.name == "nt":
         devices = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
         if any(p.split(".")[0].rstrip(" ").upper() in devices for p in parts):
@@ -115,8 +128,11 @@ class _Folders:
         self.fds = {}
 
 
-def _create(folders: _Folders, rel: str, overwrite: bool) -> int:
-    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite."""
+def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset()) -> int:
+    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite.
+
+    `protect` holds (device, inode) of files never to replace: the dataset being decoded.
+    """
     rel_dir, _, name = rel.rpartition("/")
     dfd = folders.fd(rel_dir)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -131,13 +147,16 @@ def _create(folders: _Folders, rel: str, overwrite: bool) -> int:
                 raise Refused(f"{rel} exists and is not a file") from None
             if st.st_nlink > 1:
                 raise Refused(f"{rel} is a hard link to a file elsewhere") from None
+            if (st.st_dev, st.st_ino) in protect:
+                raise Refused(f"{rel} is a file of the dataset being decoded") from None
             if not overwrite:
                 raise Refused(f"{rel} exists (pass --overwrite to replace it)") from None
             os.unlink(name, dir_fd=dfd)
     raise Refused(f"{rel} keeps reappearing")
 
 
-def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None) -> None:
+def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None,
+               protect=frozenset()) -> None:
     """Write data at root/rel: in a bucket as an object, here without following any link."""
     if fs.is_remote(root):
         fs.write_bytes(fs.join(root, rel), bytes(data))
@@ -145,7 +164,7 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
     own = folders is None
     folders = folders or _Folders(root)
     try:
-        fd = _create(folders, rel, overwrite)
+        fd = _create(folders, rel, overwrite, protect)
         try:
             view = memoryview(data)
             while view:
@@ -163,21 +182,46 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
             folders.close()
 
 
+def problem(key: str, rel: str, e: BaseException) -> dict:
+    """A failed write as a problem: refused when the key is to blame, a failure of the run otherwise."""
+    if isinstance(e, Refused):
+        return {"key": key, "reason": str(e), "refused": True}
+    if isinstance(e, OSError) and e.errno in KEY_ERRNOS:
+        return {"key": key, "reason": f"{rel} cannot be made here: {e.strerror or e}", "refused": True}
+    if isinstance(e, OSError):
+        return {"key": key, "reason": f"cannot write {rel}: {e.strerror or e}", "refused": False}
+    return {"key": key, "reason": f"{rel} cannot be made here: {e}", "refused": True}  # ValueError: the name
+
+
 class ImageOutput:
     """Base of the image outputs."""
 
     name = ""
 
-    def __init__(self, root: str, n_shards: int, overwrite: bool):
+    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
-        self.refused = []  # {key, reason} of keys no file can be made for
+        self.protect = None if protect is None else frozenset(protect)  # see _create
+        self.refused = []  # {key, reason} of the first REFUSED_LISTED keys no file can be made for
+        self.num_refused = 0  # all of them
+
+    def refuse(self, key: str, reason: str) -> None:
+        """Keep a refused key: by name for the first REFUSED_LISTED, counted after that."""
+        self.num_refused += 1
+        if len(self.refused) < REFUSED_LISTED:
+            self.refused.append({"key": key, "reason": reason})
 
     def add(self, shard: int, keys, labels, images) -> list:
         """Jobs ready to run for a slice of a shard's images."""
         raise NotImplementedError
 
+    def begin_shard(self, shard: int, count: int, shape) -> None:
+        """Called before a shard's first slice, with how many images it holds and their shape."""
+
     def end_shard(self, shard: int) -> list:
         return []
+
+    def close(self) -> None:
+        """Drop whatever a failed run left half made."""
 
     @staticmethod
     def write(job) -> list:
@@ -210,63 +254,201 @@ class PngOutput(ImageOutput):
             try:
                 batch.append((key, self._target(key), img))
             except ValueError as e:
-                self.refused.append({"key": key, "reason": str(e)})
-        return [(self.root, self.overwrite, batch[a:a + PNG_JOB]) for a in range(0, len(batch), PNG_JOB)]
+                self.refuse(key, str(e))
+        per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB
+        protect = self.protect or frozenset()
+        return [(self.root, self.overwrite, batch[a:a + per_job], protect) for a in range(0, len(batch), per_job)]
 
     @staticmethod
     def write(job):
-        root, overwrite, batch = job
+        root, overwrite, batch, protect = job
         problems = []
         folders = None if fs.is_remote(root) else _Folders(root)
         try:
             for key, rel, img in batch:
                 try:
-                    write_file(root, rel, png_bytes(img), overwrite, folders)
-                except Refused as e:
-                    problems.append({"key": key, "reason": str(e), "refused": True})
-                except OSError as e:
-                    problems.append({"key": key, "reason": f"cannot write {rel}: {e.strerror or e}",
-                                     "refused": False})
+                    write_file(root, rel, png_bytes(img), overwrite, folders, protect)
+                except (Refused, OSError, ValueError) as e:
+                    problems.append(problem(key, rel, e))
         finally:
             if folders is not None:
                 folders.close()
         return {"images": len(batch), "problems": problems}
 
 
+class _NpzStream:
+    """One shard's npz, written under a temporary name as its slices come.
+
+    The images stream straight into the zip entry, so the shard is never
+    whole in memory; keys and labels go to a side file beside it (keys of
+    each slice at that slice's width) and are copied in at the end, keys
+    widened to the widest. Locally both files are created in the output
+    folder without following links; for a bucket, in a local temp folder.
+    """
+
+    def __init__(self, root: str, name: str, count: int, shape):
+        import tempfile
+        import zipfile
+
+        self.remote = fs.is_remote(root)
+        self.name, self.count = name, count
+        self.dir = tempfile.mkdtemp(prefix="logitify-npz-") if self.remote else root
+        self.tmp = f".{name}.tmp-{os.getpid()}"
+        self.side = f".{name}.side.tmp-{os.getpid()}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for n in (self.tmp, self.side):
+            try:
+                os.unlink(os.path.join(self.dir, n))  # a leftover of a killed run of this process id
+            except FileNotFoundError:
+                pass
+        self._file = os.fdopen(os.open(os.path.join(self.dir, self.tmp), flags, 0o644), "w+b")
+        self._side = os.fdopen(os.open(os.path.join(self.dir, self.side), flags, 0o644), "w+b")
+        self._zip = zipfile.ZipFile(self._file, "w", allowZip64=True)
+        self._entry = self._open_entry("images.npy")
+        np.lib.format.write_array_header_1_0(
+            self._entry, {"descr": "|u1", "fortran_order": False, "shape": (count,) + tuple(shape)})
+        self._parts = []  # (rows, key width) of each slice in the side file
+        self.written = 0
+
+    def _open_entry(self, name):
+        import zipfile
+
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        return self._zip.open(info, "w", force_zip64=True)
+
+    def add(self, keys, labels, images) -> None:
+        if self.written + len(images) > self.count:
+            raise ValueError(f"{self.name}: more images than the shard holds")
+        self._entry.write(np.ascontiguousarray(images, np.uint8).data)
+        keys = np.asarray(keys)
+        keys = keys.astype("<U1") if keys.size == 0 else np.ascontiguousarray(keys.astype(f"<U{max(1, keys.dtype.itemsize // 4)}"))
+        self._side.write(np.asarray(labels, "<i8").tobytes())
+        self._side.write(keys.tobytes())
+        self._parts.append((len(images), keys.dtype.itemsize))
+        self.written += len(images)
+
+    def _copy(self, entry, width: int, keys: bool) -> None:
+        pos = 0
+        for rows, itemsize in self._parts:
+            self._side.seek(pos + (8 * rows if keys else 0))
+            if keys:
+                part = np.frombuffer(self._side.read(rows * itemsize), f"<U{itemsize // 4}")
+                entry.write(part.astype(f"<U{width}").tobytes())
+            else:
+                entry.write(self._side.read(8 * rows))
+            pos += rows * (8 + itemsize)
+
+    def finish(self) -> tuple:
+        """Close the zip; the job that puts it in place under its name."""
+        if self.written != self.count:
+            raise ValueError(f"{self.name}: {self.written} images, the shard holds {self.count}")
+        self._entry.close()
+        width = max([itemsize // 4 for _, itemsize in self._parts] + [1])
+        with self._open_entry("keys.npy") as e:
+            np.lib.format.write_array_header_1_0(e, {"descr": f"<U{width}", "fortran_order": False,
+                                                     "shape": (self.count,)})
+            self._copy(e, width, keys=True)
+        with self._open_entry("labels.npy") as e:
+            np.lib.format.write_array_header_1_0(e, {"descr": "<i8", "fortran_order": False, "shape": (self.count,)})
+            self._copy(e, width, keys=False)
+        self._zip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close(keep=True)
+        return self.dir, self.tmp, self.remote
+
+    def close(self, keep: bool = False) -> None:
+        for f in (getattr(self, "_entry", None), getattr(self, "_zip", None), self._file, self._side):
+            try:
+                if f is not None:
+                    f.close()
+            except (OSError, ValueError):
+                pass
+        names = [self.side] + ([] if keep else [self.tmp])
+        for n in names:
+            try:
+                os.unlink(os.path.join(self.dir, n))
+            except FileNotFoundError:
+                pass
+        if self.remote and not keep:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect, remote: bool) -> None:
+    """Move a finished temporary file to its name: the same refusals as a new file, and no link followed."""
+    if remote:
+        import shutil
+
+        try:
+            fs.upload(os.path.join(folder, tmp), fs.join(root, name))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    folders = _Folders(root)
+    try:
+        dfd = folders.fd("")
+        try:
+            fd = _create(folders, name, overwrite, protect)  # refuses links, hard links, the dataset's files
+            os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # a rename replaces a name, never writes through it
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        folders.close()
+
+
 class NpzOutput(ImageOutput):
-    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels."""
+    """images-{i:05d}-of-{n:05d}.npz per shard: uint8 images, keys, labels, streamed to disk."""
 
     name = "npz"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._parts = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open = {}
+
+    def _file(self, shard: int) -> str:
+        return f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
+
+    def begin_shard(self, shard, count, shape):
+        self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
-        self._parts.setdefault(shard, []).append(([str(k) for k in keys], np.asarray(labels), images))
+        if shard not in self._open:
+            self.begin_shard(shard, len(images), images.shape[1:])
+        self._open[shard].add([str(k) for k in keys] if not isinstance(keys, np.ndarray) else keys, labels, images)
         return []
 
     def end_shard(self, shard):
-        parts = self._parts.pop(shard, [])
-        keys = [k for p in parts for k in p[0]]
-        labels = np.concatenate([p[1] for p in parts]).astype("<i8") if parts else np.zeros(0, "<i8")
-        images = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 1), np.uint8)
-        name = f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
-        return [(self.root, self.overwrite, name, keys, labels, images)]
+        stream = self._open.pop(shard, None) or _NpzStream(self.root, self._file(shard), 0, (1, 1, 1))
+        try:
+            folder, tmp, remote = stream.finish()
+        except BaseException:
+            stream.close()
+            raise
+        return [(self.root, self.overwrite, self._file(shard), folder, tmp, remote, stream.count,
+                 self.protect or frozenset())]
+
+    def close(self):
+        for stream in self._open.values():
+            stream.close()
+        self._open = {}
 
     @staticmethod
     def write(job):
-        root, overwrite, name, keys, labels, images = job
-        buf = io.BytesIO()
-        np.savez(buf, images=images, keys=np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"), labels=labels)
+        root, overwrite, name, folder, tmp, remote, count, protect = job
         problems = []
         try:
-            write_file(root, name, buf.getbuffer(), overwrite)
-        except Refused as e:
-            problems = [{"key": name, "reason": str(e), "refused": True}]
-        except OSError as e:
-            problems = [{"key": name, "reason": f"cannot write {name}: {e.strerror or e}", "refused": False}]
-        return {"images": 0 if problems else len(keys), "problems": problems}
+            _place(root, folder, tmp, name, overwrite, protect, remote)
+        except (Refused, OSError, ValueError) as e:
+            problems = [problem(name, name, e)]
+        return {"images": 0 if problems else count, "problems": problems}
 
 
 IMAGE_OUTPUTS = {cls.name: cls for cls in (PngOutput, NpzOutput)}

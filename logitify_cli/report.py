@@ -35,6 +35,19 @@ def printable(text) -> str:
     return "".join(out)
 
 
+def short(value, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: a line about a stranger's data stays one readable line."""
+    if isinstance(value, (str, bytes)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr() of a 100 MB string would cost 100 MB first
+    elif isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        value = type(value)(list(value.items())[:limit]) if isinstance(value, dict) else type(value)(value[:limit])
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Reporter:
     """Warnings and a progress bar on stderr, or nothing with `quiet`."""
 

@@ -54,10 +54,11 @@ class DecodeResult(Result):
     output: str
     format: str
     num_images: int
-    refused: list
+    refused: list  # the first ones, by name
     seconds: float
     images_per_second: float | None
     runner: str = "local"
+    num_refused: int = 0  # all of them, listed or not
 
     def message(self) -> str:
         return f"decoded {self.num_images} images into {self.output} in {self.seconds:.1f} s"
@@ -70,14 +71,15 @@ class VerifyResult(Result):
     num_examples: int
     num_shards: int
     compared_with_sources: int
-    problems: list
+    problems: list  # the first ones found, by name
     seconds: float
     against: bool = False
     fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
+    num_problems: int = 0  # all of them, listed or not
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.num_problems
 
     def to_dict(self) -> dict:
         d = super().to_dict()

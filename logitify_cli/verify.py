@@ -1,12 +1,18 @@
 """`logitify verify`: trust nothing a dataset folder says until it is checked.
 
-Shards are read a slice at a time; with --against, each decoded image is
-kept only as a digest until its source is read, so memory follows the slice
-size and the number of keys, never the dataset's pixels.
+Shards are read a slice at a time, and each slice is checked in blocks of
+BLOCK_VALUES logits, so memory follows the slice size whatever one image's
+size is. Keys are remembered as 8-byte hashes (on disk past HASHES_HELD) to
+find duplicates; only the first PROBLEMS_LISTED problems are kept and
+printed one by one, the rest are counted. With --against, each decoded
+image is kept only as a digest until its source is read.
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -17,82 +23,234 @@ from .report import QUIET
 from .results import VerifyResult
 
 LOGDET_RTOL = 1e-4
+BLOCK_VALUES = 1 << 20  # logits checked at a time: float64 temporaries of 8 MB
+PROBLEMS_LISTED = 1000  # problems kept and printed by name; more are counted
+HASHES_HELD = 1 << 22  # key hashes held in memory (32 MB) before they go to disk
+BUCKETS = 64
 
 
-def _logdet64(logits, alpha):
-    y = logits.reshape(len(logits), -1).astype(np.float64)
-    terms = np.logaddexp(0.0, y) + np.logaddexp(0.0, -y)
-    return terms.sum(axis=1) + y.shape[1] * math.log1p(-alpha)
+def check_logits(logits, logdet, alpha):
+    """(finite [n], reference log-det float64 [n]) of a slice, in blocks of BLOCK_VALUES logits.
+
+    An example is finite when its log-det and every logit are; the reference
+    log-det leaves non-finite logits out.
+    """
+    n = len(logdet)
+    flat = logits.reshape(n, -1)
+    dims = flat.shape[1]
+    finite = np.isfinite(logdet)
+    ref = np.full(n, dims * math.log1p(-alpha))
+    rows = max(1, BLOCK_VALUES // max(1, dims))
+    cols = max(1, min(dims, BLOCK_VALUES))
+    for r in range(0, n, rows):
+        block = flat[r:r + rows]
+        for c in range(0, dims, cols):
+            part = block[:, c:c + cols]
+            ok = np.isfinite(part)
+            finite[r:r + rows] &= ok.all(axis=1)
+            y = np.where(ok, part, 0).astype(np.float64)
+            ref[r:r + rows] += (np.logaddexp(0.0, y) + np.logaddexp(0.0, -y)).sum(axis=1)
+    return finite, ref
 
 
 def _digest(img: np.ndarray) -> bytes:
-    """The image's pixel digest, as the fingerprint takes it (sha256 of shape and pixels)."""
+    """An image's digest, as the fingerprint defines it (shape and uint8 pixels)."""
     from .fingerprint import image_digest
 
     return image_digest(img)
+
+
+class KeyHashes:
+    """Which keys occur more than once, in bounded memory.
+
+    Each key is kept as a 64-bit hash, keyed afresh in each process so no
+    dataset can be made to collide; past HASHES_HELD hashes they are
+    spread over BUCKETS files in a private temporary folder, and each
+    bucket is sorted on its own at the end.
+    """
+
+    def __init__(self):
+        seed = np.frombuffer(os.urandom(16), np.uint64)
+        self._rng = np.random.Generator(np.random.PCG64(int(seed[0]) << 64 | int(seed[1])))
+        self._mult = np.zeros(0, np.uint64)
+        self._parts, self._held = [], 0
+        self._dir = None
+
+    def hashes(self, keys) -> np.ndarray:
+        keys = np.ascontiguousarray(keys)
+        n = len(keys)
+        if not n:
+            return np.zeros(0, np.uint64)
+        chars = keys.view(np.uint32).reshape(n, -1)
+        if chars.shape[1] > len(self._mult):
+            extra = self._rng.integers(1, 1 << 63, chars.shape[1] - len(self._mult), dtype=np.uint64)
+            self._mult = np.concatenate([self._mult, extra * np.uint64(2) + np.uint64(1)])
+        width = chars.shape[1]
+        mult = self._mult[:width]
+        h = np.empty(n, np.uint64)
+        step = max(1, BLOCK_VALUES // width)
+        with np.errstate(over="ignore"):
+            for a in range(0, n, step):  # a zero (padding) adds nothing: hashes ignore the array's width
+                h[a:a + step] = (chars[a:a + step].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+            h ^= h >> np.uint64(31)
+            h *= np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(29)
+        return h
+
+    def add(self, keys) -> None:
+        h = self.hashes(keys)
+        self._parts.append(h)
+        self._held += len(h)
+        if self._held >= HASHES_HELD:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="logitify-keys-")
+        h = np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)
+        self._parts, self._held = [], 0
+        bucket = (h >> np.uint64(58)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        h, bucket = h[order], bucket[order]
+        bounds = np.searchsorted(bucket, np.arange(BUCKETS + 1))
+        for i in range(BUCKETS):
+            if bounds[i] < bounds[i + 1]:
+                with open(os.path.join(self._dir, str(i)), "ab") as f:
+                    f.write(h[bounds[i]:bounds[i + 1]].tobytes())
+
+    def repeated(self):
+        """(hashes seen more than once, sorted; how many occurrences are repeats)."""
+        try:
+            if self._dir is None:
+                groups = [np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)]
+            else:
+                self._spill()
+                groups = (np.fromfile(os.path.join(self._dir, str(i)), np.uint64)
+                          for i in range(BUCKETS) if os.path.exists(os.path.join(self._dir, str(i))))
+            found, repeats = [], 0
+            for h in groups:
+                h = np.sort(h)
+                same = h[1:] == h[:-1]
+                repeats += int(same.sum())
+                found.append(np.unique(h[1:][same]))
+            return (np.concatenate(found) if found else np.zeros(0, np.uint64)), repeats
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._parts = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+class Problems:
+    """The problems found: the first PROBLEMS_LISTED by name (and on stderr), the rest counted."""
+
+    def __init__(self, report):
+        self.report = report
+        self.listed = []
+        self.count = 0
+
+    def __call__(self, where, what) -> None:
+        self.count += 1
+        if len(self.listed) < PROBLEMS_LISTED:
+            self.listed.append({"where": where, "problem": what})
+            self.report.warn(f"{where}: {what}")
+
+    @property
+    def full(self) -> bool:
+        return len(self.listed) >= PROBLEMS_LISTED
 
 
 def verify(path: str, against=None, report=QUIET) -> VerifyResult:
     t0 = time.time()
     ds = LogitDataset(path)
     params = ds.params
-    problems = []
+    problem = Problems(report)
     checked = 0
     decoded = {} if against else None
     # The fingerprint, recomputed from the decoded images where they are the
     # encoded pixels (lossless), and from the sources with --against.
     want_fp = ds.manifest.fingerprint
     pixel_digests = [] if want_fp is not None and params.lossless else None
+    fp_keys = [] if want_fp is not None else None
     shard_failed = False
-
-    def problem(where, what):
-        problems.append({"where": where, "problem": what})
-        report.warn(f"{where}: {what}")
-
-    seen = set()
-    with report.bar(ds.num_examples, "verify") as bar:
-        for shard in ds.shards:
-            try:
-                for chunk in ds.iter_chunks(shard, check=True, rows=2048):
-                    keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
-                    finite = np.isfinite(logits.reshape(len(keys), -1)).all(axis=1) & np.isfinite(logdet)
-                    for k in keys[~finite]:
-                        problem(str(k), "logits or log-det not finite")
-                    ref = _logdet64(np.where(np.isfinite(logits), logits, 0), params.alpha)
-                    off = np.abs(logdet.astype(np.float64) - ref) > LOGDET_RTOL * np.maximum(1.0, np.abs(ref))
-                    for k in keys[off & finite]:
-                        problem(str(k), "stored log-det does not match its logits")
-                    for k in keys:
-                        if str(k) in seen:
-                            problem(str(k), "key appears twice")
-                        seen.add(str(k))
-                    if decoded is not None or pixel_digests is not None:
-                        safe = logits if finite.all() else np.where(np.isfinite(logits), logits, 0)  # (reported above)
-                        for k, img in zip(keys, ds.inverse(safe)):
-                            d = _digest(img)
-                            if decoded is not None:
-                                decoded[str(k)] = d
-                            if pixel_digests is not None:
-                                pixel_digests.append(d)
-                    checked += len(keys)
-                    bar.update(len(keys))
-            except LogitifyError as e:
-                problem(shard.file, e.message)
-                shard_failed = True
+    keys_seen = KeyHashes()
+    try:
+        with report.bar(ds.num_examples, "verify") as bar:
+            for shard in ds.shards:
+                try:
+                    for chunk in ds.iter_chunks(shard, check=True):
+                        keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
+                        finite, ref = check_logits(logits, logdet, params.alpha)
+                        for k in keys[~finite]:
+                            problem(str(k), "logits or log-det not finite")
+                        off = np.abs(logdet.astype(np.float64) - ref) > LOGDET_RTOL * np.maximum(1.0, np.abs(ref))
+                        for k in keys[off & finite]:
+                            problem(str(k), "stored log-det does not match its logits")
+                        keys_seen.add(keys)
+                        if fp_keys is not None:
+                            fp_keys.extend(str(k) for k in keys)
+                        if decoded is not None or pixel_digests is not None:
+                            safe = logits if finite.all() else np.where(np.isfinite(logits), logits, 0)  # (reported)
+                            for k, img in zip(keys, ds.inverse(safe)):
+                                d = _digest(img)
+                                if decoded is not None:
+                                    decoded[str(k)] = d
+                                if pixel_digests is not None:
+                                    pixel_digests.append(d)
+                        checked += len(keys)
+                        bar.update(len(keys))
+                except LogitifyError as e:
+                    problem(shard.file, e.message)
+                    shard_failed = True
+        repeated, repeats = keys_seen.repeated()
+    finally:
+        keys_seen.close()
+    if repeats:
+        _name_repeats(ds, keys_seen, repeated, repeats, problem)
     source_digests = [] if want_fp is not None else None
     compared = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
     fingerprint = None
     if want_fp is not None and not shard_failed:
-        fingerprint = _check_fingerprint(want_fp, seen, pixel_digests, source_digests if against else None,
+        fingerprint = _check_fingerprint(want_fp, fp_keys, pixel_digests, source_digests if against else None,
                                          ds.num_examples, problem)
+    if problem.count > len(problem.listed):
+        report.warn(f"... and {problem.count - len(problem.listed)} more problem(s), not listed")
     result = VerifyResult(dataset=path, num_examples=checked, num_shards=len(ds.shards),
-                          compared_with_sources=compared, problems=problems, seconds=round(time.time() - t0, 3),
-                          against=bool(against), fingerprint=fingerprint)
-    if problems:
-        names = sorted({p["where"] for p in problems})
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        raise LogitifyError(f"{len(problems)} problem(s) in {path}: {shown}", result=result)
+                          compared_with_sources=compared, problems=problem.listed, seconds=round(time.time() - t0, 3),
+                          against=bool(against), num_problems=problem.count, fingerprint=fingerprint)
+    if problem.count:
+        names = sorted({p["where"] for p in problem.listed})
+        shown = ", ".join(names[:10]) + (" and more" if len(names) > 10 or problem.count > len(problem.listed) else "")
+        raise LogitifyError(f"{problem.count} problem(s) in {path}: {shown}", result=result)
     return result
+
+
+def _name_repeats(ds, hashes: KeyHashes, repeated, repeats: int, problem) -> None:
+    """A second pass, only when some key hash repeats: name the keys that appear more than once."""
+    seen = set()
+    named = 0
+    for shard in ds.shards:
+        try:
+            for chunk in ds.iter_chunks(shard, check=False):
+                keys = chunk["keys"]
+                for k in keys[np.isin(hashes.hashes(keys), repeated)]:
+                    k = str(k)
+                    if k in seen:
+                        named += 1
+                        problem(k, "key appears twice")
+                    elif len(seen) < PROBLEMS_LISTED * 100:
+                        seen.add(k)
+                if problem.full:
+                    break
+        except LogitifyError:
+            continue  # already a problem of the first pass
+        if problem.full:
+            break
+    if problem.full or len(seen) >= PROBLEMS_LISTED * 100:  # the rest are counted by their hashes
+        problem.count += max(0, repeats - named)
 
 
 def _check_fingerprint(want, keys, decoded_digests, source_digests, count, problem) -> dict:

@@ -1,6 +1,7 @@
 """What every shard format provides, and the checks every reader shares."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 
@@ -10,7 +11,13 @@ from ..errors import LogitifyError
 
 # Examples a reader hands over at a time: whole shards can be gigabytes, so
 # readers work through them in slices of about this many bytes of logits.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
+# A compressed shard (deflated npz member, GZIP TFRecord) can claim anything:
+# a 1 MB file inflates to gigabytes. One example of a compressed shard is
+# read only up to this many bytes of logits (a 4096x4096x2 image); larger
+# ones are refused before anything is inflated. Uncompressed shards hold
+# what they claim on disk, so their examples are read whatever their size.
+EXPANDING_EXAMPLE_MAX = 128 << 20
 
 
 def temp_name(path: str) -> str:
@@ -34,9 +41,19 @@ def fsync_rename(tmp: str, final: str, synced: bool = False) -> None:
     os.replace(tmp, final)
 
 
-def chunk_rows(shape, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Examples per chunk for logits of this shape."""
-    return max(1, chunk_bytes // (4 * int(np.prod(shape))))
+def chunk_rows(shape, chunk_bytes: int = CHUNK_BYTES, extra: int = 0) -> int:
+    """Examples per chunk for logits of this shape (and `extra` bytes more per example)."""
+    return max(1, chunk_bytes // (4 * int(np.prod(shape)) + extra))
+
+
+def refuse_expanding(name: str, shape) -> None:
+    """LogitifyError if one example of this shape is more than a compressed shard may inflate to."""
+    nbytes = 4 * int(np.prod(shape))
+    if nbytes > EXPANDING_EXAMPLE_MAX:
+        raise LogitifyError(
+            f"shard {name}: its examples would inflate to {nbytes / 1e6:.0f} MB of logits each "
+            f"({'x'.join(map(str, shape))}); logitify inflates at most {EXPANDING_EXAMPLE_MAX >> 20} MiB per "
+            "example from a compressed shard")
 
 
 def check_chunk(name: str, out: dict, shape) -> dict:
@@ -105,10 +122,20 @@ class ShardFormat:
     name: str = ""
     template: str = ""  # str.format with name, split, index, count
     glob: str = ""  # fnmatch pattern every shard file name of this format matches
+    metadata_names: tuple = ()  # every name write_metadata() may ever write
     description: str = ""
 
     def shard_file(self, name: str, split: str, index: int, count: int) -> str:
         return self.template.format(name=name, split=split, index=index, count=count)
+
+    def owns(self, file: str) -> bool:
+        """Whether a file name is one this format writes: a shard name or its metadata.
+
+        --overwrite removes what a manifest names only when the name also has
+        this shape, so a manifest cannot send it after a user's other files.
+        """
+        return (bool(file) and "/" not in file and os.sep not in file
+                and (fnmatch.fnmatchcase(file, self.glob) or file in self.metadata_names))
 
     def writer(self, out_dir: str, file: str, shape, count: int, compress: bool) -> ShardWriter:
         raise NotImplementedError
@@ -123,6 +150,14 @@ class ShardFormat:
 
     def tf_dataset(self, files: list, shape, compressed: bool):
         """A tf.data.Dataset of dicts {logits, logdet, key, label}, one per example."""
+        raise NotImplementedError
+
+    def max_bytes(self, shape, count: int) -> int:
+        """The most a shard of `count` examples of `shape` can take on disk.
+
+        A larger file (a sparse file, a link to a device-sized file) is refused
+        before it is read, so no dataset can keep the sha256 check busy for hours.
+        """
         raise NotImplementedError
 
     def metadata_files(self, manifest) -> list:

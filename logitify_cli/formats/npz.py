@@ -6,6 +6,7 @@ in the memory of one batch, and read back in slices of a few megabytes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zipfile
@@ -14,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import LogitifyError
-from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows
+from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 FIELDS = ("logits", "logdet", "keys", "labels")
 HEADER_MAX = 4096  # an .npy header is at most a few hundred bytes
 KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
+# The dtype each member must have: what the writer writes, nothing a reader must convert.
+DTYPES = {"logits": np.dtype("<f4"), "logdet": np.dtype("<f4"), "labels": np.dtype("<i8")}
 
 
 class HashingWriter:
@@ -171,53 +174,76 @@ class NpzFormat(ShardFormat):
         return NpzShardWriter(self, out_dir, file, shape, count, compress)
 
     def read_chunks(self, path, shape, count, compressed, rows=None):
+        """All four arrays a slice at a time, each read in step with the others.
+
+        Every header is checked against the manifest's promise before any
+        data is read, a member compressed to less than its size is read only
+        where an example fits in EXPANDING_EXAMPLE_MAX, and no array is ever
+        read whole: memory follows the slice, whatever the file claims.
+        """
         name = os.path.basename(path)
         shape = tuple(shape)
         dims = int(np.prod(shape))
-        rows = rows or chunk_rows(shape)
         # What each member may hold at the most, from the manifest's promise:
         # a small deflated file that claims more is refused before it is inflated.
         limits = {"logits": HEADER_MAX + 4 * dims * count, "logdet": HEADER_MAX + 4 * count,
                   "labels": HEADER_MAX + 8 * count, "keys": HEADER_MAX + 4 * KEY_CHARS_MAX * count}
         try:
-            with zipfile.ZipFile(path) as z:
+            size = os.path.getsize(path)
+            with zipfile.ZipFile(path) as z, contextlib.ExitStack() as stack:
                 members = {i.filename: i for i in z.infolist()}
                 missing = [f for f in FIELDS if f + ".npy" not in members]
                 if missing:
                     raise LogitifyError(f"shard {name}: missing arrays {', '.join(missing)}")
                 for field in FIELDS:
-                    if members[field + ".npy"].file_size > limits[field]:
+                    info = members[field + ".npy"]
+                    if info.file_size > limits[field]:
                         raise LogitifyError(f"shard {name}: {field} holds more than the manifest's "
                                             f"{count} examples of {list(shape)} allow")
-                small = {}
-                for field in ("logdet", "keys", "labels"):
-                    with z.open(field + ".npy") as f:
-                        shp, dtype = _npy_header(f, name, field)
-                        n = int(np.prod(shp)) if len(shp) else 1
-                        data = _read_exact(f, n * dtype.itemsize, name, field)
-                        small[field] = np.frombuffer(data, dtype).reshape(shp)
-                with z.open("logits.npy") as f:
-                    shp, dtype = _npy_header(f, name, "logits")
-                    if dtype != np.dtype("<f4") or tuple(shp[1:]) != shape or len(shp) != 4:
-                        raise LogitifyError(f"shard {name}: logits are {dtype} {list(shp)}, "
-                                            f"expected float32 [n, {', '.join(map(str, shape))}]")
-                    n = shp[0]
-                    if n != count:
-                        raise LogitifyError(f"shard {name}: holds {n} examples, manifest says {count}")
-                    for field, kind in (("logdet", "f"), ("keys", "U"), ("labels", "i")):
-                        if small[field].shape != (n,) or small[field].dtype.kind != kind:
-                            raise LogitifyError(f"shard {name}: {field} is {small[field].dtype} "
-                                                f"{list(small[field].shape)}, not one per example ({n})")
-                    for a in range(0, n, rows):
-                        b = min(n, a + rows)
-                        data = _read_exact(f, (b - a) * dims * 4, name, "logits")
-                        yield check_chunk(name, {"logits": np.frombuffer(data, "<f4").reshape((b - a,) + shape),
-                                                 "logdet": small["logdet"][a:b], "keys": small["keys"][a:b],
-                                                 "labels": small["labels"][a:b]}, shape)
+                    if info.header_offset + info.compress_size > size:
+                        raise LogitifyError(f"shard {name}: {field} runs past the end of the file")
+                if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count:
+                    refuse_expanding(name, shape)
+                streams, dtypes = {}, {}
+                for field in FIELDS:
+                    f = streams[field] = stack.enter_context(z.open(field + ".npy"))
+                    shp, dtype = _npy_header(f, name, field)
+                    want = (count,) + shape if field == "logits" else (count,)
+                    if field == "keys":
+                        ok = dtype.kind == "U" and dtype.byteorder in "<=|" and 0 < dtype.itemsize <= 4 * KEY_CHARS_MAX
+                        dtype = dtype.newbyteorder("<") if ok else dtype
+                    else:
+                        ok = dtype == DTYPES[field]
+                    if not ok or tuple(shp) != want:
+                        if field == "logits" and ok and tuple(shp[1:]) == shape and len(shp) == 4:
+                            raise LogitifyError(f"shard {name}: holds {shp[0]} examples, manifest says {count}")
+                        if field == "logits":
+                            raise LogitifyError(f"shard {name}: logits are {dtype} {list(shp)}, "
+                                                f"expected float32 [n, {', '.join(map(str, shape))}]")
+                        raise LogitifyError(f"shard {name}: {field} is {dtype} {list(shp)}, "
+                                            f"not one per example ({count})")
+                    dtypes[field] = dtype
+                step = chunk_rows(shape, extra=4 + 8 + dtypes["keys"].itemsize)
+                step = min(step, rows) if rows else step
+                for a in range(0, count, step):
+                    n = min(count, a + step) - a
+                    out = {}
+                    for field in FIELDS:
+                        dtype = dtypes[field]
+                        per = dtype.itemsize * (dims if field == "logits" else 1)
+                        data = _read_exact(streams[field], n * per, name, field)
+                        arr = np.frombuffer(data, dtype)
+                        out[field] = arr.reshape((n,) + shape) if field == "logits" else arr
+                    yield check_chunk(name, out, shape)
         except LogitifyError:
             raise
-        except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError) as e:
+        except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OverflowError,
+                MemoryError) as e:
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
+
+    def max_bytes(self, shape, count):
+        per_example = 4 * int(np.prod(shape)) + 4 + 8 + 4 * KEY_CHARS_MAX
+        return (1 << 20) + 4 * HEADER_MAX + count * per_example * 101 // 100  # deflate may add a little
 
     def tf_dataset(self, files, shape, compressed):
         """Whole slices of each shard go into the graph, then are split into examples."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import LogitifyError
 from ..tfrecord_io import ExampleWriter, iter_records, parse_example
-from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows
+from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 # TFDS's own file name template; our shard names are this template filled in,
 # so the two can never disagree.
@@ -57,22 +57,28 @@ class TfrecordFormat(ShardFormat):
     template = (TFDS_TEMPLATE.replace("{DATASET}", "{name}").replace("{SPLIT}", "{split}")
                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", "{index:05d}-of-{count:05d}"))
     glob = "*.tfrecord-?????-of-?????"
+    metadata_names = TFDS_FILES
     description = "TFRecord files of tf.train.Example, with TFDS metadata"
 
     def writer(self, out_dir, file, shape, count, compress):
         return TfrecordShardWriter(self, out_dir, file, shape, count, compress)
 
     def read_chunks(self, path, shape, count, compressed, rows=None):
+        """Records a slice at a time; a GZIP shard's records only up to EXPANDING_EXAMPLE_MAX each."""
         name = os.path.basename(path)
         shape = tuple(shape)
         nbytes = 4 * int(np.prod(shape))
-        rows = rows or chunk_rows(shape)
+        if compressed and count:
+            refuse_expanding(name, shape)
+        step = chunk_rows(shape, extra=KEY_BYTES_MAX // 16)
+        step = min(step, rows) if rows else step
         keys, labels, logdet, raw = [], [], [], []
         seen = 0
 
         def chunk():
+            data = raw[0] if len(raw) == 1 else b"".join(raw)  # one large record is not copied again
             out = {
-                "logits": np.frombuffer(b"".join(raw), dtype="<f4").reshape((-1,) + shape),
+                "logits": np.frombuffer(data, dtype="<f4").reshape((-1,) + shape),
                 "logdet": np.array(logdet, dtype=np.float32),
                 "keys": np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
                 "labels": np.array(labels, dtype=np.int64),
@@ -84,31 +90,43 @@ class TfrecordFormat(ShardFormat):
                 if i >= count:
                     raise LogitifyError(f"shard {name}: holds more than the {count} examples the manifest says")
                 ex = parse_example(rec)
+                del rec
                 try:
                     (y,), (ld,), (key,) = ex["logits"], ex["logdet"], ex["key"]
                 except (KeyError, ValueError):
                     raise LogitifyError(f"shard {name}: record {i} lacks logits, logdet or key") from None
                 if not isinstance(y, bytes) or len(y) != nbytes:
-                    raise LogitifyError(f"shard {name}: record {i} has {len(y)} logit bytes, expected {nbytes}")
+                    got = f"{len(y)} logit bytes" if isinstance(y, bytes) else "logits that are not bytes"
+                    raise LogitifyError(f"shard {name}: record {i} has {got}, expected {nbytes} bytes")
+                if not isinstance(key, bytes) or not isinstance(ld, float):
+                    raise LogitifyError(f"shard {name}: record {i} has a key that is not bytes "
+                                        "or a log-det that is not a float")
                 label = ex.get("label") or [-1]
                 if len(label) != 1:
                     raise LogitifyError(f"shard {name}: record {i} has {len(label)} labels, expected one")
+                if not (isinstance(label[0], int) and -(1 << 63) <= label[0] < 1 << 63):
+                    raise LogitifyError(f"shard {name}: record {i} has a label that is not an int64")
                 raw.append(y)
+                del y, ex
                 logdet.append(ld)
                 keys.append(key.decode("utf-8", "surrogatepass"))
                 labels.append(label[0])
                 seen += 1
-                if len(raw) == rows:
+                if len(raw) == step:
                     yield chunk()
                     keys, labels, logdet, raw = [], [], [], []
         except LogitifyError:
             raise
-        except (ValueError, OSError, EOFError, UnicodeDecodeError, TypeError) as e:
+        except (ValueError, OSError, EOFError, UnicodeDecodeError, TypeError, OverflowError, MemoryError) as e:
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
         if seen != count:
             raise LogitifyError(f"shard {name}: holds {seen} examples, manifest says {count}")
         if raw:
             yield chunk()
+
+    def max_bytes(self, shape, count):
+        per_record = 16 + 4 * int(np.prod(shape)) + KEY_BYTES_MAX  # framing, logits, all the rest
+        return (1 << 20) + count * per_record * 101 // 100  # GZIP may add a little
 
     def tf_dataset(self, files, shape, compressed):
         from .._tf import tf as _tf
