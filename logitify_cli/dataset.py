@@ -20,7 +20,7 @@ from . import manifest as manifest_mod
 from .errors import LogitifyError
 from .formats.base import file_sha256
 
-INVERSE_VALUES = 1 << 20  # logits the NumPy inverse takes at a time: 8 MB of float64 temporaries
+INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per float64 temporary
 
 
 class LogitDataset:

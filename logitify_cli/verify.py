@@ -18,12 +18,14 @@ import time
 import numpy as np
 
 from .dataset import LogitDataset
+from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
 from .results import VerifyResult
 
 LOGDET_RTOL = 1e-4
-BLOCK_VALUES = 1 << 20  # logits checked at a time: float64 temporaries of 8 MB
+VERIFY_SLICE_BYTES = 8 << 20  # logits checked (and inverted) at a time
+BLOCK_VALUES = 1 << 18  # logits checked at a time: float64 temporaries of 2 MB
 PROBLEMS_LISTED = 1000  # problems kept and printed by name; more are counted
 HASHES_HELD = 1 << 22  # key hashes held in memory (32 MB) before they go to disk
 BUCKETS = 64
@@ -176,12 +178,13 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
     pixel_digests = [] if want_fp is not None and params.lossless else None
     fp_keys = [] if want_fp is not None else None
     shard_failed = False
+    rows = chunk_rows(ds.shape, VERIFY_SLICE_BYTES)  # each slice is also inverted: smaller than a reader's default
     keys_seen = KeyHashes()
     try:
         with report.bar(ds.num_examples, "verify") as bar:
             for shard in ds.shards:
                 try:
-                    for chunk in ds.iter_chunks(shard, check=True):
+                    for chunk in ds.iter_chunks(shard, check=True, rows=rows):
                         keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
                         finite, ref = check_logits(logits, logdet, params.alpha)
                         for k in keys[~finite]:
