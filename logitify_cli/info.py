@@ -109,6 +109,7 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
                         if len(bucket) < SAMPLES_PER_CLASS:
                             bucket.append((str(key), _thumb(y)))
                 bar.update(len(a["keys"]))
+                del a  # before the next slice is read
             shards_out.append({**shard.to_dict(), "bytes": _size(ds, shard)})
     classes = m.classes
     class_counts = {}

@@ -190,6 +190,7 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
                                 decoded[str(k)] = _digest(img)
                         checked += len(keys)
                         bar.update(len(keys))
+                        del chunk, keys, logits, logdet  # before the next slice is read
                 except LogitifyError as e:
                     problem(shard.file, e.message)
         repeated, repeats = keys_seen.repeated()

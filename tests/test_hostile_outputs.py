@@ -554,6 +554,9 @@ def bombs(tmp_path_factory):
         "npz-key-bomb": lambda d: npz_bomb(d, (1, 1, 1), 100_000, key_chars=4096),
         # one GZIP record that inflates to 1 GiB
         "gzip-record-1GiB": lambda d: gzip_record_bomb(d, (16384, 16384, 1)),
+        # just under what a compressed shard's example may inflate to (128 MiB): read, in bounded memory
+        "npz-at-the-limit": lambda d: npz_bomb(d, (5792, 5792, 1), 3),
+        "gzip-record-at-the-limit": lambda d: gzip_record_bomb(d, (5792, 5792, 1)),
         # an uncompressed record and an uncompressed npz member claiming gigabytes the files do not hold
         "tfrecord-claims-4GiB": lambda d: gzip_record_bomb(d, (32768, 32768, 1), compressed=False),
         "npz-claims-4GiB": lambda d: npz_lying_stored(d, (32768, 32768, 1)),
@@ -563,7 +566,7 @@ def bombs(tmp_path_factory):
     return root
 
 
-BOMB_RESULTS = {"npz-many-examples": 0, "npz-one-huge-example": 1, "npz-header-claims-more": 1,
+BOMB_RESULTS = {"npz-at-the-limit": 0, "gzip-record-at-the-limit": 0, "npz-many-examples": 0, "npz-one-huge-example": 1, "npz-header-claims-more": 1,
                 "npz-key-bomb": None, "gzip-record-1GiB": 1, "tfrecord-claims-4GiB": 1, "npz-claims-4GiB": 1}
 
 
