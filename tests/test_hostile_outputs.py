@@ -625,6 +625,23 @@ def test_a_large_shard_is_read_in_slices(tmp_path, rng):
         assert np.array_equal(z["images"][123], np.asarray(Image.open(tmp_path / "png" / key).convert("RGB")))
 
 
+@pytest.mark.parametrize("held", [1 << 22, 5])
+def test_verify_names_duplicate_keys_from_hashes_in_memory_or_on_disk(cli, keyed, monkeypatch, held):
+    """Keys are remembered as hashes, spilled to disk past a bound; duplicates are still named."""
+    from logitify_cli import verify
+
+    monkeypatch.setattr(verify, "HASHES_HELD", held)
+    keys = [f"k{i}.png" for i in range(40)] + ["k3.png", "k17.png", "k17.png", "a\u00e9\U0001f600.png", "a\u00e9\U0001f600.png"]
+    ds = keyed(keys)
+    r = cli("verify", ds, "--json")
+    assert r.exit_code == 1
+    summary = json.loads(r.stdout)
+    twice = sorted(p["where"] for p in summary["problems"] if p["problem"] == "key appears twice")
+    assert twice == sorted(["k3.png", "k17.png", "k17.png", "a\u00e9\U0001f600.png"])
+    assert summary["num_problems"] == 4
+    assert cli("verify", keyed([f"k{i}.png" for i in range(40)])).exit_code == 0
+
+
 # -- one clear line for every bad input, never a traceback -----------------------------------------
 
 FORGED = "\nlogitify: error: forged\x1b[31m"
