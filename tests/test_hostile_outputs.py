@@ -921,3 +921,14 @@ def test_the_lock_is_gone_after_a_run_that_fails(cli, pics, tmp_path, keyed):
     rc, _, err = run_cli("decode", ds, "-o", out)
     assert rc == 1 and "refused" in err
     assert sorted(os.listdir(out)) == ["in.png"]
+
+
+def test_a_plot_name_that_is_a_folder_is_a_usage_error(cli, pics, tmp_path):
+    from logitify_cli.errors import UsageError
+    from logitify_cli.info import info
+
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    (tmp_path / "p.png").mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        info(str(ds), str(tmp_path / "p.png"))
