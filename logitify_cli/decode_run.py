@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from .dataset import LogitDataset
 from .device import resolve_device
 from .errors import LogitifyError
@@ -61,8 +63,23 @@ def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, dev
     output.begin_shard(index, shard.num_examples, ds.shape)
     for chunk in ds.iter_chunks(shard):
         images = ds.inverse(chunk["logits"], device, batch_size)
-        yield from output.add(index, chunk["keys"], chunk["labels"], images)
+        keys, labels = chunk["keys"], chunk["labels"]
+        del chunk  # the logits: before the next slice is read
+        yield from output.add(index, keys, labels, images)
+        del images, keys, labels
     yield from output.end_shard(index)
+
+
+WINDOW_BYTES = 64 << 20  # pixels in flight to the workers, at the most (but a job per worker)
+
+
+def window(workers: int, shape) -> int:
+    """Jobs in flight: four per worker, fewer when each carries many megabytes of pixels."""
+    from .outputs import PNG_JOB, PNG_JOB_BYTES
+
+    image = max(1, int(np.prod(shape)))
+    job = image * max(1, min(PNG_JOB, PNG_JOB_BYTES // image))
+    return max(workers, min(workers * 4, WINDOW_BYTES // job))
 
 
 def record(done: dict, output) -> int:
@@ -113,7 +130,7 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
                         yield job, job
 
             try:
-                for _, done in pool.imap(output.write, jobs(), window=pool.workers * 4):
+                for _, done in pool.imap(output.write, jobs(), window=window(pool.workers, ds.shape)):
                     written += record(done, output)
                     bar.update(done["images"])
             except LogitifyError as e:

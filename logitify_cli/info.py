@@ -109,6 +109,7 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
                         if len(bucket) < SAMPLES_PER_CLASS:
                             bucket.append((str(key), _thumb(y)))
                 bar.update(len(a["keys"]))
+                del a  # before the next slice is read
             shards_out.append({**shard.to_dict(), "bytes": _size(ds, shard)})
     classes = m.classes
     class_counts = {}
@@ -280,6 +281,8 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
 def info(path: str, plot_path: str | None = None, report=QUIET) -> InfoResult:
     if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
         raise UsageError(f"--plot {plot_path}: name a file ending in {', '.join(PLOT_FORMATS)}")
+    if plot_path and os.path.isdir(plot_path):
+        raise UsageError(f"--plot {plot_path} is a folder: name a file")
     ds, summary, samples, hist, logdets = gather(path, want_samples=plot_path is not None, report=report)
     if plot_path:
         plot(ds, summary, samples, hist, logdets, plot_path)

@@ -205,6 +205,7 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
                                     pixel_digests.append(d)
                         checked += len(keys)
                         bar.update(len(keys))
+                        del chunk, keys, logits, logdet  # before the next slice is read
                 except LogitifyError as e:
                     problem(shard.file, e.message)
                     shard_failed = True

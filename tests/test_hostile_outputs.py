@@ -555,6 +555,9 @@ def bombs(tmp_path_factory):
         "npz-key-bomb": lambda d: npz_bomb(d, (1, 1, 1), 100_000, key_chars=4096),
         # one GZIP record that inflates to 1 GiB
         "gzip-record-1GiB": lambda d: gzip_record_bomb(d, (16384, 16384, 1)),
+        # just under what a compressed shard's example may inflate to (128 MiB): read, in bounded memory
+        "npz-at-the-limit": lambda d: npz_bomb(d, (5792, 5792, 1), 3),
+        "gzip-record-at-the-limit": lambda d: gzip_record_bomb(d, (5792, 5792, 1)),
         # an uncompressed record and an uncompressed npz member claiming gigabytes the files do not hold
         "tfrecord-claims-4GiB": lambda d: gzip_record_bomb(d, (32768, 32768, 1), compressed=False),
         "npz-claims-4GiB": lambda d: npz_lying_stored(d, (32768, 32768, 1)),
@@ -564,7 +567,7 @@ def bombs(tmp_path_factory):
     return root
 
 
-BOMB_RESULTS = {"npz-many-examples": 0, "npz-one-huge-example": 1, "npz-header-claims-more": 1,
+BOMB_RESULTS = {"npz-at-the-limit": 0, "gzip-record-at-the-limit": 0, "npz-many-examples": 0, "npz-one-huge-example": 1, "npz-header-claims-more": 1,
                 "npz-key-bomb": None, "gzip-record-1GiB": 1, "tfrecord-claims-4GiB": 1, "npz-claims-4GiB": 1}
 
 
@@ -621,6 +624,23 @@ def test_a_large_shard_is_read_in_slices(tmp_path, rng):
         assert z["images"].shape == (20_000, 32, 32, 3) and len(set(z["keys"].tolist())) == 20_000
         key = str(z["keys"][123])
         assert np.array_equal(z["images"][123], np.asarray(Image.open(tmp_path / "png" / key).convert("RGB")))
+
+
+@pytest.mark.parametrize("held", [1 << 22, 5])
+def test_verify_names_duplicate_keys_from_hashes_in_memory_or_on_disk(cli, keyed, monkeypatch, held):
+    """Keys are remembered as hashes, spilled to disk past a bound; duplicates are still named."""
+    from logitify_cli import verify
+
+    monkeypatch.setattr(verify, "HASHES_HELD", held)
+    keys = [f"k{i}.png" for i in range(40)] + ["k3.png", "k17.png", "k17.png", "a\u00e9\U0001f600.png", "a\u00e9\U0001f600.png"]
+    ds = keyed(keys)
+    r = cli("verify", ds, "--json")
+    assert r.exit_code == 1
+    summary = json.loads(r.stdout)
+    twice = sorted(p["where"] for p in summary["problems"] if p["problem"] == "key appears twice")
+    assert twice == sorted(["k3.png", "k17.png", "k17.png", "a\u00e9\U0001f600.png"])
+    assert summary["num_problems"] == 4
+    assert cli("verify", keyed([f"k{i}.png" for i in range(40)])).exit_code == 0
 
 
 # -- one clear line for every bad input, never a traceback -----------------------------------------
@@ -902,3 +922,14 @@ def test_the_lock_is_gone_after_a_run_that_fails(cli, pics, tmp_path, keyed):
     rc, _, err = run_cli("decode", ds, "-o", out)
     assert rc == 1 and "refused" in err
     assert sorted(os.listdir(out)) == ["in.png"]
+
+
+def test_a_plot_name_that_is_a_folder_is_a_usage_error(cli, pics, tmp_path):
+    from logitify_cli.errors import UsageError
+    from logitify_cli.info import info
+
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    (tmp_path / "p.png").mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        info(str(ds), str(tmp_path / "p.png"))

@@ -157,10 +157,19 @@ def _npy_header(f, name: str, member: str):
     return shape, dtype
 
 
-def _read_exact(f, n: int, name: str, member: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise LogitifyError(f"shard {name}: {member} is truncated")
+READ_PIECE = 8 << 20
+
+
+def _read_exact(f, n: int, name: str, member: str) -> bytearray:
+    """n bytes of a member, read into one buffer a piece at a time (zipfile's read(n) holds n twice or more)."""
+    data = bytearray(n)
+    view = memoryview(data)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:got + READ_PIECE])
+        if not k:
+            raise LogitifyError(f"shard {name}: {member} is truncated")
+        got += k
     return data
 
 
@@ -204,7 +213,7 @@ class NpzFormat(ShardFormat):
                         raise LogitifyError(f"shard {name}: {field} runs past the end of the file")
                 if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count:
                     refuse_expanding(name, shape)
-                streams, dtypes = {}, {}
+                streams, dtypes, left = {}, {}, {}
                 for field in FIELDS:
                     f = streams[field] = stack.enter_context(z.open(field + ".npy"))
                     shp, dtype = _npy_header(f, name, field)
@@ -223,6 +232,7 @@ class NpzFormat(ShardFormat):
                         raise LogitifyError(f"shard {name}: {field} is {dtype} {list(shp)}, "
                                             f"not one per example ({count})")
                     dtypes[field] = dtype
+                    left[field] = members[field + ".npy"].file_size - f.tell()
                 step = chunk_rows(shape, extra=4 + 8 + dtypes["keys"].itemsize)
                 step = min(step, rows) if rows else step
                 for a in range(0, count, step):
@@ -231,10 +241,14 @@ class NpzFormat(ShardFormat):
                     for field in FIELDS:
                         dtype = dtypes[field]
                         per = dtype.itemsize * (dims if field == "logits" else 1)
+                        if n * per > left[field]:  # the member ends first: no buffer for what is not there
+                            raise LogitifyError(f"shard {name}: {field} is truncated")
+                        left[field] -= n * per
                         data = _read_exact(streams[field], n * per, name, field)
                         arr = np.frombuffer(data, dtype)
                         out[field] = arr.reshape((n,) + shape) if field == "logits" else arr
                     yield check_chunk(name, out, shape)
+                    del out, data, arr  # before the next slice is read: one at a time
         except LogitifyError:
             raise
         except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OverflowError,

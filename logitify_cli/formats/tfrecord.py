@@ -7,12 +7,14 @@ Features: `logits` (raw little-endian float32 bytes, HWC), `logdet` (float),
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 
 import numpy as np
 
 from ..errors import LogitifyError
-from ..tfrecord_io import ExampleWriter, iter_records, parse_example
+from ..tfrecord_io import ExampleWriter
 from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 # TFDS's own file name template; our shard names are this template filled in,
@@ -20,6 +22,145 @@ from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expa
 TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 KEY_BYTES_MAX = 16384  # a record's key, label and log-det take far less
 TFDS_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
+READ_PIECE = 8 << 20  # a record is read into its buffer this much at a time
+
+
+# -- reading back, in the memory of one record ---------------------------------------------------
+#
+# A record is read into one buffer, in pieces (gzip's read() of 128 MB at once
+# costs several times that), and parsed through memoryviews, so the logits
+# are never copied out of it: protobuf objects, or slicing bytes at each
+# level of an Example, held five copies of a record's logits at once.
+
+def _records(path: str, compressed: bool, max_length: int):
+    """Memoryviews of the records of a TFRecord file, each checked to fit before it is read."""
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as f:
+        left = None if compressed else os.fstat(f.fileno()).st_size
+        index = 0
+        while True:
+            head = f.read(12)
+            if not head:
+                return
+            if len(head) < 12:
+                raise ValueError(f"record {index}: truncated header")
+            (n,) = struct.unpack("<Q", head[:8])
+            if n > max_length:
+                raise ValueError(f"record {index}: length {n} is more than a record here can hold ({max_length})")
+            if left is not None:
+                left -= 12
+                if n + 4 > left:
+                    raise ValueError(f"record {index}: length {n} runs past the end of the file")
+                left -= n + 4
+            view = memoryview(bytearray(n))
+            got = 0
+            while got < n:
+                k = f.readinto(view[got:got + READ_PIECE])
+                if not k:
+                    raise ValueError(f"record {index}: truncated")
+                got += k
+            if len(f.read(4)) < 4:
+                raise ValueError(f"record {index}: truncated")
+            yield view
+            del view  # before the next record's buffer is made: one at a time
+            index += 1
+
+
+def _varint(b, i: int):
+    shift = result = 0
+    while True:
+        if i >= len(b):
+            raise ValueError("truncated varint")
+        byte = b[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(b):
+    """(field number, wire type, value) of one protobuf message; values are views into b, or ints."""
+    i, n = 0, len(b)
+    while i < n:
+        tag, i = _varint(b, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            v, i = _varint(b, i)
+        elif wire in (1, 5):
+            k = 8 if wire == 1 else 4
+            v, i = b[i:i + k], i + k
+        elif wire == 2:
+            k, i = _varint(b, i)
+            v, i = b[i:i + k], i + k
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if i > n:
+            raise ValueError("truncated field")
+        yield field, wire, v
+
+
+def _features(record) -> dict:
+    """{name: Feature message view} of a serialized tf.train.Example."""
+    out = {}
+    for f, w, features in _fields(record):
+        if f != 1 or w != 2:
+            continue
+        for f2, w2, entry in _fields(features):
+            if f2 != 1 or w2 != 2:
+                continue
+            name, value = None, memoryview(b"")
+            for f3, w3, v in _fields(entry):
+                if f3 == 1 and w3 == 2:
+                    name = bytes(v)
+                elif f3 == 2 and w3 == 2:
+                    value = v
+            if name is not None:
+                out[name] = value
+    return out
+
+
+def _first(feature):
+    """(kind, how many values up to 2, the first value) of a Feature: kind 1 bytes, 2 float, 3 int64.
+
+    Values are counted, never gathered: a list of millions costs nothing.
+    """
+    kind, count, first = None, 0, None
+    for k, w, lst in _fields(feature):
+        if w != 2 or k not in (1, 2, 3):
+            continue
+        kind, count, first = k, 0, None  # a oneof: the last one set counts
+        for f, w2, v in _fields(lst):
+            if f != 1 or count >= 2:
+                continue
+            if k == 1 and w2 == 2:
+                values = [v]
+            elif k == 2 and w2 == 5:
+                values = [struct.unpack("<f", v)[0]]
+            elif k == 2 and w2 == 2:
+                if len(v) % 4:
+                    raise ValueError("a packed float list of odd length")
+                values = [struct.unpack_from("<f", v, j)[0] for j in range(0, min(len(v), 8), 4)]
+            elif k == 3 and w2 == 0:
+                values = [v]
+            elif k == 3 and w2 == 2:
+                values, j = [], 0
+                while j < len(v) and len(values) < 2:
+                    x, j = _varint(v, j)
+                    values.append(x)
+            else:
+                continue
+            if first is None and values:
+                first = values[0]
+            count += len(values)
+    if kind == 3 and first is not None:
+        first &= (1 << 64) - 1  # int64 on the wire: two's complement in ten bytes at most
+        if first >= 1 << 63:
+            first -= 1 << 64
+    return kind, min(count, 2), first
+
 
 
 class TfrecordShardWriter(ShardWriter):
@@ -76,9 +217,14 @@ class TfrecordFormat(ShardFormat):
         seen = 0
 
         def chunk():
-            data = raw[0] if len(raw) == 1 else b"".join(raw)  # one large record is not copied again
+            if len(raw) == 1:  # one large record: its logits are used where they lie in its buffer
+                logits = np.frombuffer(raw[0], dtype="<f4").reshape((1,) + shape)
+            else:
+                logits = np.empty((len(raw),) + shape, "<f4")
+                for j, y in enumerate(raw):
+                    logits[j] = np.frombuffer(y, dtype="<f4").reshape(shape)
             out = {
-                "logits": np.frombuffer(data, dtype="<f4").reshape((-1,) + shape),
+                "logits": logits,
                 "logdet": np.array(logdet, dtype=np.float32),
                 "keys": np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
                 "labels": np.array(labels, dtype=np.int64),
@@ -86,31 +232,30 @@ class TfrecordFormat(ShardFormat):
             return check_chunk(name, out, shape)
 
         try:
-            for i, rec in enumerate(iter_records(path, compressed, max_length=nbytes + KEY_BYTES_MAX)):
+            for i, rec in enumerate(_records(path, compressed, max_length=nbytes + KEY_BYTES_MAX)):
                 if i >= count:
                     raise LogitifyError(f"shard {name}: holds more than the {count} examples the manifest says")
-                ex = parse_example(rec)
-                del rec
-                try:
-                    (y,), (ld,), (key,) = ex["logits"], ex["logdet"], ex["key"]
-                except (KeyError, ValueError):
-                    raise LogitifyError(f"shard {name}: record {i} lacks logits, logdet or key") from None
-                if not isinstance(y, bytes) or len(y) != nbytes:
-                    got = f"{len(y)} logit bytes" if isinstance(y, bytes) else "logits that are not bytes"
-                    raise LogitifyError(f"shard {name}: record {i} has {got}, expected {nbytes} bytes")
-                if not isinstance(key, bytes) or not isinstance(ld, float):
-                    raise LogitifyError(f"shard {name}: record {i} has a key that is not bytes "
-                                        "or a log-det that is not a float")
-                label = ex.get("label") or [-1]
-                if len(label) != 1:
-                    raise LogitifyError(f"shard {name}: record {i} has {len(label)} labels, expected one")
-                if not (isinstance(label[0], int) and -(1 << 63) <= label[0] < 1 << 63):
-                    raise LogitifyError(f"shard {name}: record {i} has a label that is not an int64")
+                feats = _features(rec)
+                if not all(k in feats for k in (b"logits", b"logdet", b"key")):
+                    raise LogitifyError(f"shard {name}: record {i} lacks logits, logdet or key")
+                kinds = {k: _first(feats[k]) for k in (b"logits", b"logdet", b"key")}
+                (yk, yn, y), (dk, dn, ld), (kk, kn, key) = kinds[b"logits"], kinds[b"logdet"], kinds[b"key"]
+                if (yk, yn, dk, dn, kk, kn) != (1, 1, 2, 1, 1, 1):
+                    raise LogitifyError(f"shard {name}: record {i} does not hold one logits bytes, one float "
+                                        "log-det and one bytes key")
+                if len(y) != nbytes:
+                    raise LogitifyError(f"shard {name}: record {i} has {len(y)} logit bytes, expected {nbytes}")
+                lk, ln, lab = _first(feats[b"label"]) if b"label" in feats else (None, 0, None)
+                if ln == 0:
+                    lab = -1  # an empty label list: no label
+                elif ln != 1 or lk != 3:
+                    raise LogitifyError(f"shard {name}: record {i} has {'two or more' if ln > 1 else 'a'} "
+                                        f"{'labels' if ln > 1 else 'label that is not an int64'}, expected one int64")
                 raw.append(y)
-                del y, ex
+                del y, feats, kinds, rec
                 logdet.append(ld)
-                keys.append(key.decode("utf-8", "surrogatepass"))
-                labels.append(label[0])
+                keys.append(bytes(key).decode("utf-8", "surrogatepass"))
+                labels.append(lab)
                 seen += 1
                 if len(raw) == step:
                     yield chunk()
