@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -208,10 +209,41 @@ class NpzFormat(ShardFormat):
                         if small[field].shape != (n,) or small[field].dtype.kind != kind:
                             raise LogitifyError(f"shard {name}: {field} is {small[field].dtype} "
                                                 f"{list(small[field].shape)}, not one per example ({n})")
+                    info, head, nbytes = members["logits.npy"], f.tell(), dims * 4
+                    if (info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1
+                            or head + n * nbytes > min(info.file_size, info.compress_size)):
+                        for a in range(0, n, rows):
+                            b = min(n, a + rows)
+                            data = _read_exact(f, (b - a) * nbytes, name, "logits")
+                            yield check_chunk(name, {"logits": np.frombuffer(data, "<f4").reshape((b - a,) + shape),
+                                                     "logdet": small["logdet"][a:b], "keys": small["keys"][a:b],
+                                                     "labels": small["labels"][a:b]}, shape)
+                        return
+                # A stored member (the usual case) is read straight from the file into each slice's
+                # array: one copy, no zipfile buffers. The CRC is checked as zipfile checks it, when
+                # the member has been read to its end, before the last slice is handed over.
+                with open(path, "rb", buffering=0) as raw:
+                    raw.seek(info.header_offset)
+                    local = _read_exact(raw, 30, name, "logits")  # z.open() has checked this header
+                    raw.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                             + int.from_bytes(local[28:30], "little"))
+                    crc = zlib.crc32(_read_exact(raw, head, name, "logits"))
+                    whole = head + n * nbytes == info.file_size
                     for a in range(0, n, rows):
                         b = min(n, a + rows)
-                        data = _read_exact(f, (b - a) * dims * 4, name, "logits")
-                        yield check_chunk(name, {"logits": np.frombuffer(data, "<f4").reshape((b - a,) + shape),
+                        # 64-byte aligned, so TensorFlow can take the buffer as it is
+                        buf = np.empty((b - a) * nbytes + 64, np.uint8)
+                        buf = buf[-buf.ctypes.data % 64:][:(b - a) * nbytes]
+                        view, got = memoryview(buf), 0
+                        while got < len(buf):
+                            step = raw.readinto(view[got:])
+                            if not step:
+                                raise LogitifyError(f"shard {name}: logits is truncated")
+                            got += step
+                        crc = zlib.crc32(buf, crc)
+                        if b == n and whole and crc != info.CRC:
+                            raise LogitifyError(f"shard {name}: unreadable (Bad CRC-32 for file 'logits.npy')")
+                        yield check_chunk(name, {"logits": buf.view("<f4").reshape((b - a,) + shape),
                                                  "logdet": small["logdet"][a:b], "keys": small["keys"][a:b],
                                                  "labels": small["labels"][a:b]}, shape)
         except LogitifyError:
