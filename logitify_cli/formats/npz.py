@@ -21,6 +21,7 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 FIELDS = ("logits", "logdet", "keys", "labels")
 HEADER_MAX = 4096  # an .npy header is at most a few hundred bytes
 KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
+TF_SLICE_BYTES = 16 << 20  # logits per slice tf_dataset hands to the graph
 
 
 class HashingWriter:
@@ -251,31 +252,49 @@ class NpzFormat(ShardFormat):
         except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError) as e:
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
 
-    def tf_dataset(self, files, shape, compressed):
-        """Whole slices of each shard go into the graph, then are split into examples."""
+    def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
+        """Whole slices of each shard go into the graph, then are split into examples.
+
+        batched=True hands over the slices themselves (dicts of [n, ...] tensors,
+        n <= rows, about TF_SLICE_BYTES of logits unless `rows` says), for callers
+        that work on whole slices and unbatch last; `fields` names the components
+        wanted (default all four), so a key is encoded only when asked for.
+        """
         from .._tf import tf as _tf
 
         tf = _tf()
         h, w, c = shape
         counts = list(files.values()) if isinstance(files, dict) else None
         paths = list(files)
+        fields = tuple(fields or ("logits", "logdet", "key", "label"))
+        rows = rows or chunk_rows(shape, TF_SLICE_BYTES)
         fmt = self
+
+        def utf8(keys):
+            if not len(keys):
+                return np.zeros(0, "S1")
+            try:
+                return keys.astype("S")  # plain ASCII keys (most), in one C loop
+            except UnicodeEncodeError:
+                return np.char.encode(keys, "utf-8", "surrogatepass")
+
+        take = {"logits": lambda d: d["logits"], "logdet": lambda d: d["logdet"],
+                "key": lambda d: utf8(d["keys"]), "label": lambda d: d["labels"]}
 
         def gen():
             for i, path in enumerate(paths):
                 count = counts[i] if counts else _count_npz(path)
-                for d in fmt.read_chunks(path, shape, count, compressed, rows=4096):
-                    yield {"logits": d["logits"], "logdet": d["logdet"],
-                           "key": np.char.encode(d["keys"], "utf-8", "surrogatepass") if len(d["keys"]) else np.zeros(0, "S1"),
-                           "label": d["labels"]}
+                for d in fmt.read_chunks(path, shape, count, compressed, rows=rows):
+                    yield {f: take[f](d) for f in fields}
 
-        sig = {
+        spec = {
             "logits": tf.TensorSpec([None, h, w, c], tf.float32),
             "logdet": tf.TensorSpec([None], tf.float32),
             "key": tf.TensorSpec([None], tf.string),
             "label": tf.TensorSpec([None], tf.int64),
         }
-        return tf.data.Dataset.from_generator(gen, output_signature=sig).unbatch()
+        ds = tf.data.Dataset.from_generator(gen, output_signature={f: spec[f] for f in fields})
+        return ds if batched else ds.unbatch()
 
 
 def _count_npz(path: str) -> int:

@@ -20,6 +20,7 @@ from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows
 TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 KEY_BYTES_MAX = 16384  # a record's key, label and log-det take far less
 TFDS_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
+TF_PARSE_BATCH = 1024  # records tf_dataset parses at a time
 
 
 class TfrecordShardWriter(ShardWriter):
@@ -110,11 +111,19 @@ class TfrecordFormat(ShardFormat):
         if raw:
             yield chunk()
 
-    def tf_dataset(self, files, shape, compressed):
+    def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
+        """Records read by tf.data, parsed a batch at a time, then split into examples.
+
+        batched=True hands over the parsed batches (dicts of [n, ...] tensors,
+        n <= rows, TF_PARSE_BATCH unless `rows` says), for callers that work on
+        whole batches and unbatch last; `fields` names the components wanted
+        (default all four). Shards are read one after the other, in order.
+        """
         from .._tf import tf as _tf
 
         tf = _tf()
         h, w, c = shape
+        fields = tuple(fields or ("logits", "logdet", "key", "label"))
         ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP" if compressed else "")
         spec = {
             "logits": tf.io.FixedLenFeature([], tf.string),
@@ -122,14 +131,18 @@ class TfrecordFormat(ShardFormat):
             "key": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
         }
+        spec = {f: spec[f] for f in fields}
 
         def parse(recs):
             ex = tf.io.parse_example(recs, spec)
-            y = tf.reshape(tf.io.decode_raw(ex["logits"], tf.float32, little_endian=True), [-1, h, w, c])
-            return {"logits": y, "logdet": ex["logdet"], "key": ex["key"], "label": ex["label"]}
+            if "logits" in ex:
+                ex["logits"] = tf.reshape(tf.io.decode_raw(ex["logits"], tf.float32, little_endian=True),
+                                          [-1, h, w, c])
+            return ex
 
         # Parsing a batch of records at once costs about as much as parsing one.
-        return ds.batch(256).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        ds = ds.batch(rows or TF_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds if batched else ds.unbatch()
 
     def metadata_files(self, manifest):
         if manifest.compressed:
