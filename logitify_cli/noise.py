@@ -16,10 +16,9 @@ interleave order or which reader reads which shard.
 from __future__ import annotations
 
 from .errors import LogitifyError
-from .transform import DRAW_DOMAIN, EPOCH_DOMAIN, LogitTransform, image_seeds, rekey_seeds_tf
+from .transform import DRAW_DOMAIN, EPOCH_DOMAIN, LogitTransform, key_seeds, rekey_seeds_tf
 
 BATCH = 512  # images (or images x draws) per compiled call
-ROWS = 4096  # examples per slice read from a shard
 
 
 def check_refreshable(params, where: str = "this dataset") -> None:
@@ -57,31 +56,47 @@ def _select_shards(ds, shards):
     return out
 
 
-def _slices(ds, shards, tf):
-    """Batched dicts (logits, logdet, key, label, seeds), a shard slice at a time, from any format."""
+def _slices(ds, shards, tf, fields, rows):
+    """Dicts of [n, ...] tensors (n <= rows) with the given fields, from any format.
+
+    A format whose tf_dataset hands over slices (batched=True) is read that
+    way; any other is read with its read_chunks.
+    """
+    from .dataset import takes_slices
+
+    files = {ds.shard_path(s): s.num_examples for s in shards}
+    fmt, compressed = ds.format, ds.manifest.compressed
+    if takes_slices(fmt):
+        return fmt.tf_dataset(files, ds.shape, compressed, batched=True, fields=fields, rows=rows)
     import numpy as np
 
     h, w, c = ds.shape
-    seed = ds.params.seed
-    fmt, compressed = ds.format, ds.manifest.compressed
-    entries = [(ds.shard_path(s), s.num_examples) for s in shards]
 
     def gen():
-        for path, count in entries:
-            for d in fmt.read_chunks(path, ds.shape, count, compressed, rows=ROWS):
+        for path, count in files.items():
+            for d in fmt.read_chunks(path, ds.shape, count, compressed, rows=rows):
                 keys = d["keys"]
-                yield {"logits": d["logits"], "logdet": d["logdet"],
-                       "key": np.char.encode(keys, "utf-8", "surrogatepass") if len(keys) else np.zeros(0, "S1"),
-                       "label": d["labels"], "seeds": image_seeds(seed, keys)}
+                yield {"logits": d["logits"], "label": d["labels"],
+                       "key": np.char.encode(keys, "utf-8", "surrogatepass") if len(keys) else np.zeros(0, "S1")}
 
-    sig = {
-        "logits": tf.TensorSpec([None, h, w, c], tf.float32),
-        "logdet": tf.TensorSpec([None], tf.float32),
-        "key": tf.TensorSpec([None], tf.string),
-        "label": tf.TensorSpec([None], tf.int64),
-        "seeds": tf.TensorSpec([None, 2], tf.uint32),
-    }
-    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+    spec = {"logits": tf.TensorSpec([None, h, w, c], tf.float32), "key": tf.TensorSpec([None], tf.string),
+            "label": tf.TensorSpec([None], tf.int64)}
+    return tf.data.Dataset.from_generator(gen, output_signature=spec).map(lambda ex: {f: ex[f] for f in fields})
+
+
+_PROGRAMS = {}
+
+
+def _programs(params, shape):
+    """(forward, inverse) graph functions, one pair per (params, shape) in a process.
+
+    Every epoch's dataset then calls the same functions, and XLA compiles
+    them once, not once per call of load().
+    """
+    key = (params, tuple(shape))
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = LogitTransform(params, shape).graph_functions()
+    return _PROGRAMS[key]
 
 
 def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | None = None,
@@ -111,10 +126,14 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
             raise LogitifyError("draws are for evaluation and have their own noise: give draws or epoch/epochs, "
                                 "not both")
     h, w, c = ds.shape
-    forward, inverse = LogitTransform(ds.params, ds.shape).graph_functions()
+    forward, inverse = _programs(ds.params, ds.shape)
     k = draws or 1
     rows = max(1, int(batch_size) // k)
-    source = _slices(ds, _select_shards(ds, shards), tf).rebatch(rows)
+    seed = ds.params.seed
+    fields = ("logits", "key") + (("label",) if with_labels else ())
+    # Slices of at most `rows` examples, each padded to `rows` in the graph: one compiled
+    # program, and no re-batching of single images before it.
+    source = _slices(ds, _select_shards(ds, shards), tf, fields, rows)
 
     def pick(ex, y, logdet):
         out = (y, logdet)
@@ -124,11 +143,15 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
             out += (ex["label"],)
         return out
 
+    def seed_words(keys):
+        return key_seeds(seed, keys)
+
     def padded(ex):
-        # Every call sees `rows` images: one compiled program, whatever the slice.
+        # The seed words encode used (blake2b of each key), once per slice in NumPy.
+        seeds = tf.numpy_function(seed_words, [ex["key"]], tf.uint32, stateful=False)
         n = tf.shape(ex["logits"])[0]
         y = tf.pad(ex["logits"], [[0, rows - n], [0, 0], [0, 0], [0, 0]])
-        s = tf.pad(ex["seeds"], [[0, rows - n], [0, 0]])
+        s = tf.reshape(tf.pad(seeds, [[0, rows - n], [0, 0]]), [rows, 2])
         return n, inverse(y), s
 
     def renoise(ex, e):

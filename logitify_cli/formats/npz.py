@@ -23,6 +23,7 @@ HEADER_MAX = 4096  # an .npy header is at most a few hundred bytes
 KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
 # The dtype each member must have: what the writer writes, nothing a reader must convert.
 DTYPES = {"logits": np.dtype("<f4"), "logdet": np.dtype("<f4"), "labels": np.dtype("<i8")}
+TF_SLICE_BYTES = 16 << 20  # logits per slice tf_dataset hands to the graph
 
 
 class HashingWriter:
@@ -259,31 +260,49 @@ class NpzFormat(ShardFormat):
         per_example = 4 * int(np.prod(shape)) + 4 + 8 + 4 * KEY_CHARS_MAX
         return (1 << 20) + 4 * HEADER_MAX + count * per_example * 101 // 100  # deflate may add a little
 
-    def tf_dataset(self, files, shape, compressed):
-        """Whole slices of each shard go into the graph, then are split into examples."""
+    def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
+        """Whole slices of each shard go into the graph, then are split into examples.
+
+        batched=True hands over the slices themselves (dicts of [n, ...] tensors,
+        n <= rows, about TF_SLICE_BYTES of logits unless `rows` says), for callers
+        that work on whole slices and unbatch last; `fields` names the components
+        wanted (default all four), so a key is encoded only when asked for.
+        """
         from .._tf import tf as _tf
 
         tf = _tf()
         h, w, c = shape
         counts = list(files.values()) if isinstance(files, dict) else None
         paths = list(files)
+        fields = tuple(fields or ("logits", "logdet", "key", "label"))
+        rows = rows or chunk_rows(shape, TF_SLICE_BYTES)
         fmt = self
+
+        def utf8(keys):
+            if not len(keys):
+                return np.zeros(0, "S1")
+            try:
+                return keys.astype("S")  # plain ASCII keys (most), in one C loop
+            except UnicodeEncodeError:
+                return np.char.encode(keys, "utf-8", "surrogatepass")
+
+        take = {"logits": lambda d: d["logits"], "logdet": lambda d: d["logdet"],
+                "key": lambda d: utf8(d["keys"]), "label": lambda d: d["labels"]}
 
         def gen():
             for i, path in enumerate(paths):
                 count = counts[i] if counts else _count_npz(path)
-                for d in fmt.read_chunks(path, shape, count, compressed, rows=4096):
-                    yield {"logits": d["logits"], "logdet": d["logdet"],
-                           "key": np.char.encode(d["keys"], "utf-8", "surrogatepass") if len(d["keys"]) else np.zeros(0, "S1"),
-                           "label": d["labels"]}
+                for d in fmt.read_chunks(path, shape, count, compressed, rows=rows):
+                    yield {f: take[f](d) for f in fields}
 
-        sig = {
+        spec = {
             "logits": tf.TensorSpec([None, h, w, c], tf.float32),
             "logdet": tf.TensorSpec([None], tf.float32),
             "key": tf.TensorSpec([None], tf.string),
             "label": tf.TensorSpec([None], tf.int64),
         }
-        return tf.data.Dataset.from_generator(gen, output_signature=sig).unbatch()
+        ds = tf.data.Dataset.from_generator(gen, output_signature={f: spec[f] for f in fields})
+        return ds if batched else ds.unbatch()
 
 
 def _count_npz(path: str) -> int:

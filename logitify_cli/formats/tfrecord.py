@@ -162,6 +162,8 @@ def _first(feature):
     return kind, min(count, 2), first
 
 
+TF_PARSE_BATCH = 1024  # records tf_dataset parses at a time
+
 
 class TfrecordShardWriter(ShardWriter):
     def __init__(self, *args, **kwargs):
@@ -273,11 +275,19 @@ class TfrecordFormat(ShardFormat):
         per_record = 16 + 4 * int(np.prod(shape)) + KEY_BYTES_MAX  # framing, logits, all the rest
         return (1 << 20) + count * per_record * 101 // 100  # GZIP may add a little
 
-    def tf_dataset(self, files, shape, compressed):
+    def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
+        """Records read by tf.data, parsed a batch at a time, then split into examples.
+
+        batched=True hands over the parsed batches (dicts of [n, ...] tensors,
+        n <= rows, TF_PARSE_BATCH unless `rows` says), for callers that work on
+        whole batches and unbatch last; `fields` names the components wanted
+        (default all four). Shards are read one after the other, in order.
+        """
         from .._tf import tf as _tf
 
         tf = _tf()
         h, w, c = shape
+        fields = tuple(fields or ("logits", "logdet", "key", "label"))
         ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP" if compressed else "")
         spec = {
             "logits": tf.io.FixedLenFeature([], tf.string),
@@ -285,14 +295,18 @@ class TfrecordFormat(ShardFormat):
             "key": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
         }
+        spec = {f: spec[f] for f in fields}
 
         def parse(recs):
             ex = tf.io.parse_example(recs, spec)
-            y = tf.reshape(tf.io.decode_raw(ex["logits"], tf.float32, little_endian=True), [-1, h, w, c])
-            return {"logits": y, "logdet": ex["logdet"], "key": ex["key"], "label": ex["label"]}
+            if "logits" in ex:
+                ex["logits"] = tf.reshape(tf.io.decode_raw(ex["logits"], tf.float32, little_endian=True),
+                                          [-1, h, w, c])
+            return ex
 
         # Parsing a batch of records at once costs about as much as parsing one.
-        return ds.batch(256).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        ds = ds.batch(rows or TF_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds if batched else ds.unbatch()
 
     def metadata_files(self, manifest):
         if manifest.compressed:
