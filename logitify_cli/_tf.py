@@ -21,6 +21,11 @@ _KERAS_EAGER = "keras.src.optimizers"
 _lock = threading.RLock()
 
 
+def loaded() -> bool:
+    """Whether TensorFlow has been imported through tf() in this process."""
+    return _tf is not None
+
+
 def tf():
     """Return the tensorflow module, importing it on first use (other threads wait)."""
     if _tf is not None:

@@ -432,7 +432,7 @@ def entry(argv=None):
         code = e.code
     from . import _tf
 
-    if _tf._tf is None:
+    if not _tf.loaded():
         sys.exit(code)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)

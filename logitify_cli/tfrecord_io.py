@@ -6,11 +6,10 @@ ExampleWriter lays out the same bytes that
 Example.SerializeToString(deterministic=True) gives (tests/test_tfrecord.py
 checks this on generated examples), so the shards' sha256 is unchanged.
 
-Reading: decode, info and verify read shards whose sha256 the manifest
-vouches for, so the per-record data CRCs add nothing; the input reader's
-framing (records.read_records, lengths checked before anything is
-allocated) and a small reader of the protobuf wire format let them start
-instantly. Anything malformed raises ValueError.
+Reading: parse_example is a small reader of the same wire format, a
+reference the tests read written examples back with (shards themselves are
+read by formats/tfrecord.py, in place, a record at a time). Anything
+malformed raises ValueError.
 """
 from __future__ import annotations
 
@@ -64,20 +63,6 @@ class ExampleWriter:
                 + _map_entry(b"logdet", _field(b"\x12", _field(b"\x0a", logdet))))  # float_list = 2, packed
         size = len(head) + len(self._logits_head) + self.logits_nbytes
         return b"".join((b"\x0a", _uvarint(size), head, self._logits_head, logits))  # Example.features = 1
-
-
-def iter_records(path: str, compressed: bool, max_length: int = 1 << 31):
-    """The records of one of our shards; ValueError where the framing is broken.
-
-    The framing is checked as for inputs (a length is trusted only once its
-    checksum matches and it fits in the file, and never beyond `max_length`),
-    so a hostile shard cannot make this allocate what it does not hold; the
-    data checksums are skipped (the shard's sha256 vouches for them).
-    """
-    from .records import read_records
-
-    yield from read_records(path, "GZIP" if compressed else "", check_data=False,
-                            max_record_bytes=max_length, bound_inflated=False)
 
 
 def _varint(b: bytes, i: int):
