@@ -20,7 +20,7 @@ from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows
 TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 KEY_BYTES_MAX = 16384  # a record's key, label and log-det take far less
 TFDS_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
-TF_PARSE_BATCH = 1024  # records tf_dataset parses at a time
+TF_PARSE_BATCH = 256  # records tf_dataset parses at a time
 
 
 class TfrecordShardWriter(ShardWriter):
