@@ -162,7 +162,7 @@ def _first(feature):
     return kind, min(count, 2), first
 
 
-TF_PARSE_BATCH = 1024  # records tf_dataset parses at a time
+TF_PARSE_BATCH = 256  # records tf_dataset parses at a time
 
 
 class TfrecordShardWriter(ShardWriter):
