@@ -72,7 +72,8 @@ def main() -> None:
     gray = os.path.join(work, "gray")
     if not os.path.isdir(gray):
         build(gray, 0, 24, seed=12, gray=60)
-    inputs = {"corpus": [src], "records": [os.path.join(work, "records.tfrecord")], "gray": [gray]}
+    # Relative to the work folder, so keys (and so the noise) do not depend on where it lies.
+    inputs = {"corpus": ["corpus"], "records": ["records.tfrecord"], "gray": ["gray"]}
     lines = []
     for input_name, paths in inputs.items():
         for run, extra in RUNS.items():
@@ -81,7 +82,8 @@ def main() -> None:
             out = os.path.join(work, f"out-{input_name}-{run}")
             cmd = [sys.executable, "-m", "logitify_cli", "encode", *paths, "-o", out, "-q", "--overwrite",
                    "--json", *extra]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=work,
+                               env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")})
             if r.returncode != 0:
                 lines.append({"input": input_name, "run": run, "error": r.stderr.strip()[-300:]})
                 continue
