@@ -31,6 +31,14 @@ def _size(ctx, param, value):
     return h, w
 
 
+def _split_name(value):
+    from .manifest import SPLIT_NAME
+
+    if not SPLIT_NAME.match(value):
+        raise click.BadParameter(f"{value!r}: a split name is letters, digits and _ (at most 64)")
+    return value
+
+
 def _crop(ctx, param, value):
     if value is None:
         return None
@@ -240,7 +248,11 @@ def main():
 @click.option("--image-key", default="image", show_default=True, help="Feature holding encoded images in TFRecord inputs.")
 @click.option("--label-key", default="label", show_default=True, help="int64 label feature in TFRecord inputs.")
 @click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
-@click.option("--split", default="train", show_default=True, help="Split name used in shard names.")
+@click.option("--split", default="train", show_default=True, callback=lambda c, p, v: _split_name(v),
+              help="Split to make; into a folder holding a dataset of other splits, it adds this one "
+                   "(with --overwrite it replaces only this one).")
+@click.option("--holdout", metavar="FRACTION:NAME", default=None,
+              help="Send this share of the inputs to a second split, by a hash of (seed, key), e.g. 0.1:test.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="What an unreadable input does: skipped and listed, or stops the run.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
@@ -253,7 +265,7 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
+           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
            overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
@@ -275,6 +287,12 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if holdout is not None:
+        from .splits import parse_holdout
+
+        holdout = parse_holdout(holdout)
+        if holdout[1] == split:
+            raise UsageError(f"--holdout names the split {split!r} this run already makes; name another")
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
@@ -300,7 +318,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
-        name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
+        name=name, split=split, holdout=holdout, on_error=on_error, resume=resume, overwrite=overwrite,
         resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
     )
     if max_pixels:

@@ -24,9 +24,14 @@ INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per f
 
 
 class LogitDataset:
-    """A dataset folder written by `logitify encode`, here or in a bucket."""
+    """One split of a dataset folder written by `logitify encode`, here or in a bucket.
 
-    def __init__(self, path: str):
+    `split` may be left out when the dataset has one split; with several,
+    it must be named (LogitifyError lists them): reading "the dataset" then
+    has no single meaning, and a silent choice would mix up train and test.
+    """
+
+    def __init__(self, path: str, split: str | None = None):
         self.path = path
         self.remote = fs.is_remote(path)
         if self.remote:
@@ -36,10 +41,13 @@ class LogitDataset:
             except OSError as e:
                 raise LogitifyError(f"{path}: cannot read {manifest_mod.MANIFEST}: {e}") from None
             self.manifest = manifest_mod.parse(data, where)
+            self.manifest.folder = path
             self.root = path.rstrip("/")
         else:
             self.manifest = manifest_mod.read(path)
             self.root = self.manifest.folder
+        self.manifest = self.manifest.select(split)
+        self.split = self.manifest.split
         self.params = self.manifest.params
         self.shape = tuple(self.manifest.shape)
         self.format = self.manifest.shard_format()
@@ -187,7 +195,7 @@ def takes_slices(fmt) -> bool:
 
 
 def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: str = "stored",
-         epoch: int = 0, epochs: int | None = None, draws: int | None = None, shards=None):
+         epoch: int = 0, epochs: int | None = None, draws: int | None = None, shards=None, split: str | None = None):
     """tf.data.Dataset of (logits, logdet[, key][, label]) from a logitify folder.
 
     noise="stored" gives the logits on disk. noise="fresh" redraws the
@@ -195,8 +203,9 @@ def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: s
     is the stored one, bit for bit), `epochs=N` runs N epochs in a row from
     `epoch`, `draws=K` gives K evaluation draws per image (logits
     [K,H,W,C], log-dets [K]). `shards` (fresh only) reads a subset of shards.
+    `split` names the split; it may be left out when there is only one.
     """
-    ds = LogitDataset(path)
+    ds = LogitDataset(path, split)
     if noise == "fresh":
         from .noise import fresh_dataset
 
@@ -209,7 +218,7 @@ def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: s
     return ds.as_tf_dataset(with_keys=with_keys, with_labels=with_labels)
 
 
-def iter_numpy(path: str):
-    """NumPy dicts (logits, logdet, keys, labels), one per shard, sha256-checked."""
-    for _, arrays in LogitDataset(path).iter_shards():
+def iter_numpy(path: str, split: str | None = None):
+    """NumPy dicts (logits, logdet, keys, labels), one per shard of the split, sha256-checked."""
+    for _, arrays in LogitDataset(path, split).iter_shards():
         yield arrays

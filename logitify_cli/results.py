@@ -41,10 +41,15 @@ class EncodeResult(Result):
     images_per_second: float | None
     resumed_shards: int = 0
     runner: str = "local"
+    split: str = "train"
+    splits: dict | None = None  # examples of each split this run made (two with --holdout)
 
     def message(self) -> str:
-        return (f"encoded {self.num_examples} images into {self.num_shards} {self.format} shard(s) in {self.output}"
-                + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + f" in {self.seconds:.1f} s")
+        where = (" (" + ", ".join(f"{n}: {k}" for n, k in self.splits.items()) + ")"
+                 if self.splits and len(self.splits) > 1 else "")
+        return (f"encoded {self.num_examples} images{where} into {self.num_shards} {self.format} shard(s) in "
+                f"{self.output}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+                + f" in {self.seconds:.1f} s")
 
 
 @dataclass
