@@ -221,8 +221,8 @@ def _decode_shard_fn():
     beam, _ = _beam()
 
     class DecodeShard(beam.DoFn):
-        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args):
-            self.dataset, self.out, self.fmt = dataset, out, fmt
+        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args, split):
+            self.dataset, self.out, self.fmt, self.split = dataset, out, fmt, split
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
 
@@ -231,7 +231,7 @@ def _decode_shard_fn():
             from .device import resolve_device
 
             _worker_filesystems(self.beam_args)
-            self.ds = LogitDataset(self.dataset)
+            self.ds = LogitDataset(self.dataset, self.split)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def process(self, index):
@@ -254,14 +254,31 @@ def _decode_shard_fn():
 
 
 def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=False, report: Reporter | None = None,
-                beam_args=()) -> DecodeResult:
+                beam_args=(), split=None) -> DecodeResult:
+    """`logitify decode --runner beam`: a split (the only one, or the one named), or each into out/SPLIT/."""
+    from .decode_run import each_split
+
+    if fs.is_remote(out) and split is None and len(_names(dataset)) > 1:
+        raise UsageError(f"{dataset} has several splits: name one with --split to decode into a bucket")
+    return each_split(dataset, out, split, overwrite,
+                      lambda name, where: _decode_split(dataset, where, fmt, batch_size, device, overwrite, report,
+                                                        beam_args, name))
+
+
+def _names(dataset):
+    from .dataset import split_names
+
+    return split_names(dataset)
+
+
+def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
     from .decode_run import finish, prepare_folder
     from .outdir import FolderLock
 
     t0 = time.time()
     options = _options(beam_args)
-    ds = LogitDataset(dataset)
+    ds = LogitDataset(dataset, split)
     lock = None
     if fs.is_remote(out):
         if fs.listing(out) and not overwrite:
@@ -277,7 +294,7 @@ def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=Fals
         _run(lambda pl: (pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
                          | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite,
-                                                            beam_args))),
+                                                            beam_args, ds.split))),
              options)
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
         results = [_read_json(r) for r in receipts]

@@ -353,9 +353,10 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
+@click.option("--split", default=None, help="Decode this split only [all; several go to OUT/SPLIT/].")
 @stream_options
 @run_command
-def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, report):
+def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, split, report):
     """Give the images back from an encoded DATASET (alias: invert).
 
     Every transform parameter is read from the manifest. Keys become paths
@@ -377,13 +378,13 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, re
 
         with _private_temp():
             return decode_beam(dataset, out, fmt, batch_size=batch_size, device=device, overwrite=overwrite,
-                           report=report, beam_args=beam_args)
+                               report=report, beam_args=beam_args, split=split)
     if beam_args:
         raise UsageError("options after '--' are for --runner beam")
     from .decode_run import run_decode
 
     return run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
-                      overwrite=overwrite, report=report)
+                      overwrite=overwrite, report=report, split=split)
 
 
 main.add_command(decode, "decode")
@@ -394,9 +395,10 @@ main.add_command(decode, "invert")
 @click.argument("dataset", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
+@click.option("--split", default=None, help="Summarize this split only [every split].")
 @stream_options
 @run_command
-def info(dataset, plot_path, report):
+def info(dataset, plot_path, split, report):
     """Summarize an encoded DATASET: counts, classes, parameters, statistics.
 
     \b
@@ -407,7 +409,7 @@ def info(dataset, plot_path, report):
     """
     from .info import info as run_info
 
-    return run_info(dataset, plot_path, report=report)
+    return run_info(dataset, plot_path, report=report, split=split)
 
 
 @main.command(context_settings=CONTEXT)
@@ -415,9 +417,10 @@ def info(dataset, plot_path, report):
 @click.argument("more_sources", nargs=-1, metavar="")
 @click.option("--against", multiple=True, metavar="SOURCES...",
               help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit.")
+@click.option("--split", default=None, help="Verify this split only [every split; --against needs one].")
 @stream_options
 @run_command
-def verify(dataset, more_sources, against, report):
+def verify(dataset, more_sources, against, split, report):
     """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets.
 
     With --against, every image is decoded and compared with its source.
@@ -433,7 +436,7 @@ def verify(dataset, more_sources, against, report):
 
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
-    return run_verify(dataset, against=list(against) + list(more_sources), report=report)
+    return run_verify(dataset, against=list(against) + list(more_sources), report=report, split=split)
 
 
 def entry(argv=None):

@@ -23,6 +23,25 @@ from .formats.base import file_sha256
 INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per float64 temporary
 
 
+def read_manifest(path: str):
+    """The manifest of a dataset folder here or in a bucket, every split of it."""
+    if fs.is_remote(path):
+        where = fs.join(path, manifest_mod.MANIFEST)
+        try:
+            data = fs.read_bytes(where, manifest_mod.MANIFEST_MAX_BYTES + 1)
+        except OSError as e:
+            raise LogitifyError(f"{path}: cannot read {manifest_mod.MANIFEST}: {e}") from None
+        m = manifest_mod.parse(data, where)
+        m.folder = path
+        return m
+    return manifest_mod.read(path)
+
+
+def split_names(path: str) -> list:
+    """The splits of a dataset folder, in name order."""
+    return read_manifest(path).split_names
+
+
 class LogitDataset:
     """One split of a dataset folder written by `logitify encode`, here or in a bucket.
 
@@ -34,19 +53,8 @@ class LogitDataset:
     def __init__(self, path: str, split: str | None = None):
         self.path = path
         self.remote = fs.is_remote(path)
-        if self.remote:
-            where = fs.join(path, manifest_mod.MANIFEST)
-            try:
-                data = fs.read_bytes(where, manifest_mod.MANIFEST_MAX_BYTES + 1)
-            except OSError as e:
-                raise LogitifyError(f"{path}: cannot read {manifest_mod.MANIFEST}: {e}") from None
-            self.manifest = manifest_mod.parse(data, where)
-            self.manifest.folder = path
-            self.root = path.rstrip("/")
-        else:
-            self.manifest = manifest_mod.read(path)
-            self.root = self.manifest.folder
-        self.manifest = self.manifest.select(split)
+        self.manifest = read_manifest(path).select(split)
+        self.root = path.rstrip("/") if self.remote else self.manifest.folder
         self.split = self.manifest.split
         self.params = self.manifest.params
         self.shape = tuple(self.manifest.shape)

@@ -81,6 +81,7 @@ class VerifyResult(Result):
     against: bool = False
     fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
     num_problems: int = 0  # all of them, listed or not
+    splits: dict | None = None  # with several splits: each one's recomputed fingerprint
 
     @property
     def ok(self) -> bool:
@@ -89,6 +90,8 @@ class VerifyResult(Result):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d.pop("against")
+        if d["splits"] is None:
+            d.pop("splits")
         return {**d, "ok": self.ok}
 
     def message(self) -> str:
