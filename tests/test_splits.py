@@ -71,6 +71,17 @@ def test_a_split_added_in_a_second_run_loads_everywhere(cli, two_folders, tmp_pa
                 np.testing.assert_array_equal(img, truth[key])
     with pytest.raises(LogitifyError, match="test, train"):
         lg.load(str(out))
+    # the standard-library reader printed in docs/format.md reads each split, and refuses to guess
+    from test_formats import doc_reader
+
+    reader = doc_reader()
+    for split, truth in (("train", train_truth), ("test", test_truth)):
+        man, shards = reader["read_dataset"](str(out), split)
+        got = {str(k): img for sh in shards for k, img in zip(sh["keys"], reader["images"](sh["logits"], man["transform"]))}
+        assert sorted(got) == sorted(truth) and all(np.array_equal(got[k], truth[k]) for k in truth)
+        assert reader["fingerprint"](*reader["read_dataset"](str(out), split)) == m["splits"][split]["fingerprint"]
+    with pytest.raises(ValueError, match="name one of the splits"):
+        reader["read_dataset"](str(out))
     with pytest.raises(LogitifyError, match="no split 'val'"):
         lg.LogitDataset(str(out), split="val")
     # info, verify and decode know both
@@ -91,21 +102,27 @@ def test_a_split_added_in_a_second_run_loads_everywhere(cli, two_folders, tmp_pa
     assert sorted(str(p.relative_to(tmp_path / "only")) for p in (tmp_path / "only").rglob("*.png")) == sorted(test_truth)
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--alpha", "0.1"], "alpha"), (["--bits", "5"], "bits"), (["--seed", "3"], "seed"),
-    (["--noise", "none"], "noise"), (["-f", "tfrecord"], "format"), (["--size", "8x8"], "shape"),
-    (["--channels", "1"], "shape"), (["--compress"], "compressed"), (["--name", "other"], "name"),
-])
-def test_a_split_that_differs_is_refused_and_nothing_is_touched(cli, two_folders, tmp_path, args, field):
+MISMATCHES = [(["--alpha", "0.1"], "alpha", "0.05", "0.1"), (["--bits", "5"], "bits", "8", "5"),
+              (["--seed", "3"], "seed", "0", "3"), (["--noise", "none"], "noise", "'uniform'", "'none'"),
+              (["--corruption-level", "0.5"], "corruption_level", "1.0", "0.5"),
+              (["-f", "tfrecord"], "format", "'npz'", "'tfrecord'"), (["--size", "8x8"], "shape", "[12, 16, 3]", "[8, 8, 3]"),
+              (["--channels", "1"], "shape", "[12, 16, 3]", "[12, 16, 1]"), (["--compress"], "compressed", "False", "True"),
+              (["--name", "other"], "name", "'logitify'", "'other'"),
+              (["--crop", "0,0,12,16"], "crop", "None", "[0, 0, 12, 16]")]
+
+
+def test_a_split_that_differs_is_refused_and_nothing_is_touched(cli, two_folders, tmp_path):
     (train, _), (test, _) = two_folders["train"], two_folders["test"]
     out = tmp_path / "ds"
     assert cli("encode", train, "-o", out).exit_code == 0
     assert cli("encode", test, "-o", out, "--split", "val").exit_code == 0
     before = tree(out)
-    for extra in ([], ["--overwrite"]):  # replacing one split is held to the others just the same
-        r = cli("encode", test, "-o", out, "--split", "test" if not extra else "val", *args, *extra)
-        assert r.exit_code == 1 and f": {field} is " in r.stderr and "nothing was written" in r.stderr, r.stderr
-        assert tree(out) == before
+    for args, field, there, here in MISMATCHES:
+        for extra in ([], ["--overwrite"]):  # replacing one split is held to the others just the same
+            r = cli("encode", test, "-o", out, "--split", "test" if not extra else "val", *args, *extra)
+            assert r.exit_code == 1 and f": {field} is {there} there, {here} in this run" in r.stderr, r.stderr
+            assert "nothing was written" in r.stderr
+            assert tree(out) == before
 
 
 def test_classes_of_a_later_split(cli, two_folders, tmp_path, rng):
