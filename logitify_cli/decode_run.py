@@ -47,7 +47,7 @@ def dataset_files(ds: LogitDataset) -> frozenset:
     if ds.remote:
         return frozenset()
     found = set()
-    for name in [s.file for s in ds.shards] + list(ds.manifest.files) + ["manifest.json"]:
+    for name in ds.manifest.owned_files():  # every split's shards, the metadata, the manifest
         try:
             st = os.stat(os.path.join(ds.root, name))
         except (OSError, ValueError):

@@ -47,7 +47,7 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
         if fmt == "tfrecord":  # a second run adds a split to the finished dataset, the same in both runners
             for out, extra in ((local, []), (beam, BEAM)):
                 r = cli("encode", src / "dogs", "-o", out, "-f", fmt, "--split", "test", "--shard-size", "4", *extra)
-                assert r.exit_code == 1 and "classes is" in r.stderr  # no classes in a flat folder: refused
+                assert r.exit_code == 1 and "classes are" in r.stderr  # no classes in a flat folder: refused
             alpha = cli("encode", src, "-o", beam, "-f", fmt, "--split", "test", "--alpha", "0.1", *BEAM)
             assert alpha.exit_code == 1 and "alpha is 0.05 there, 0.1 in this run" in alpha.stderr
             for out, extra in ((local, []), (beam, BEAM)):
