@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import images as images_mod
-from .errors import LogitifyError
+from .errors import LogitifyError, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
 from .transform import TransformParams
@@ -232,9 +232,12 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
     labels are numbered as its classes (splits.class_mapping).
     """
     from .formats import get
+    from .manifest import SPLIT_NAME
     from .sources import discover
     from .splits import class_mapping, holdout_mask
 
+    if not SPLIT_NAME.match(opts.split):  # it names shard files and a journal: letters, digits and _ only
+        raise UsageError(f"split name {opts.split!r}: use letters, digits and _ (at most 64)")
     fmt = get(opts.format)
     inv = discover(opts.sources, opts.compression)
     if not inv.items:
