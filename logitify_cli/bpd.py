@@ -22,9 +22,9 @@ import numpy as np
 def _dims_offset(manifest):
     """(D, bpd_offset_nats) from a dataset path, Manifest or LogitDataset."""
     if isinstance(manifest, (str, bytes)) or hasattr(manifest, "__fspath__"):
-        from .dataset import LogitDataset
+        from .dataset import read_manifest
 
-        manifest = LogitDataset(str(manifest)).manifest
+        manifest = read_manifest(str(manifest))  # the offset is the same for every split
     m = getattr(manifest, "manifest", manifest)  # a LogitDataset holds its Manifest
     dims = int(m.dims)
     return dims, float(m.params.bpd_offset_nats(dims))

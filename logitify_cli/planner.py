@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import images as images_mod
-from .errors import LogitifyError
+from .errors import LogitifyError, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
 from .transform import TransformParams
@@ -50,6 +50,7 @@ class EncodeOptions:
     resize_mode: str = "stretch"  # how --size resizes: stretch, center-crop, border
     crop: tuple | None = None  # (top, left, height, width), taken before any resize
     filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
+    holdout: tuple | None = None  # (fraction, split): that share of the inputs, by a hash of (seed, key)
 
     @property
     def geometry(self):
@@ -111,6 +112,13 @@ class RunPlan:
     shards: list  # of ShardSpec
     header: dict
     notes: list
+    split: str = "train"
+    holdout: "RunPlan | None" = None  # the plan of --holdout's split, made in the same run
+
+    @property
+    def parts(self) -> list:
+        """This plan and its holdout's: every split the run makes, in the order its shards are made."""
+        return [self] + ([self.holdout] if self.holdout is not None else [])
 
     @property
     def n_shards(self) -> int:
@@ -181,7 +189,7 @@ def fingerprint(header: dict) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
 
 
-def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items) -> dict:
+def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items, split=None) -> dict:
     """The inputs and every option that changes a shard's bytes: what a resume must match."""
     h = hashlib.sha256()
     for it in items:
@@ -189,7 +197,7 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     header = {
         "format": opts.format,
         "name": opts.name,
-        "split": opts.split,
+        "split": split or opts.split,
         "transform": opts.params.to_dict(),
         "shape": list(shape),
         "size": list(opts.size) if opts.size else None,
@@ -212,20 +220,36 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         header["resize_mode"] = opts.resize_mode
     if opts.size and opts.filter != images_mod.DEFAULT_FILTER:
         header["filter"] = opts.filter
+    if opts.holdout:  # a resume with another share or split name would move images between splits
+        header["holdout"] = [opts.holdout[0], opts.holdout[1]]
     return header
 
 
-def plan(opts: EncodeOptions) -> RunPlan:
-    """Discover, probe and lay out the shards; nothing is written."""
-    from .formats import get
-    from .sources import discover
+def plan(opts: EncodeOptions, base=None) -> RunPlan:
+    """Discover, probe and lay out the shards of every split the run makes; nothing is written.
 
+    `base`: the dataset (a Manifest) this run adds a split to; this run's
+    labels are numbered as its classes (splits.class_mapping).
+    """
+    from .formats import get
+    from .manifest import SPLIT_NAME
+    from .sources import discover
+    from .splits import class_mapping, holdout_mask
+
+    if not SPLIT_NAME.match(opts.split):  # it names shard files and a journal: letters, digits and _ only
+        raise UsageError(f"split name {opts.split!r}: use letters, digits and _ (at most 64)")
     fmt = get(opts.format)
     inv = discover(opts.sources, opts.compression)
     if not inv.items:
         raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)),
                             notes=[f"skipped {s['source']}: {s['reason']}" for s in inv.skipped])
     notes = [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
+    run_classes = inv.classes
+    if base is not None:
+        mapping = class_mapping(base.classes, inv.classes, opts.out)
+        if mapping is not None:
+            inv.items.relabel(mapping)
+        run_classes = base.classes
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
@@ -235,13 +259,23 @@ def plan(opts: EncodeOptions) -> RunPlan:
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image", notes=notes)
     dims = int(np.prod(shape))
     shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
-    n = len(inv.items)
-    n_shards = max(1, -(-n // shard_size))
-    shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, opts.split, i, n_shards),
-                        i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
-    header = run_header(opts, shape, channels, shard_size, n_shards, inv.items)
     if not opts.params.lossless:
         notes.append("this transform is lossy: decode gives the nearest level, not always the original "
                      f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
-    return RunPlan(opts, inv.items, inv.classes, list(inv.skipped), tuple(shape), channels, first.key,
-                   shard_size, shards, header, notes)
+
+    def part(items, split, skipped, notes):
+        n = len(items)
+        n_shards = max(1, -(-n // shard_size))
+        shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, split, i, n_shards),
+                            i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
+        header = run_header(opts, shape, channels, shard_size, n_shards, items, split)
+        return RunPlan(opts, items, run_classes, skipped, tuple(shape), channels, first.key, shard_size, shards,
+                       header, notes, split=split)
+
+    if not opts.holdout:
+        return part(inv.items, opts.split, list(inv.skipped), notes)
+    fraction, name = opts.holdout
+    held = holdout_mask(opts.params.seed, (it.key for it in inv.items), fraction)
+    main = part(inv.items.select(np.flatnonzero(~held)), opts.split, list(inv.skipped), notes)
+    main.holdout = part(inv.items.select(np.flatnonzero(held)), name, [], [])
+    return main

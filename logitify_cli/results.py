@@ -41,10 +41,15 @@ class EncodeResult(Result):
     images_per_second: float | None
     resumed_shards: int = 0
     runner: str = "local"
+    split: str = "train"
+    splits: dict | None = None  # examples of each split this run made (two with --holdout)
 
     def message(self) -> str:
-        return (f"encoded {self.num_examples} images into {self.num_shards} {self.format} shard(s) in {self.output}"
-                + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + f" in {self.seconds:.1f} s")
+        where = (" (" + ", ".join(f"{n}: {k}" for n, k in self.splits.items()) + ")"
+                 if self.splits and len(self.splits) > 1 else "")
+        return (f"encoded {self.num_examples} images{where} into {self.num_shards} {self.format} shard(s) in "
+                f"{self.output}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+                + f" in {self.seconds:.1f} s")
 
 
 @dataclass
@@ -76,6 +81,7 @@ class VerifyResult(Result):
     against: bool = False
     fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
     num_problems: int = 0  # all of them, listed or not
+    splits: dict | None = None  # with several splits: each one's recomputed fingerprint
 
     @property
     def ok(self) -> bool:
@@ -84,6 +90,8 @@ class VerifyResult(Result):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d.pop("against")
+        if d["splits"] is None:
+            d.pop("splits")
         return {**d, "ok": self.ok}
 
     def message(self) -> str:

@@ -16,12 +16,15 @@ BEAM = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mod
 
 def manifest(out):
     m = json.loads((out / "manifest.json").read_text())
-    m.pop("stats")
+    for split in [m, *m.get("splits", {}).values()]:
+        split.pop("stats", None)
     return m
 
 
 def hashes(out):
-    return {s["file"]: hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in manifest(out)["shards"]}
+    m = manifest(out)
+    return {s["file"]: hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+            for split in m.get("splits", {"": m}).values() for s in split["shards"]}
 
 
 def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_path, rng, monkeypatch):
@@ -41,6 +44,17 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
         assert hashes(beam) == hashes(local)
         assert {s["source"] for s in manifest(beam)["skipped"]} == {"dogs/broken.png", "cats/empty.jpg"}
         assert not list(beam.glob(".*receipt*"))
+        if fmt == "tfrecord":  # a second run adds a split to the finished dataset, the same in both runners
+            for out, extra in ((local, []), (beam, BEAM)):
+                r = cli("encode", src / "dogs", "-o", out, "-f", fmt, "--split", "test", "--shard-size", "4", *extra)
+                assert r.exit_code == 1 and "classes are" in r.stderr  # no classes in a flat folder: refused
+            alpha = cli("encode", src, "-o", beam, "-f", fmt, "--split", "test", "--alpha", "0.1", *BEAM)
+            assert alpha.exit_code == 1 and "alpha is 0.05 there, 0.1 in this run" in alpha.stderr
+            for out, extra in ((local, []), (beam, BEAM)):
+                r = cli("encode", src, "-o", out, "-f", fmt, "--split", "test", "--shard-size", "4", *extra)
+                assert r.exit_code == 0, r.output
+            assert sorted(manifest(beam)["splits"]) == ["test", "train"]
+            assert manifest(beam) == manifest(local) and hashes(beam) == hashes(local)
     r = cli("decode", tmp_path / "beam-npz", "-o", tmp_path / "back", *BEAM)
     assert r.exit_code == 0, r.output
     for key, arr in truth.items():
@@ -61,10 +75,14 @@ def test_beam_tfrecord_source(cli, tmp_path, rng):
             feats = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
                      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
             w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
-    assert cli("encode", path, "-o", tmp_path / "l", "--shard-size", "2").exit_code == 0
-    r = cli("encode", path, "-o", tmp_path / "b", "--shard-size", "2", *BEAM)
+    hold = ["--holdout", "0.4:test"]  # both splits from one plan, in one pipeline
+    assert cli("encode", path, "-o", tmp_path / "l", "--shard-size", "2", *hold).exit_code == 0
+    r = cli("encode", path, "-o", tmp_path / "b", "--shard-size", "2", *hold, *BEAM)
     assert r.exit_code == 0, r.output
-    assert manifest(tmp_path / "b") == manifest(tmp_path / "l") and hashes(tmp_path / "b") == hashes(tmp_path / "l")
+    m = manifest(tmp_path / "b")
+    counts = {n: s["num_examples"] for n, s in m["splits"].items()}
+    assert sorted(counts) == ["test", "train"] and min(counts.values()) > 0 and sum(counts.values()) == 5
+    assert m == manifest(tmp_path / "l") and hashes(tmp_path / "b") == hashes(tmp_path / "l")
 
 
 def test_beam_options_only_with_beam(cli, image_folder, tmp_path):
