@@ -22,6 +22,7 @@ from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
 from .outdir import RECEIPT
 from .report import Reporter
+from .presets import count_notes
 from .results import DecodeResult, EncodeResult
 
 
@@ -204,6 +205,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                                                       "runner": "beam"}, pixels=pixels)
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
+        for note in count_notes(m):
+            report.warn(note)
         fs.delete([_receipt_path(opts.out, s.file) for s in shards])
         if folder is not None:
             folder.journal.remove()

@@ -22,6 +22,7 @@ from .outdir import OutputFolder
 from .pixels import PixelStream
 from .planner import EncodeOptions, RunPlan, plan
 from .pool import OrderedPool, can_fork, default_workers
+from .presets import count_notes
 from .report import Reporter
 from .results import EncodeResult
 from .shards import ShardResult, build_transform, make_shard, packed_digests
@@ -231,6 +232,8 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     except OSError as e:
         raise write_error(e, manifest_mod.MANIFEST) from None
     journal.remove()
+    for note in count_notes(m):
+        report.warn(note)
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
                         shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes,
                         skipped=m.skipped, metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,

@@ -50,6 +50,7 @@ class Manifest:
     stats: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     fingerprint: dict | None = None  # {pixels_sha256, keys_sha256}; None in manifests made before it existed
+    preset: dict | None = None  # --preset: the recipe, its sources and the options that deviated from it
     tool_version: str = __version__
     folder: str | None = None
 
@@ -101,6 +102,7 @@ class Manifest:
             "shards": [s.to_dict() for s in self.shards],
             "skipped": self.skipped,
             **({"fingerprint": dict(self.fingerprint)} if self.fingerprint is not None else {}),
+            **({"preset": self.preset} if self.preset else {}),
             "files": list(self.files),
             "source": self.source,
             "stats": self.stats,
@@ -190,11 +192,19 @@ class Manifest:
         if fp is not None and not (isinstance(fp, dict) and set(fp) == {"pixels_sha256", "keys_sha256"}
                                    and all(_is_sha256(v) for v in fp.values())):
             fail("fingerprint is not {pixels_sha256, keys_sha256} of two sha256 hex digests")
+        preset = m.get("preset")
+        if preset is not None and not (isinstance(preset, dict) and isinstance(preset.get("name"), str)
+                                       and isinstance(preset.get("recipe", {}), dict)
+                                       and isinstance(preset.get("sources", {}), dict)
+                                       and isinstance(preset.get("deviations", []), list)
+                                       and all(isinstance(d, dict) for d in preset.get("deviations", []))
+                                       and isinstance(preset.get("split_sizes", {}), dict)):
+            fail("preset is not {name, recipe, sources, deviations, ...}")
         version = m.get("tool_version")
         out = cls(format=m["format"], name=name, split=split, shape=tuple(shape), params=params,
                   classes=classes, shards=entries, skipped=skipped, compressed=bool(m.get("compressed", False)),
                   source=m.get("source", {}), stats=m.get("stats", {}), files=files,
-                  fingerprint=dict(fp) if fp is not None else None, tool_version=version if isinstance(version, str) else "unknown")
+                  fingerprint=dict(fp) if fp is not None else None, preset=preset, tool_version=version if isinstance(version, str) else "unknown")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out
@@ -215,6 +225,8 @@ def _geometry_problem(source: dict) -> str | None:
         return f"resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}"
     if filt is not None and filt not in FILTERS:
         return f"filter {filt!r} is not one of {', '.join(FILTERS)}"
+    if source.get("exif_orientation", True) is not True and source.get("exif_orientation") is not False:
+        return f"exif_orientation {source.get('exif_orientation')!r} is not true or false"
     if crop is not None and not (isinstance(crop, list) and len(crop) == 4
                                  and all(type(v) is int and 0 <= v < 1 << 20 for v in crop)
                                  and min(crop[2:]) > 0):
@@ -302,6 +314,7 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None) -> Manifest:
                 "shard_size": plan.shard_size, **opts.geometry_record()},
         stats={**stats, "fingerprint": plan.fingerprint},
         fingerprint=fp,
+        preset=opts.preset,
     )
     m.files = m.shard_format().metadata_files(m)
     return m
