@@ -141,7 +141,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
         "skipped": m.skipped,
         "tool_version": m.tool_version,
-        "geometry": {k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter", "exif_orientation")},
+        "geometry": {**{k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
+                     **({"exif_orientation": False} if m.source.get("exif_orientation") is False else {})},
         "preset": m.preset,
         "fingerprint": m.fingerprint,
     }
