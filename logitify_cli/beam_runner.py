@@ -22,6 +22,7 @@ from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
 from .outdir import RECEIPT
 from .report import Reporter
+from .presets import count_notes
 from .results import DecodeResult, EncodeResult
 
 
@@ -225,6 +226,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                                                                     "fingerprint")}
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
+        for note in count_notes(m, counts):
+            report.warn(note)
         fs.delete(receipts)
         if folder is not None:
             folder.remove_stale([s.file for n in made if have and n in have.splits for s in have.splits[n].shards], m)

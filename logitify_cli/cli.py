@@ -78,6 +78,12 @@ def _shard_formats():
     return names()
 
 
+def _preset_names():
+    from .presets import names
+
+    return names()
+
+
 def _image_outputs():
     from .outputs import IMAGE_OUTPUTS
 
@@ -239,6 +245,10 @@ def main():
               help="Pillow's resampling filter for --size [bicubic].")
 @click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
               help="Output channels [3, or 1 when the first image is grayscale].")
+@click.option("--preset", type=RegistryChoice(_preset_names), default=None,
+              help="A standard set's published recipe: size, crop, filter, bits, channels, as its project's "
+                   "code makes it (README: Presets). Options given as well win, with a warning, and the "
+                   "manifest records them.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where TensorFlow runs the transform.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes that read images [all cores].")
@@ -265,7 +275,7 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
+           resize_mode, crop, resample, channels, preset, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
            overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
@@ -277,6 +287,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
       logitify encode photos/ -o out/
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
       logitify encode celeba/ -o out/ --crop 40,15,148,148 --size 64x64 --filter box
+      logitify encode imagenet/train/ -o out/ --preset imagenet64
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
@@ -293,6 +304,19 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         holdout = parse_holdout(holdout)
         if holdout[1] == split:
             raise UsageError(f"--holdout names the split {split!r} this run already makes; name another")
+    recipe = None
+    if preset:
+        from .presets import resolve
+
+        ctx = click.get_current_context()
+        given = {"size": size, "crop": crop, "resize_mode": resize_mode, "filter": resample, "bits": bits,
+                 "channels": int(channels) if channels else None}
+        params = {"filter": "resample"}
+        given = {k: v for k, v in given.items()
+                 if ctx.get_parameter_source(params.get(k, k)) not in (None, click.core.ParameterSource.DEFAULT)}
+        values, recipe = resolve(preset, given, report.warn)
+        size, crop, resize_mode, resample, bits, channels = (values[k] for k in (
+            "size", "crop", "resize_mode", "filter", "bits", "channels"))
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
@@ -320,6 +344,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
         name=name, split=split, holdout=holdout, on_error=on_error, resume=resume, overwrite=overwrite,
         resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
+        exif=recipe is None or recipe["recipe"]["exif_orientation"], preset=recipe,
     )
     if max_pixels:
         opts.max_pixels = max_pixels

@@ -24,6 +24,7 @@ from .outdir import OutputFolder
 from .pixels import PixelStream
 from .planner import EncodeOptions, RunPlan, plan
 from .pool import OrderedPool, can_fork, default_workers
+from .presets import count_notes
 from .report import Reporter
 from .results import EncodeResult
 from .shards import ShardResult, build_transform, make_shard, packed_digests
@@ -278,6 +279,8 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     for part in started.parts:
         part.folder.journal.remove()
     counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
+    for note in count_notes(m, counts):
+        report.warn(note)
     return EncodeResult(output=opts.out, format=opts.format, num_examples=sum(counts.values()),
                         num_shards=sum(x.plan.n_shards for x in started.parts),
                         shards=[s.file for shards, _, _ in book for s in shards], shape=list(p.shape),

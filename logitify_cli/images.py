@@ -64,7 +64,8 @@ class ImageSizeMismatch(ImageReadError):
 class Geometry:
     """How decoded pixels become the dataset's size: --crop, then --size by --resize-mode and --filter.
 
-    Applied after EXIF orientation and the conversion to the output
+    Applied after EXIF orientation (unless `exif` is False: a preset whose
+    source code never turned its images) and the conversion to the output
     channels, with Pillow's own crop, resize (never reduce or draft) and
     paste, so the pixels equal, byte for byte, what those calls give:
 
@@ -86,6 +87,7 @@ class Geometry:
     resize_mode: str = "stretch"
     crop: tuple | None = None  # (top, left, height, width)
     filter: str = DEFAULT_FILTER
+    exif: bool = True  # turn each image by its EXIF orientation first
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -299,7 +301,7 @@ def _high_bytes(img) -> Image.Image:
 _SWAPS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
 
 
-def _check_header_size(img, channels: int, expect_size) -> None:
+def _check_header_size(img, channels: int, expect_size, orient: bool = True) -> None:
     """Refuse an image whose header already says it is not expect_size (h, w).
 
     EXIF orientation is read from the header where it can be; a PNG may
@@ -307,7 +309,7 @@ def _check_header_size(img, channels: int, expect_size) -> None:
     here and decode checks the result.
     """
     w, h = img.size
-    final = (w, h) if _orientation(img) in _SWAPS else (h, w)
+    final = (w, h) if orient and _orientation(img) in _SWAPS else (h, w)
     want = tuple(expect_size)
     if final == want:
         return
@@ -321,7 +323,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     """uint8 [H, W, channels] from a path or encoded bytes; ImageReadError if not.
 
     `size` is None, (H, W) (stretched with bicubic) or a Geometry, applied
-    after EXIF orientation and the conversion to `channels`.
+    after EXIF orientation (which a Geometry with exif=False leaves out)
+    and the conversion to `channels`.
     `fast` lets plain PNGs skip Pillow's per-file Python parsing (same
     decoder, same pixels; see _plain_png). `expect_size` (h, w), used only
     when nothing crops or resizes: an image of any other size (after EXIF
@@ -330,8 +333,9 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     decode a huge stray one only to refuse it.
     """
     geometry = as_geometry(size)
-    if geometry is not None:
+    if geometry is not None and geometry.out_size is not None:
         expect_size = None
+    orient = geometry is None or geometry.exif
     try:
         img = _plain_png(source, max_pixels, channels, expect_size) if fast else None
         plain = img is not None
@@ -340,13 +344,13 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
         with img as img:
             if not plain:
                 if expect_size is not None:
-                    _check_header_size(img, channels, expect_size)
+                    _check_header_size(img, channels, expect_size, orient)
                 try:
                     img.seek(0)
                 except EOFError:
                     pass
                 img.load()
-                if _orientation(img) != 1:
+                if orient and _orientation(img) != 1:
                     img = ImageOps.exif_transpose(img)
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)

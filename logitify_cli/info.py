@@ -141,7 +141,9 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
         "skipped": m.skipped,
         "tool_version": m.tool_version,
-        "geometry": {k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
+        "geometry": {**{k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
+                     **({"exif_orientation": False} if m.source.get("exif_orientation") is False else {})},
+        "preset": m.preset,
         "fingerprint": m.fingerprint,
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
@@ -171,7 +173,24 @@ def _geometry_text(g: dict) -> str:
     if g.get("size"):
         h, w = g["size"]
         parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'})")
-    return ", then ".join(parts) or "as read (no crop, no resize)"
+    text = ", then ".join(parts) or "as read (no crop, no resize)"
+    return text + ("; EXIF orientation not applied" if g.get("exif_orientation") is False else "")
+
+
+def _preset_lines(p: dict) -> list:
+    """The preset, its sources and how the dataset departs from it."""
+    lines = [f"preset       {p['name']}: {p.get('title', '')}"]
+    for what, where in (p.get("sources") or {}).items():
+        lines.append(f"  source     {what}: {where}")
+    if p.get("exact"):
+        lines.append(f"  exact      {p['exact']}")
+    devs = p.get("deviations") or []
+    for d in devs:
+        lines.append(f"  deviation  --{str(d.get('option')).replace('_', '-')} {d.get('given')!r} "
+                     f"instead of the preset's {d.get('preset')!r}")
+    if not devs:
+        lines.append("  deviation  none")
+    return lines
 
 
 def render(summary: dict) -> str:
@@ -187,6 +206,8 @@ def render(summary: dict) -> str:
         "logdet       " + "  ".join(f"{k} {_fmt(s['logdet'][k])}" for k in ("min", "max", "mean", "std")),
     ]
     lines.append("geometry     " + _geometry_text(s.get("geometry") or {}))
+    if s.get("preset"):
+        lines += _preset_lines(s["preset"])
     fp = s.get("fingerprint")
     if fp:
         lines += [f"fingerprint  pixels sha256 {fp['pixels_sha256']}", f"             keys sha256 {fp['keys_sha256']}"]

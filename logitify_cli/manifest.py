@@ -38,7 +38,7 @@ class ShardEntry:
 # Split names: what TFDS accepts in a split name and a shard file name can hold.
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 # The `source` fields that say how pixels were made: one value for the whole dataset.
-PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter")
+PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter", "exif_orientation")
 
 
 def journal_name(split: str) -> str:
@@ -87,6 +87,7 @@ class Manifest:
     split: str | None = None
     compressed: bool = False
     files: list = field(default_factory=list)
+    preset: dict | None = None  # --preset: the recipe, its sources and the options that deviated from it
     tool_version: str = __version__
     folder: str | None = None
 
@@ -192,6 +193,7 @@ class Manifest:
             "logdet": self.logdet,
             "alpha_conventions": _alpha_equivalents(self.params.alpha),
             "classes": self.classes,
+            **({"preset": self.preset} if self.preset else {}),
         }
         if len(self.splits) == 1:
             (split, rec), = self.splits.items()
@@ -204,7 +206,8 @@ class Manifest:
         return {"format_version": SPLITS_VERSION, **head, **wide,
                 "splits": {n: self.splits[n].to_dict(pixel_source=False) for n in self.split_names},
                 "files": list(self.files),
-                "source": {k: first.source.get(k) for k in PIXEL_SOURCE}}
+                "source": {k: first.source.get(k) for k in PIXEL_SOURCE
+                           if k != "exif_orientation" or k in first.source}}
 
     @classmethod
     def from_dict(cls, m, where: str = MANIFEST) -> "Manifest":
@@ -279,9 +282,17 @@ class Manifest:
         owned = [s.file for r in splits.values() for s in r.shards]
         if len(set(owned)) != len(owned):
             fail("two shard entries name the same file")
+        preset = m.get("preset")
+        if preset is not None and not (isinstance(preset, dict) and isinstance(preset.get("name"), str)
+                                       and isinstance(preset.get("recipe", {}), dict)
+                                       and isinstance(preset.get("sources", {}), dict)
+                                       and isinstance(preset.get("deviations", []), list)
+                                       and all(isinstance(d, dict) for d in preset.get("deviations", []))
+                                       and isinstance(preset.get("split_sizes", {}), dict)):
+            fail("preset is not {name, recipe, sources, deviations, ...}")
         version = m.get("tool_version")
         out = cls(format=m["format"], name=name, shape=tuple(shape), params=params, classes=classes, splits=splits,
-                  compressed=bool(m.get("compressed", False)), files=files,
+                  compressed=bool(m.get("compressed", False)), files=files, preset=preset,
                   tool_version=version if isinstance(version, str) else "unknown")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
@@ -340,6 +351,8 @@ def _geometry_problem(source: dict) -> str | None:
         return f"resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}"
     if filt is not None and filt not in FILTERS:
         return f"filter {filt!r} is not one of {', '.join(FILTERS)}"
+    if source.get("exif_orientation", True) is not True and source.get("exif_orientation") is not False:
+        return f"exif_orientation {source.get('exif_orientation')!r} is not true or false"
     if crop is not None and not (isinstance(crop, list) and len(crop) == 4
                                  and all(type(v) is int and 0 <= v < 1 << 20 for v in crop)
                                  and min(crop[2:]) > 0):
@@ -429,6 +442,7 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | No
     splits[plan.split] = record
     m = Manifest(format=opts.format, name=opts.name, shape=tuple(plan.shape), params=opts.params,
                  classes=base.classes if base is not None else plan.classes,
-                 splits=dict(sorted(splits.items())), split=plan.split, compressed=bool(opts.compress))
+                 splits=dict(sorted(splits.items())), split=plan.split, compressed=bool(opts.compress),
+                 preset=opts.preset if base is None else base.preset)
     m.files = m.shard_format().metadata_files(m)
     return m

@@ -51,24 +51,27 @@ class EncodeOptions:
     crop: tuple | None = None  # (top, left, height, width), taken before any resize
     filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
     holdout: tuple | None = None  # (fraction, split): that share of the inputs, by a hash of (seed, key)
+    exif: bool = True  # turn images by their EXIF orientation (presets whose source never did turn it off)
+    preset: dict | None = None  # --preset's record for the manifest (presets.resolve)
 
     @property
     def geometry(self):
         """What read_image does to each image's size (an images.Geometry), or None when nothing changes it."""
-        if self.size is None and self.crop is None:
+        if self.size is None and self.crop is None and self.exif:
             return None
         return images_mod.Geometry(size=self.size, resize_mode=self.resize_mode, crop=self.crop,
-                                   filter=self.filter)
+                                   filter=self.filter, exif=self.exif)
 
     def expect_size(self, shape):
         """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
-        return None if self.geometry is not None else tuple(shape[:2])
+        return None if (self.size or self.crop) else tuple(shape[:2])
 
     def geometry_record(self) -> dict:
         """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes."""
         return {"resize_mode": self.resize_mode if self.size else None,
                 "crop": list(self.crop) if self.crop else None,
-                "filter": self.filter if self.size else None}
+                "filter": self.filter if self.size else None,
+                **({} if self.exif else {"exif_orientation": False})}
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         header["filter"] = opts.filter
     if opts.holdout:  # a resume with another share or split name would move images between splits
         header["holdout"] = [opts.holdout[0], opts.holdout[1]]
+    if not opts.exif:
+        header["exif_orientation"] = False
     return header
 
 
@@ -257,6 +262,10 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
             for it, _, _, reason in PixelStream(inv.items, opts, opts.channels or 3, pool, 1):
                 notes.append(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image", notes=notes)
+    if opts.preset:
+        from .presets import check_first_image
+
+        check_first_image(opts.preset, shape, first.key)
     dims = int(np.prod(shape))
     shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
     if not opts.params.lossless:

@@ -77,7 +77,8 @@ def dataset_fields(m) -> dict:
     return {"format": m.format, "name": m.name, "compressed": bool(m.compressed), "shape": list(m.shape),
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": src.get("size"), "channels": src.get("channels", m.shape[2]),
-            "resize_mode": src.get("resize_mode"), "crop": src.get("crop"), "filter": src.get("filter")}
+            "resize_mode": src.get("resize_mode"), "crop": src.get("crop"), "filter": src.get("filter"),
+            "exif_orientation": src.get("exif_orientation", True)}
 
 
 def run_fields(plan) -> dict:
@@ -86,7 +87,8 @@ def run_fields(plan) -> dict:
     return {"format": opts.format, "name": opts.name, "compressed": bool(opts.compress), "shape": list(plan.shape),
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": list(opts.size) if opts.size else None, "channels": plan.channels,
-            "resize_mode": geo["resize_mode"], "crop": geo["crop"], "filter": geo["filter"]}
+            "resize_mode": geo["resize_mode"], "crop": geo["crop"], "filter": geo["filter"],
+            "exif_orientation": geo.get("exif_orientation", True)}
 
 
 def refuse_mismatch(base, plan, folder: str) -> None:
