@@ -141,7 +141,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
         "skipped": m.skipped,
         "tool_version": m.tool_version,
-        "geometry": {k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
+        "geometry": {k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter", "jpeg_draft")
+                     if k != "jpeg_draft" or m.source.get(k) is True},
         "fingerprint": m.fingerprint,
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
@@ -170,7 +171,8 @@ def _geometry_text(g: dict) -> str:
         parts.append(f"crop {w}x{h} at top {top}, left {left}")
     if g.get("size"):
         h, w = g["size"]
-        parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'})")
+        parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'}"
+                     + (", JPEGs from libjpeg's draft scale" if g.get("jpeg_draft") else "") + ")")
     return ", then ".join(parts) or "as read (no crop, no resize)"
 
 

@@ -219,6 +219,11 @@ def _geometry_problem(source: dict) -> str | None:
                                  and all(type(v) is int and 0 <= v < 1 << 20 for v in crop)
                                  and min(crop[2:]) > 0):
         return f"crop {crop!r} is not [top, left, height, width]"
+    draft = source.get("jpeg_draft", False)
+    if type(draft) is not bool:
+        return f"jpeg_draft {draft!r} is not true or false"
+    if draft and (not source.get("size") or crop is not None):
+        return "jpeg_draft is set without a size, or with a crop"
     return None
 
 

@@ -50,6 +50,7 @@ class EncodeOptions:
     resize_mode: str = "stretch"  # how --size resizes: stretch, center-crop, border
     crop: tuple | None = None  # (top, left, height, width), taken before any resize
     filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
+    jpeg_draft: bool = False  # JPEGs decoded at Pillow's draft scale before the resize (other pixels)
 
     @property
     def geometry(self):
@@ -57,17 +58,24 @@ class EncodeOptions:
         if self.size is None and self.crop is None:
             return None
         return images_mod.Geometry(size=self.size, resize_mode=self.resize_mode, crop=self.crop,
-                                   filter=self.filter)
+                                   filter=self.filter, jpeg_draft=self.jpeg_draft)
 
     def expect_size(self, shape):
         """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
         return None if self.geometry is not None else tuple(shape[:2])
 
     def geometry_record(self) -> dict:
-        """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes."""
-        return {"resize_mode": self.resize_mode if self.size else None,
-                "crop": list(self.crop) if self.crop else None,
-                "filter": self.filter if self.size else None}
+        """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes.
+
+        `jpeg_draft` is there only when it is on, so every other run's
+        manifest stays as it was.
+        """
+        record = {"resize_mode": self.resize_mode if self.size else None,
+                  "crop": list(self.crop) if self.crop else None,
+                  "filter": self.filter if self.size else None}
+        if self.jpeg_draft:
+            record["jpeg_draft"] = True
+        return record
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,8 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         header["resize_mode"] = opts.resize_mode
     if opts.size and opts.filter != images_mod.DEFAULT_FILTER:
         header["filter"] = opts.filter
+    if opts.jpeg_draft:
+        header["jpeg_draft"] = True
     return header
 
 

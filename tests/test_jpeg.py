@@ -183,3 +183,38 @@ def test_draft_gives_other_pixels_and_needs_a_size(rng):
         Geometry(jpeg_draft=True)
     with pytest.raises(ValueError):
         Geometry(size=(8, 8), crop=(0, 0, 4, 4), jpeg_draft=True)
+
+
+def test_jpeg_draft_through_the_cli(tmp_path, cli, rng):
+    """--jpeg-draft: recorded in the manifest and shown by info; decode and verify --against agree with it."""
+    import json
+
+    src = tmp_path / "photos"
+    (src / "a").mkdir(parents=True)
+    for i, (h, w, ori) in enumerate(((150, 200, None), (120, 90, 6), (40, 30, None))):
+        (src / "a" / f"{i}.jpg").write_bytes(jpeg_bytes(photo(rng, h, w), quality=92, orientation=ori))
+    res = cli("encode", src, "--size", "20x24", "--filter", "box", "--jpeg-draft", "-o", tmp_path / "d", "-q")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["source"]["jpeg_draft"] is True
+    info = cli("info", tmp_path / "d", "--json")
+    assert json.loads(info.output)["geometry"]["jpeg_draft"] is True
+    assert "draft" in cli("info", tmp_path / "d").output
+    assert cli("verify", tmp_path / "d", "--against", src).exit_code == 0
+    assert cli("decode", tmp_path / "d", "-o", tmp_path / "out", "-q").exit_code == 0
+    draft = Geometry(size=(20, 24), filter="box", jpeg_draft=True)
+    exact = Geometry(size=(20, 24), filter="box")
+    differs = 0
+    for i in range(3):
+        got = np.asarray(Image.open(tmp_path / "out" / "a" / f"{i}.png"))
+        path = str(src / "a" / f"{i}.jpg")
+        assert np.array_equal(got, read_image(path, 3, draft, fast=False))
+        differs += not np.array_equal(got, read_image(path, 3, exact, fast=False))
+    assert differs == 2  # the 30x40 one is too small for any draft scale
+    # Without the flag the manifest says nothing of it, and the pixels are the exact ones.
+    assert cli("encode", src, "--size", "20x24", "--filter", "box", "-o", tmp_path / "e", "-q").exit_code == 0
+    assert "jpeg_draft" not in json.loads((tmp_path / "e" / "manifest.json").read_text())["source"]
+    assert "jpeg_draft" not in json.loads(cli("info", tmp_path / "e", "--json").output)["geometry"]
+    for args in ((), ("--size", "8x8", "--crop", "0,0,30,30")):
+        res = cli("encode", src, "--jpeg-draft", *args, "-o", tmp_path / "f")
+        assert res.exit_code == 2 and "--jpeg-draft" in res.output
