@@ -243,6 +243,9 @@ def main():
               help="Take this fixed window of every image first (before any resize); smaller images are skipped.")
 @click.option("--filter", "resample", type=click.Choice(FILTER_NAMES), default=None,
               help="Pillow's resampling filter for --size [bicubic].")
+@click.option("--jpeg-draft", is_flag=True, default=False,
+              help="Decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg (Pillow's draft) before the --size "
+                   "resize: faster, other pixels; recorded in the manifest. Needs --size, not --crop.")
 @click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
               help="Output channels [3, or 1 when the first image is grayscale].")
 @click.option("--preset", type=RegistryChoice(_preset_names), default=None,
@@ -275,7 +278,7 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, channels, preset, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
+           resize_mode, crop, resample, jpeg_draft, channels, preset, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
            overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
@@ -317,9 +320,16 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         values, recipe = resolve(preset, given, report.warn)
         size, crop, resize_mode, resample, bits, channels = (values[k] for k in (
             "size", "crop", "resize_mode", "filter", "bits", "channels"))
+        if jpeg_draft:  # never part of a recipe: other pixels than any published set's
+            recipe["deviations"].append({"option": "jpeg_draft", "preset": False, "given": True})
+            report.warn(f"--jpeg-draft gives other pixels than preset {preset}'s recipe: this dataset is not "
+                        f"{preset} as published, and its manifest says so")
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
+    if jpeg_draft and (size is None or crop is not None):
+        raise UsageError("--jpeg-draft scales JPEGs down towards --size before resizing: it needs --size, "
+                         "and cannot be used with --crop, whose window is in full-size pixels")
     from .conventions import tool_alpha
 
     try:
@@ -343,7 +353,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
         name=name, split=split, holdout=holdout, on_error=on_error, resume=resume, overwrite=overwrite,
-        resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
+        resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic", jpeg_draft=jpeg_draft,
         exif=recipe is None or recipe["recipe"]["exif_orientation"], preset=recipe,
     )
     if max_pixels:

@@ -88,6 +88,10 @@ class Geometry:
     crop: tuple | None = None  # (top, left, height, width)
     filter: str = DEFAULT_FILTER
     exif: bool = True  # turn each image by its EXIF orientation first
+    # Opt-in, other pixels: JPEGs are decoded with libjpeg's DCT-domain
+    # scaling as Pillow's draft() picks it (1/2, 1/4 or 1/8, the smallest
+    # that keeps the image at least --size), then resized as above.
+    jpeg_draft: bool = False
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -103,6 +107,15 @@ class Geometry:
             if len(self.crop) != 4 or min(self.crop[:2]) < 0 or min(self.crop[2:]) < 1:
                 raise ValueError(f"crop {self.crop!r} is not (top, left, height, width) "
                                  "with top, left >= 0 and height, width >= 1")
+        if self.jpeg_draft and (self.size is None or self.crop is not None):
+            raise ValueError("jpeg_draft needs a size and no crop (a crop window is in full-size pixels)")
+
+    def draft_size(self, orientation: int):
+        """The (w, h) to hand Pillow's draft() for a JPEG of this EXIF orientation, or None."""
+        if not self.jpeg_draft:
+            return None
+        H, W = self.size
+        return (H, W) if orientation in _SWAPS else (W, H)
 
     @property
     def out_size(self):
@@ -326,7 +339,9 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     after EXIF orientation (which a Geometry with exif=False leaves out)
     and the conversion to `channels`.
     `fast` lets plain PNGs skip Pillow's per-file Python parsing (same
-    decoder, same pixels; see _plain_png). `expect_size` (h, w), used only
+    decoder, same pixels; see _plain_png) and plain JPEGs go to
+    libjpeg-turbo directly (same library and settings, same pixels; see
+    jpeg.py). `expect_size` (h, w), used only
     when nothing crops or resizes: an image of any other size (after EXIF
     orientation) raises ImageSizeMismatch, before its pixels are decoded
     wherever its header tells, so a run of small images is not made to
@@ -337,7 +352,7 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
         expect_size = None
     orient = geometry is None or geometry.exif
     try:
-        img = _plain_png(source, max_pixels, channels, expect_size) if fast else None
+        img = _shortcut(source, max_pixels, channels, expect_size, geometry) if fast else None
         plain = img is not None
         if not plain:
             img = _opened(source, max_pixels)
@@ -349,6 +364,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
                     img.seek(0)
                 except EOFError:
                     pass
+                if geometry is not None and geometry.jpeg_draft:
+                    img.draft(img.mode, geometry.draft_size(_orientation(img)))  # a no-op but for JPEGs
                 img.load()
                 if orient and _orientation(img) != 1:
                     img = ImageOps.exif_transpose(img)
@@ -372,6 +389,61 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     if channels == 1:
         arr = arr[:, :, np.newaxis]
     return np.ascontiguousarray(arr)
+
+
+def _shortcut(source, max_pixels: int, channels: int, expect_size, geometry):
+    """The image decoded without Image.open (a plain PNG or JPEG), or None for Pillow's road.
+
+    The file is read once, whole, and its first bytes pick the decoder.
+    """
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source[:_PLAIN_PNG_MAX_BYTES + 1])
+        else:
+            data = _read_small(source)
+    except (OSError, ValueError, MemoryError):
+        return None
+    if data is None or len(data) > _PLAIN_PNG_MAX_BYTES:
+        return None
+    if data[:8] == _PNG_SIGNATURE:
+        return _plain_png(data, max_pixels, channels, expect_size)
+    if data[:2] == b"\xff\xd8":
+        return _plain_jpeg(data, max_pixels, channels, expect_size, geometry)
+    return None
+
+
+def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geometry):
+    """A plain JPEG decoded by libjpeg-turbo with Pillow's settings and turned by its orientation, or None.
+
+    See jpeg.py for which files qualify. Its header tells size and
+    orientation, so one other than expect_size raises ImageSizeMismatch
+    before any pixel is decoded, as Pillow's road does.
+    """
+    from . import jpeg
+
+    if not jpeg.available():
+        return None
+    try:
+        info = jpeg.header(data)
+    except (ValueError, struct.error):
+        return None
+    if info is None:
+        return None
+    w, h, _, orientation = info
+    if geometry is not None and not geometry.exif:
+        orientation = 1  # as Pillow's road with exif=False: the file's own orientation is not applied
+    limit = Image.MAX_IMAGE_PIXELS
+    if w * h > max_pixels or (limit is not None and w * h > limit):
+        return None  # Pillow's road refuses it, with its reason
+    if expect_size is not None:
+        final = (w, h) if orientation in _SWAPS else (h, w)
+        if final != tuple(expect_size):
+            raise ImageSizeMismatch((*final, channels), expect_size)
+    draft = geometry.draft_size(orientation) if geometry is not None else None
+    img = jpeg.decode(data, info, draft)
+    if img is not None and orientation in jpeg.TRANSPOSE:
+        img = img.transpose(jpeg.TRANSPOSE[orientation])
+    return img
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -142,7 +142,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "skipped": m.skipped,
         "tool_version": m.tool_version,
         "geometry": {**{k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
-                     **({"exif_orientation": False} if m.source.get("exif_orientation") is False else {})},
+                     **({"exif_orientation": False} if m.source.get("exif_orientation") is False else {}),
+                     **({"jpeg_draft": True} if m.source.get("jpeg_draft") is True else {})},
         "preset": m.preset,
         "fingerprint": m.fingerprint,
     }
@@ -172,7 +173,8 @@ def _geometry_text(g: dict) -> str:
         parts.append(f"crop {w}x{h} at top {top}, left {left}")
     if g.get("size"):
         h, w = g["size"]
-        parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'})")
+        parts.append(f"resized to {w}x{h} ({g.get('resize_mode') or 'stretch'}, filter {g.get('filter') or 'bicubic'}"
+                     + (", JPEGs from libjpeg's draft scale" if g.get("jpeg_draft") else "") + ")")
     text = ", then ".join(parts) or "as read (no crop, no resize)"
     return text + ("; EXIF orientation not applied" if g.get("exif_orientation") is False else "")
 

@@ -38,7 +38,7 @@ class ShardEntry:
 # Split names: what TFDS accepts in a split name and a shard file name can hold.
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 # The `source` fields that say how pixels were made: one value for the whole dataset.
-PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter", "exif_orientation")
+PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter", "exif_orientation", "jpeg_draft")
 
 
 def journal_name(split: str) -> str:
@@ -207,7 +207,7 @@ class Manifest:
                 "splits": {n: self.splits[n].to_dict(pixel_source=False) for n in self.split_names},
                 "files": list(self.files),
                 "source": {k: first.source.get(k) for k in PIXEL_SOURCE
-                           if k != "exif_orientation" or k in first.source}}
+                           if k not in ("exif_orientation", "jpeg_draft") or k in first.source}}
 
     @classmethod
     def from_dict(cls, m, where: str = MANIFEST) -> "Manifest":
@@ -357,6 +357,11 @@ def _geometry_problem(source: dict) -> str | None:
                                  and all(type(v) is int and 0 <= v < 1 << 20 for v in crop)
                                  and min(crop[2:]) > 0):
         return f"crop {crop!r} is not [top, left, height, width]"
+    draft = source.get("jpeg_draft", False)
+    if type(draft) is not bool:
+        return f"jpeg_draft {draft!r} is not true or false"
+    if draft and (not source.get("size") or crop is not None):
+        return "jpeg_draft is set without a size, or with a crop"
     return None
 
 

@@ -53,6 +53,7 @@ class EncodeOptions:
     holdout: tuple | None = None  # (fraction, split): that share of the inputs, by a hash of (seed, key)
     exif: bool = True  # turn images by their EXIF orientation (presets whose source never did turn it off)
     preset: dict | None = None  # --preset's record for the manifest (presets.resolve)
+    jpeg_draft: bool = False  # JPEGs decoded at Pillow's draft scale before the resize (other pixels)
 
     @property
     def geometry(self):
@@ -60,18 +61,26 @@ class EncodeOptions:
         if self.size is None and self.crop is None and self.exif:
             return None
         return images_mod.Geometry(size=self.size, resize_mode=self.resize_mode, crop=self.crop,
-                                   filter=self.filter, exif=self.exif)
+                                   filter=self.filter, exif=self.exif, jpeg_draft=self.jpeg_draft)
 
     def expect_size(self, shape):
         """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
         return None if (self.size or self.crop) else tuple(shape[:2])
 
     def geometry_record(self) -> dict:
-        """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes."""
-        return {"resize_mode": self.resize_mode if self.size else None,
-                "crop": list(self.crop) if self.crop else None,
-                "filter": self.filter if self.size else None,
-                **({} if self.exif else {"exif_orientation": False})}
+        """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes.
+
+        `exif_orientation` and `jpeg_draft` are there only when they differ
+        from the default, so every other run's manifest stays as it was.
+        """
+        record = {"resize_mode": self.resize_mode if self.size else None,
+                  "crop": list(self.crop) if self.crop else None,
+                  "filter": self.filter if self.size else None}
+        if not self.exif:
+            record["exif_orientation"] = False
+        if self.jpeg_draft:
+            record["jpeg_draft"] = True
+        return record
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,8 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         header["holdout"] = [opts.holdout[0], opts.holdout[1]]
     if not opts.exif:
         header["exif_orientation"] = False
+    if opts.jpeg_draft:
+        header["jpeg_draft"] = True
     return header
 
 

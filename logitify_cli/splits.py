@@ -78,7 +78,7 @@ def dataset_fields(m) -> dict:
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": src.get("size"), "channels": src.get("channels", m.shape[2]),
             "resize_mode": src.get("resize_mode"), "crop": src.get("crop"), "filter": src.get("filter"),
-            "exif_orientation": src.get("exif_orientation", True)}
+            "exif_orientation": src.get("exif_orientation", True), "jpeg_draft": src.get("jpeg_draft", False)}
 
 
 def run_fields(plan) -> dict:
@@ -88,7 +88,7 @@ def run_fields(plan) -> dict:
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": list(opts.size) if opts.size else None, "channels": plan.channels,
             "resize_mode": geo["resize_mode"], "crop": geo["crop"], "filter": geo["filter"],
-            "exif_orientation": geo.get("exif_orientation", True)}
+            "exif_orientation": geo.get("exif_orientation", True), "jpeg_draft": geo.get("jpeg_draft", False)}
 
 
 def refuse_mismatch(base, plan, folder: str) -> None:

@@ -321,7 +321,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                          label_key=str(src.get("label_key", "label")), size=size, channels=channels,
                          resize_mode=src.get("resize_mode") or "stretch", filter=src.get("filter") or "bicubic",
                          crop=tuple(src["crop"]) if src.get("crop") else None,
-                         exif=src.get("exif_orientation") is not False)
+                         exif=src.get("exif_orientation") is not False, jpeg_draft=src.get("jpeg_draft") is True)
     if type(src.get("max_pixels")) is int and src["max_pixels"] > 0:
         opts.max_pixels = src["max_pixels"]
     inv = discover(opts.sources)

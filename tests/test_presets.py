@@ -225,3 +225,18 @@ def test_a_preset_dataset_takes_a_test_split_and_warns_per_split(cli, tmp_path, 
     for p in sorted(test.iterdir()):
         want = np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BOX))
         assert np.array_equal(got[p.stem], want), p.name
+
+
+def test_jpeg_draft_is_never_part_of_a_preset(cli, tmp_path, rng):
+    """A preset leaves --jpeg-draft off; asked for, it is a deviation the manifest names."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(photo(rng, 300, 200, 3)).save(src / "a.jpg", quality=90)
+    r = cli("encode", src, "-o", tmp_path / "plain", "--preset", "imagenet32", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    assert "jpeg_draft" not in manifest(tmp_path / "plain")["source"]
+    r = cli("encode", src, "-o", tmp_path / "draft", "--preset", "imagenet32", "--jpeg-draft", "--workers", "1")
+    assert r.exit_code == 0 and "--jpeg-draft gives other pixels" in r.output, r.output
+    m = manifest(tmp_path / "draft")
+    assert m["source"]["jpeg_draft"] is True
+    assert {"option": "jpeg_draft", "preset": False, "given": True} in m["preset"]["deviations"]

@@ -42,3 +42,20 @@ def test_a_failed_write_raises(size):
         w.close()
     except OSError:
         pass
+
+
+@settings(max_examples=60)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), c=st.sampled_from([1, 2, 3, 4]), seed=st.integers(0, 2**32 - 1))
+def test_decode_pngs_read_back_as_their_pixels(h, w, c, seed):
+    """decode's own PNG writer: Pillow reads back every pixel, in the mode the channels say."""
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from logitify_cli.outputs import png_bytes
+
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+    img = _Image.open(_io.BytesIO(png_bytes(arr)))
+    assert img.mode == {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
+    back = np.asarray(img)
+    assert np.array_equal(back.reshape(h, w, c), arr)

@@ -1,0 +1,220 @@
+"""The JPEG shortcut (libjpeg-turbo through simplejpeg) must give exactly what Pillow's road gives.
+
+On every file, valid, odd or damaged, read_image(fast=True) must return the
+same pixels as read_image(fast=False), or fail with the same reason; with
+--jpeg-draft too (both roads then use the same DCT scale).
+"""
+import io
+
+import numpy as np
+import pytest
+import simplejpeg
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import photo
+from logitify_cli import jpeg
+from logitify_cli.images import Geometry, ImageReadError, ImageSizeMismatch, _plain_jpeg, read_image
+
+SAMPLINGS = ("444", "422", "420", "440", "411")
+
+
+def outcome(source, channels, fast, geometry=None, expect_size=None):
+    try:
+        return read_image(source, channels, geometry, fast=fast, expect_size=expect_size)
+    except ImageSizeMismatch as e:
+        return ("size", e.shape, e.expected)
+    except ImageReadError as e:
+        return str(e)
+
+
+def same(a, b):
+    if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
+        return a == b
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
+def exif_bytes(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def jpeg_bytes(arr, mode="RGB", quality=90, sampling="420", progressive=False, restart=0, orientation=None,
+               encoder="pillow"):
+    """A JPEG of arr in mode L, RGB or CMYK, by Pillow's encoder or by libjpeg-turbo's (for 4:4:0 and 4:1:1)."""
+    if encoder == "turbo" and mode in ("L", "RGB"):
+        if mode == "L":
+            arr = np.ascontiguousarray(arr[:, :, :1])
+        data = simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality, "GRAY" if mode == "L" else "RGB",
+                                      "Gray" if mode == "L" else sampling)
+        if orientation is not None:  # an APP1 Exif segment right after SOI
+            body = exif_bytes(orientation)
+            data = data[:2] + b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body + data[2:]
+        return data
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    kw = {"quality": quality, "progressive": progressive,
+          "subsampling": {"444": 0, "422": 1, "420": 2}.get(sampling, 2)}
+    if restart:
+        kw["restart_marker_blocks"] = restart
+    if orientation is not None:
+        kw["exif"] = exif_bytes(orientation)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+jpegs = st.builds(
+    lambda seed, h, w, mode, quality, sampling, progressive, restart, orientation, encoder: jpeg_bytes(
+        photo(np.random.default_rng(seed), h, w), mode, quality, sampling, progressive, restart, orientation,
+        encoder),
+    seed=st.integers(0, 2**32 - 1), h=st.integers(1, 70), w=st.integers(1, 70),
+    mode=st.sampled_from(["RGB", "RGB", "L", "CMYK"]), quality=st.integers(60, 100),
+    sampling=st.sampled_from(SAMPLINGS), progressive=st.booleans(), restart=st.sampled_from([0, 0, 1, 3]),
+    orientation=st.sampled_from([None, None, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    encoder=st.sampled_from(["pillow", "turbo"]))
+
+geometries = st.one_of(
+    st.none(),
+    st.builds(Geometry, size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+              resize_mode=st.sampled_from(["stretch", "center-crop", "border"]),
+              filter=st.sampled_from(["box", "bicubic", "nearest"]), jpeg_draft=st.booleans()))
+
+
+@settings(max_examples=150)
+@given(data=jpegs, channels=st.sampled_from([1, 3, 4]), geometry=geometries)
+def test_shortcut_equals_pillow_on_valid_jpegs(data, channels, geometry):
+    assert same(outcome(data, channels, True, geometry), outcome(data, channels, False, geometry))
+
+
+@settings(max_examples=150)
+@given(data=jpegs, channels=st.sampled_from([1, 3]), at=st.one_of(st.integers(0, 30), st.floats(0, 1)),
+       byte=st.integers(0, 255), how=st.sampled_from(["flip", "cut", "extend"]), geometry=geometries)
+def test_shortcut_equals_pillow_on_damaged_jpegs(data, channels, at, byte, how, geometry):
+    # Half the damage lands in the first 30 bytes (markers and their lengths), half anywhere.
+    i = min(len(data) - 1, at if isinstance(at, int) else int(at * len(data)))
+    if how == "flip":
+        assume(data[i] != byte)
+        bad = data[:i] + bytes([byte]) + data[i + 1:]
+    elif how == "cut":
+        bad = data[:i]
+    else:
+        bad = data + bytes([byte]) * i
+    assert same(outcome(bad, channels, True, geometry), outcome(bad, channels, False, geometry))
+
+
+@settings(max_examples=40)
+@given(data=jpegs, want=st.tuples(st.integers(1, 70), st.integers(1, 70)))
+def test_header_size_check_agrees(data, want):
+    assert same(outcome(data, 3, True, expect_size=want), outcome(data, 3, False, expect_size=want))
+
+
+def test_shortcut_is_taken_for_plain_jpegs(tmp_path, rng):
+    # The properties above would pass vacuously if the shortcut never ran.
+    arr = photo(rng, 37, 53)
+    for mode in ("L", "RGB"):
+        for encoder in ("pillow", "turbo"):
+            for sampling in SAMPLINGS if mode == "RGB" else ("444",):
+                for progressive in (False, True):
+                    for orientation in (None, 1, 6):
+                        data = jpeg_bytes(arr, mode, 85, sampling, progressive, 2 if encoder == "pillow" else 0,
+                                          orientation, encoder)
+                        img = _plain_jpeg(data, 10**9, 3, None, None)
+                        assert img is not None and img.mode == mode, (mode, encoder, sampling, progressive)
+                        assert img.size == ((37, 53) if orientation == 6 else (53, 37))
+                        for g in (None, Geometry(size=(9, 7), filter="box", jpeg_draft=True)):
+                            assert same(read_image(data, 3, g), read_image(data, 3, g, fast=False))
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes(arr))
+    assert same(read_image(str(path), 3), read_image(str(path), 3, fast=False))
+
+
+def test_shortcut_declines_what_libjpeg_alone_cannot_settle(rng):
+    arr = photo(rng, 16, 16)
+    plain = jpeg_bytes(arr)
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x tiff:Orientation=\"6\"/>"
+    cases = {
+        "CMYK (Adobe marker)": jpeg_bytes(arr, "CMYK"),
+        "Exif and XMP": jpeg_bytes(arr, orientation=1)[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big")
+        + xmp + jpeg_bytes(arr, orientation=1)[2:],
+        "MPO index": plain[:2] + b"\xff\xe2\x00\x0aMPF\x00\x00\x00\x00\x00" + plain[2:],
+        "truncated": plain[:-40],
+        "damaged scan": plain[:-60] + b"\xff\xd0" * 10 + plain[-40:],
+    }
+    for name, data in cases.items():
+        decoded = _plain_jpeg(data, 10**9, 3, None, None)
+        assert decoded is None, name
+        assert same(outcome(data, 3, True), outcome(data, 3, False)), name
+    # A truncated file is refused, as Pillow refuses it.
+    assert isinstance(outcome(plain[:-40], 3, True), str)
+    # XMP alone: Pillow's road reads no orientation from it, nor does the shortcut.
+    only_xmp = plain[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + plain[2:]
+    assert _plain_jpeg(only_xmp, 10**9, 3, None, None).size == (16, 16)
+    assert same(outcome(only_xmp, 3, True), outcome(only_xmp, 3, False))
+
+
+def test_pixel_limits_apply_to_the_shortcut(rng):
+    data = jpeg_bytes(photo(rng, 20, 20))
+    assert _plain_jpeg(data, 399, 3, None, None) is None
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        read_image(data, 3, max_pixels=399)
+
+
+def test_draft_scale_is_pillows():
+    # Pillow's own choice, read back from the size draft() gives.
+    for w, h, size in ((500, 375, (64, 64)), (64, 64, (64, 64)), (1000, 90, (30, 10)), (130, 70, (16, 9)),
+                       (17, 300, (2, 2)), (640, 480, (640, 1))):
+        img = Image.open(io.BytesIO(jpeg_bytes(photo(np.random.default_rng(0), h, w))))
+        img.draft("RGB", size)
+        s = jpeg.draft_scale(w, h, size)
+        assert img.size == (-(-w // s), -(-h // s)), (w, h, size)
+
+
+def test_draft_gives_other_pixels_and_needs_a_size(rng):
+    data = jpeg_bytes(photo(rng, 300, 400), quality=95)
+    exact = read_image(data, 3, Geometry(size=(32, 32), filter="box"))
+    draft = read_image(data, 3, Geometry(size=(32, 32), filter="box", jpeg_draft=True))
+    assert draft.shape == exact.shape and not np.array_equal(draft, exact)
+    assert np.abs(draft.astype(int) - exact).mean() < 3
+    with pytest.raises(ValueError):
+        Geometry(jpeg_draft=True)
+    with pytest.raises(ValueError):
+        Geometry(size=(8, 8), crop=(0, 0, 4, 4), jpeg_draft=True)
+
+
+def test_jpeg_draft_through_the_cli(tmp_path, cli, rng):
+    """--jpeg-draft: recorded in the manifest and shown by info; decode and verify --against agree with it."""
+    import json
+
+    src = tmp_path / "photos"
+    (src / "a").mkdir(parents=True)
+    for i, (h, w, ori) in enumerate(((150, 200, None), (120, 90, 6), (40, 30, None))):
+        (src / "a" / f"{i}.jpg").write_bytes(jpeg_bytes(photo(rng, h, w), quality=92, orientation=ori))
+    res = cli("encode", src, "--size", "20x24", "--filter", "box", "--jpeg-draft", "-o", tmp_path / "d", "-q")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["source"]["jpeg_draft"] is True
+    info = cli("info", tmp_path / "d", "--json")
+    assert json.loads(info.output)["geometry"]["jpeg_draft"] is True
+    assert "draft" in cli("info", tmp_path / "d").output
+    assert cli("verify", tmp_path / "d", "--against", src).exit_code == 0
+    assert cli("decode", tmp_path / "d", "-o", tmp_path / "out", "-q").exit_code == 0
+    draft = Geometry(size=(20, 24), filter="box", jpeg_draft=True)
+    exact = Geometry(size=(20, 24), filter="box")
+    differs = 0
+    for i in range(3):
+        got = np.asarray(Image.open(tmp_path / "out" / "a" / f"{i}.png"))
+        path = str(src / "a" / f"{i}.jpg")
+        assert np.array_equal(got, read_image(path, 3, draft, fast=False))
+        differs += not np.array_equal(got, read_image(path, 3, exact, fast=False))
+    assert differs == 2  # the 30x40 one is too small for any draft scale
+    # Without the flag the manifest says nothing of it, and the pixels are the exact ones.
+    assert cli("encode", src, "--size", "20x24", "--filter", "box", "-o", tmp_path / "e", "-q").exit_code == 0
+    assert "jpeg_draft" not in json.loads((tmp_path / "e" / "manifest.json").read_text())["source"]
+    assert "jpeg_draft" not in json.loads(cli("info", tmp_path / "e", "--json").output)["geometry"]
+    for args in ((), ("--size", "8x8", "--crop", "0,0,30,30")):
+        res = cli("encode", src, "--jpeg-draft", *args, "-o", tmp_path / "f")
+        assert res.exit_code == 2 and "--jpeg-draft" in res.output
