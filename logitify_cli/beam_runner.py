@@ -238,7 +238,8 @@ def _decode_shard_fn():
             from .decode_run import shard_jobs
             from .outputs import IMAGE_OUTPUTS
 
-            output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite)
+            output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
+                                             classes=self.ds.classes)
             written, failed = 0, []
             for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size, self.tf_device):
                 done = output.write(job)

@@ -237,8 +237,12 @@ def main():
 @click.option("--compress", is_flag=True, help="Deflate npz shards / GZIP TFRecord shards.")
 @click.option("--compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
               help="Compression of TFRecord inputs (auto detects GZIP).")
-@click.option("--image-key", default="image", show_default=True, help="Feature holding encoded images in TFRecord inputs.")
-@click.option("--label-key", default="label", show_default=True, help="int64 label feature in TFRecord inputs.")
+@click.option("--image-key", default=None,
+              help="Feature holding encoded images in TFRecord inputs [image; a TFDS folder's Image feature].")
+@click.option("--label-key", default=None,
+              help="int64 label feature in TFRecord inputs [label; a TFDS folder's ClassLabel].")
+@click.option("--tfds-split", default=None, metavar="NAME",
+              help="The split of a prepared TFDS folder to encode [the one named by --split].")
 @click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
 @click.option("--split", default="train", show_default=True, help="Split name used in shard names.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
@@ -253,18 +257,20 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, name, split, on_error, max_pixels, resume,
-           overwrite, runner, null_sep, report):
+           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, tfds_split, name, split, on_error, max_pixels,
+           resume, overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
     SOURCES are image files, folders (searched recursively; sub-folders are
-    classes), TFRecord files of tf.train.Example, or '-' to read paths from stdin.
+    classes), TFRecord files of tf.train.Example, a prepared TFDS dataset
+    folder, or '-' to read paths from stdin.
 
     \b
     Examples:
       logitify encode photos/ -o out/
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
       logitify encode celeba/ -o out/ --crop 40,15,148,148 --size 64x64 --filter box
+      logitify encode ~/tensorflow_datasets/cifar10 -o out/ --tfds-split test --split test
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
@@ -300,7 +306,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
-        name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
+        tfds_split=tfds_split, name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
         resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
     )
     if max_pixels:

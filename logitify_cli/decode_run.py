@@ -111,7 +111,7 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
     ds = LogitDataset(dataset)
     prepare_folder(out, overwrite)
     tf_device = resolve_device(device) if device == "gpu" else None
-    output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite)
+    output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite, classes=ds.classes)
     written = 0
     failure = None
     # The pool first: its workers fork before the progress bar starts a thread, and

@@ -75,7 +75,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     workers = opts.workers or default_workers()
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     dims = int(np.prod(p.shape))
-    stream = PixelStream(items, opts, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
+    stream = PixelStream(items, p.options, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
                          expect=opts.expect_size(p.shape))
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up

@@ -299,7 +299,8 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None) -> Manifest:
         compressed=bool(opts.compress),
         source={"size": list(opts.size) if opts.size else None, "channels": plan.channels,
                 "max_pixels": opts.max_pixels, "image_key": opts.image_key, "label_key": opts.label_key,
-                "shard_size": plan.shard_size, **opts.geometry_record()},
+                "shard_size": plan.shard_size, **opts.geometry_record(),
+                **({"tfds": plan.tfds} if plan.tfds is not None else {})},
         stats={**stats, "fingerprint": plan.fingerprint},
         fingerprint=fp,
     )

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import images as images_mod
-from .errors import LogitifyError
+from .errors import LogitifyError, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
 from .transform import TransformParams
@@ -39,8 +39,9 @@ class EncodeOptions:
     workers: int | None = None
     compress: bool = False
     compression: str | None = None
-    image_key: str = "image"
-    label_key: str = "label"
+    image_key: str | None = None  # the feature holding images in TFRecord inputs: "image", or a TFDS folder's
+    label_key: str | None = None  # the int64 label feature: "label", or a TFDS folder's ClassLabel
+    tfds_split: str | None = None  # the split of a TFDS folder to read
     name: str = "logitify"
     split: str = "train"
     on_error: str = "skip"
@@ -111,6 +112,7 @@ class RunPlan:
     shards: list  # of ShardSpec
     header: dict
     notes: list
+    tfds: dict | None = None  # what a TFDS source said of itself, for the manifest
 
     @property
     def n_shards(self) -> int:
@@ -215,17 +217,31 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     return header
 
 
+def resolved(opts: EncodeOptions, inv) -> EncodeOptions:
+    """The options with what the sources settle: feature keys (a TFDS folder's, or "image"/"label"), channels.
+
+    A copy: the caller's options stay as given.
+    """
+    if inv.tfds is not None:
+        return replace(opts, image_key=inv.tfds["image_key"], label_key=inv.tfds["label_key"] or "label",
+                       channels=opts.channels or inv.channels)
+    return replace(opts, image_key=opts.image_key or "image", label_key=opts.label_key or "label")
+
+
 def plan(opts: EncodeOptions) -> RunPlan:
     """Discover, probe and lay out the shards; nothing is written."""
     from .formats import get
     from .sources import discover
 
     fmt = get(opts.format)
-    inv = discover(opts.sources, opts.compression)
+    inv = discover(opts.sources, opts.compression, tfds_split=opts.tfds_split or opts.split,
+                   image_key=opts.image_key, label_key=opts.label_key)
+    if opts.tfds_split is not None and inv.tfds is None:
+        raise UsageError("--tfds-split names a split of a prepared TFDS folder, and no source is one")
+    opts = resolved(opts, inv)
+    notes = list(inv.notes) + [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
     if not inv.items:
-        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)),
-                            notes=[f"skipped {s['source']}: {s['reason']}" for s in inv.skipped])
-    notes = [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
+        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)), notes=notes)
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
@@ -240,8 +256,10 @@ def plan(opts: EncodeOptions) -> RunPlan:
     shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, opts.split, i, n_shards),
                         i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
     header = run_header(opts, shape, channels, shard_size, n_shards, inv.items)
+    if inv.tfds is not None:  # what the TFDS folder said, including counts that differ: a resume must match it
+        header["tfds"] = inv.tfds
     if not opts.params.lossless:
         notes.append("this transform is lossy: decode gives the nearest level, not always the original "
                      f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
     return RunPlan(opts, inv.items, inv.classes, list(inv.skipped), tuple(shape), channels, first.key,
-                   shard_size, shards, header, notes)
+                   shard_size, shards, header, notes, tfds=inv.tfds)
