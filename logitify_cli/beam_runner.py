@@ -212,7 +212,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
             folder.lock.release()
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
                         shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes, skipped=m.skipped,
-                        metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam")
+                        metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
+                        warnings=list(p.notes))
 
 
 # -- decode ---------------------------------------------------------------------------------

@@ -234,4 +234,4 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
                         shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes,
                         skipped=m.skipped, metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
-                        resumed_shards=len(started.done))
+                        resumed_shards=len(started.done), warnings=list(p.notes))

@@ -41,6 +41,7 @@ class EncodeResult(Result):
     images_per_second: float | None
     resumed_shards: int = 0
     runner: str = "local"
+    warnings: list = field(default_factory=list)  # what was said on stderr before the run (e.g. TFDS counts that differ)
 
     def message(self) -> str:
         return (f"encoded {self.num_examples} images into {self.num_shards} {self.format} shard(s) in {self.output}"
