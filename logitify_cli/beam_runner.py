@@ -158,13 +158,18 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
+    from .encode_run import existing
+    from .splits import refuse_mismatch
+
     fmt = get_format(opts.format)
     options = _options(beam_args)
     folder = None
+    made = [opts.split] + ([opts.holdout[1]] if opts.holdout else [])
     if not fs.is_remote(opts.out):
-        folder = OutputFolder(opts.out)
-        folder.check(opts.overwrite, False)
-    p = plan(opts)  # a failure's notes (skipped inputs) travel on the error
+        folder = OutputFolder(opts.out, opts.split)
+        folder.check(opts.overwrite, False, splits=made)
+    have, base = existing(opts)
+    p = plan(opts, base=base)  # a failure's notes (skipped inputs) travel on the error
     for note in p.notes:
         report.warn(note)
     if folder is not None:
@@ -172,11 +177,18 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         folder.lock.acquire()
     try:
         if folder is not None:
-            folder.prepare(opts.overwrite, False, inputs=p.inputs_among)
-            folder.journal.start(p.header)  # names this run's shards, so --overwrite can clear a failed one
+            now, _ = existing(opts)
+            if (now and now.to_dict()) != (have and have.to_dict()):
+                raise LogitifyError(f"{opts.out}: its manifest changed while this run planned; run again")
+            if base is not None:
+                for part in p.parts:
+                    refuse_mismatch(base, part, opts.out)
+            folder.prepare(opts.overwrite, False, inputs=p.inputs_among, keep_dataset=base is not None)
+            for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
+                OutputFolder(opts.out, part.split).journal.start(part.header)
         else:
             _prepare_remote_output(opts.out, opts.overwrite)
-        tasks = [p.task(spec) for spec in p.shards]
+        tasks = [part.task(spec) for part in p.parts for spec in part.shards]
         make = _make_shard_fn()
         beam, _ = _beam()
         _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
@@ -184,36 +196,49 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                          | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
         from .shards import packed_digests
 
-        shards, skipped, pixels = [], list(p.skipped), []
-        for spec in p.shards:
-            receipt = _read_json(_receipt_path(opts.out, spec.file))
-            shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
-            pixels.append(packed_digests(receipt))
-            if pixels[-1] is None:
-                raise LogitifyError(f"the receipt of {spec.file} lacks its pixel digests (a worker of another "
-                                    "logitify version?)")
-            for s in receipt["skipped"]:
-                report.warn(f"skipped {s['source']}: {s['reason']}")
-            skipped.extend(receipt["skipped"])
-        total = sum(s.num_examples for s in shards)
-        if total == 0:
-            raise LogitifyError(f"none of the {len(p.items)} inputs could be read as an image")
         seconds = time.time() - t0
+        m, receipts, total, counts, skipped_all = base, [], 0, {}, []
+        for part in p.parts:
+            shards, skipped, pixels = [], list(part.skipped), []
+            for spec in part.shards:
+                receipt = _read_json(_receipt_path(opts.out, spec.file))
+                receipts.append(_receipt_path(opts.out, spec.file))
+                shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
+                pixels.append(packed_digests(receipt))
+                if pixels[-1] is None:
+                    raise LogitifyError(f"the receipt of {spec.file} lacks its pixel digests (a worker of another "
+                                        "logitify version?)")
+                for s in receipt["skipped"]:
+                    report.warn(f"skipped {s['source']}: {s['reason']}")
+                skipped.extend(receipt["skipped"])
+            counts[part.split] = sum(s.num_examples for s in shards)
+            total += counts[part.split]
+            skipped_all += skipped
+            m = manifest_mod.for_run(part, shards, skipped, {"seconds": round(seconds, 3), "runner": "beam"},
+                                     pixels=pixels, base=m)
+        if total == 0:
+            raise LogitifyError(f"none of the {sum(len(x.items) for x in p.parts)} inputs could be read as an image")
         rate = round(total / seconds, 1) if seconds else None
-        m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate,
-                                                      "runner": "beam"}, pixels=pixels)
+        for n in counts:
+            m.splits[n].stats["images_per_second"] = rate
+            m.splits[n].stats = {k: m.splits[n].stats[k] for k in ("seconds", "images_per_second", "runner",
+                                                                    "fingerprint")}
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
-        fs.delete([_receipt_path(opts.out, s.file) for s in shards])
+        fs.delete(receipts)
         if folder is not None:
-            folder.journal.remove()
+            folder.remove_stale([s.file for n in made if have and n in have.splits for s in have.splits[n].shards], m)
+            for part in p.parts:
+                OutputFolder(opts.out, part.split).journal.remove()
     finally:
         if folder is not None:
             folder.lock.release()
-    return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
-                        shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes, skipped=m.skipped,
+    return EncodeResult(output=opts.out, format=opts.format, num_examples=total,
+                        num_shards=sum(x.n_shards for x in p.parts),
+                        shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
+                        classes=m.classes, skipped=sorted(skipped_all, key=lambda s: s["source"]),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
-                        warnings=list(p.notes))
+                        split=p.split, splits=counts, warnings=list(p.notes))
 
 
 # -- decode ---------------------------------------------------------------------------------
@@ -222,8 +247,8 @@ def _decode_shard_fn():
     beam, _ = _beam()
 
     class DecodeShard(beam.DoFn):
-        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args):
-            self.dataset, self.out, self.fmt = dataset, out, fmt
+        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args, split):
+            self.dataset, self.out, self.fmt, self.split = dataset, out, fmt, split
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
 
@@ -232,7 +257,7 @@ def _decode_shard_fn():
             from .device import resolve_device
 
             _worker_filesystems(self.beam_args)
-            self.ds = LogitDataset(self.dataset)
+            self.ds = LogitDataset(self.dataset, self.split)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def process(self, index):
@@ -256,14 +281,31 @@ def _decode_shard_fn():
 
 
 def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=False, report: Reporter | None = None,
-                beam_args=()) -> DecodeResult:
+                beam_args=(), split=None) -> DecodeResult:
+    """`logitify decode --runner beam`: a split (the only one, or the one named), or each into out/SPLIT/."""
+    from .decode_run import each_split
+
+    if fs.is_remote(out) and split is None and len(_names(dataset)) > 1:
+        raise UsageError(f"{dataset} has several splits: name one with --split to decode into a bucket")
+    return each_split(dataset, out, split, overwrite,
+                      lambda name, where: _decode_split(dataset, where, fmt, batch_size, device, overwrite, report,
+                                                        beam_args, name))
+
+
+def _names(dataset):
+    from .dataset import split_names
+
+    return split_names(dataset)
+
+
+def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
     from .decode_run import finish, prepare_folder
     from .outdir import FolderLock
 
     t0 = time.time()
     options = _options(beam_args)
-    ds = LogitDataset(dataset)
+    ds = LogitDataset(dataset, split)
     lock = None
     if fs.is_remote(out):
         if fs.listing(out) and not overwrite:
@@ -279,7 +321,7 @@ def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=Fals
         _run(lambda pl: (pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
                          | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite,
-                                                            beam_args))),
+                                                            beam_args, ds.split))),
              options)
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
         results = [_read_json(r) for r in receipts]

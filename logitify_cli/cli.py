@@ -31,6 +31,14 @@ def _size(ctx, param, value):
     return h, w
 
 
+def _split_name(value):
+    from .manifest import SPLIT_NAME
+
+    if not SPLIT_NAME.match(value):
+        raise click.BadParameter(f"{value!r}: a split name is letters, digits and _ (at most 64)")
+    return value
+
+
 def _crop(ctx, param, value):
     if value is None:
         return None
@@ -244,7 +252,11 @@ def main():
 @click.option("--tfds-split", default=None, metavar="NAME",
               help="The split of a prepared TFDS folder to encode [the one named by --split].")
 @click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
-@click.option("--split", default="train", show_default=True, help="Split name used in shard names.")
+@click.option("--split", default="train", show_default=True, callback=lambda c, p, v: _split_name(v),
+              help="Split to make; into a folder holding a dataset of other splits, it adds this one "
+                   "(with --overwrite it replaces only this one).")
+@click.option("--holdout", metavar="FRACTION:NAME", default=None,
+              help="Send this share of the inputs to a second split, by a hash of (seed, key), e.g. 0.1:test.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="What an unreadable input does: skipped and listed, or stops the run.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
@@ -257,8 +269,8 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, tfds_split, name, split, on_error, max_pixels,
-           resume, overwrite, runner, null_sep, report):
+           resize_mode, crop, resample, channels, device, workers, compress, compression, image_key, label_key, tfds_split,
+           name, split, holdout, on_error, max_pixels, resume, overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
     SOURCES are image files, folders (searched recursively; sub-folders are
@@ -281,6 +293,12 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if holdout is not None:
+        from .splits import parse_holdout
+
+        holdout = parse_holdout(holdout)
+        if holdout[1] == split:
+            raise UsageError(f"--holdout names the split {split!r} this run already makes; name another")
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
@@ -306,7 +324,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
-        tfds_split=tfds_split, name=name, split=split, on_error=on_error, resume=resume, overwrite=overwrite,
+        tfds_split=tfds_split, name=name, split=split, holdout=holdout, on_error=on_error, resume=resume,
+        overwrite=overwrite,
         resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic",
     )
     if max_pixels:
@@ -341,9 +360,10 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
+@click.option("--split", default=None, help="Decode this split only [all; several go to OUT/SPLIT/].")
 @stream_options
 @run_command
-def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, report):
+def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, split, report):
     """Give the images back from an encoded DATASET (alias: invert).
 
     Every transform parameter is read from the manifest. Keys become paths
@@ -365,13 +385,13 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, re
 
         with _private_temp():
             return decode_beam(dataset, out, fmt, batch_size=batch_size, device=device, overwrite=overwrite,
-                           report=report, beam_args=beam_args)
+                               report=report, beam_args=beam_args, split=split)
     if beam_args:
         raise UsageError("options after '--' are for --runner beam")
     from .decode_run import run_decode
 
     return run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,
-                      overwrite=overwrite, report=report)
+                      overwrite=overwrite, report=report, split=split)
 
 
 main.add_command(decode, "decode")
@@ -382,9 +402,10 @@ main.add_command(decode, "invert")
 @click.argument("dataset", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
+@click.option("--split", default=None, help="Summarize this split only [every split].")
 @stream_options
 @run_command
-def info(dataset, plot_path, report):
+def info(dataset, plot_path, split, report):
     """Summarize an encoded DATASET: counts, classes, parameters, statistics.
 
     \b
@@ -395,7 +416,7 @@ def info(dataset, plot_path, report):
     """
     from .info import info as run_info
 
-    return run_info(dataset, plot_path, report=report)
+    return run_info(dataset, plot_path, report=report, split=split)
 
 
 @main.command(context_settings=CONTEXT)
@@ -403,9 +424,10 @@ def info(dataset, plot_path, report):
 @click.argument("more_sources", nargs=-1, metavar="")
 @click.option("--against", multiple=True, metavar="SOURCES...",
               help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit.")
+@click.option("--split", default=None, help="Verify this split only [every split; --against needs one].")
 @stream_options
 @run_command
-def verify(dataset, more_sources, against, report):
+def verify(dataset, more_sources, against, split, report):
     """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets.
 
     With --against, every image is decoded and compared with its source.
@@ -421,7 +443,7 @@ def verify(dataset, more_sources, against, report):
 
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
-    return run_verify(dataset, against=list(against) + list(more_sources), report=report)
+    return run_verify(dataset, against=list(against) + list(more_sources), report=report, split=split)
 
 
 def entry(argv=None):

@@ -23,23 +23,39 @@ from .formats.base import file_sha256
 INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per float64 temporary
 
 
-class LogitDataset:
-    """A dataset folder written by `logitify encode`, here or in a bucket."""
+def read_manifest(path: str):
+    """The manifest of a dataset folder here or in a bucket, every split of it."""
+    if fs.is_remote(path):
+        where = fs.join(path, manifest_mod.MANIFEST)
+        try:
+            data = fs.read_bytes(where, manifest_mod.MANIFEST_MAX_BYTES + 1)
+        except OSError as e:
+            raise LogitifyError(f"{path}: cannot read {manifest_mod.MANIFEST}: {e}") from None
+        m = manifest_mod.parse(data, where)
+        m.folder = path
+        return m
+    return manifest_mod.read(path)
 
-    def __init__(self, path: str):
+
+def split_names(path: str) -> list:
+    """The splits of a dataset folder, in name order."""
+    return read_manifest(path).split_names
+
+
+class LogitDataset:
+    """One split of a dataset folder written by `logitify encode`, here or in a bucket.
+
+    `split` may be left out when the dataset has one split; with several,
+    it must be named (LogitifyError lists them): reading "the dataset" then
+    has no single meaning, and a silent choice would mix up train and test.
+    """
+
+    def __init__(self, path: str, split: str | None = None):
         self.path = path
         self.remote = fs.is_remote(path)
-        if self.remote:
-            where = fs.join(path, manifest_mod.MANIFEST)
-            try:
-                data = fs.read_bytes(where, manifest_mod.MANIFEST_MAX_BYTES + 1)
-            except OSError as e:
-                raise LogitifyError(f"{path}: cannot read {manifest_mod.MANIFEST}: {e}") from None
-            self.manifest = manifest_mod.parse(data, where)
-            self.root = path.rstrip("/")
-        else:
-            self.manifest = manifest_mod.read(path)
-            self.root = self.manifest.folder
+        self.manifest = read_manifest(path).select(split)
+        self.root = path.rstrip("/") if self.remote else self.manifest.folder
+        self.split = self.manifest.split
         self.params = self.manifest.params
         self.shape = tuple(self.manifest.shape)
         self.format = self.manifest.shard_format()
@@ -187,7 +203,7 @@ def takes_slices(fmt) -> bool:
 
 
 def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: str = "stored",
-         epoch: int = 0, epochs: int | None = None, draws: int | None = None, shards=None):
+         epoch: int = 0, epochs: int | None = None, draws: int | None = None, shards=None, split: str | None = None):
     """tf.data.Dataset of (logits, logdet[, key][, label]) from a logitify folder.
 
     noise="stored" gives the logits on disk. noise="fresh" redraws the
@@ -195,8 +211,9 @@ def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: s
     is the stored one, bit for bit), `epochs=N` runs N epochs in a row from
     `epoch`, `draws=K` gives K evaluation draws per image (logits
     [K,H,W,C], log-dets [K]). `shards` (fresh only) reads a subset of shards.
+    `split` names the split; it may be left out when there is only one.
     """
-    ds = LogitDataset(path)
+    ds = LogitDataset(path, split)
     if noise == "fresh":
         from .noise import fresh_dataset
 
@@ -209,7 +226,7 @@ def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: s
     return ds.as_tf_dataset(with_keys=with_keys, with_labels=with_labels)
 
 
-def iter_numpy(path: str):
-    """NumPy dicts (logits, logdet, keys, labels), one per shard, sha256-checked."""
-    for _, arrays in LogitDataset(path).iter_shards():
+def iter_numpy(path: str, split: str | None = None):
+    """NumPy dicts (logits, logdet, keys, labels), one per shard of the split, sha256-checked."""
+    for _, arrays in LogitDataset(path, split).iter_shards():
         yield arrays

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .dataset import LogitDataset
+from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError
 from .outdir import FolderLock, in_use, protected_folder
@@ -105,10 +105,34 @@ def finish(result: DecodeResult, out: str, report: Reporter) -> DecodeResult:
     return result
 
 
+def each_split(dataset: str, out: str, split, overwrite: bool, decode_one) -> DecodeResult:
+    """Decode one split into `out`, or, when the dataset has several and none is named, each into out/SPLIT/."""
+    names = split_names(dataset) if split is None else [split]
+    if len(names) == 1:
+        return decode_one(names[0], out)
+    prepare_folder(out, overwrite)
+    results = [decode_one(n, os.path.join(out, n)) for n in names]
+    first = results[0]
+    n = sum(r.num_images for r in results)
+    seconds = sum(r.seconds for r in results)
+    return DecodeResult(dataset=dataset, output=out, format=first.format, num_images=n,
+                        refused=[x for r in results for x in r.refused], seconds=round(seconds, 3),
+                        images_per_second=round(n / seconds, 1) if seconds else None, runner=first.runner,
+                        num_refused=sum(r.num_refused for r in results))
+
+
 def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, workers=None,
-               device: str = "auto", overwrite: bool = False, report: Reporter = QUIET) -> DecodeResult:
+               device: str = "auto", overwrite: bool = False, report: Reporter = QUIET,
+               split: str | None = None) -> DecodeResult:
+    """Decode a dataset's split (the only one, or the one named); several splits go to out/SPLIT/ each."""
+    return each_split(dataset, out, split, overwrite,
+                      lambda name, where: _decode_split(dataset, where, fmt, batch_size, workers, device, overwrite,
+                                                        report, name))
+
+
+def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, report, split) -> DecodeResult:
     t0 = time.time()
-    ds = LogitDataset(dataset)
+    ds = LogitDataset(dataset, split)
     prepare_folder(out, overwrite)
     tf_device = resolve_device(device) if device == "gpu" else None
     output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite, classes=ds.classes)

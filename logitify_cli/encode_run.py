@@ -7,6 +7,7 @@ of shard i+1, so the cores never wait at a shard boundary.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError, write_error
 from .formats import get as get_format
@@ -25,6 +27,7 @@ from .pool import OrderedPool, can_fork, default_workers
 from .report import Reporter
 from .results import EncodeResult
 from .shards import ShardResult, build_transform, make_shard, packed_digests
+from .splits import refuse_mismatch
 
 # Pixels the workers may read ahead while TensorFlow starts. More buys
 # nothing on a busy machine (the import and the readers share the cores) and
@@ -35,43 +38,77 @@ PLAN_HEAD_START = 1.0  # seconds the plan may run alone before TensorFlow's impo
 
 
 @dataclass
+class _Part:
+    """One split the run makes: its plan, its journal, the shards a resume keeps and those still to make."""
+
+    plan: RunPlan
+    folder: OutputFolder  # this split's view of the output folder (its own journal)
+    done: dict  # index -> journal entry of shards a resumed run keeps
+    todo: list  # ShardSpecs still to make
+    fingerprint: dict | None = None  # a finished split's, when a resume keeps every shard of it
+
+
+@dataclass
 class _Started:
     """A plan with its output folder prepared and its pixels already flowing."""
 
     plan: RunPlan
     folder: OutputFolder
-    done: dict  # index -> journal entry of shards a resumed run keeps
-    todo: list  # ShardSpecs still to make
+    parts: list  # of _Part: the main split, then --holdout's
+    base: object  # the finished dataset's other splits (a Manifest) the run keeps, or None
+    replaced: list  # shard files of the splits this run replaces, removed once the manifest is written
     pool: OrderedPool
     stream: PixelStream
     count: int  # inputs still to read
-    fingerprint: dict | None = None  # a finished dataset's, when a resume keeps every shard of it
+
+
+def existing(opts: EncodeOptions):
+    """(the finished dataset here, its splits this run does not make, as a Manifest or None)."""
+    if fs.is_remote(opts.out) or not os.path.isdir(opts.out):
+        return None, None
+    have = OutputFolder(opts.out).dataset()
+    if have is None:
+        return None, None
+    made = {opts.split} | ({opts.holdout[1]} if opts.holdout else set())
+    keep = {n: r for n, r in have.splits.items() if n not in made}
+    if not keep:
+        return have, None
+    return have, dataclasses.replace(have, splits=keep, split=None)
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     """Plan, take the output folder, pick the shards to make, and start reading ahead."""
-    p = plan(opts)
-    folder = OutputFolder(opts.out)
+    have, base = existing(opts)
+    p = plan(opts, base=base)
+    folder = OutputFolder(opts.out, opts.split)
     folder.create()
     folder.lock.acquire()
     try:
-        folder.prepare(opts.overwrite, opts.resume, inputs=p.inputs_among)
-        done = {}
-        fingerprint = None
-        if opts.resume:
-            done = folder.resumable(p.header, p.fingerprint, p.shards_of)
-            done, fingerprint = _with_digests(done, p)
-        if not done:
-            folder.journal.start(p.header)
+        now, _ = existing(opts)
+        if (now and now.to_dict()) != (have and have.to_dict()):
+            raise LogitifyError(f"{opts.out}: its manifest changed while this run planned; run again")
+        if base is not None:
+            for part in p.parts:
+                refuse_mismatch(base, part, opts.out)
+        folder.prepare(opts.overwrite, opts.resume, inputs=p.inputs_among, keep_dataset=base is not None)
+        parts = []
+        for part in p.parts:
+            pf = OutputFolder(opts.out, part.split)
+            done, fingerprint = {}, None
+            if opts.resume:
+                done = pf.resumable(part.header, part.fingerprint, part.shards_of)
+                done, fingerprint = _with_digests(done, part)
+            if not done:
+                pf.journal.start(part.header)
+            parts.append(_Part(part, pf, done, [s for s in part.shards if s.index not in done], fingerprint))
     except BaseException:
         folder.lock.release()
         raise
-    todo = [s for s in p.shards if s.index not in done]
-    if len(todo) < p.n_shards:  # a resumed run: only the shards still to make
-        positions = [np.arange(s.start, s.stop) for s in todo]
-        items = p.items.select(np.concatenate(positions) if positions else np.zeros(0, np.int64))
-    else:
-        items = p.items
+    replaced = [s.file for n in (set(have.splits) - set(base.splits if base else ())) if have
+                for s in have.splits[n].shards] if have else []
+    chosen = [x.plan.items.select(np.concatenate([np.arange(s.start, s.stop) for s in x.todo]) if x.todo
+                                  else np.zeros(0, np.int64)) for x in parts]
+    items = chosen[0].concat(chosen[1:]) if len(chosen) > 1 else chosen[0]
     workers = opts.workers or default_workers()
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     dims = int(np.prod(p.shape))
@@ -79,13 +116,13 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
                          expect=opts.expect_size(p.shape))
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up
-    return _Started(p, folder, done, todo, pool, stream, len(items), fingerprint)
+    return _Started(p, folder, parts, base, replaced, pool, stream, len(items))
 
 
 def _with_digests(done: dict, p: RunPlan):
     """(shards to keep, fingerprint to keep): kept shards must bring their pixel digests.
 
-    A journal's entries carry them. A finished dataset resumed whole keeps
+    A journal's entries carry them. A finished split resumed whole keeps
     its manifest's fingerprint; otherwise a kept shard without digests (from
     a manifest, or a journal written before digests were kept) is made again.
     """
@@ -93,7 +130,7 @@ def _with_digests(done: dict, p: RunPlan):
         return done, None
     if len(done) == p.n_shards:
         try:
-            m = manifest_mod.read(os.path.join(p.options.out, manifest_mod.MANIFEST))
+            m = manifest_mod.read(os.path.join(p.options.out, manifest_mod.MANIFEST)).select(p.split)
             if m.fingerprint is not None:
                 return done, m.fingerprint
         except LogitifyError:
@@ -147,8 +184,8 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
     fmt = get_format(opts.format)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    folder = OutputFolder(opts.out)
-    folder.check(opts.overwrite, opts.resume)
+    folder = OutputFolder(opts.out, opts.split)
+    folder.check(opts.overwrite, opts.resume, splits=[opts.split] + ([opts.holdout[1]] if opts.holdout else []))
     started = _start_while_tf_imports(opts)  # a failure's notes (skipped inputs) travel on the error
     try:
         return _run(started, opts, fmt, report, t0)
@@ -160,33 +197,36 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     p = started.plan
     for note in p.notes:
         report.warn(note)
-    journal = started.folder.journal
-    skipped = list(p.skipped)
-    shards = [None] * p.n_shards
-    digests = [b""] * p.n_shards  # each shard's pixel digests, packed
-    for i, entry in started.done.items():
-        shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
-        skipped.extend(entry.get("skipped", []))
-        digests[i] = packed_digests(entry) or b""
     made = 0
+    book = []  # per part: [shards, digests, skipped]
+    for part in started.parts:
+        n = part.plan.n_shards
+        shards, digests, skipped = [None] * n, [b""] * n, list(part.plan.skipped)
+        for i, entry in part.done.items():
+            shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
+            skipped.extend(entry.get("skipped", []))
+            digests[i] = packed_digests(entry) or b""  # each shard's pixel digests, packed
+        book.append((shards, digests, skipped))
 
-    def finish(future):
+    def finish(future, k):
         nonlocal made
         result: ShardResult = future.result()
         made += result.num_examples
+        shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
         digests[result.index] = packed_digests(result.to_dict())
         skipped.extend(result.skipped)
         try:
-            journal.append(result.to_dict())
+            started.parts[k].folder.journal.append(result.to_dict())
         except OSError as e:
-            raise write_error(e, manifest_mod.JOURNAL) from None
+            raise write_error(e, manifest_mod.journal_name(started.parts[k].plan.split)) from None
 
     # One thread compiles the transform, then makes shard i while this one
     # gathers shard i+1 from the readers. Shard i+1 starts as soon as it is
     # gathered, beside the end of shard i (in the run's tail the readers are
     # idle), and shard i+2 is gathered only once shard i is done: at most
-    # two shards' pixels are held.
+    # two shards' pixels are held. The main split's shards come first, then
+    # --holdout's, from one stream of pixels.
     cancel = threading.Event()
     with report.bar(started.count, "encode") as bar, started.pool, \
             ThreadPoolExecutor(2, thread_name_prefix="transform") as ex:
@@ -195,43 +235,53 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         stream.ahead(RUN_AHEAD)
         pending = None
         try:
-            for spec in started.todo:
-                task = p.task(spec)
-                pixels = []
-                for j in range(spec.stop - spec.start):
-                    pixels.append(next(stream))
-                    if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
-                        bar.update(256)
-                bar.update(len(pixels) % 256)
-                started_shard = ex.submit(
-                    lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
-                    task, pixels)
-                del pixels
-                if pending is not None:
-                    finish(pending)
-                pending = started_shard
+            for k, part in enumerate(started.parts):
+                for spec in part.todo:
+                    task = part.plan.task(spec)
+                    pixels = []
+                    for j in range(spec.stop - spec.start):
+                        pixels.append(next(stream))
+                        if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
+                            bar.update(256)
+                    bar.update(len(pixels) % 256)
+                    started_shard = ex.submit(
+                        lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
+                        task, pixels)
+                    del pixels
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (started_shard, k)
             if pending is not None:
-                finish(pending)
+                finish(*pending)
         except BaseException:
             cancel.set()  # the shard in flight is abandoned and its temp file removed
             raise
 
     seconds = time.time() - t0
-    total = sum(s.num_examples for s in shards)
+    total = sum(s.num_examples for shards, _, _ in book for s in shards)
     if total == 0:
-        raise LogitifyError(f"none of the {len(p.items)} inputs could be read as an image")
+        raise LogitifyError(f"none of the {sum(len(x.plan.items) for x in started.parts)} inputs could be read "
+                            "as an image")
     rate = round(made / seconds, 1) if seconds else None
-    m = manifest_mod.for_run(p, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate},
-                             pixels=None if started.fingerprint else digests)
-    if started.fingerprint:
-        m.fingerprint = started.fingerprint
+    m = started.base
+    for part, (shards, digests, skipped) in zip(started.parts, book):
+        m = manifest_mod.for_run(part.plan, shards, skipped, {"seconds": round(seconds, 3), "images_per_second": rate},
+                                 pixels=None if part.fingerprint else digests, base=m)
+        if part.fingerprint:
+            m.fingerprint = part.fingerprint
     try:
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
+        started.folder.remove_stale(started.replaced, m)
     except OSError as e:
         raise write_error(e, manifest_mod.MANIFEST) from None
-    journal.remove()
-    return EncodeResult(output=opts.out, format=opts.format, num_examples=total, num_shards=p.n_shards,
-                        shards=[s.file for s in shards], shape=list(p.shape), classes=p.classes,
-                        skipped=m.skipped, metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
-                        resumed_shards=len(started.done), warnings=list(p.notes))
+    for part in started.parts:
+        part.folder.journal.remove()
+    counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
+    return EncodeResult(output=opts.out, format=opts.format, num_examples=sum(counts.values()),
+                        num_shards=sum(x.plan.n_shards for x in started.parts),
+                        shards=[s.file for shards, _, _ in book for s in shards], shape=list(p.shape),
+                        classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=lambda s: s["source"]),
+                        metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
+                        resumed_shards=sum(len(x.done) for x in started.parts),
+                        split=p.split, splits=counts, warnings=list(p.notes))

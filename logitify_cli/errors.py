@@ -70,3 +70,13 @@ def write_error(e: OSError, what: str) -> LogitifyError:
     if e.errno == errno.ENOSPC:
         reason = "no space left on device"
     return LogitifyError(f"cannot write {what}: {reason}")
+
+
+class SplitMismatch(LogitifyError):
+    """A run would add a split that does not share the dataset's transform, shape, format, geometry or classes."""
+
+    def __init__(self, message: str, *, field: str, dataset, run):
+        super().__init__(message)
+        self.field = field
+        self.dataset = dataset
+        self.run = run

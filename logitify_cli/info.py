@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from .dataset import LogitDataset
+from .dataset import LogitDataset, split_names
 from .errors import LogitifyError, UsageError
 from .report import QUIET, printable
 from .results import InfoResult
@@ -75,9 +75,9 @@ def _thumb(y: np.ndarray) -> np.ndarray:
     return y[::s, ::s].copy()
 
 
-def gather(path: str, want_samples: bool = False, check: bool = True, report=QUIET):
-    """(dataset, summary dict, samples {label: [(key, logits)]}, logit sample, log-det sample)."""
-    ds = LogitDataset(path)
+def gather(path: str, want_samples: bool = False, check: bool = True, report=QUIET, split: str | None = None):
+    """(dataset, summary dict, samples {label: [(key, logits)]}, logit sample, log-det sample) of one split."""
+    ds = LogitDataset(path, split)
     m = ds.manifest
     logits_stats, logdet_stats = _Running(), _Running()
     counts, other = {}, 0
@@ -278,12 +278,29 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
             plt.close(fig)
 
 
-def info(path: str, plot_path: str | None = None, report=QUIET) -> InfoResult:
+def info(path: str, plot_path: str | None = None, report=QUIET, split: str | None = None) -> InfoResult:
+    """One split's summary (the only one, or the one named), or with several splits each one's under `splits`."""
     if plot_path and os.path.splitext(plot_path)[1].lower() not in PLOT_FORMATS:
         raise UsageError(f"--plot {plot_path}: name a file ending in {', '.join(PLOT_FORMATS)}")
     if plot_path and os.path.isdir(plot_path):
         raise UsageError(f"--plot {plot_path} is a folder: name a file")
-    ds, summary, samples, hist, logdets = gather(path, want_samples=plot_path is not None, report=report)
+    names = split_names(path) if split is None else [split]
+    if len(names) > 1:
+        if plot_path:
+            raise UsageError(f"{path} has the splits {', '.join(names)}: --plot draws one; name it with --split")
+        parts = {n: gather(path, report=report, split=n) for n in names}
+        per = {n: part[1] for n, part in parts.items()}
+        first = per[names[0]]
+        wide = ("format", "name", "shape", "dims", "classes", "transform", "lossless", "bpd_offset_nats",
+                "geometry", "tool_version")
+        summary = {"command": "info", "dataset": path, **{k: first[k] for k in wide},
+                   "num_examples": sum(p["num_examples"] for p in per.values()),
+                   "split_names": names, "splits": per,
+                   "manifest": parts[names[0]][0].manifest.to_dict()}
+        text = "\n\n".join(render(per[n]) for n in names)
+        return InfoResult(summary=summary, text=text)
+    ds, summary, samples, hist, logdets = gather(path, want_samples=plot_path is not None, report=report,
+                                                 split=names[0])
     if plot_path:
         plot(ds, summary, samples, hist, logdets, plot_path)
         summary["plot"] = plot_path

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 from . import __version__
 from .errors import LogitifyError
 from .report import short
 from .transform import TransformParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a folder of one split: the layout every earlier logitify wrote
+SPLITS_VERSION = 2  # a folder of several splits: dataset-wide fields once, then `splits`
 MANIFEST = "manifest.json"
-JOURNAL = ".logitify-journal.jsonl"
+JOURNAL = ".logitify-journal.jsonl"  # the journal of split "train"; others: journal_name(split)
 LOCK = ".logitify.lock"
 LOGDET_CONVENTION = "tfgenzoo"
 MANIFEST_MAX_BYTES = 64 << 20
@@ -33,29 +35,121 @@ class ShardEntry:
         return {"file": self.file, "num_examples": self.num_examples, "sha256": self.sha256}
 
 
-@dataclass
-class Manifest:
-    """A dataset folder's manifest. `folder` is where it was read from (not written)."""
+# Split names: what TFDS accepts in a split name and a shard file name can hold.
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+# The `source` fields that say how pixels were made: one value for the whole dataset.
+PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter")
 
-    format: str
-    name: str
-    split: str
-    shape: tuple
-    params: TransformParams
-    classes: list | None
+
+def journal_name(split: str) -> str:
+    """The resume journal of a run making `split` (one per split, so splits resume on their own)."""
+    return JOURNAL if split == "train" else f".logitify-journal-{split}.jsonl"
+
+
+@dataclass
+class SplitRecord:
+    """What a manifest records of one split: its shards and what was made of its inputs."""
+
     shards: list
     skipped: list = field(default_factory=list)
-    compressed: bool = False
-    source: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    files: list = field(default_factory=list)
     fingerprint: dict | None = None  # {pixels_sha256, keys_sha256}; None in manifests made before it existed
-    tool_version: str = __version__
-    folder: str | None = None
+    stats: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # every `source` field, the dataset-wide ones included
 
     @property
     def num_examples(self) -> int:
         return sum(s.num_examples for s in self.shards)
+
+    def to_dict(self, pixel_source: bool = True) -> dict:
+        source = self.source if pixel_source else {k: v for k, v in self.source.items() if k not in PIXEL_SOURCE}
+        return {"num_examples": self.num_examples, "shards": [s.to_dict() for s in self.shards],
+                "skipped": self.skipped,
+                **({"fingerprint": dict(self.fingerprint)} if self.fingerprint is not None else {}),
+                "source": source, "stats": self.stats}
+
+
+@dataclass
+class Manifest:
+    """A dataset folder's manifest. `folder` is where it was read from (not written).
+
+    The transform, shape, format, classes and geometry are the dataset's;
+    `splits` holds each split's shards. `split` is the split this object
+    speaks for (`shards`, `skipped`, `fingerprint`, `stats`, `source`); it is
+    None when several splits were read and none was chosen with select().
+    """
+
+    format: str
+    name: str
+    shape: tuple
+    params: TransformParams
+    classes: list | None
+    splits: dict  # name -> SplitRecord
+    split: str | None = None
+    compressed: bool = False
+    files: list = field(default_factory=list)
+    tool_version: str = __version__
+    folder: str | None = None
+
+    def __post_init__(self):
+        if self.split is None and len(self.splits) == 1:
+            self.split = next(iter(self.splits))
+
+    @property
+    def split_names(self) -> list:
+        return sorted(self.splits)
+
+    @property
+    def record(self) -> SplitRecord:
+        if self.split is None:
+            raise LogitifyError(f"{self.where()}: this dataset has the splits {', '.join(self.split_names)}; "
+                                "name one (split=... in Python, --split on the command line)")
+        return self.splits[self.split]
+
+    def where(self) -> str:
+        return self.folder or "this dataset"
+
+    def select(self, split: str | None) -> "Manifest":
+        """This manifest speaking for one split (None: the only one there is), or LogitifyError naming the splits."""
+        if split is None:
+            out = replace(self)
+            out.record  # noqa: B018 -- refuses a choice left open
+            return out
+        if split not in self.splits:
+            raise LogitifyError(f"{self.where()}: no split {split!r} in this dataset (it has "
+                                f"{', '.join(self.split_names)})")
+        return replace(self, split=split)
+
+    def each_split(self):
+        """This manifest once per split, in name order."""
+        return [self.select(n) for n in self.split_names]
+
+    @property
+    def shards(self) -> list:
+        return self.record.shards
+
+    @property
+    def skipped(self) -> list:
+        return self.record.skipped
+
+    @property
+    def stats(self) -> dict:
+        return self.record.stats
+
+    @property
+    def source(self) -> dict:
+        return self.record.source
+
+    @property
+    def fingerprint(self) -> dict | None:
+        return self.record.fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value) -> None:
+        self.record.fingerprint = value
+
+    @property
+    def num_examples(self) -> int:
+        return self.record.num_examples
 
     @property
     def dims(self) -> int:
@@ -80,17 +174,17 @@ class Manifest:
         return get(self.format)
 
     def owned_files(self) -> list:
-        """Every file of this dataset's folder that logitify wrote: shards, metadata, the manifest."""
-        return [s.file for s in self.shards] + list(self.files) + [MANIFEST]
+        """Every file of this dataset's folder that logitify wrote: every split's shards, metadata, the manifest."""
+        return [s.file for n in self.split_names for s in self.splits[n].shards] + list(self.files) + [MANIFEST]
 
     def to_dict(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
+        """Version 1 (every earlier logitify's layout) for one split, version 2 for several."""
+        head = {
             "tool_version": self.tool_version,
             "format": self.format,
             "name": self.name,
-            "split": self.split,
-            "num_examples": self.num_examples,
+        }
+        wide = {
             "shape": [int(s) for s in self.shape],
             "dtype": "float32",
             "compressed": bool(self.compressed),
@@ -98,13 +192,19 @@ class Manifest:
             "logdet": self.logdet,
             "alpha_conventions": _alpha_equivalents(self.params.alpha),
             "classes": self.classes,
-            "shards": [s.to_dict() for s in self.shards],
-            "skipped": self.skipped,
-            **({"fingerprint": dict(self.fingerprint)} if self.fingerprint is not None else {}),
-            "files": list(self.files),
-            "source": self.source,
-            "stats": self.stats,
         }
+        if len(self.splits) == 1:
+            (split, rec), = self.splits.items()
+            one = rec.to_dict()
+            return {"format_version": FORMAT_VERSION, **head, "split": split, "num_examples": one["num_examples"],
+                    **wide, "shards": one["shards"], "skipped": one["skipped"],
+                    **({"fingerprint": one["fingerprint"]} if "fingerprint" in one else {}),
+                    "files": list(self.files), "source": one["source"], "stats": one["stats"]}
+        first = self.splits[self.split_names[0]]
+        return {"format_version": SPLITS_VERSION, **head, **wide,
+                "splits": {n: self.splits[n].to_dict(pixel_source=False) for n in self.split_names},
+                "files": list(self.files),
+                "source": {k: first.source.get(k) for k in PIXEL_SOURCE}}
 
     @classmethod
     def from_dict(cls, m, where: str = MANIFEST) -> "Manifest":
@@ -118,8 +218,9 @@ class Manifest:
 
         if not isinstance(m, dict):
             fail("not a JSON object")
-        if m.get("format_version") != FORMAT_VERSION:
-            fail(f"format_version {short(m.get('format_version'))} (this tool reads {FORMAT_VERSION})")
+        version = m.get("format_version")
+        if type(version) is not int or version not in (FORMAT_VERSION, SPLITS_VERSION):
+            fail(f"format_version {short(version)} (this tool reads {FORMAT_VERSION} and {SPLITS_VERSION})")
         if not isinstance(m.get("format"), str) or m["format"] not in FORMATS:
             fail(f"unknown format {short(m.get('format'))}")
         shape = m.get("shape")
@@ -144,23 +245,6 @@ class Manifest:
             params = TransformParams.from_dict(t)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             fail(f"transform parameters: {e}")
-        shards = m.get("shards")
-        if not isinstance(shards, list):
-            fail("shards is not a list")
-        entries = []
-        for s in shards:
-            if not (isinstance(s, dict) and isinstance(s.get("file"), str) and type(s.get("num_examples")) is int
-                    and isinstance(s.get("sha256"), str) and s["num_examples"] >= 0):
-                fail(f"bad shard entry {short(s)}")
-            if not _plain_name(s["file"]):
-                fail(f"shard file name {short(s['file'])} names no file inside the dataset folder "
-                     "(it points outside, or is too long)")
-            entries.append(ShardEntry(s["file"], s["num_examples"], s["sha256"]))
-        if len({e.file for e in entries}) != len(entries):
-            fail("two shard entries name the same file")
-        total = sum(e.num_examples for e in entries)
-        if m.get("num_examples") != total:
-            fail(f"num_examples {short(m.get('num_examples'))} but the shards hold {total}")
         classes = m.get("classes")
         if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             fail("classes is neither null nor a list of names")
@@ -168,36 +252,77 @@ class Manifest:
         if not isinstance(ld, dict) or ld.get("convention") != LOGDET_CONVENTION \
                 or type(ld.get("bpd_offset_nats")) not in (int, float) or not math.isfinite(ld["bpd_offset_nats"]):
             fail("logdet section missing or not the tfgenzoo convention")
-        skipped = m.get("skipped", [])
-        if not (isinstance(skipped, list) and all(
-                isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("reason"), str)
-                for x in skipped)):
-            fail("skipped is not a list of {source, reason}")
         files = m.get("files", [])
         if not (isinstance(files, list) and all(isinstance(f, str) and _plain_name(f) for f in files)):
             fail("files is not a list of file names in the dataset folder")
         name = m.get("name", "logitify")
-        split = m.get("split", "train")
-        if not isinstance(name, str) or not isinstance(split, str):
-            fail("name and split must be strings")
-        for k in ("source", "stats"):
-            if not isinstance(m.get(k, {}), dict):
-                fail(f"{k} is not an object")
-        problem = _geometry_problem(m.get("source", {}))
-        if problem:
-            fail(f"source: {problem}")
-        fp = m.get("fingerprint")
-        if fp is not None and not (isinstance(fp, dict) and set(fp) == {"pixels_sha256", "keys_sha256"}
-                                   and all(_is_sha256(v) for v in fp.values())):
-            fail("fingerprint is not {pixels_sha256, keys_sha256} of two sha256 hex digests")
+        if not isinstance(name, str):
+            fail("name must be a string")
+        if not isinstance(m.get("source", {}), dict):
+            fail("source is not an object")
+        if version == FORMAT_VERSION:
+            split = m.get("split", "train")
+            if not isinstance(split, str):
+                fail("split must be a string")
+            splits = {split: _split_record(m, {}, fail, "")}
+        else:
+            raw = m.get("splits")
+            if not (isinstance(raw, dict) and raw):
+                fail("splits is not an object of one or more splits")
+            splits = {}
+            for n, d in raw.items():
+                if not SPLIT_NAME.match(n):
+                    fail(f"split name {short(n)} is not letters, digits and _")
+                if not isinstance(d, dict):
+                    fail(f"split {n} is not an object")
+                splits[n] = _split_record(d, m.get("source", {}), fail, f"split {n}: ")
+        owned = [s.file for r in splits.values() for s in r.shards]
+        if len(set(owned)) != len(owned):
+            fail("two shard entries name the same file")
         version = m.get("tool_version")
-        out = cls(format=m["format"], name=name, split=split, shape=tuple(shape), params=params,
-                  classes=classes, shards=entries, skipped=skipped, compressed=bool(m.get("compressed", False)),
-                  source=m.get("source", {}), stats=m.get("stats", {}), files=files,
-                  fingerprint=dict(fp) if fp is not None else None, tool_version=version if isinstance(version, str) else "unknown")
+        out = cls(format=m["format"], name=name, shape=tuple(shape), params=params, classes=classes, splits=splits,
+                  compressed=bool(m.get("compressed", False)), files=files,
+                  tool_version=version if isinstance(version, str) else "unknown")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out
+
+
+def _split_record(m: dict, wide_source: dict, fail, what: str) -> SplitRecord:
+    """One split's record (the top level of a version 1 manifest, or an entry of `splits`), checked."""
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        fail(f"{what}shards is not a list")
+    entries = []
+    for s in shards:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and type(s.get("num_examples")) is int
+                and isinstance(s.get("sha256"), str) and s["num_examples"] >= 0):
+            fail(f"{what}bad shard entry {short(s)}")
+        if not _plain_name(s["file"]):
+            fail(f"{what}shard file name {short(s['file'])} names no file inside the dataset folder "
+                 "(it points outside, or is too long)")
+        entries.append(ShardEntry(s["file"], s["num_examples"], s["sha256"]))
+    total = sum(e.num_examples for e in entries)
+    if m.get("num_examples") != total:
+        fail(f"{what}num_examples {short(m.get('num_examples'))} but the shards hold {total}")
+    skipped = m.get("skipped", [])
+    if not (isinstance(skipped, list) and all(
+            isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("reason"), str)
+            for x in skipped)):
+        fail(f"{what}skipped is not a list of {{source, reason}}")
+    for k in ("source", "stats"):
+        if not isinstance(m.get(k, {}), dict):
+            fail(f"{what}{k} is not an object")
+    source = {**m.get("source", {}), **{k: wide_source[k] for k in PIXEL_SOURCE if k in wide_source}}
+    problem = _geometry_problem(source)
+    if problem:
+        fail(f"source: {problem}")
+    fp = m.get("fingerprint")
+    if fp is not None and not (isinstance(fp, dict) and set(fp) == {"pixels_sha256", "keys_sha256"}
+                               and all(_is_sha256(v) for v in fp.values())):
+        fail(f"{what}fingerprint is not {{pixels_sha256, keys_sha256}} of two sha256 hex digests")
+    return SplitRecord(shards=entries, skipped=skipped, fingerprint=dict(fp) if fp is not None else None,
+                       stats=m.get("stats", {}), source=source)
 
 
 def _is_sha256(x) -> bool:
@@ -280,11 +405,12 @@ def write(out_dir: str, manifest: Manifest) -> None:
     fs.write_bytes(fs.join(out_dir, MANIFEST), json_bytes(manifest.to_dict()))
 
 
-def for_run(plan, shards, skipped, stats: dict, pixels=None) -> Manifest:
+def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | None = None) -> Manifest:
     """The manifest of a finished encode run, the same for every runner.
 
     `pixels`: every shard's pixel digests, packed (shards.packed_digests),
     for the fingerprint; its keys are the plan's inputs less the skipped ones.
+    `base`: the dataset this run adds its split to (its other splits are kept).
     """
     from .fingerprint import fingerprint
 
@@ -293,16 +419,17 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None) -> Manifest:
     if pixels is not None:
         gone = {s["source"] for s in skipped}
         fp = fingerprint(pixels, (it.key for it in plan.items if it.key not in gone))
-    m = Manifest(
-        format=opts.format, name=opts.name, split=opts.split, shape=tuple(plan.shape), params=opts.params,
-        classes=plan.classes, shards=list(shards), skipped=sorted(skipped, key=lambda s: s["source"]),
-        compressed=bool(opts.compress),
+    record = SplitRecord(
+        shards=list(shards), skipped=sorted(skipped, key=lambda s: s["source"]), fingerprint=fp,
+        stats={**stats, "fingerprint": plan.fingerprint},
         source={"size": list(opts.size) if opts.size else None, "channels": plan.channels,
                 "max_pixels": opts.max_pixels, "image_key": opts.image_key, "label_key": opts.label_key,
                 "shard_size": plan.shard_size, **opts.geometry_record(),
-                **({"tfds": plan.tfds} if plan.tfds is not None else {})},
-        stats={**stats, "fingerprint": plan.fingerprint},
-        fingerprint=fp,
-    )
+                **({"tfds": plan.tfds} if plan.tfds is not None else {})})
+    splits = {n: r for n, r in (base.splits.items() if base is not None else ()) if n != plan.split}
+    splits[plan.split] = record
+    m = Manifest(format=opts.format, name=opts.name, shape=tuple(plan.shape), params=opts.params,
+                 classes=base.classes if base is not None else plan.classes,
+                 splits=dict(sorted(splits.items())), split=plan.split, compressed=bool(opts.compress))
     m.files = m.shard_format().metadata_files(m)
     return m

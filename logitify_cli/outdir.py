@@ -23,6 +23,7 @@ from .errors import ForeignFile, LogitifyError, OutputInUse, write_error
 from .report import printable, short
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
+_JOURNAL = re.compile(r"^\.logitify-journal(-[A-Za-z0-9_]{1,64})?\.jsonl$")  # manifest.journal_name()
 RECEIPT = ".{file}.receipt.json"  # what a Beam worker leaves beside the shard it made
 # Never through a link, never kept by a child, never blocked by a FIFO someone left under the name.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -78,8 +79,8 @@ def describe_difference(old: dict, new: dict) -> str:
 class Journal:
     """Append-only record of whole shards, so a killed run can resume."""
 
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, manifest_mod.JOURNAL)
+    def __init__(self, folder: str, split: str = "train"):
+        self.path = os.path.join(folder, manifest_mod.journal_name(split))
 
     def start(self, header: dict) -> None:
         """A new journal: whatever held the name before (a link included) is unlinked, not written through."""
@@ -291,12 +292,22 @@ def _read_pid(fd) -> int | None:
 class OutputFolder:
     """A run's output folder on this machine."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, split: str = "train"):
         self.path = path
         self.lock = FolderLock(path)
-        self.journal = Journal(path)
+        self.journal = Journal(path, split)
 
-    def check(self, overwrite: bool, resume: bool) -> None:
+    def dataset(self):
+        """The finished dataset in this folder (its Manifest, every split), or None."""
+        mpath = os.path.join(self.path, manifest_mod.MANIFEST)
+        if not os.path.isfile(mpath) or os.path.islink(mpath):
+            return None
+        try:
+            return manifest_mod.read(mpath)
+        except LogitifyError:
+            return None
+
+    def check(self, overwrite: bool, resume: bool, splits=None) -> None:
         """Fail at once, before any work and before anything is written, on an output we may not touch."""
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise LogitifyError(f"output {self.path} exists and is not a folder")
@@ -312,8 +323,14 @@ class OutputFolder:
                                     f"--{'overwrite' if overwrite else 'resume'}: choose a folder of its own")
         names = self._names()
         if names and not (overwrite or resume):
-            raise LogitifyError(f"output folder {self.path} is not empty; pass --overwrite to replace "
-                                "what logitify wrote there, or --resume to finish it")
+            have = self.dataset()
+            if have is None or len(have.splits) == 1 and not set(have.splits) - set(splits or ()):
+                raise LogitifyError(f"output folder {self.path} is not empty; pass --overwrite to replace "
+                                    "what logitify wrote there, or --resume to finish it")
+            there = sorted(set(have.splits) & set(splits or ()))
+            if there:  # a dataset of other splits too: only the named ones would be replaced
+                raise LogitifyError(f"{self.path} already holds the split {there[0]!r}; pass --overwrite to "
+                                    "replace only that split, or --resume to finish it")
         if overwrite:
             self._refuse_foreign(names, self.owned())
 
@@ -348,11 +365,15 @@ class OutputFolder:
             else:
                 fmt = FORMATS[m.format]
                 names.update(f for f in m.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
-        header, _ = self.journal.load()
-        if header is not None:
-            names.update(header_files(header))
+        for n in self._names():
+            if _JOURNAL.match(n):  # every split's journal, and the files its run may have written
+                names.add(n)
+                header, _ = Journal(self.path, n[len(".logitify-journal-"):-len(".jsonl")]
+                                    if n != manifest_mod.JOURNAL else "train").load()
+                if header is not None:
+                    names.update(header_files(header))
         # Receipts a Beam run leaves beside its shards until it writes the manifest.
-        names.update(RECEIPT.format(file=n) for n in list(names) if n not in (manifest_mod.LOCK, manifest_mod.JOURNAL))
+        names.update(RECEIPT.format(file=n) for n in list(names) if n != manifest_mod.LOCK and not _JOURNAL.match(n))
         return names
 
     def _ours(self, owned: set):
@@ -375,16 +396,21 @@ class OutputFolder:
                 "--overwrite replaces only logitify's own files: move it away or choose another folder",
                 folder=self.path, file=foreign[0])
 
-    def prepare(self, overwrite: bool, resume: bool, inputs=None) -> None:
+    def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False) -> None:
         """Clear what this run replaces: owned files (--overwrite), leftovers of killed runs (always).
 
         `inputs(paths)` answers which of these paths are inputs of this run.
+        `keep_dataset`: the run adds or replaces a split of the finished
+        dataset here, whose other splits stay; the replaced split's old shards
+        go only once the new manifest is written (see stale_shards).
         """
         names = self._names()
         owned = self.owned()
         ours = self._ours(owned)
         remove = [n for n in names if _TEMP.match(n) and ours(n)]
-        if overwrite:
+        if overwrite and keep_dataset:
+            self._refuse_foreign(names, owned)
+        elif overwrite:
             self._refuse_foreign(names, owned)
             remove = [n for n in names if n != manifest_mod.LOCK]
         paths = [os.path.join(self.path, n) for n in remove]
@@ -395,6 +421,14 @@ class OutputFolder:
                                     "write the output to another folder")
         for p in paths:
             if os.path.islink(p) or os.path.isfile(p):  # a link goes, never what it points at
+                os.unlink(p)
+
+    def remove_stale(self, old, new) -> None:
+        """After a manifest is written: remove the files in `old` (a replaced split's shards) it no longer names."""
+        keep = set(new.owned_files())
+        for n in old:
+            p = os.path.join(self.path, n)
+            if n not in keep and (os.path.islink(p) or os.path.isfile(p)):
                 os.unlink(p)
 
     def resumable(self, header: dict, fingerprint: str, shards_of) -> dict:
@@ -417,6 +451,11 @@ class OutputFolder:
             if not os.path.exists(mpath):
                 return {}
             m = manifest_mod.read(mpath)
+            split = header.get("split")
+            if split not in m.splits:  # a split this finished dataset does not have yet: nothing to keep
+                self.journal.start(header)
+                return {}
+            m = m.select(split)
             if m.stats.get("fingerprint") != fingerprint:
                 raise LogitifyError(f"--resume: {self.path} holds a finished dataset made from other inputs or options")
             old = header

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import images as images_mod
-from .errors import LogitifyError, UsageError
+from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
+from .report import short
 from .transform import TransformParams
 
 SHARD_BYTES = 256 << 20  # default shard size: about this many bytes of logits
@@ -51,6 +52,7 @@ class EncodeOptions:
     resize_mode: str = "stretch"  # how --size resizes: stretch, center-crop, border
     crop: tuple | None = None  # (top, left, height, width), taken before any resize
     filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
+    holdout: tuple | None = None  # (fraction, split): that share of the inputs, by a hash of (seed, key)
 
     @property
     def geometry(self):
@@ -112,7 +114,14 @@ class RunPlan:
     shards: list  # of ShardSpec
     header: dict
     notes: list
+    split: str = "train"
+    holdout: "RunPlan | None" = None  # the plan of --holdout's split, made in the same run
     tfds: dict | None = None  # what a TFDS source said of itself, for the manifest
+
+    @property
+    def parts(self) -> list:
+        """This plan and its holdout's: every split the run makes, in the order its shards are made."""
+        return [self] + ([self.holdout] if self.holdout is not None else [])
 
     @property
     def n_shards(self) -> int:
@@ -183,7 +192,7 @@ def fingerprint(header: dict) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
 
 
-def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items) -> dict:
+def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items, split=None) -> dict:
     """The inputs and every option that changes a shard's bytes: what a resume must match."""
     h = hashlib.sha256()
     for it in items:
@@ -191,7 +200,7 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     header = {
         "format": opts.format,
         "name": opts.name,
-        "split": opts.split,
+        "split": split or opts.split,
         "transform": opts.params.to_dict(),
         "shape": list(shape),
         "size": list(opts.size) if opts.size else None,
@@ -214,6 +223,8 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
         header["resize_mode"] = opts.resize_mode
     if opts.size and opts.filter != images_mod.DEFAULT_FILTER:
         header["filter"] = opts.filter
+    if opts.holdout:  # a resume with another share or split name would move images between splits
+        header["holdout"] = [opts.holdout[0], opts.holdout[1]]
     return header
 
 
@@ -228,10 +239,15 @@ def resolved(opts: EncodeOptions, inv) -> EncodeOptions:
     return replace(opts, image_key=opts.image_key or "image", label_key=opts.label_key or "label")
 
 
-def plan(opts: EncodeOptions) -> RunPlan:
-    """Discover, probe and lay out the shards; nothing is written."""
+def plan(opts: EncodeOptions, base=None) -> RunPlan:
+    """Discover, probe and lay out the shards of every split the run makes; nothing is written.
+
+    `base`: the dataset (a Manifest) this run adds a split to; this run's
+    labels are numbered as its classes (splits.class_mapping).
+    """
     from .formats import get
     from .sources import discover
+    from .splits import class_mapping, holdout_mask
 
     fmt = get(opts.format)
     inv = discover(opts.sources, opts.compression, tfds_split=opts.tfds_split or opts.split,
@@ -242,6 +258,16 @@ def plan(opts: EncodeOptions) -> RunPlan:
     notes = list(inv.notes) + [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
     if not inv.items:
         raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)), notes=notes)
+    run_classes = inv.classes
+    if base is not None:
+        if inv.tfds is not None and inv.classes != base.classes:  # labels come from the records, unnumbered
+            raise SplitMismatch(f"{opts.out}: the dataset's classes are {short(base.classes)}, the TFDS "
+                                f"split's {short(inv.classes)}; nothing was written", field="classes",
+                                dataset=base.classes, run=inv.classes)
+        mapping = class_mapping(base.classes, inv.classes, opts.out)
+        if mapping is not None:
+            inv.items.relabel(mapping)
+        run_classes = base.classes
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
@@ -251,15 +277,25 @@ def plan(opts: EncodeOptions) -> RunPlan:
         raise LogitifyError(f"none of the {len(inv.items)} inputs could be read as an image", notes=notes)
     dims = int(np.prod(shape))
     shard_size = opts.shard_size or max(1, SHARD_BYTES // (4 * dims))
-    n = len(inv.items)
-    n_shards = max(1, -(-n // shard_size))
-    shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, opts.split, i, n_shards),
-                        i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
-    header = run_header(opts, shape, channels, shard_size, n_shards, inv.items)
-    if inv.tfds is not None:  # what the TFDS folder said, including counts that differ: a resume must match it
-        header["tfds"] = inv.tfds
     if not opts.params.lossless:
         notes.append("this transform is lossy: decode gives the nearest level, not always the original "
                      f"(noise {opts.params.noise}, corruption level {opts.params.corruption_level})")
-    return RunPlan(opts, inv.items, inv.classes, list(inv.skipped), tuple(shape), channels, first.key,
-                   shard_size, shards, header, notes, tfds=inv.tfds)
+
+    def part(items, split, skipped, notes):
+        n = len(items)
+        n_shards = max(1, -(-n // shard_size))
+        shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, split, i, n_shards),
+                            i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
+        header = run_header(opts, shape, channels, shard_size, n_shards, items, split)
+        if inv.tfds is not None:  # what the TFDS folder said, including counts that differ: a resume must match it
+            header["tfds"] = inv.tfds
+        return RunPlan(opts, items, run_classes, skipped, tuple(shape), channels, first.key, shard_size, shards,
+                       header, notes, split=split, tfds=inv.tfds)
+
+    if not opts.holdout:
+        return part(inv.items, opts.split, list(inv.skipped), notes)
+    fraction, name = opts.holdout
+    held = holdout_mask(opts.params.seed, (it.key for it in inv.items), fraction)
+    main = part(inv.items.select(np.flatnonzero(~held)), opts.split, list(inv.skipped), notes)
+    main.holdout = part(inv.items.select(np.flatnonzero(held)), name, [], [])
+    return main

@@ -41,11 +41,16 @@ class EncodeResult(Result):
     images_per_second: float | None
     resumed_shards: int = 0
     runner: str = "local"
+    split: str = "train"
+    splits: dict | None = None  # examples of each split this run made (two with --holdout)
     warnings: list = field(default_factory=list)  # what was said on stderr before the run (e.g. TFDS counts that differ)
 
     def message(self) -> str:
-        return (f"encoded {self.num_examples} images into {self.num_shards} {self.format} shard(s) in {self.output}"
-                + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + f" in {self.seconds:.1f} s")
+        where = (" (" + ", ".join(f"{n}: {k}" for n, k in self.splits.items()) + ")"
+                 if self.splits and len(self.splits) > 1 else "")
+        return (f"encoded {self.num_examples} images{where} into {self.num_shards} {self.format} shard(s) in "
+                f"{self.output}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+                + f" in {self.seconds:.1f} s")
 
 
 @dataclass
@@ -77,6 +82,7 @@ class VerifyResult(Result):
     against: bool = False
     fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
     num_problems: int = 0  # all of them, listed or not
+    splits: dict | None = None  # with several splits: each one's recomputed fingerprint
 
     @property
     def ok(self) -> bool:
@@ -85,6 +91,8 @@ class VerifyResult(Result):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d.pop("against")
+        if d["splits"] is None:
+            d.pop("splits")
         return {**d, "ok": self.ok}
 
     def message(self) -> str:

@@ -135,6 +135,20 @@ class ItemList(Sequence):
         for a in range(0, len(self), 4096):
             yield from self._items(a, a + 4096)
 
+    def relabel(self, mapping) -> None:
+        """Labels renumbered in place: label i becomes mapping[i] (-1, no label, stays)."""
+        mapping = np.asarray(mapping, np.int64)
+        has = self._label >= 0
+        self._label = np.where(has, mapping[np.where(has, self._label, 0)], self._label)
+
+    def concat(self, others) -> "ItemList":
+        """This list followed by others made by select() from the same list (they share its storage)."""
+        out = ItemList.__new__(ItemList)
+        out.__dict__.update(self.__dict__)
+        for col in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
+            setattr(out, col, np.concatenate([getattr(x, col) for x in [self, *others]]))
+        return out
+
     def select(self, positions) -> "ItemList":
         """The items at these positions, sharing this list's storage."""
         out = ItemList.__new__(ItemList)

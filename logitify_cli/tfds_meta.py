@@ -30,7 +30,8 @@ def features_json(shape, classes) -> dict:
     }
 
 
-def dataset_info_json(manifest, num_bytes: int, template: str) -> dict:
+def dataset_info_json(manifest, num_bytes: dict, template: str) -> dict:
+    """TFDS's dataset_info.json: every split, with its shard lengths and bytes (`num_bytes`: split -> bytes)."""
     t = manifest.transform
     return {
         "description": (
@@ -43,10 +44,10 @@ def dataset_info_json(manifest, num_bytes: int, template: str) -> dict:
         "name": manifest.name,
         "splits": [{
             "filepathTemplate": template,
-            "name": manifest.split,
-            "numBytes": str(num_bytes),
-            "shardLengths": [str(s.num_examples) for s in manifest.shards],
-        }],
+            "name": split,
+            "numBytes": str(num_bytes[split]),
+            "shardLengths": [str(s.num_examples) for s in manifest.splits[split].shards],
+        } for split in manifest.split_names],
         "version": "1.0.0",
     }
 
@@ -57,7 +58,7 @@ def write_tfds_metadata(out_dir: str, manifest, fmt) -> list:
     from .formats.tfrecord import TFDS_TEMPLATE
     from .manifest import json_bytes
 
-    num_bytes = sum(fs.size(fs.join(out_dir, s.file)) for s in manifest.shards)
+    num_bytes = {n: sum(fs.size(fs.join(out_dir, s.file)) for s in r.shards) for n, r in manifest.splits.items()}
     fs.write_bytes(fs.join(out_dir, "features.json"), json_bytes(features_json(manifest.shape, manifest.classes)))
     written = ["features.json"]
     if manifest.classes:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .dataset import LogitDataset
+from .dataset import LogitDataset, split_names
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
@@ -154,7 +154,10 @@ class Problems:
         self.listed = []
         self.count = 0
 
+    prefix = ""  # "split: " when several splits are verified
+
     def __call__(self, where, what) -> None:
+        where = self.prefix + where
         self.count += 1
         if len(self.listed) < PROBLEMS_LISTED:
             self.listed.append({"where": where, "problem": what})
@@ -165,11 +168,41 @@ class Problems:
         return len(self.listed) >= PROBLEMS_LISTED
 
 
-def verify(path: str, against=None, report=QUIET) -> VerifyResult:
+def verify(path: str, against=None, report=QUIET, split: str | None = None) -> VerifyResult:
+    """Every split (or the one named); --against compares one split with its sources, so it needs the split named."""
+    from .errors import UsageError
+
     t0 = time.time()
-    ds = LogitDataset(path)
-    params = ds.params
+    names = split_names(path) if split is None else [split]
+    if against and len(names) > 1:
+        raise UsageError(f"{path} has the splits {', '.join(names)}: --against compares one split with its "
+                         "sources; name it with --split")
     problem = Problems(report)
+    checked = compared = shards = 0
+    fingerprints = {}
+    for name in names:
+        ds = LogitDataset(path, name)
+        problem.prefix = f"{name}: " if len(names) > 1 else ""
+        c, k, fp = _verify_split(ds, against, report, problem)
+        checked, compared, shards = checked + c, compared + k, shards + len(ds.shards)
+        fingerprints[name] = fp
+    if problem.count > len(problem.listed):
+        report.warn(f"... and {problem.count - len(problem.listed)} more problem(s), not listed")
+    result = VerifyResult(dataset=path, num_examples=checked, num_shards=shards,
+                          compared_with_sources=compared, problems=problem.listed, seconds=round(time.time() - t0, 3),
+                          against=bool(against), num_problems=problem.count,
+                          fingerprint=fingerprints[names[0]] if len(names) == 1 else None,
+                          splits={n: fingerprints[n] for n in names} if len(names) > 1 else None)
+    if problem.count:
+        names = sorted({p["where"] for p in problem.listed})
+        shown = ", ".join(names[:10]) + (" and more" if len(names) > 10 or problem.count > len(problem.listed) else "")
+        raise LogitifyError(f"{problem.count} problem(s) in {path}: {shown}", result=result)
+    return result
+
+
+def _verify_split(ds, against, report, problem):
+    """(examples checked, compared with sources, recomputed fingerprint) of one split; problems go to `problem`."""
+    params = ds.params
     checked = 0
     decoded = {} if against else None
     # The fingerprint, recomputed from the decoded images where they are the
@@ -220,16 +253,7 @@ def verify(path: str, against=None, report=QUIET) -> VerifyResult:
     if want_fp is not None and not shard_failed:
         fingerprint = _check_fingerprint(want_fp, fp_keys, pixel_digests, source_digests if against else None,
                                          ds.num_examples, problem)
-    if problem.count > len(problem.listed):
-        report.warn(f"... and {problem.count - len(problem.listed)} more problem(s), not listed")
-    result = VerifyResult(dataset=path, num_examples=checked, num_shards=len(ds.shards),
-                          compared_with_sources=compared, problems=problem.listed, seconds=round(time.time() - t0, 3),
-                          against=bool(against), num_problems=problem.count, fingerprint=fingerprint)
-    if problem.count:
-        names = sorted({p["where"] for p in problem.listed})
-        shown = ", ".join(names[:10]) + (" and more" if len(names) > 10 or problem.count > len(problem.listed) else "")
-        raise LogitifyError(f"{problem.count} problem(s) in {path}: {shown}", result=result)
-    return result
+    return checked, compared, fingerprint
 
 
 def _name_repeats(ds, hashes: KeyHashes, repeated, repeats: int, problem) -> None:
