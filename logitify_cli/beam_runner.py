@@ -153,8 +153,12 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     """`logitify encode --runner beam [-- BEAM_OPTIONS...]`."""
     from .formats import get as get_format
     from .outdir import OutputFolder
-    from .planner import plan
+    from .planner import plan, split_runs
 
+    runs = split_runs(opts)
+    if len(runs) > 1:  # a TFDS folder's splits, one pipeline each, into one dataset
+        return EncodeResult.of_splits([encode_beam(o, report, beam_args) for o in runs])
+    opts = runs[0]
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")

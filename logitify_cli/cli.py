@@ -34,7 +34,7 @@ def _size(ctx, param, value):
 def _split_name(value):
     from .manifest import SPLIT_NAME
 
-    if not SPLIT_NAME.match(value):
+    if value is not None and not SPLIT_NAME.match(value):
         raise click.BadParameter(f"{value!r}: a split name is letters, digits and _ (at most 64)")
     return value
 
@@ -249,11 +249,12 @@ def main():
               help="Feature holding encoded images in TFRecord inputs [image; a TFDS folder's Image feature].")
 @click.option("--label-key", default=None,
               help="int64 label feature in TFRecord inputs [label; a TFDS folder's ClassLabel].")
-@click.option("--tfds-split", default=None, metavar="NAME",
-              help="The split of a prepared TFDS folder to encode [the one named by --split].")
+@click.option("--tfds-split", default=None, metavar="NAME[,NAME]",
+              help="The splits of a prepared TFDS folder to encode [all of them].")
 @click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
-@click.option("--split", default="train", show_default=True, callback=lambda c, p, v: _split_name(v),
-              help="Split to make; into a folder holding a dataset of other splits, it adds this one "
+@click.option("--split", default=None, callback=lambda c, p, v: _split_name(v),
+              help="Split to make [train; a TFDS folder's splits keep their names]; into a folder holding "
+                   "a dataset of other splits, it adds this one "
                    "(with --overwrite it replaces only this one).")
 @click.option("--holdout", metavar="FRACTION:NAME", default=None,
               help="Send this share of the inputs to a second split, by a hash of (seed, key), e.g. 0.1:test.")
@@ -282,7 +283,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
       logitify encode photos/ -o out/
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
       logitify encode celeba/ -o out/ --crop 40,15,148,148 --size 64x64 --filter box
-      logitify encode ~/tensorflow_datasets/cifar10 -o out/ --tfds-split test --split test
+      logitify encode ~/tensorflow_datasets/cifar10 -o out/      # every split, named as there
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
@@ -297,8 +298,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         from .splits import parse_holdout
 
         holdout = parse_holdout(holdout)
-        if holdout[1] == split:
-            raise UsageError(f"--holdout names the split {split!r} this run already makes; name another")
+        if holdout[1] == (split or "train"):
+            raise UsageError(f"--holdout names the split {split or 'train'!r} this run already makes; name another")
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")

@@ -22,7 +22,7 @@ from .errors import LogitifyError, UsageError, write_error
 from .formats import get as get_format
 from .outdir import OutputFolder
 from .pixels import PixelStream
-from .planner import EncodeOptions, RunPlan, plan
+from .planner import EncodeOptions, RunPlan, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
 from .report import Reporter
 from .results import EncodeResult
@@ -180,6 +180,10 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
 
 
 def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
+    runs = split_runs(opts)
+    if len(runs) > 1:  # a TFDS folder's splits, one run each, into one dataset
+        return EncodeResult.of_splits([run_encode(o, report) for o in runs])
+    opts = runs[0]
     t0 = time.time()
     fmt = get_format(opts.format)
     if opts.resume and opts.overwrite:

@@ -239,6 +239,51 @@ def resolved(opts: EncodeOptions, inv) -> EncodeOptions:
     return replace(opts, image_key=opts.image_key or "image", label_key=opts.label_key or "label")
 
 
+def split_runs(opts: EncodeOptions) -> list:
+    """The runs an encode makes: one per split of a TFDS folder, named as there; else the one asked for.
+
+    `opts.split` None means "as the source names it": each chosen TFDS
+    split (--tfds-split, or all of dataset_info.json's) keeps its name,
+    and any other source makes "train". A split named with --split
+    renames the one TFDS split chosen. Nothing is read but the TFDS
+    metadata.
+    """
+    import os
+
+    from . import fs, tfds_folder
+    from .manifest import SPLIT_NAME
+
+    source = opts.sources[0] if len(opts.sources) == 1 else None
+    found = (tfds_folder.locate(source) if source is not None and not fs.is_remote(source)
+             and os.path.isdir(source) else None)
+    if found is None:
+        if opts.tfds_split is not None:
+            raise UsageError("--tfds-split names splits of a prepared TFDS folder, and the source is not one")
+        return [replace(opts, split=opts.split or "train")]
+    meta = tfds_folder.read(found[0])
+    have = list(meta.splits)
+    names = [n.strip() for n in opts.tfds_split.split(",")] if opts.tfds_split else have
+    for n in names:
+        if n not in meta.splits:
+            raise UsageError(f"{source} has no split {n!r} (it has {', '.join(have)})")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--tfds-split {opts.tfds_split!r} names a split twice")
+    if opts.split is not None:
+        if len(names) != 1:
+            raise UsageError(f"--split {opts.split!r} would rename one TFDS split, and {source} has "
+                             f"{', '.join(names)}: choose one with --tfds-split, or let each keep its name")
+        return [replace(opts, tfds_split=names[0])]
+    if opts.holdout and len(names) > 1:
+        raise UsageError("--holdout takes a share of one split: choose the TFDS split with --tfds-split")
+    for n in names:
+        if not SPLIT_NAME.match(n):
+            raise UsageError(f"the TFDS split {n!r} cannot be a split name here (letters, digits and _, at "
+                             "most 64); choose it with --tfds-split and name it with --split")
+    # Later runs name the version folder itself: the dataset folder's choice of version is said once.
+    return [replace(opts, tfds_split=n, split=n, sources=opts.sources if i == 0 else [found[0]])
+            for i, n in enumerate(names)]
+
+
 def plan(opts: EncodeOptions, base=None) -> RunPlan:
     """Discover, probe and lay out the shards of every split the run makes; nothing is written.
 

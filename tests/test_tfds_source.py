@@ -144,52 +144,58 @@ def manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def test_a_version_folder_encodes_its_split_with_class_names_and_decodes_bit_for_bit(cli, prepared, tmp_path):
+def test_a_version_folder_encodes_every_split_with_class_names_and_decodes_bit_for_bit(cli, prepared, tmp_path):
     src = prepared["TinyPhotos"]
     r = cli("encode", src, "-o", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["num_examples"] == 13 and res["classes"] == RGB_CLASSES and res["warnings"] == []
+    assert res["splits"] == {"train": 13, "test": 5} and res["num_examples"] == 18
+    assert res["classes"] == RGB_CLASSES and res["warnings"] == []
     m = manifest(tmp_path / "o")
-    assert m["classes"] == RGB_CLASSES and m["shape"] == [10, 14, 3]
-    t = m["source"]["tfds"]
-    assert (t["dataset"], t["version"], t["split"], t["image_key"], t["label_key"]) == \
-        ("tiny_photos", "1.0.0", "train", "image", "label")
-    assert t["num_examples_promised"] == t["num_examples_found"] == 13 and t["counts_differ"] == []
+    assert m["classes"] == RGB_CLASSES and m["shape"] == [10, 14, 3] and sorted(m["splits"]) == ["test", "train"]
+    for split, n in (("train", 13), ("test", 5)):
+        t = m["splits"][split]["source"]["tfds"]
+        assert (t["dataset"], t["version"], t["split"], t["image_key"], t["label_key"]) == \
+            ("tiny_photos", "1.0.0", split, "image", "label")
+        assert t["num_examples_promised"] == t["num_examples_found"] == n and t["counts_differ"] == []
     assert cli("decode", tmp_path / "o", "-o", tmp_path / "d").exit_code == 0
-    got, names = decoded(tmp_path / "d")
-    assert got == truth(TinyPhotos.SPLITS["train"], RGB_CLASSES)
-    # keys are FILE:INDEX relative to the version folder, in class folders named by the class
-    assert all(n.split(os.sep)[0] in RGB_CLASSES for n in names)
-    assert {n.split(os.sep, 1)[1] for n in names} == \
-        {f"tiny_photos-train.tfrecord-00000-of-00001:{i}.png" for i in range(13)}
-    # the other split, by name; info shows the class names
-    r = cli("encode", src, "-o", tmp_path / "t", "--tfds-split", "test", "--split", "test")
-    assert r.exit_code == 0, r.output
-    assert manifest(tmp_path / "t")["source"]["tfds"]["split"] == "test"
-    assert cli("decode", tmp_path / "t", "-o", tmp_path / "dt").exit_code == 0
-    assert decoded(tmp_path / "dt")[0] == truth(TinyPhotos.SPLITS["test"], RGB_CLASSES)
-    info = cli("info", tmp_path / "t")
+    for split, n in (("train", 13), ("test", 5)):
+        got, names = decoded(tmp_path / "d" / split)
+        assert got == truth(TinyPhotos.SPLITS[split], RGB_CLASSES)
+        # keys are FILE:INDEX relative to the version folder, in class folders named by the class
+        assert all(x.split(os.sep)[0] in RGB_CLASSES for x in names)
+        assert {x.split(os.sep, 1)[1] for x in names} == \
+            {f"tiny_photos-{split}.tfrecord-00000-of-00001:{i}.png" for i in range(n)}
+    info = cli("info", tmp_path / "o")
     assert info.exit_code == 0 and "red eel" in info.stdout
+    # One split, by name, and renamed
+    r = cli("encode", src, "-o", tmp_path / "t", "--tfds-split", "test", "--split", "heldout")
+    assert r.exit_code == 0, r.output
+    m = manifest(tmp_path / "t")
+    assert m["split"] == "heldout" and m["num_examples"] == 5 and m["source"]["tfds"]["split"] == "test"
+    assert [x["sha256"] for x in m["shards"]] == \
+        [x["sha256"] for x in manifest(tmp_path / "o")["splits"]["test"]["shards"]]  # the keys decide the bytes
+    r = cli("encode", src, "-o", tmp_path / "x", "--split", "heldout")
+    assert r.exit_code == 2 and "--tfds-split" in r.stderr and "train, test" in r.stderr
 
 
 def test_keys_survive_a_move_and_the_dataset_folder_picks_the_newest_version(cli, prepared, tmp_path):
     src = prepared["TinyPhotos"]
-    assert cli("encode", src, "-o", tmp_path / "a").exit_code == 0
+    assert cli("encode", src, "-o", tmp_path / "a", "--tfds-split", "train").exit_code == 0
     # The dataset folder above, moved elsewhere, with an older version beside the newest:
-    # 1.10.0 is newer than 1.9.0 (not in string order), and stderr says which was taken.
+    # 1.10.0 is newer than 1.9.0 (not in string order), and stderr says which was taken, once.
     moved = tmp_path / "elsewhere" / "tiny_photos"
     shutil.copytree(src, moved / "1.10.0")
     shutil.copytree(src, moved / "1.9.0")
     (moved / "1.9.0" / "label.labels.txt").write_text("old\nnames\nhere\n")
-    r = cli("encode", moved, "-o", tmp_path / "b")
+    r = cli("encode", moved, "-o", tmp_path / "b", "--tfds-split", "train")
     assert r.exit_code == 0, r.output
-    assert "using version 1.10.0" in r.stderr and "1.9.0" in r.stderr
+    assert r.stderr.count("using version 1.10.0") == 1 and "1.9.0" in r.stderr
     a, b = manifest(tmp_path / "a"), manifest(tmp_path / "b")
     assert b["classes"] == RGB_CLASSES
     assert a["shards"] == b["shards"] and a["fingerprint"] == b["fingerprint"]  # same keys, same bytes
     r = cli("verify", tmp_path / "a", "--against", moved / "1.10.0")
-    assert r.exit_code == 0 and "13 equal to their sources" in r.stderr
+    assert r.exit_code == 0 and "13 equal to their sources" in r.stderr, r.output
 
 
 def test_grayscale_and_nested_features(cli, prepared, tmp_path):
@@ -205,7 +211,8 @@ def test_grayscale_and_nested_features(cli, prepared, tmp_path):
     assert decoded(tmp_path / "d")[0] == truth(TinyGray.SPLITS["validation"], GRAY_CLASSES)
     # The nested image, and the nested ClassLabel, whose names TFDS keeps in meta-kind.labels.txt
     assert os.path.exists(os.path.join(src, "meta-kind.labels.txt"))
-    r = cli("encode", src, "-o", tmp_path / "n", "--image-key", "meta/thumb", "--label-key", "meta/kind")
+    r = cli("encode", src, "-o", tmp_path / "n", "--image-key", "meta/thumb", "--label-key", "meta/kind",
+            "--tfds-split", "train")
     assert r.exit_code == 0, r.output
     m = manifest(tmp_path / "n")
     assert m["shape"] == [3, 3, 3] and m["classes"] == ["odd", "even"] and m["num_examples"] == 9
@@ -256,10 +263,12 @@ def test_a_count_that_disagrees_with_dataset_info_is_reported(cli, prepared, tmp
     assert "holds 13 records, dataset_info.json says 15" in r.stderr
     assert "13 examples found, dataset_info.json promises 15" in r.stderr
     res = json.loads(r.stdout)
-    assert any("promises 15" in w for w in res["warnings"])
-    t = manifest(tmp_path / "o")["source"]["tfds"]
+    assert res["splits"] == {"train": 13, "test": 5} and any("promises 15" in w for w in res["warnings"])
+    m = manifest(tmp_path / "o")
+    t = m["splits"]["train"]["source"]["tfds"]
     assert t["num_examples_promised"] == 15 and t["num_examples_found"] == 13
     assert t["counts_differ"] == [{"file": "tiny_photos-train.tfrecord-00000-of-00001", "expected": 15, "found": 13}]
+    assert m["splits"]["test"]["source"]["tfds"]["counts_differ"] == []
     # A shard file dataset_info.json lists but that is gone: skipped by name, and counted
     os.remove(copy / "tiny_photos-test.tfrecord-00000-of-00001")
     shutil.copy(copy / "tiny_photos-train.tfrecord-00000-of-00001", copy / "tiny_photos-test.tfrecord-00000-of-00001.x")
@@ -273,7 +282,7 @@ def test_what_cannot_be_read_is_refused_with_its_reason(cli, prepared, tmp_path)
 
     r = cli("encode", _tampered(prepared["TinyPhotos"], tmp_path, array_record), "-o", tmp_path / "o")
     assert r.exit_code == 1 and "array_record" in r.stderr and "TFRecord" in r.stderr
-    r = cli("encode", prepared["TinyPhotos"], "-o", tmp_path / "o", "--tfds-split", "valid")
+    r = cli("encode", prepared["TinyPhotos"], "-o", tmp_path / "o", "--tfds-split", "test,valid")
     assert r.exit_code == 2 and "'valid'" in r.stderr and "train, test" in r.stderr
     r = cli("encode", prepared["TinyPhotos"], prepared["TinyJpeg"], "-o", tmp_path / "o")
     assert r.exit_code == 2 and "on its own" in r.stderr
@@ -290,6 +299,8 @@ def test_tfds_reads_logitifys_tfrecord_output_with_the_same_class_names(cli, pre
     assert r.exit_code == 0, r.output
     builder = tfds.builder_from_directory(str(tmp_path / "o"))
     assert builder.info.features["label"].names == RGB_CLASSES
-    assert builder.info.splits["train"].num_examples == 13
-    labels = sorted(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split="train")))
-    assert labels == sorted(i % 3 for i in range(13))
+    assert (tmp_path / "o" / "label.labels.txt").read_text().split("\n")[:3] == RGB_CLASSES
+    for split, n in (("train", 13), ("test", 5)):
+        assert builder.info.splits[split].num_examples == n
+        labels = sorted(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split=split)))
+        assert labels == sorted(i % 3 for i in range(n))
