@@ -260,7 +260,10 @@ def split_runs(opts: EncodeOptions) -> list:
         if opts.tfds_split is not None:
             raise UsageError("--tfds-split names splits of a prepared TFDS folder, and the source is not one")
         return [replace(opts, split=opts.split or "train")]
-    meta = tfds_folder.read(found[0])
+    try:
+        meta = tfds_folder.read(found[0])
+    except LogitifyError:  # said by the run itself, once the output folder is known to be fit for it
+        return [replace(opts, split=opts.split or "train")]
     have = list(meta.splits)
     names = [n.strip() for n in opts.tfds_split.split(",")] if opts.tfds_split else have
     for n in names:
