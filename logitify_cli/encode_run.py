@@ -70,6 +70,8 @@ def existing(opts: EncodeOptions):
     if have is None:
         return None, None
     made = {opts.split} | ({opts.holdout[1]} if opts.holdout else set())
+    if opts.overwrite:  # splits this command remakes next are replaced too, not kept to be matched
+        made |= set(opts.later_splits)
     keep = {n: r for n, r in have.splits.items() if n not in made}
     if not keep:
         return have, None

@@ -53,6 +53,7 @@ class EncodeOptions:
     crop: tuple | None = None  # (top, left, height, width), taken before any resize
     filter: str = images_mod.DEFAULT_FILTER  # Pillow's resampling filter for --size
     holdout: tuple | None = None  # (fraction, split): that share of the inputs, by a hash of (seed, key)
+    later_splits: tuple = ()  # splits the same command makes after this run (a TFDS folder's): --overwrite drops them
 
     @property
     def geometry(self):
@@ -283,8 +284,8 @@ def split_runs(opts: EncodeOptions) -> list:
             raise UsageError(f"the TFDS split {n!r} cannot be a split name here (letters, digits and _, at "
                              "most 64); choose it with --tfds-split and name it with --split")
     # Later runs name the version folder itself: the dataset folder's choice of version is said once.
-    return [replace(opts, tfds_split=n, split=n, sources=opts.sources if i == 0 else [found[0]])
-            for i, n in enumerate(names)]
+    return [replace(opts, tfds_split=n, split=n, sources=opts.sources if i == 0 else [found[0]],
+                    later_splits=tuple(names[i + 1:])) for i, n in enumerate(names)]
 
 
 def plan(opts: EncodeOptions, base=None) -> RunPlan:

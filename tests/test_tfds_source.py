@@ -269,6 +269,8 @@ def test_a_count_that_disagrees_with_dataset_info_is_reported(cli, prepared, tmp
     assert t["num_examples_promised"] == 15 and t["num_examples_found"] == 13
     assert t["counts_differ"] == [{"file": "tiny_photos-train.tfrecord-00000-of-00001", "expected": 15, "found": 13}]
     assert m["splits"]["test"]["source"]["tfds"]["counts_differ"] == []
+    info = cli("info", tmp_path / "o", "--split", "train")
+    assert info.exit_code == 0 and "13 examples, dataset_info.json promises 15" in info.stdout
     # A shard file dataset_info.json lists but that is gone: skipped by name, and counted
     os.remove(copy / "tiny_photos-test.tfrecord-00000-of-00001")
     shutil.copy(copy / "tiny_photos-train.tfrecord-00000-of-00001", copy / "tiny_photos-test.tfrecord-00000-of-00001.x")
@@ -304,3 +306,10 @@ def test_tfds_reads_logitifys_tfrecord_output_with_the_same_class_names(cli, pre
         assert builder.info.splits[split].num_examples == n
         labels = sorted(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split=split)))
         assert labels == sorted(i % 3 for i in range(n))
+    # Made again with another alpha: --overwrite replaces every split the folder's splits are remade into
+    r = cli("encode", prepared["TinyPhotos"], "-o", tmp_path / "o", "-f", "tfrecord", "--name", "tiny_logits",
+            "--alpha", "0.1", "--overwrite")
+    assert r.exit_code == 0, r.output
+    m = manifest(tmp_path / "o")
+    assert m["transform"]["alpha"] == 0.1 and {k: v["num_examples"] for k, v in m["splits"].items()} == \
+        {"train": 13, "test": 5}
