@@ -313,3 +313,32 @@ def test_tfds_reads_logitifys_tfrecord_output_with_the_same_class_names(cli, pre
     m = manifest(tmp_path / "o")
     assert m["transform"]["alpha"] == 0.1 and {k: v["num_examples"] for k, v in m["splits"].items()} == \
         {"train": 13, "test": 5}
+
+
+def test_metadata_of_older_tfds_versions_reads_the_same(cli, prepared, tmp_path):
+    """features.json as TFDS 4.0 wrote it ({type, content} with plain content), numShards without
+    shardLengths as before TFDS 3: the same features, files and shards."""
+    src = prepared["TinyPhotos"]
+    old = tmp_path / "old" / "1.0.0"
+    shutil.copytree(src, old)
+    feat = "tensorflow_datasets.core.features."
+    (old / "features.json").write_text(json.dumps({
+        "type": feat + "features_dict.FeaturesDict",
+        "content": {
+            "image": {"type": feat + "image_feature.Image",
+                      "content": {"shape": [10, 14, 3], "dtype": "uint8", "encoding_format": None}},
+            "label": {"type": feat + "class_label_feature.ClassLabel", "content": {"num_classes": 3}}}}))
+    info = json.loads((old / "dataset_info.json").read_text())
+    for s in info["splits"]:
+        n = sum(int(x) for x in s.pop("shardLengths"))
+        s.pop("filepathTemplate", None)
+        s["numShards"] = "1"
+        s["statistics"] = {"numExamples": str(n + (s["name"] == "test"))}  # one promised test example is missing
+    del info["fileFormat"]
+    (old / "dataset_info.json").write_text(json.dumps(info))
+    assert cli("encode", src, "-o", tmp_path / "new", "--tfds-split", "test").exit_code == 0
+    r = cli("encode", old, "-o", tmp_path / "o", "--tfds-split", "test")
+    assert r.exit_code == 0, r.output
+    assert "5 examples found, dataset_info.json promises 6" in r.stderr
+    a, b = manifest(tmp_path / "new"), manifest(tmp_path / "o")
+    assert a["shards"] == b["shards"] and b["classes"] == RGB_CLASSES
