@@ -154,8 +154,12 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     """`logitify encode --runner beam [-- BEAM_OPTIONS...]`."""
     from .formats import get as get_format
     from .outdir import OutputFolder
-    from .planner import plan
+    from .planner import plan, split_runs
 
+    runs = split_runs(opts)
+    if len(runs) > 1:  # a TFDS folder's splits, one pipeline each, into one dataset
+        return EncodeResult.of_splits([encode_beam(o, report, beam_args) for o in runs])
+    opts = runs[0]
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
@@ -241,7 +245,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
                         classes=m.classes, skipped=sorted(skipped_all, key=lambda s: s["source"]),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
-                        split=p.split, splits=counts)
+                        split=p.split, splits=counts, warnings=list(p.notes))
 
 
 # -- decode ---------------------------------------------------------------------------------
@@ -267,7 +271,8 @@ def _decode_shard_fn():
             from .decode_run import shard_jobs
             from .outputs import IMAGE_OUTPUTS
 
-            output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite)
+            output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
+                                             classes=self.ds.classes)
             written, failed = 0, []
             for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size, self.tf_device):
                 done = output.write(job)

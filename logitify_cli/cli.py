@@ -34,7 +34,7 @@ def _size(ctx, param, value):
 def _split_name(value):
     from .manifest import SPLIT_NAME
 
-    if not SPLIT_NAME.match(value):
+    if value is not None and not SPLIT_NAME.match(value):
         raise click.BadParameter(f"{value!r}: a split name is letters, digits and _ (at most 64)")
     return value
 
@@ -258,11 +258,16 @@ def main():
 @click.option("--compress", is_flag=True, help="Deflate npz shards / GZIP TFRecord shards.")
 @click.option("--compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
               help="Compression of TFRecord inputs (auto detects GZIP).")
-@click.option("--image-key", default="image", show_default=True, help="Feature holding encoded images in TFRecord inputs.")
-@click.option("--label-key", default="label", show_default=True, help="int64 label feature in TFRecord inputs.")
+@click.option("--image-key", default=None,
+              help="Feature holding encoded images in TFRecord inputs [image; a TFDS folder's Image feature].")
+@click.option("--label-key", default=None,
+              help="int64 label feature in TFRecord inputs [label; a TFDS folder's ClassLabel].")
+@click.option("--tfds-split", default=None, metavar="NAME[,NAME]",
+              help="The splits of a prepared TFDS folder to encode [all of them].")
 @click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
-@click.option("--split", default="train", show_default=True, callback=lambda c, p, v: _split_name(v),
-              help="Split to make; into a folder holding a dataset of other splits, it adds this one "
+@click.option("--split", default=None, callback=lambda c, p, v: _split_name(v),
+              help="Split to make [train; a TFDS folder's splits keep their names]; into a folder holding "
+                   "a dataset of other splits, it adds this one "
                    "(with --overwrite it replaces only this one).")
 @click.option("--holdout", metavar="FRACTION:NAME", default=None,
               help="Send this share of the inputs to a second split, by a hash of (seed, key), e.g. 0.1:test.")
@@ -278,12 +283,13 @@ def main():
 @stream_options
 @run_command
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
-           resize_mode, crop, resample, jpeg_draft, channels, preset, device, workers, compress, compression, image_key, label_key, name, split, holdout, on_error, max_pixels, resume,
-           overwrite, runner, null_sep, report):
+           resize_mode, crop, resample, jpeg_draft, channels, preset, device, workers, compress, compression, image_key,
+           label_key, tfds_split, name, split, holdout, on_error, max_pixels, resume, overwrite, runner, null_sep, report):
     """Encode images into shards of logits and log-dets.
 
     SOURCES are image files, folders (searched recursively; sub-folders are
-    classes), TFRecord files of tf.train.Example, or '-' to read paths from stdin.
+    classes), TFRecord files of tf.train.Example, a prepared TFDS dataset
+    folder, or '-' to read paths from stdin.
 
     \b
     Examples:
@@ -291,6 +297,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
       logitify encode train.tfrecord-0000*-of-00010 -o out/ -f tfrecord --size 64x64
       logitify encode celeba/ -o out/ --crop 40,15,148,148 --size 64x64 --filter box
       logitify encode imagenet/train/ -o out/ --preset imagenet64
+      logitify encode ~/tensorflow_datasets/cifar10 -o out/      # every split, named as there
       find photos -name '*.png' -print0 | logitify encode - --null -o out/ --json
       logitify encode photos/ -o out/ --runner beam -- --runner=FlinkRunner --flink_master=HOST:8081
     """
@@ -305,8 +312,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         from .splits import parse_holdout
 
         holdout = parse_holdout(holdout)
-        if holdout[1] == split:
-            raise UsageError(f"--holdout names the split {split!r} this run already makes; name another")
+        if holdout[1] == (split or "train"):
+            raise UsageError(f"--holdout names the split {split or 'train'!r} this run already makes; name another")
     recipe = None
     if preset:
         from .presets import resolve
@@ -352,7 +359,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,
-        name=name, split=split, holdout=holdout, on_error=on_error, resume=resume, overwrite=overwrite,
+        tfds_split=tfds_split, name=name, split=split, holdout=holdout, on_error=on_error, resume=resume,
+        overwrite=overwrite,
         resize_mode=resize_mode or "stretch", crop=crop, filter=resample or "bicubic", jpeg_draft=jpeg_draft,
         exif=recipe is None or recipe["recipe"]["exif_orientation"], preset=recipe,
     )

@@ -135,7 +135,7 @@ def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, rep
     ds = LogitDataset(dataset, split)
     prepare_folder(out, overwrite)
     tf_device = resolve_device(device) if device == "gpu" else None
-    output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite)
+    output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite, classes=ds.classes)
     written = 0
     failure = None
     # The pool first: its workers fork before the progress bar starts a thread, and

@@ -22,7 +22,7 @@ from .errors import LogitifyError, UsageError, write_error
 from .formats import get as get_format
 from .outdir import OutputFolder
 from .pixels import PixelStream
-from .planner import EncodeOptions, RunPlan, plan
+from .planner import EncodeOptions, RunPlan, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
 from .report import Reporter
@@ -71,6 +71,8 @@ def existing(opts: EncodeOptions):
     if have is None:
         return None, None
     made = {opts.split} | ({opts.holdout[1]} if opts.holdout else set())
+    if opts.overwrite:  # splits this command remakes next are replaced too, not kept to be matched
+        made |= set(opts.later_splits)
     keep = {n: r for n, r in have.splits.items() if n not in made}
     if not keep:
         return have, None
@@ -113,7 +115,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     workers = opts.workers or default_workers()
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     dims = int(np.prod(p.shape))
-    stream = PixelStream(items, opts, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
+    stream = PixelStream(items, p.options, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
                          expect=opts.expect_size(p.shape))
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up
@@ -181,6 +183,10 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
 
 
 def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
+    runs = split_runs(opts)
+    if len(runs) > 1:  # a TFDS folder's splits, one run each, into one dataset
+        return EncodeResult.of_splits([run_encode(o, report) for o in runs])
+    opts = runs[0]
     t0 = time.time()
     fmt = get_format(opts.format)
     if opts.resume and opts.overwrite:
@@ -287,4 +293,4 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
                         classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=lambda s: s["source"]),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
                         resumed_shards=sum(len(x.done) for x in started.parts),
-                        split=p.split, splits=counts)
+                        split=p.split, splits=counts, warnings=list(p.notes))

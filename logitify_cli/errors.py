@@ -44,6 +44,24 @@ class ForeignFile(LogitifyError):
         self.file = file
 
 
+class TfdsMetadataError(LogitifyError):
+    """A prepared TFDS folder's metadata cannot be used: `file` says which file, `problem` what is wrong."""
+
+    def __init__(self, file: str, problem: str):
+        super().__init__(f"{file}: {problem}")
+        self.file = file
+        self.problem = problem
+
+
+class FeatureChoice(UsageError):
+    """A TFDS dataset leaves open which feature to take: `option` chooses among `features`."""
+
+    def __init__(self, message: str, *, option: str, features: list):
+        super().__init__(message)
+        self.option = option
+        self.features = list(features)
+
+
 def write_error(e: OSError, what: str) -> LogitifyError:
     """A failed write as one clear line (a full disk says so)."""
     import errno

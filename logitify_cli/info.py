@@ -146,6 +146,7 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
                      **({"jpeg_draft": True} if m.source.get("jpeg_draft") is True else {})},
         "preset": m.preset,
         "fingerprint": m.fingerprint,
+        "tfds": m.source.get("tfds") if isinstance(m.source.get("tfds"), dict) else None,
     }
     h = np.concatenate(hist) if hist else np.zeros(0, np.float32)
     lds = np.concatenate(logdets) if logdets else np.zeros(0, np.float32)
@@ -215,6 +216,14 @@ def render(summary: dict) -> str:
         lines += [f"fingerprint  pixels sha256 {fp['pixels_sha256']}", f"             keys sha256 {fp['keys_sha256']}"]
     else:
         lines.append("fingerprint  none (made before logitify recorded one)")
+    tf = s.get("tfds")
+    if tf:
+        promised = tf.get("num_examples_promised")
+        lines.append(f"tfds         {tf.get('dataset')} {tf.get('version')}, split {tf.get('split')}: "
+                     f"{tf.get('num_examples_found')} examples"
+                     + ("" if promised is None else
+                        " as dataset_info.json promises" if promised == tf.get("num_examples_found") else
+                        f", dataset_info.json promises {promised}"))
     if s["class_counts"]:
         lines.append("classes      " + ", ".join(f"{k}: {v}" for k, v in s["class_counts"].items()))
     lines.append(f"shards       {len(s['shards'])}, {s['total_bytes'] / 1e6:.1f} MB")

@@ -442,7 +442,8 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | No
         stats={**stats, "fingerprint": plan.fingerprint},
         source={"size": list(opts.size) if opts.size else None, "channels": plan.channels,
                 "max_pixels": opts.max_pixels, "image_key": opts.image_key, "label_key": opts.label_key,
-                "shard_size": plan.shard_size, **opts.geometry_record()})
+                "shard_size": plan.shard_size, **opts.geometry_record(),
+                **({"tfds": plan.tfds} if plan.tfds is not None else {})})
     splits = {n: r for n, r in (base.splits.items() if base is not None else ()) if n != plan.split}
     splits[plan.split] = record
     m = Manifest(format=opts.format, name=opts.name, shape=tuple(plan.shape), params=opts.params,

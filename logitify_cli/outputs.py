@@ -213,9 +213,10 @@ class ImageOutput:
 
     name = ""
 
-    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None):
+    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None, classes=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
         self.protect = None if protect is None else frozenset(protect)  # see _create
+        self.classes = list(classes) if classes else []  # the dataset's class names, by label
         self.refused = []  # {key, reason} of the first REFUSED_LISTED keys no file can be made for
         self.num_refused = 0  # all of them
 
@@ -245,15 +246,22 @@ class ImageOutput:
 
 
 class PngOutput(ImageOutput):
-    """Lossless PNGs at each key, '.png' for the extension, class folders kept."""
+    """Lossless PNGs at each key, '.png' for the extension, in their class's folder.
+
+    An image folder's keys start with their class folder already; a
+    record's key (FILE:INDEX) is put in the folder of its label's class, so
+    a labelled TFDS or TFRecord dataset decodes to an image folder.
+    """
 
     name = "png"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._taken = set()
 
-    def _target(self, key: str) -> str:
+    def _target(self, key: str, label: int = -1) -> str:
+        if 0 <= label < len(self.classes) and not key.startswith(self.classes[label] + "/"):
+            key = self.classes[label] + "/" + key
         rel = png_relpath(key)
         if rel in self._taken:  # e.g. a.jpg and a.png both in the input
             rel = key_relpath(key) + ".png"
@@ -264,10 +272,10 @@ class PngOutput(ImageOutput):
 
     def add(self, shard, keys, labels, images):
         batch = []
-        for key, img in zip(keys, images):
+        for key, label, img in zip(keys, labels, images):
             key = str(key)
             try:
-                batch.append((key, self._target(key), img))
+                batch.append((key, self._target(key, int(label)), img))
             except ValueError as e:
                 self.refuse(key, str(e))
         per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB

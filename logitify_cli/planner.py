@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import images as images_mod
-from .errors import LogitifyError, UsageError
+from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
+from .report import short
 from .transform import TransformParams
 
 SHARD_BYTES = 256 << 20  # default shard size: about this many bytes of logits
@@ -39,8 +40,9 @@ class EncodeOptions:
     workers: int | None = None
     compress: bool = False
     compression: str | None = None
-    image_key: str = "image"
-    label_key: str = "label"
+    image_key: str | None = None  # the feature holding images in TFRecord inputs: "image", or a TFDS folder's
+    label_key: str | None = None  # the int64 label feature: "label", or a TFDS folder's ClassLabel
+    tfds_split: str | None = None  # the split of a TFDS folder to read
     name: str = "logitify"
     split: str = "train"
     on_error: str = "skip"
@@ -54,6 +56,7 @@ class EncodeOptions:
     exif: bool = True  # turn images by their EXIF orientation (presets whose source never did turn it off)
     preset: dict | None = None  # --preset's record for the manifest (presets.resolve)
     jpeg_draft: bool = False  # JPEGs decoded at Pillow's draft scale before the resize (other pixels)
+    later_splits: tuple = ()  # splits the same command makes after this run (a TFDS folder's): --overwrite drops them
 
     @property
     def geometry(self):
@@ -126,6 +129,7 @@ class RunPlan:
     notes: list
     split: str = "train"
     holdout: "RunPlan | None" = None  # the plan of --holdout's split, made in the same run
+    tfds: dict | None = None  # what a TFDS source said of itself, for the manifest
 
     @property
     def parts(self) -> list:
@@ -241,6 +245,65 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     return header
 
 
+def resolved(opts: EncodeOptions, inv) -> EncodeOptions:
+    """The options with what the sources settle: feature keys (a TFDS folder's, or "image"/"label"), channels.
+
+    A copy: the caller's options stay as given.
+    """
+    if inv.tfds is not None:
+        return replace(opts, image_key=inv.tfds["image_key"], label_key=inv.tfds["label_key"] or "label",
+                       channels=opts.channels or inv.channels)
+    return replace(opts, image_key=opts.image_key or "image", label_key=opts.label_key or "label")
+
+
+def split_runs(opts: EncodeOptions) -> list:
+    """The runs an encode makes: one per split of a TFDS folder, named as there; else the one asked for.
+
+    `opts.split` None means "as the source names it": each chosen TFDS
+    split (--tfds-split, or all of dataset_info.json's) keeps its name,
+    and any other source makes "train". A split named with --split
+    renames the one TFDS split chosen. Nothing is read but the TFDS
+    metadata.
+    """
+    import os
+
+    from . import fs, tfds_folder
+    from .manifest import SPLIT_NAME
+
+    source = opts.sources[0] if len(opts.sources) == 1 else None
+    found = (tfds_folder.locate(source) if source is not None and not fs.is_remote(source)
+             and os.path.isdir(source) else None)
+    if found is None:
+        if opts.tfds_split is not None:
+            raise UsageError("--tfds-split names splits of a prepared TFDS folder, and the source is not one")
+        return [replace(opts, split=opts.split or "train")]
+    try:
+        meta = tfds_folder.read(found[0])
+    except LogitifyError:  # said by the run itself, once the output folder is known to be fit for it
+        return [replace(opts, split=opts.split or "train")]
+    have = list(meta.splits)
+    names = [n.strip() for n in opts.tfds_split.split(",")] if opts.tfds_split else have
+    for n in names:
+        if n not in meta.splits:
+            raise UsageError(f"{source} has no split {n!r} (it has {', '.join(have)})")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--tfds-split {opts.tfds_split!r} names a split twice")
+    if opts.split is not None:
+        if len(names) != 1:
+            raise UsageError(f"--split {opts.split!r} would rename one TFDS split, and {source} has "
+                             f"{', '.join(names)}: choose one with --tfds-split, or let each keep its name")
+        return [replace(opts, tfds_split=names[0])]
+    if opts.holdout and len(names) > 1:
+        raise UsageError("--holdout takes a share of one split: choose the TFDS split with --tfds-split")
+    for n in names:
+        if not SPLIT_NAME.match(n):
+            raise UsageError(f"the TFDS split {n!r} cannot be a split name here (letters, digits and _, at "
+                             "most 64); choose it with --tfds-split and name it with --split")
+    # Later runs name the version folder itself: the dataset folder's choice of version is said once.
+    return [replace(opts, tfds_split=n, split=n, sources=opts.sources if i == 0 else [found[0]],
+                    later_splits=tuple(names[i + 1:])) for i, n in enumerate(names)]
+
+
 def plan(opts: EncodeOptions, base=None) -> RunPlan:
     """Discover, probe and lay out the shards of every split the run makes; nothing is written.
 
@@ -255,13 +318,20 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
     if not SPLIT_NAME.match(opts.split):  # it names shard files and a journal: letters, digits and _ only
         raise UsageError(f"split name {opts.split!r}: use letters, digits and _ (at most 64)")
     fmt = get(opts.format)
-    inv = discover(opts.sources, opts.compression)
+    inv = discover(opts.sources, opts.compression, tfds_split=opts.tfds_split or opts.split,
+                   image_key=opts.image_key, label_key=opts.label_key)
+    if opts.tfds_split is not None and inv.tfds is None:
+        raise UsageError("--tfds-split names a split of a prepared TFDS folder, and no source is one")
+    opts = resolved(opts, inv)
+    notes = list(inv.notes) + [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
     if not inv.items:
-        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)),
-                            notes=[f"skipped {s['source']}: {s['reason']}" for s in inv.skipped])
-    notes = [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
+        raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)), notes=notes)
     run_classes = inv.classes
     if base is not None:
+        if inv.tfds is not None and inv.classes != base.classes:  # labels come from the records, unnumbered
+            raise SplitMismatch(f"{opts.out}: the dataset's classes are {short(base.classes)}, the TFDS "
+                                f"split's {short(inv.classes)}; nothing was written", field="classes",
+                                dataset=base.classes, run=inv.classes)
         mapping = class_mapping(base.classes, inv.classes, opts.out)
         if mapping is not None:
             inv.items.relabel(mapping)
@@ -289,8 +359,10 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         shards = [ShardSpec(i, n_shards, fmt.shard_file(opts.name, split, i, n_shards),
                             i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
         header = run_header(opts, shape, channels, shard_size, n_shards, items, split)
+        if inv.tfds is not None:  # what the TFDS folder said, including counts that differ: a resume must match it
+            header["tfds"] = inv.tfds
         return RunPlan(opts, items, run_classes, skipped, tuple(shape), channels, first.key, shard_size, shards,
-                       header, notes, split=split)
+                       header, notes, split=split, tfds=inv.tfds)
 
     if not opts.holdout:
         return part(inv.items, opts.split, list(inv.skipped), notes)

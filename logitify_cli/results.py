@@ -43,6 +43,24 @@ class EncodeResult(Result):
     runner: str = "local"
     split: str = "train"
     splits: dict | None = None  # examples of each split this run made (two with --holdout)
+    warnings: list = field(default_factory=list)  # what was said on stderr before the run (e.g. TFDS counts that differ)
+
+    @classmethod
+    def of_splits(cls, results: list) -> "EncodeResult":
+        """One result for runs that made a split each (a TFDS folder's splits)."""
+        last = results[-1]
+        splits = {}
+        for r in results:
+            splits.update(r.splits or {r.split: r.num_examples})
+        return cls(output=last.output, format=last.format, num_examples=sum(r.num_examples for r in results),
+                   num_shards=sum(r.num_shards for r in results), shards=[f for r in results for f in r.shards],
+                   shape=last.shape, classes=last.classes,
+                   skipped=sorted((s for r in results for s in r.skipped), key=lambda s: s["source"]),
+                   metadata_files=last.metadata_files, seconds=round(sum(r.seconds for r in results), 3),
+                   images_per_second=(round(sum(r.num_examples for r in results) / sum(r.seconds for r in results), 1)
+                                      if sum(r.seconds for r in results) else None),
+                   resumed_shards=sum(r.resumed_shards for r in results), runner=last.runner,
+                   split=results[0].split, splits=splits, warnings=[w for r in results for w in r.warnings])
 
     def message(self) -> str:
         where = (" (" + ", ".join(f"{n}: {k}" for n, k in self.splits.items()) + ")"

@@ -3,7 +3,7 @@
 An Item is known before any pixel is read (its key, its label where the
 folder gives one, and where its bytes live), so the shard layout of a run is
 fixed up front. Each kind of input is a class beside its siblings:
-ImageFile, ImageFolder and TfrecordFile.
+ImageFile, ImageFolder, TfrecordFile, TfdsDataset and BucketPrefix.
 
 Discovery never reads a byte of an input, never waits on one (FIFOs,
 sockets and devices named like images are skipped with a reason), and says
@@ -17,7 +17,7 @@ import os
 import re
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -402,11 +402,99 @@ def single_file_keys(paths) -> dict:
 
 @dataclass
 class Inventory:
-    """Every input of a run, sorted by key, with the classes the folders gave."""
+    """Every input of a run, sorted by key, with the classes the folders gave.
+
+    A TFDS folder also says which features hold the image and the label
+    (`tfds`, what the manifest records of it) and how many channels its
+    images have; `notes` are what discovery has to tell the user.
+    """
 
     items: Sequence  # an ItemList
     classes: list | None
     skipped: list
+    notes: list = field(default_factory=list)
+    tfds: dict | None = None
+    channels: int | None = None
+
+
+class TfdsDataset:
+    """A prepared TFDS dataset (its version folder, or the dataset folder above it): one split's records.
+
+    Keys are FILE:INDEX with FILE relative to the version folder, so they do
+    not depend on where the data lives or which of the two folders was
+    named. The features say where the image and the label are; the class
+    names come from the ClassLabel. Records are counted, and each shard's
+    count compared with dataset_info.json's: a difference is a note, and
+    recorded, never silent.
+    """
+
+    LISTED = 20  # shard files whose count differs, named one by one; the rest are counted
+
+    def __init__(self, path: str, split: str | None = None, image_key: str | None = None,
+                 label_key: str | None = None):
+        from . import tfds_folder
+
+        self.path = path
+        found = tfds_folder.locate(path)
+        if found is None:
+            raise UsageError(f"{path} is not a prepared TFDS folder (no dataset_info.json in it or in a "
+                             "VERSION folder below it)")
+        self.folder, note = found
+        self.notes = [note] if note else []
+        self.meta = tfds_folder.read(self.folder)
+        self.choice = tfds_folder.choose(self.meta, image_key, label_key)
+        names = list(self.meta.splits)
+        if split is None:
+            if len(names) > 1:
+                raise UsageError(f"{path} has the splits {', '.join(names)}; name one with --tfds-split")
+            split = names[0]
+        if split not in self.meta.splits:
+            raise UsageError(f"{path} has no split {split!r} (it has {', '.join(names)})")
+        self.split = self.meta.splits[split]
+        if self.choice.image.encoding == "jpeg":
+            self.notes.append(f"TFDS feature {self.choice.image.key!r} holds JPEG images: they are decoded with "
+                              "Pillow (an exact IDCT); TFDS's tf.data pipeline decodes with TensorFlow's faster "
+                              "IDCT, which differs by a few levels")
+
+    def items(self):
+        items, skipped, differ = [], [], []
+        lengths = self.split.lengths or (None,) * len(self.split.files)
+        for rel, want in zip(self.split.files, lengths):
+            full = os.path.join(self.folder, *rel.split("/"))
+            if not os.path.lexists(full):
+                skipped.append({"source": rel, "reason": "no such file (dataset_info.json lists it)"})
+                found = []
+            else:
+                found, bad = TfrecordFile(full, None, rel).items()
+                skipped.extend(bad)
+            items.extend(found)
+            if want is not None and len(found) != want:
+                differ.append({"file": rel, "expected": want, "found": len(found)})
+        promised = self.split.num_examples
+        notes = list(self.notes)
+        where = f"TFDS split {self.split.name!r} of {self.meta.name}"
+        for d in differ[:self.LISTED]:
+            notes.append(f"{where}: {d['file']} holds {d['found']} records, dataset_info.json says {d['expected']}")
+        if len(differ) > self.LISTED:
+            notes.append(f"{where}: {len(differ) - self.LISTED} more shard files hold other counts than "
+                         "dataset_info.json says")
+        if promised is not None and promised != len(items):
+            notes.append(f"{where}: {len(items)} examples found, dataset_info.json promises {promised}")
+        self.record = {
+            "dataset": self.meta.name, "version": self.meta.version, "split": self.split.name,
+            "image_key": self.choice.image.key,
+            "label_key": self.choice.label.key if self.choice.label else None,
+            "num_examples_promised": promised, "num_examples_found": len(items),
+            "counts_differ": differ,
+        }
+        self.notes = notes
+        return items, skipped
+
+    @property
+    def channels(self) -> int | None:
+        """The channels TFDS decodes this image feature to, where features.json fixes them (1, 3 or 4)."""
+        shape = self.choice.image.shape
+        return shape[-1] if len(shape) == 3 and shape[-1] in (1, 3, 4) else None
 
 
 class BucketPrefix:
@@ -445,18 +533,26 @@ class BucketPrefix:
         return items, skipped
 
 
-def discover(paths, compression: str | None = None) -> Inventory:
+def discover(paths, compression: str | None = None, *, tfds_split: str | None = None,
+             image_key: str | None = None, label_key: str | None = None) -> Inventory:
     """Everything the user named, found and keyed; nothing is read or waited on.
 
     One stat per path: a folder is searched, a regular file becomes an
     input, anything else (missing, a broken link, a FIFO, socket or
-    device) is a skipped entry with its reason.
+    device) is a skipped entry with its reason. A prepared TFDS folder is
+    a source of its own (`tfds_split` of it; the keys choose its features).
     """
-    from . import fs
+    from . import fs, tfds_folder
 
     if not paths:
         raise UsageError("no sources given")
     kinds = {path: _stat_mode(path) for path in paths if not fs.is_remote(path)}
+    tfds = [p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m) and tfds_folder.locate(p)]
+    if tfds:
+        if len(paths) > 1:
+            others = [p for p in paths if p != tfds[0]]
+            raise UsageError(f"{tfds[0]} is a TFDS dataset: encode it on its own, not with {others[0]}")
+        return tfds_inventory(TfdsDataset(tfds[0], tfds_split, image_key, label_key))
     keys = single_file_keys(p for p in kinds if not (isinstance(kinds[p], int) and stat.S_ISDIR(kinds[p])))
     items, skipped = [], []
     for path in paths:
@@ -477,6 +573,16 @@ def discover(paths, compression: str | None = None) -> Inventory:
         skipped.extend(bad)
     skipped.sort(key=lambda s: s["source"])
     return inventory(items, skipped)
+
+
+def tfds_inventory(source: TfdsDataset) -> Inventory:
+    """A TFDS split's inventory: its records, the ClassLabel's names (labels come from the records)."""
+    items, skipped = source.items()
+    skipped.sort(key=lambda s: s["source"])
+    inv = inventory(items, skipped)
+    inv.classes = source.choice.classes
+    inv.notes, inv.tfds, inv.channels = source.notes, source.record, source.channels
+    return inv
 
 
 def inventory(items: list, skipped: list) -> Inventory:

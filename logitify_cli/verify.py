@@ -324,7 +324,10 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                          exif=src.get("exif_orientation") is not False, jpeg_draft=src.get("jpeg_draft") is True)
     if type(src.get("max_pixels")) is int and src["max_pixels"] > 0:
         opts.max_pixels = src["max_pixels"]
-    inv = discover(opts.sources)
+    tfds = src.get("tfds") if isinstance(src.get("tfds"), dict) else {}
+    tfds = {k: v for k, v in tfds.items() if isinstance(v, str)}  # a TFDS source's split and features, as recorded
+    inv = discover(opts.sources, tfds_split=tfds.get("split"), image_key=tfds.get("image_key"),
+                   label_key=tfds.get("label_key"))
     skipped = {s["source"] for s in ds.manifest.skipped}
     shift = 8 - ds.params.bits
     compared = 0
