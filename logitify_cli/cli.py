@@ -339,10 +339,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
                          "and cannot be used with --crop, whose window is in full-size pixels")
     from .conventions import tool_alpha
 
-    try:
-        alpha = tool_alpha(alpha, alpha_convention)
-    except ValueError as e:
-        raise UsageError(f"--alpha: {e}") from None
+    alpha = tool_alpha(alpha, alpha_convention)
     paths = []
     for s in sources:
         if s == "-":

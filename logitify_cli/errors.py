@@ -26,6 +26,17 @@ class UsageError(LogitifyError):
     exit_code = 2
 
 
+class AlphaOutOfRange(UsageError):
+    """An alpha that names no squeeze in the convention it was given in (a RealNVP alpha of 0.5 or more)."""
+
+    def __init__(self, message: str, *, alpha: float, convention: str, low: float, high: float):
+        super().__init__(message)
+        self.alpha = alpha
+        self.convention = convention
+        self.low = low
+        self.high = high
+
+
 class OutputInUse(LogitifyError):
     """Another run holds the output folder's lock."""
 

@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 
+from .conventions import alpha_equivalents, squeeze_interval
 from .dataset import LogitDataset, split_names
 from .errors import LogitifyError, UsageError
 from .report import QUIET, printable
@@ -132,6 +133,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "classes": classes,
         "class_counts": class_counts,
         "transform": m.transform,
+        "alpha_conventions": alpha_equivalents(m.params.alpha),
+        "squeeze": list(squeeze_interval(m.params.alpha)),
         "lossless": ds.params.lossless,
         "bpd_offset_nats": m.logdet["bpd_offset_nats"],
         "logits": logits_stats.result(),
@@ -204,6 +207,8 @@ def render(summary: dict) -> str:
         f"examples     {s['num_examples']}   shape {'x'.join(map(str, s['shape']))}  (D = {s['dims']})",
         f"transform    alpha {t['alpha']}  corruption level {t['corruption_level']}  noise {t['noise']}"
         f"  bits {t['bits']}  seed {t['seed']}  ({'lossless' if s['lossless'] else 'lossy'})",
+        "alpha        " + ", ".join(f"{k} {v:.10g}" for k, v in s["alpha_conventions"].items())
+        + "  (p in [{:.10g}, {:.10g}])".format(*s["squeeze"]),
         f"bits/dim     offset {s['bpd_offset_nats']:.6g} nats: bpd = -(log p(y) + logdet - offset) / (D ln 2)",
         "logits       " + "  ".join(f"{k} {_fmt(s['logits'][k])}" for k in ("min", "max", "mean", "std")),
         "logdet       " + "  ".join(f"{k} {_fmt(s['logdet'][k])}" for k in ("min", "max", "mean", "std")),

@@ -251,6 +251,9 @@ class Manifest:
         classes = m.get("classes")
         if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             fail("classes is neither null nor a list of names")
+        if "alpha_conventions" in m and m["alpha_conventions"] != _alpha_equivalents(params.alpha):
+            fail(f"alpha_conventions {short(m['alpha_conventions'])} are not the transform's alpha "
+                 f"{params.alpha!r} in each convention")
         ld = m.get("logdet")
         if not isinstance(ld, dict) or ld.get("convention") != LOGDET_CONVENTION \
                 or type(ld.get("bpd_offset_nats")) not in (int, float) or not math.isfinite(ld["bpd_offset_nats"]):

@@ -7,11 +7,12 @@ program `encode` runs, with the image's seed words re-keyed by the epoch
 (`rekey_seeds_*`, epoch 0 = the words encode used, so epoch 0 is the stored
 shards bit for bit). Evaluation draws are re-keyed in a domain of their own.
 
-Seed words are computed in NumPy when a slice of a shard is read (blake2b of
-the key, as `image_seeds`) and travel with the logits into the graph; the
-re-keying, inverse and forward run there, a fixed-size padded batch at a
-time (one compiled program). Nothing depends on batch size, shuffling,
-interleave order or which reader reads which shard.
+Slices of a shard (at most one compiled batch each) come from the format's
+tf_dataset as they are read; per slice, the seed words are computed in NumPy
+from the key bytes (blake2b, the words `image_seeds` gives), and the
+re-keying, inverse and forward run in the graph on the slice padded to the
+fixed batch (one compiled program, made once per process). Nothing depends
+on batch size, shuffling, interleave order or which reader reads which shard.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -174,6 +175,75 @@ def _read_exact(f, n: int, name: str, member: str) -> bytearray:
     return data
 
 
+ALIGN = 64  # what TensorFlow takes as it is, without a copy of its own
+
+
+class StoredMember:
+    """A stored (not deflated) zip member read straight from the file into 64-byte aligned arrays.
+
+    zipfile copies every read through its own buffers, and a bytearray is
+    not aligned as TensorFlow wants, so the loader paid two copies of every
+    slice; this reads each slice once, with readinto at the member's offset.
+    The CRC-32 is checked as zipfile checks it: the whole member, header and
+    tail included, before the last slice is handed over.
+    """
+
+    def __init__(self, path: str, info: zipfile.ZipInfo, name: str, member: str):
+        self.name, self.member, self.info = name, member, info
+        self._raw = open(path, "rb", buffering=0)
+        try:
+            self._raw.seek(info.header_offset)
+            local = self._read(30)  # zipfile's open() has checked this header's signature and name
+            self.start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") \
+                + int.from_bytes(local[28:30], "little")
+            self._raw.seek(self.start)
+        except BaseException:
+            self._raw.close()
+            raise
+        self._crc, self._done = 0, 0
+
+    @staticmethod
+    def usable(info: zipfile.ZipInfo) -> bool:
+        """Stored, not encrypted, and its size said the same way twice."""
+        return info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1 \
+            and info.compress_size == info.file_size
+
+    def _read(self, n: int, into=None):
+        buf = np.empty(n + ALIGN, np.uint8) if into is None else into
+        if into is None:
+            buf = buf[-buf.ctypes.data % ALIGN:][:n]
+        view, got = memoryview(buf).cast("B"), 0
+        while got < n:
+            k = self._raw.readinto(view[got:got + READ_PIECE])
+            if not k:
+                raise LogitifyError(f"shard {self.name}: {self.member} is truncated")
+            got += k
+        return buf
+
+    def skip(self, n: int) -> None:
+        """The first n bytes (the .npy header, which zipfile's stream has parsed), into the CRC only."""
+        self._crc = zlib.crc32(self._read(n), self._crc)
+        self._done += n
+
+    def read(self, n: int) -> np.ndarray:
+        """The next n bytes as a 64-byte aligned uint8 array; at the member's end its CRC is checked."""
+        buf = self._read(n)
+        self._crc = zlib.crc32(buf, self._crc)
+        self._done += n
+        return buf
+
+    def finish(self) -> None:
+        """Whatever the member holds past the arrays goes into the CRC too; then the CRC must match."""
+        tail = self.info.file_size - self._done
+        if tail:
+            self._crc = zlib.crc32(self._read(tail), self._crc)
+        if self._crc != self.info.CRC:
+            raise LogitifyError(f"shard {self.name}: unreadable (Bad CRC-32 for file '{self.member}')")
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class NpzFormat(ShardFormat):
     name = "npz"
     template = "{split}-{index:05d}-of-{count:05d}.npz"
@@ -236,6 +306,11 @@ class NpzFormat(ShardFormat):
                     left[field] = members[field + ".npy"].file_size - f.tell()
                 step = chunk_rows(shape, extra=4 + 8 + dtypes["keys"].itemsize)
                 step = min(step, rows) if rows else step
+                info = members["logits.npy"]
+                stored = None
+                if count and StoredMember.usable(info):
+                    stored = stack.enter_context(contextlib.closing(StoredMember(path, info, name, "logits.npy")))
+                    stored.skip(info.file_size - left["logits"])
                 for a in range(0, count, step):
                     n = min(count, a + step) - a
                     out = {}
@@ -245,8 +320,14 @@ class NpzFormat(ShardFormat):
                         if n * per > left[field]:  # the member ends first: no buffer for what is not there
                             raise LogitifyError(f"shard {name}: {field} is truncated")
                         left[field] -= n * per
-                        data = _read_exact(streams[field], n * per, name, field)
-                        arr = np.frombuffer(data, dtype)
+                        if field == "logits" and stored is not None:
+                            data = stored.read(n * per)
+                            if a + n == count:
+                                stored.finish()
+                            arr = data.view(dtype)
+                        else:
+                            data = _read_exact(streams[field], n * per, name, field)
+                            arr = np.frombuffer(data, dtype)
                         out[field] = arr.reshape((n,) + shape) if field == "logits" else arr
                     yield check_chunk(name, out, shape)
                     del out, data, arr  # before the next slice is read: one at a time

@@ -1,0 +1,97 @@
+"""The npz reader: stored logits read straight into aligned slices, and still refused when altered."""
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from logitify_cli.errors import LogitifyError
+from logitify_cli.formats.npz import NpzFormat
+
+
+def arrays(rng, n, shape):
+    return {"logits": rng.standard_normal((n, *shape)).astype("<f4"),
+            "logdet": rng.standard_normal(n).astype("<f4"),
+            "keys": np.array([f"k/{i}é.png" for i in range(n)]) if n else np.zeros(0, "<U1"),
+            "labels": rng.integers(-1, 5, n).astype("<i8")}
+
+
+def write(path, a, how):
+    if how == "savez":  # NumPy's own writer: sizes in the local headers
+        np.savez(path, **a)
+    else:  # logitify's writer: streamed entries with data descriptors
+        w = NpzFormat().writer(str(path.parent), path.name, a["logits"].shape[1:], len(a["keys"]), False)
+        w.add(list(a["keys"]), a["labels"], a["logits"], a["logdet"])
+        w.close()
+
+
+def logits_span(data: bytes):
+    """(start, end) of the logits member's bytes in the zip file."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = z.getinfo("logits.npy")
+    h = info.header_offset
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    return start, start + info.file_size
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), shape=st.sampled_from([(1, 1, 1), (3, 5, 3), (24, 24, 4)]),
+       rows=st.integers(1, 50), how=st.sampled_from(["savez", "writer"]), seed=st.integers(0, 2**32 - 1))
+def test_stored_shards_read_as_numpy_reads_them_in_aligned_slices(tmp_path_factory, n, shape, rows, how, seed):
+    path = tmp_path_factory.mktemp("npz") / "s.npz"
+    a = arrays(np.random.default_rng(seed), n, shape)
+    write(path, a, how)
+    chunks = list(NpzFormat().read_chunks(str(path), shape, n, False, rows=rows))
+    assert [len(c["keys"]) for c in chunks] == [min(rows, n - i) for i in range(0, n, rows)]
+    for c in chunks:
+        assert c["logits"].ctypes.data % 64 == 0 and c["logits"].dtype == np.float32
+    with np.load(path, allow_pickle=False) as z:
+        for f in a:
+            got = np.concatenate([c[f] for c in chunks]) if chunks else np.zeros((0,) + z[f].shape[1:], z[f].dtype)
+            assert np.array_equal(got, z[f]) and np.array_equal(got, a[f])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), how=st.sampled_from(["savez", "writer"]), rows=st.sampled_from([1, 3, 100]))
+def test_any_altered_logits_byte_is_refused(tmp_path_factory, data, how, rows):
+    """The loader does not re-hash shards: the zip's CRC-32 is what stands between a flipped bit and a model."""
+    folder = tmp_path_factory.mktemp("npz")
+    n, shape = 7, (16, 16, 3)  # larger than zipfile's read-ahead, which would check a small member's CRC itself
+    a = arrays(np.random.default_rng(0), n, shape)
+    write(folder / "s.npz", a, how)
+    raw = bytearray((folder / "s.npz").read_bytes())
+    start, end = logits_span(bytes(raw))
+    i = data.draw(st.integers(start, end - 1))
+    raw[i] ^= data.draw(st.integers(1, 255))
+    (folder / "s.npz").write_bytes(bytes(raw))
+    with pytest.raises(LogitifyError, match="s.npz"):
+        for _ in NpzFormat().read_chunks(str(folder / "s.npz"), shape, n, False, rows=rows):
+            pass
+
+
+def test_bytes_past_the_arrays_count_in_the_crc(tmp_path):
+    """A logits member longer than its array is read to its end for the CRC, and refused if that tail was altered."""
+    shape = (32, 32, 1)  # larger than zipfile's read-ahead
+    a = arrays(np.random.default_rng(1), 3, shape)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a["logits"], allow_pickle=False)
+    member = buf.getvalue() + b"tail"
+    for altered in (False, True):
+        path = tmp_path / f"s{altered}.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("logits.npy", member)
+            for f in ("logdet", "keys", "labels"):
+                b = io.BytesIO()
+                np.lib.format.write_array(b, a[f], allow_pickle=False)
+                z.writestr(f + ".npy", b.getvalue())
+        if altered:
+            raw = bytearray(path.read_bytes())
+            at = logits_span(bytes(raw))[1] - 1
+            raw[at] ^= 1
+            path.write_bytes(bytes(raw))
+            with pytest.raises(LogitifyError, match="CRC"):
+                list(NpzFormat().read_chunks(str(path), shape, 3, False))
+        else:
+            got = np.concatenate([c["logits"] for c in NpzFormat().read_chunks(str(path), shape, 3, False, rows=2)])
+            assert np.array_equal(got, a["logits"])
