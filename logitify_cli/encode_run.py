@@ -24,7 +24,7 @@ from .planner import EncodeOptions, RunPlan, plan
 from .pool import OrderedPool, can_fork, default_workers
 from .report import Reporter
 from .results import EncodeResult
-from .shards import ShardResult, build_transform, make_shard, packed_digests
+from .shards import Collector, ShardResult, build_transform, make_shard, packed_digests
 
 # Pixels the workers may read ahead while TensorFlow starts. More buys
 # nothing on a busy machine (the import and the readers share the cores) and
@@ -175,10 +175,10 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         result: ShardResult = future.result()
         made += result.num_examples
         shards[result.index] = result.entry()
-        digests[result.index] = packed_digests(result.to_dict())
+        digests[result.index] = result.pixels
         skipped.extend(result.skipped)
         try:
-            journal.append(result.to_dict())
+            journal.append(result.to_json())
         except OSError as e:
             raise write_error(e, manifest_mod.JOURNAL) from None
 
@@ -197,12 +197,13 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         try:
             for spec in started.todo:
                 task = p.task(spec)
-                pixels = []
-                for j in range(spec.stop - spec.start):
-                    pixels.append(next(stream))
+                pixels = Collector(task, report.warn)  # packed as they arrive: no objects per image
+                n = spec.stop - spec.start
+                for j in range(n):
+                    pixels.add(*next(stream))
                     if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
                         bar.update(256)
-                bar.update(len(pixels) % 256)
+                bar.update(n % 256)
                 started_shard = ex.submit(
                     lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
                     task, pixels)

@@ -135,6 +135,26 @@ class ItemList(Sequence):
         for a in range(0, len(self), 4096):
             yield from self._items(a, a + 4096)
 
+    def part(self, a: int, b: int) -> "ItemList":
+        """Items a..b-1 as a list of their own: one shard's inputs without an object per input.
+
+        Its keys are copied out of this list's string, so it pickles (to a
+        Beam worker) at the size of its own inputs, not of the whole run's.
+        """
+        n = len(self)
+        a, b = max(0, min(a, n)), max(0, min(b, n))
+        b = max(a, b)
+        out = ItemList.__new__(ItemList)
+        out.__dict__.update(self.__dict__)
+        lo = int(self._starts[a]) if b > a else 0
+        hi = int(self._ends[b - 1]) if b > a else 0
+        out._keys = self._keys[lo:hi]
+        out._starts = self._starts[a:b] - lo
+        out._ends = self._ends[a:b] - lo
+        for col in ("_place", "_index", "_label", "_cls"):
+            setattr(out, col, getattr(self, col)[a:b].copy())
+        return out
+
     def select(self, positions) -> "ItemList":
         """The items at these positions, sharing this list's storage."""
         out = ItemList.__new__(ItemList)
