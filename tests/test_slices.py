@@ -1,12 +1,15 @@
 """Reading back in slices: info, verify and the loaders give the same results whatever the slice size."""
 import json
+import os
 import pickle
+import tempfile
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 import logitify_cli as lg
+from logitify_cli import fingerprint
 from logitify_cli import info as info_mod
 from logitify_cli import verify as verify_mod
 from logitify_cli.formats import base
@@ -23,8 +26,11 @@ def dataset(cli, image_folder, tmp_path):
 
 
 def tiny_slices(monkeypatch):
-    """One example per slice, wherever a reader or a command picks its slice size."""
+    """One example per slice, wherever a reader or a command picks its slice size; keys and digests on disk."""
     monkeypatch.setattr(base, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(verify_mod.KeyedDigests, "HELD", 2)
+    monkeypatch.setattr(fingerprint.KeySet, "RUN", 3)
+    monkeypatch.setattr(fingerprint.DigestSet, "HELD", 64)
     monkeypatch.setattr(verify_mod, "VERIFY_SLICE_BYTES", 1)
     monkeypatch.setattr(info_mod, "BLOCK_VALUES", 1 << 16)  # the least it may be: one summing run
     monkeypatch.setattr(info_mod, "SAMPLER_DRAWS", 7)
@@ -59,6 +65,33 @@ def test_info_and_verify_do_not_depend_on_the_slice_size(cli, image_folder, tmp_
     assert samples_a.keys() == samples_b.keys()
     for lab in samples_a:
         assert [k for k, _ in samples_a[lab]] == [k for k, _ in samples_b[lab]]
+
+
+def test_verify_names_the_same_problems_with_its_sets_on_disk(cli, dataset, monkeypatch, rng):
+    import shutil
+
+    from conftest import photo, save
+
+    src, out = dataset
+    os.remove(src / "cats" / "cat_02.png")
+    os.remove(src / "dogs" / "dog_04.png")
+    save(str(src / "dogs" / "dog_99.png"), photo(rng, 24, 32))
+    runs = []
+    for tiny in (False, True):
+        if tiny:
+            tiny_slices(monkeypatch)
+        before = set(os.listdir(tempfile.gettempdir()))
+        r = cli("verify", out, "--against", src, "--json")
+        assert r.exit_code == 1
+        assert set(os.listdir(tempfile.gettempdir())) <= before  # nothing left behind
+        runs.append(json.loads(r.stdout))
+        runs[-1].pop("seconds")
+    assert runs[0] == runs[1]
+    named = [(p["where"], p["problem"]) for p in runs[0]["problems"]]
+    assert named == [("dogs/dog_99.png", "in the sources but not in the dataset"),
+                     ("cats/cat_02.png", "in the dataset but not found in the sources"),
+                     ("dogs/dog_04.png", "in the dataset but not found in the sources")]
+    shutil.rmtree(src)
 
 
 def test_info_statistics_against_float64(cli, dataset):
