@@ -82,13 +82,13 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 
 
 class ItemList(Sequence):
-    """A run's Items, stored by column: about 50 bytes per input (a 20-character key), not 190.
+    """A run's Items, stored by column: about 43 bytes per input (a 19-character key), not 190.
 
     A run holds its inputs from discovery to the manifest; at ImageNet's
     1.28 million images a list of Items alone was 246 MiB. Keys live in one
-    string, the rest in NumPy arrays and small shared tables, and an Item is
-    made when asked for: one at a time when iterated, a list for a slice
-    (one shard's worth).
+    string, the rest in NumPy arrays (int32 where the values fit) and small
+    shared tables, and an Item is made when asked for: one at a time when
+    iterated, a list for a slice; part() gives one shard's inputs packed.
     """
 
     def __init__(self, items):
