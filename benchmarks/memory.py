@@ -8,7 +8,10 @@ Each command runs as a fresh subprocess. Every ~50 ms the proportional set
 size (PSS, from /proc/PID/smaps_rollup) of it and of every process below it
 is summed: pages shared between a parent and its forked workers are counted
 once, split between them, so the figure is what the tree costs the machine.
-Reported per command: peak PSS and wall seconds.
+Reported per command: peak PSS and wall seconds. The kernel's own
+high-water mark of each process's resident set is read too; when the
+largest one exceeds the sampled peak (a loaded machine starved the
+sampler), the line says so.
 
 `many` writes COUNT 8x8 PNGs (one image's rows varied per file, written by
 all cores) and links every tenth of them into a second folder; for both it
@@ -75,19 +78,38 @@ def tree_pss(pid: int) -> int:
     return sum(_pss(p) for p in _tree(pid))
 
 
+def _hwm(pid: int) -> int:
+    """The kernel's high-water mark of one process's resident set (VmHWM), in bytes.
+
+    No sample can miss it: a check that the sampled PSS saw the largest
+    process's peak (a loaded machine can starve the sampling thread).
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
 def measure(argv, env=None, cwd=None, stdin=None):
     """(wall seconds, peak PSS bytes of the process tree, stdout) of one fresh process."""
     env = {**os.environ, "PYTHONPATH": CODE[0] + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     t0 = time.perf_counter()
+    # In the checkout measured: `python -m` and `python -c` put the working folder first on sys.path.
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin, text=True,
-                         env=env, cwd=cwd)
-    peak = 0
+                         env=env, cwd=cwd or CODE[0])
+    peak = hwm = 0
     done = threading.Event()
 
     def poll():
-        nonlocal peak
+        nonlocal peak, hwm
         while not done.is_set():
-            peak = max(peak, tree_pss(p.pid))
+            tree = _tree(p.pid)
+            peak = max(peak, sum(_pss(q) for q in tree))
+            hwm = max([hwm] + [_hwm(q) for q in tree])
             done.wait(INTERVAL)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -98,6 +120,9 @@ def measure(argv, env=None, cwd=None, stdin=None):
     th.join()
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{err[-3000:]}")
+    if hwm > peak + (64 << 20):  # resident counts shared libraries whole, PSS in part
+        print(f"  (one process of {' '.join(argv)[:60]} reached {hwm / 2**20:.0f} MiB resident, more than the "
+              f"{peak / 2**20:.0f} MiB PSS sampled: a sample was missed, run it again)", flush=True)
     return seconds, peak, out
 
 
@@ -258,7 +283,7 @@ def report(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workload", choices=("many", "readback", "run"))
-    ap.add_argument("command", nargs="*", help="with `run`: the command to measure")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="with `run`: the command to measure, after --")
     ap.add_argument("--count", type=int, help="images (many: 1,000,000; readback: 50,000)")
     ap.add_argument("--work", help="work folder, kept (default: a temporary one, removed at the end)")
     ap.add_argument("--only", action="append", help="readback: only these commands (e.g. --only info)")
@@ -270,11 +295,11 @@ def main():
     if args.code:
         CODE[0] = os.path.abspath(args.code)
     if args.workload == "run":
-        s, peak, _ = measure(args.command)
+        s, peak, _ = measure(args.command[1:] if args.command[:1] == ["--"] else args.command, cwd=os.getcwd())
         print_row(" ".join(args.command)[:40], s, peak)
         return
     args.count = args.count or (1_000_000 if args.workload == "many" else 50_000)
-    work = args.work or tempfile.mkdtemp(prefix="logitify-memory-")
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="logitify-memory-"))
     os.makedirs(work, exist_ok=True)
     try:
         rows = (many if args.workload == "many" else readback)(args, work)
