@@ -5,7 +5,7 @@ The library side, for training code:
     import logitify_cli as lg
     ds = lg.load("out/")              # tf.data.Dataset of (logits, logdet)
     ds = lg.load("out/", noise="fresh", epoch=3)  # epoch 3's own dequantization noise
-    for shard in lg.iter_numpy("out/"):  # NumPy dicts, shard by shard
+    for part in lg.iter_numpy("out/"):  # NumPy dicts, a slice of a shard at a time
         ...
     lg.LogitTransform(lg.TransformParams(), (32, 32, 3))  # the maths itself
 

@@ -121,7 +121,7 @@ def _make_shard_fn():
 
             result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect),
                                 self.transform)
-            fs.write_bytes(_receipt_path(task.options.out, result.file), json.dumps(result.to_dict()).encode())
+            fs.write_bytes(_receipt_path(task.options.out, result.file), result.to_json().encode())
             yield result.file
 
     return MakeShard

@@ -21,6 +21,7 @@ from .errors import LogitifyError
 from .formats.base import file_sha256
 
 INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per float64 temporary
+SLICE_BYTES = 64 << 20  # logits of one slice iter_numpy hands over, by default
 
 
 def read_manifest(path: str):
@@ -132,17 +133,45 @@ class LogitDataset:
             yield from self.format.read_chunks(path, self.shape, shard.num_examples, self.manifest.compressed, rows)
 
     def read_shard(self, shard, check: bool = True) -> dict:
-        """One whole shard as NumPy arrays."""
-        parts = list(self.iter_chunks(shard, check))
-        if not parts:
-            return {"logits": np.zeros((0,) + self.shape, np.float32), "logdet": np.zeros(0, np.float32),
-                    "keys": np.zeros(0, "<U1"), "labels": np.zeros(0, np.int64)}
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        """One whole shard as NumPy arrays (its logits held once: filled in place, slice by slice)."""
+        n = shard.num_examples
+        out = {"logits": np.empty((n,) + self.shape, np.float32), "logdet": np.empty(n, np.float32),
+               "labels": np.empty(n, np.int64)}
+        keys, at = [], 0
+        for part in self.iter_chunks(shard, check):
+            b = at + len(part["keys"])
+            for k in ("logits", "logdet", "labels"):
+                out[k][at:b] = part[k]
+            keys.append(part["keys"])
+            at = b
+        out["keys"] = np.concatenate(keys) if keys else np.zeros(0, "<U1")
+        return out
 
     def iter_shards(self, check: bool = True):
-        """(shard entry, NumPy dict) for each shard."""
+        """(shard entry, NumPy dict) for each shard, whole: memory follows the shard size."""
         for shard in self.shards:
             yield shard, self.read_shard(shard, check)
+
+    def iter_slices(self, rows: int | None = None, check: bool = True):
+        """(shard entry, NumPy dict of `rows` examples) in order: memory follows the slice, not the shard.
+
+        Each shard comes in slices of exactly `rows` examples (its last one
+        shorter), whatever the format reads at a time; by default as many as
+        fit in SLICE_BYTES of logits.
+        """
+        from .formats.base import chunk_rows
+
+        rows = max(1, int(rows or chunk_rows(self.shape, SLICE_BYTES)))
+        for shard in self.shards:
+            parts, held = [], 0
+            for part in self.iter_chunks(shard, check, rows=rows):
+                parts.append(part)
+                held += len(part["keys"])
+                while held >= rows:
+                    out, parts, held = _split(parts, rows)
+                    yield shard, out
+            if held:
+                yield shard, _split(parts, held)[0]
 
     def transform(self, device=None):
         from .transform import LogitTransform
@@ -226,7 +255,23 @@ def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: s
     return ds.as_tf_dataset(with_keys=with_keys, with_labels=with_labels)
 
 
-def iter_numpy(path: str, split: str | None = None):
-    """NumPy dicts (logits, logdet, keys, labels), one per shard of the split, sha256-checked."""
-    for _, arrays in LogitDataset(path, split).iter_shards():
+def _split(parts: list, rows: int):
+    """(the first `rows` examples of the parts as one dict, the parts left, how many they hold)."""
+    if len(parts) == 1 and len(parts[0]["keys"]) == rows:
+        return parts[0], [], 0
+    whole = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    head = {k: v[:rows] for k, v in whole.items()}
+    left = len(whole["keys"]) - rows
+    return head, ([{k: v[rows:] for k, v in whole.items()}] if left else []), left
+
+
+def iter_numpy(path: str, split: str | None = None, rows: int | None = None):
+    """NumPy dicts (logits, logdet, keys, labels), sha256-checked, a slice of a shard at a time.
+
+    Each shard comes in slices of `rows` examples (its last one shorter;
+    by default as many as fit in SLICE_BYTES of logits), so memory stays flat
+    whatever the shard size. `split` names one split (needed when the dataset
+    has several). `LogitDataset(path, split).iter_shards()` gives whole shards.
+    """
+    for _, arrays in LogitDataset(path, split).iter_slices(rows):
         yield arrays

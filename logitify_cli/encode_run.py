@@ -27,7 +27,7 @@ from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
 from .report import Reporter
 from .results import EncodeResult
-from .shards import ShardResult, build_transform, make_shard, packed_digests
+from .shards import Collector, ShardResult, build_transform, make_shard, packed_digests
 from .splits import refuse_mismatch
 
 # Pixels the workers may read ahead while TensorFlow starts. More buys
@@ -221,10 +221,10 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         made += result.num_examples
         shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
-        digests[result.index] = packed_digests(result.to_dict())
+        digests[result.index] = result.pixels
         skipped.extend(result.skipped)
         try:
-            started.parts[k].folder.journal.append(result.to_dict())
+            started.parts[k].folder.journal.append(result.to_json())
         except OSError as e:
             raise write_error(e, manifest_mod.journal_name(started.parts[k].plan.split)) from None
 
@@ -245,12 +245,13 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
             for k, part in enumerate(started.parts):
                 for spec in part.todo:
                     task = part.plan.task(spec)
-                    pixels = []
-                    for j in range(spec.stop - spec.start):
-                        pixels.append(next(stream))
+                    pixels = Collector(task, report.warn)  # packed as they arrive: no objects per image
+                    n = spec.stop - spec.start
+                    for j in range(n):
+                        pixels.add(*next(stream))
                         if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
                             bar.update(256)
-                    bar.update(len(pixels) % 256)
+                    bar.update(n % 256)
                     started_shard = ex.submit(
                         lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
                         task, pixels)

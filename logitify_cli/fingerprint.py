@@ -11,6 +11,8 @@ Imports only hashlib and NumPy: shard makers, Beam workers, verify and info use 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 
 import numpy as np
 
@@ -47,9 +49,25 @@ def digests(images: np.ndarray, bits: int = 8) -> list:
     return out
 
 
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
 def to_hex(raw) -> list:
     """Digests as the journal and receipts keep them: lowercase hex strings."""
     return [d.hex() for d in raw]
+
+
+def hex_json(packed) -> str:
+    """The JSON list of to_hex(digests) for packed digests, as json.dumps writes it, without a string per digest."""
+    rows = np.frombuffer(packed, np.uint8).reshape(-1, 32)
+    if not len(rows):
+        return "[]"
+    text = np.empty((len(rows), 68), np.uint8)
+    text[:, 0] = text[:, 65] = ord('"')
+    text[:, 1:65:2] = _HEX[rows >> 4]
+    text[:, 2:65:2] = _HEX[rows & 15]
+    text[:, 66], text[:, 67] = ord(","), ord(" ")
+    return "[" + text.tobytes()[:-2].decode("ascii") + "]"
 
 
 def from_hex(texts) -> bytes:
@@ -58,9 +76,6 @@ def from_hex(texts) -> bytes:
     if not all(is_digest(t) for t in texts):
         raise ValueError("not a list of sha256 hex digests")
     return bytes.fromhex("".join(texts))
-
-
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 def pixels_sha256(packed) -> str:
@@ -72,13 +87,22 @@ def pixels_sha256(packed) -> str:
     """
     if not isinstance(packed, (bytes, bytearray, memoryview)):
         packed = b"".join(packed)
+    h = hashlib.sha256()
+    _hash_sorted(h, _rows(packed))
+    return h.hexdigest()
+
+
+def _rows(packed) -> np.ndarray:
     rows = np.frombuffer(packed, np.uint8)
     if rows.size % 32:
         raise ValueError("digests are 32 bytes each")
-    rows = rows.reshape(-1, 32)
+    return rows.reshape(-1, 32)
+
+
+def _hash_sorted(h, rows) -> None:
+    """Sort 32-byte rows and feed them to `h` as hex lines."""
     words = rows.view(">u8")  # four big-endian words a row: their order is the bytes' order
     rows = rows[np.lexsort(words.T[::-1])]
-    h = hashlib.sha256()
     for a in range(0, len(rows), 1 << 16):
         part = rows[a:a + (1 << 16)]
         text = np.empty((len(part), 65), np.uint8)
@@ -86,16 +110,154 @@ def pixels_sha256(packed) -> str:
         text[:, 1:64:2] = _HEX[part & 15]
         text[:, 64] = ord("\n")
         h.update(text.data)
-    return h.hexdigest()
+
+
+class DigestSet:
+    """Many images' digests for pixels_sha256, in bounded memory.
+
+    Past HELD bytes they are spread over 256 files by their first byte in a
+    private temporary folder; each file is sorted on its own at the end, and
+    in the files' order that is the order of all of them.
+    """
+
+    HELD = 32 << 20
+
+    def __init__(self):
+        self.count = 0
+        self._buf, self._dir = bytearray(), None
+
+    def add(self, packed) -> None:
+        """One digest, or several packed one after the other."""
+        self._buf += packed
+        self.count += len(packed) // 32
+        if len(self._buf) >= self.HELD:
+            self._spill()
+
+    def _spill(self) -> None:
+        import tempfile
+
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="logitify-digests-")
+        rows = _rows(bytes(self._buf))
+        self._buf = bytearray()
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        bounds = np.searchsorted(rows[:, 0], np.arange(257))
+        for b in range(256):
+            if bounds[b] < bounds[b + 1]:
+                with open(os.path.join(self._dir, f"{b:02x}"), "ab") as f:
+                    f.write(rows[bounds[b]:bounds[b + 1]].tobytes())
+
+    def sha256(self) -> str:
+        """pixels_sha256 of every digest added."""
+        try:
+            if self._dir is None:
+                return pixels_sha256(self._buf)
+            self._spill()
+            h = hashlib.sha256()
+            for b in range(256):
+                path = os.path.join(self._dir, f"{b:02x}")
+                if os.path.exists(path):
+                    _hash_sorted(h, np.fromfile(path, np.uint8).reshape(-1, 32))
+            return h.hexdigest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._buf = bytearray()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 def keys_sha256(keys) -> str:
     """sha256 of the keys, sorted, each in UTF-8 (lone surrogates allowed) followed by a NUL byte."""
-    h = hashlib.sha256()
-    ordered = sorted(str(k) for k in keys)
-    for i in range(0, len(ordered), 1 << 16):
-        h.update("".join(k + "\0" for k in ordered[i:i + (1 << 16)]).encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
+    ks = KeySet()
+    ks.add(keys)
+    return ks.sha256()
+
+
+class KeySet:
+    """Many keys for keys_sha256, in bounded memory: sorted runs of RUN keys on disk, merged at the end.
+
+    Keys are compared as their UTF-8 bytes (lone surrogates allowed), whose
+    order is the order of their code points, as Python sorts strings. Runs
+    that follow one another in order (a dataset's keys mostly do) are read
+    one after the other rather than merged.
+    """
+
+    RUN = 1 << 18
+
+    def __init__(self):
+        self._run, self._files, self._dir = [], [], None
+
+    def add(self, keys) -> None:
+        for k in keys:
+            self._run.append(str(k))
+            if len(self._run) >= self.RUN:
+                self._spill()
+
+    def _spill(self) -> None:
+        import tempfile
+
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="logitify-keys-")
+        run = sorted(self._run)
+        self._run = []
+        path = os.path.join(self._dir, str(len(self._files)))
+        with open(path, "wb") as f:
+            for a in range(0, len(run), 1 << 16):
+                f.write("".join(k + "\0" for k in run[a:a + (1 << 16)]).encode("utf-8", "surrogatepass"))
+        self._files.append((path, _encode(run[0]), _encode(run[-1])))
+
+    def sha256(self) -> str:
+        try:
+            h = hashlib.sha256()
+            if not self._files:
+                run = sorted(self._run)
+                for a in range(0, len(run), 1 << 16):
+                    h.update("".join(k + "\0" for k in run[a:a + (1 << 16)]).encode("utf-8", "surrogatepass"))
+                return h.hexdigest()
+            if self._run:
+                self._spill()
+            if all(a[2] <= b[1] for a, b in zip(self._files, self._files[1:])):  # in order already
+                for path, _, _ in self._files:
+                    with open(path, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            h.update(block)
+                return h.hexdigest()
+            import heapq
+
+            out = []
+            for k in heapq.merge(*(_read_run(path) for path, _, _ in self._files)):
+                out.append(k)
+                if len(out) >= 1 << 16:
+                    h.update(b"\0".join(out) + b"\0")
+                    out = []
+            if out:
+                h.update(b"\0".join(out) + b"\0")
+            return h.hexdigest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._run = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir, self._files = None, []
+
+
+def _encode(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _read_run(path: str):
+    """The keys of a run file (NUL-terminated UTF-8), as bytes, in order."""
+    with open(path, "rb") as f:
+        rest = b""
+        for block in iter(lambda: f.read(1 << 20), b""):
+            parts = (rest + block).split(b"\0")
+            rest = parts.pop()
+            yield from parts
 
 
 def fingerprint(packed, keys) -> dict:

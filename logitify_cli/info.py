@@ -1,7 +1,9 @@
 """`logitify info`: what a dataset holds, in numbers and in one picture.
 
 Statistics are gathered a slice at a time, in float64 blocks of at most
-BLOCK_VALUES; the histograms keep a random sample of fixed size, the plot at
+BLOCK_VALUES, and come out the same whatever the slices (the sums run in
+fixed places of the stream, the histograms' random sample is drawn at
+fixed places of it too); the histograms keep a sample of fixed size, the plot at
 most PLOT_CLASSES classes of small thumbnails, and labels are counted one by
 one up to LABELS_COUNTED: memory stays flat whatever the dataset claims.
 """
@@ -25,34 +27,58 @@ HIST_VALUES = 1_000_000
 BLOCK_VALUES = 1 << 20  # float64 temporaries of 8 MB at most
 PLOT_CLASSES = 16  # rows of samples in the plot
 THUMB_SIDE = 256  # samples are kept (and drawn) at most this many pixels a side
+SAMPLER_DRAWS = 1 << 16  # places of the histograms' samples drawn at a time
 LABELS_COUNTED = 10_000  # distinct labels counted one by one; the rest together
 OTHER_LABELS = "(other labels)"
 
 
 class _Running:
-    """min, max, mean and std over many arrays, in float64, block by block."""
+    """min, max, mean and std over many arrays, in float64, the same however the arrays are sliced.
+
+    The values count as one stream, summed in runs of SUM_RUN at fixed
+    places in it (a short run is carried over to the next slice), each run
+    by NumPy's pairwise sum and the runs one after the other: the sums
+    depend on the values alone, not on where slices begin and end.
+    """
+
+    SUM_RUN = 1 << 16
 
     def __init__(self):
         self.n, self.s, self.ss = 0, 0.0, 0.0
         self.lo, self.hi = math.inf, -math.inf
+        self._carry = np.zeros(0, np.float64)
 
     def add(self, a):
         a = a.reshape(-1)
         for start in range(0, a.size, BLOCK_VALUES):
             part = a[start:start + BLOCK_VALUES]
             ok = np.isfinite(part)
-            if not ok.all():
-                part = part[ok]
-            if part.size == 0:
-                continue
+            good = int(ok.sum())
+            if good < part.size:  # a non-finite value counts as 0 in the sums, to keep the runs in place
+                if good:
+                    self.lo = min(self.lo, float(part[ok].min()))
+                    self.hi = max(self.hi, float(part[ok].max()))
+                part = np.where(ok, part, 0)
+            elif good:
+                self.lo = min(self.lo, float(part.min()))
+                self.hi = max(self.hi, float(part.max()))
+            self.n += good
             p64 = part.astype(np.float64)
-            self.n += part.size
-            self.s += float(p64.sum())
-            self.ss += float(np.dot(p64, p64))
-            self.lo = min(self.lo, float(part.min()))
-            self.hi = max(self.hi, float(part.max()))
+            if self._carry.size:
+                p64 = np.concatenate([self._carry, p64])
+            whole = p64.size - p64.size % self.SUM_RUN
+            for r in range(0, whole, self.SUM_RUN):
+                self._fold(p64[r:r + self.SUM_RUN])
+            self._carry = p64[whole:].copy()
+
+    def _fold(self, run):
+        self.s += float(run.sum())
+        self.ss += float((run * run).sum())
 
     def result(self):
+        if self._carry.size:
+            self._fold(self._carry)
+            self._carry = np.zeros(0, np.float64)
         if not self.n:
             return {"count": 0, "min": None, "max": None, "mean": None, "std": None}
         mean = self.s / self.n
@@ -60,14 +86,37 @@ class _Running:
         return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var)}
 
 
-def _sample(values, rate: float, rng) -> np.ndarray:
-    """About `rate` of the finite values, drawn at random (all of them at rate 1)."""
-    values = values.reshape(-1)
-    if rate < 1.0:
-        values = values[rng.integers(0, values.size, rng.binomial(values.size, rate))] if values.size else values
-    else:
-        values = values.copy()
-    return values[np.isfinite(values)]
+class _Sampler:
+    """About `rate` of a stream of values, at places drawn once from a seeded generator.
+
+    The places are a Bernoulli process over the stream's positions (gaps
+    drawn SAMPLER_DRAWS at a time), so the sample is the same whatever the
+    slices the stream comes in, and costs time in proportion to its size.
+    """
+
+    def __init__(self, rate: float, seed: int):
+        self.rate = rate
+        self._rng = np.random.default_rng(seed)
+        self._places = np.zeros(0, np.int64)
+        self._end = 0  # the stream's positions before this one have their places drawn
+        self._pos = 0  # values seen
+
+    def take(self, values) -> np.ndarray:
+        """The sampled finite values among the next ones of the stream."""
+        values = values.reshape(-1)
+        start, stop = self._pos, self._pos + values.size
+        self._pos = stop
+        if self.rate >= 1.0:
+            return values[np.isfinite(values)].copy()
+        while self._end < stop:
+            gaps = self._rng.geometric(self.rate, SAMPLER_DRAWS)
+            places = self._end - 1 + np.cumsum(gaps)
+            self._end = int(places[-1]) + 1
+            self._places = np.concatenate([self._places, places])
+        i = int(np.searchsorted(self._places, stop))
+        picked, self._places = self._places[:i], self._places[i:]
+        out = values[picked - start]
+        return out[np.isfinite(out)]
 
 
 def _thumb(y: np.ndarray) -> np.ndarray:
@@ -84,9 +133,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
     counts, other = {}, 0
     samples = {}
     hist, logdets = [], []
-    rng = np.random.default_rng(0)
-    value_rate = min(1.0, HIST_VALUES / max(1, m.num_examples * m.dims))
-    logdet_rate = min(1.0, HIST_VALUES / max(1, m.num_examples))
+    value_sample = _Sampler(min(1.0, HIST_VALUES / max(1, m.num_examples * m.dims)), 0)
+    logdet_sample = _Sampler(min(1.0, HIST_VALUES / max(1, m.num_examples)), 1)
     shards_out = []
     with report.bar(ds.num_examples, "info") as bar:
         for shard in ds.shards:
@@ -100,8 +148,8 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
                     else:
                         other += k
                 if want_samples:
-                    logdets.append(_sample(a["logdet"], logdet_rate, rng))
-                    hist.append(_sample(a["logits"], value_rate, rng))
+                    logdets.append(logdet_sample.take(a["logdet"]))
+                    hist.append(value_sample.take(a["logits"]))
                     full = len(samples) >= PLOT_CLASSES and all(len(b) >= SAMPLES_PER_CLASS for b in samples.values())
                     for key, lab, y in ([] if full else zip(a["keys"], a["labels"].tolist(), a["logits"])):
                         if lab not in samples and len(samples) >= PLOT_CLASSES:

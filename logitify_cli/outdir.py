@@ -93,14 +93,16 @@ class Journal:
                                 "remove it and run again")
         self._write(os.O_WRONLY | os.O_CREAT | os.O_EXCL, {"header": header})
 
-    def append(self, entry: dict) -> None:
-        self._write(os.O_WRONLY | os.O_APPEND, {"shard": entry})
+    def append(self, entry) -> None:
+        """One finished shard: its entry as a dict, or as its JSON text (ShardResult.to_json)."""
+        text = entry if isinstance(entry, str) else json.dumps(entry)
+        self._write(os.O_WRONLY | os.O_APPEND, '{"shard": ' + text + "}")
 
-    def _write(self, flags: int, record: dict) -> None:
+    def _write(self, flags: int, record) -> None:
         try:
             fd = _own_fd(self.path, flags, "journal")
             with open(fd, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:

@@ -21,6 +21,7 @@ from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
 from .report import short
+from .sources import ItemList
 from .transform import TransformParams
 
 SHARD_BYTES = 256 << 20  # default shard size: about this many bytes of logits
@@ -102,7 +103,7 @@ class ShardTask:
     """Everything make_shard needs for one shard, self-contained (it travels to Beam workers)."""
 
     spec: ShardSpec
-    items: list
+    items: Sequence  # an ItemList (or a list of Items)
     options: EncodeOptions
     shape: tuple
     channels: int
@@ -144,7 +145,10 @@ class RunPlan:
     def fingerprint(self) -> str:
         return fingerprint(self.header)
 
-    def items_of(self, spec: ShardSpec) -> list:
+    def items_of(self, spec: ShardSpec):
+        """A shard's inputs, packed as the plan's are (a shard of 8x8 images holds 350,000)."""
+        if isinstance(self.items, ItemList):
+            return self.items.part(spec.start, spec.stop)
         return self.items[spec.start:spec.stop]
 
     def inputs_among(self, paths) -> list:

@@ -8,6 +8,7 @@ bytes are the same whoever makes it.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -30,9 +31,10 @@ from .transform import image_seeds
 class ShardResult:
     """A finished shard: what the journal and the manifest record of it.
 
-    `pixels` holds each image's pixel digest (fingerprint.image_digest, hex,
-    in shard order), so the run's fingerprint is made without reading a
-    pixel again, even for shards a resumed run keeps.
+    `pixels` holds each image's pixel digest (fingerprint.image_digest, in
+    shard order), packed 32 bytes each, so the run's fingerprint is made
+    without reading a pixel again, even for shards a resumed run keeps.
+    The journal and receipts write them as hex strings.
     """
 
     index: int
@@ -40,19 +42,24 @@ class ShardResult:
     num_examples: int
     sha256: str
     skipped: list = field(default_factory=list)
-    pixels: list = field(default_factory=list)
+    pixels: bytes = b""
 
     def entry(self) -> ShardEntry:
         return ShardEntry(self.file, self.num_examples, self.sha256)
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "file": self.file, "num_examples": self.num_examples,
-                "sha256": self.sha256, "skipped": self.skipped, "pixels": self.pixels}
+        return {**self._head(), "pixels": fingerprint_mod.to_hex(self._digests())}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardResult":
-        return cls(int(d["index"]), str(d["file"]), int(d["num_examples"]), str(d["sha256"]), list(d["skipped"]),
-                   list(d.get("pixels", [])))
+    def to_json(self) -> str:
+        """json.dumps(self.to_dict()), made without a string per image (a shard can hold 350,000)."""
+        return json.dumps(self._head())[:-1] + ', "pixels": ' + fingerprint_mod.hex_json(self.pixels) + "}"
+
+    def _head(self) -> dict:
+        return {"index": self.index, "file": self.file, "num_examples": self.num_examples,
+                "sha256": self.sha256, "skipped": self.skipped}
+
+    def _digests(self) -> list:
+        return [self.pixels[a:a + 32] for a in range(0, len(self.pixels), 32)]
 
 
 def packed_digests(entry: dict) -> bytes | None:
@@ -66,40 +73,85 @@ def packed_digests(entry: dict) -> bytes | None:
         return None
 
 
-def collect(task, pixels, warn, tick=lambda n: None):
-    """(good [(key, label, array)], skipped [{source, reason}]) of one shard's pixels.
+class Block:
+    """Up to a batch of a shard's readable images, packed: one pixel array, one key string, one label array.
 
-    `pixels` yields (item, label, array or None, reason or None); a list is
-    emptied as it is read, so the pixels are held once.
+    A shard of small images holds hundreds of thousands of them (350,000 of
+    8x8 at the default shard size); a tuple, an array object and a key
+    string each cost several times their pixels.
     """
-    opts, shape = task.options, tuple(task.shape)
-    good, skipped = [], []
 
-    def each():
-        if isinstance(pixels, list):
-            for j in range(len(pixels)):
-                x, pixels[j] = pixels[j], None
-                yield x
-        else:
-            yield from pixels
+    __slots__ = ("keys", "ends", "labels", "images")
 
-    for it, label, arr, reason in each():
-        tick(1)
+    def __init__(self, keys: list, labels: list, arrays: list):
+        self.ends = np.cumsum(np.fromiter(map(len, keys), np.int64, len(keys)))
+        self.keys = "".join(keys)
+        self.labels = np.array(labels, np.int64)
+        self.images = np.stack(arrays)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def key_list(self) -> list:
+        starts = [0] + self.ends[:-1].tolist()
+        return [self.keys[a:b] for a, b in zip(starts, self.ends.tolist())]
+
+
+class Collector:
+    """One shard's pixels as they arrive: checked, skipped or failed on, and packed into Blocks."""
+
+    def __init__(self, task, warn=lambda msg: None, tick=lambda n: None):
+        self.task, self.warn, self.tick = task, warn, tick
+        self.shape = tuple(task.shape)
+        self.block = max(1, task.options.batch_size)
+        self.blocks, self.skipped = [], []
+        self._keys, self._labels, self._arrays = [], [], []
+
+    def add(self, it, label, arr, reason) -> None:
+        self.tick(1)
         # A size refused from the header (its pixels never read) is the same error as one seen after.
         got = tuple(reason.shape) if isinstance(reason, ImageSizeMismatch) else (arr.shape if arr is not None else None)
-        if got is not None and got != shape:
+        if got is not None and got != self.shape:
+            shape = self.shape
             raise LogitifyError(
                 f"{it.key} is {got[1]}x{got[0]} (channels {got[2]}) but the dataset is "
-                f"{shape[1]}x{shape[0]} (set by {task.first_key}); pass --size HxW to resize all images"
+                f"{shape[1]}x{shape[0]} (set by {self.task.first_key}); pass --size HxW to resize all images"
             )
         if arr is None:
-            if opts.on_error == "fail":
+            if self.task.options.on_error == "fail":
                 raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")
-            skipped.append({"source": it.key, "reason": reason})
-            warn(f"skipped {it.key}: {reason}")
-            continue
-        good.append((it.key, label, arr))
-    return good, skipped
+            self.skipped.append({"source": it.key, "reason": reason})
+            self.warn(f"skipped {it.key}: {reason}")
+            return
+        self._keys.append(it.key)
+        self._labels.append(label)
+        self._arrays.append(arr)
+        if len(self._keys) == self.block:
+            self._close_block()
+
+    def _close_block(self) -> None:
+        if self._keys:
+            self.blocks.append(Block(self._keys, self._labels, self._arrays))
+            self._keys, self._labels, self._arrays = [], [], []
+
+    def finish(self):
+        """(Blocks of the readable images in order, skipped [{source, reason}])."""
+        self._close_block()
+        return self.blocks, self.skipped
+
+
+def collect(task, pixels, warn, tick=lambda n: None):
+    """(Blocks of the readable images, skipped [{source, reason}]) of one shard's pixels.
+
+    `pixels` yields (item, label, array or None, reason or None), or is a
+    Collector that has gathered them already.
+    """
+    if isinstance(pixels, Collector):
+        return pixels.finish()
+    c = Collector(task, warn, tick)
+    for x in pixels:
+        c.add(*x)
+    return c.finish()
 
 
 def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: None, cancel=None) -> ShardResult:
@@ -119,24 +171,24 @@ def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: No
         finally:
             shutil.rmtree(local, ignore_errors=True)
     return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], skipped,
-                       fingerprint_mod.to_hex(info["pixels"]))
+                       bytes(info["pixels"]))
 
 
 def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
-    """Transform a shard's images batch by batch straight into its writer; empties `good`.
+    """Transform a shard's images (a list of Blocks) batch by batch straight into its writer; empties `good`.
 
     A writer thread takes each batch's logits (CRC, sha256 and the write
     release the GIL) and hashes its pixels for the fingerprint while the
     next batch is being transformed. Setting `cancel` abandons the shard
     (its temp file is removed). Returns the writer's {file, num_examples,
-    sha256} and `pixels`, the images' digests (raw) in shard order.
+    sha256} and `pixels`, the images' digests packed (32 bytes each) in shard order.
     """
     opts = task.options
     fmt = get_format(opts.format)
     writer = None
     todo: queue.Queue = queue.Queue(maxsize=2)
     failure = []
-    digests = []
+    digests = bytearray()  # packed: 32 bytes an image
     bits = opts.params.bits
 
     def write_batches():
@@ -147,7 +199,7 @@ def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
             if not failure:
                 try:
                     writer.add(*job[:4])
-                    digests.extend(fingerprint_mod.digests(job[4], bits))
+                    digests.extend(b"".join(fingerprint_mod.digests(job[4], bits)))
                 except BaseException as e:  # handed to the main thread below
                     failure.append(e)
 
@@ -166,21 +218,19 @@ def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
             thread = None
 
     try:
-        writer = fmt.writer(out_dir, task.spec.file, task.shape, len(good), opts.compress)
+        writer = fmt.writer(out_dir, task.spec.file, task.shape, sum(map(len, good)), opts.compress)
         thread = threading.Thread(target=write_batches, name=f"shard-{task.spec.index}", daemon=True)
         thread.start()
-        bs = opts.batch_size
-        for start in range(0, len(good), bs):
+        for j in range(len(good)):  # a Block is one batch
             if failure:
                 break
             if cancel is not None and cancel.is_set():
                 raise LogitifyError(f"shard {task.spec.index} abandoned")
-            batch = good[start:start + bs]
-            good[start:start + bs] = [None] * len(batch)  # pixels are freed as they are transformed
-            keys = [k for k, _, _ in batch]
-            images = np.stack([a for _, _, a in batch])
+            block, good[j] = good[j], None  # pixels are freed as they are transformed
+            keys, images = block.key_list(), block.images
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
-            todo.put((keys, [lab for _, lab, _ in batch], y, logdet, images))
+            todo.put((keys, block.labels.tolist(), y, logdet, images))
+            del block, images
         todo.put(None)
         thread.join()
         thread = None

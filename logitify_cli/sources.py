@@ -74,29 +74,36 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")  # covers macOS '._*' resource forks too
 
 
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """int32 where every value fits (4 bytes an input saved per column), else the int64 array itself."""
+    if not a.size or (int(a.min()) >= -(1 << 31) and int(a.max()) < 1 << 31):
+        return a.astype(np.int32)
+    return a
+
+
 class ItemList(Sequence):
-    """A run's Items, stored by column: about 70 bytes per input, not 190.
+    """A run's Items, stored by column: about 43 bytes per input (a 19-character key), not 190.
 
     A run holds its inputs from discovery to the manifest; at ImageNet's
     1.28 million images a list of Items alone was 246 MiB. Keys live in one
-    string, the rest in NumPy arrays and small shared tables, and an Item is
-    made when asked for: one at a time when iterated, a list for a slice
-    (one shard's worth).
+    string, the rest in NumPy arrays (int32 where the values fit) and small
+    shared tables, and an Item is made when asked for: one at a time when
+    iterated, a list for a slice; part() gives one shard's inputs packed.
     """
 
     def __init__(self, items):
         n = len(items)
         lengths = np.fromiter((len(it.key) for it in items), np.int64, n)
-        self._ends = np.cumsum(lengths)
-        self._starts = self._ends - lengths
+        ends = np.cumsum(lengths)
+        self._ends, self._starts = _narrow(ends), _narrow(ends - lengths)
         self._keys = "".join(it.key for it in items)
         places, classes = {}, {}
         self._place = np.fromiter(
             (places.setdefault((None if it.name == it.key else it.name, it.where, it.relative),
                                len(places)) for it in items), np.int32, n)
         self._places = list(places)
-        self._index = np.fromiter((it.index for it in items), np.int64, n)
-        self._label = np.fromiter((it.label for it in items), np.int64, n)
+        self._index = _narrow(np.fromiter((it.index for it in items), np.int64, n))
+        self._label = _narrow(np.fromiter((it.label for it in items), np.int64, n))
         self._cls = np.fromiter(
             (-1 if it.class_name is None else classes.setdefault(it.class_name, len(classes)) for it in items),
             np.int32, n)
@@ -147,6 +154,28 @@ class ItemList(Sequence):
         out.__dict__.update(self.__dict__)
         for col in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
             setattr(out, col, np.concatenate([getattr(x, col) for x in [self, *others]]))
+        return out
+
+    def part(self, a: int, b: int) -> "ItemList":
+        """Items a..b-1 as a list of their own: one shard's inputs without an object per input.
+
+        Its keys are copied out of this list's string, so it pickles (to a
+        Beam worker) at the size of its own inputs, not of the whole run's.
+        """
+        n = len(self)
+        a, b = max(0, min(a, n)), max(0, min(b, n))
+        b = max(a, b)
+        out = ItemList.__new__(ItemList)
+        out.__dict__.update(self.__dict__)
+        # select() and concat() keep the shared string, so a part's keys need
+        # not be in order or side by side in it: take the span they cover.
+        lo = int(self._starts[a:b].min()) if b > a else 0
+        hi = int(self._ends[a:b].max()) if b > a else 0
+        out._keys = self._keys[lo:hi]
+        out._starts = self._starts[a:b] - lo
+        out._ends = self._ends[a:b] - lo
+        for col in ("_place", "_index", "_label", "_cls"):
+            setattr(out, col, getattr(self, col)[a:b].copy())
         return out
 
     def select(self, positions) -> "ItemList":

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .dataset import LogitDataset, split_names
+from .fingerprint import DigestSet, KeySet
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
@@ -146,6 +147,69 @@ class KeyHashes:
             self._dir = None
 
 
+class KeyedDigests:
+    """{key: decoded image's digest} for --against, in bounded memory.
+
+    Past HELD entries they move to an SQLite file in a private temporary
+    folder (keys as their UTF-8 bytes, whose order is the keys' order).
+    """
+
+    HELD = 1 << 18
+
+    def __init__(self):
+        self._mem, self._db, self._dir = {}, None, None
+
+    def update(self, pairs) -> None:
+        if self._db is None:
+            self._mem.update(pairs)
+            if len(self._mem) > self.HELD:
+                self._to_disk()
+        else:
+            self._db.executemany("INSERT OR REPLACE INTO d VALUES (?, ?)", ((_utf8(k), v) for k, v in pairs))
+
+    def _to_disk(self) -> None:
+        import sqlite3
+
+        self._dir = tempfile.mkdtemp(prefix="logitify-decoded-")
+        self._db = sqlite3.connect(os.path.join(self._dir, "d.sqlite"))
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("CREATE TABLE d (k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID")
+        self._db.executemany("INSERT INTO d VALUES (?, ?)", ((_utf8(k), v) for k, v in self._mem.items()))
+        self._mem = {}
+
+    def pop(self, key: str):
+        """The digest of `key`, removed; None if it is not (or no longer) here."""
+        if self._db is None:
+            return self._mem.pop(key, None)
+        k = _utf8(key)
+        row = self._db.execute("SELECT v FROM d WHERE k = ?", (k,)).fetchone()
+        if row is not None:
+            self._db.execute("DELETE FROM d WHERE k = ?", (k,))
+        return None if row is None else row[0]
+
+    def remaining(self):
+        """The keys never popped, in order."""
+        if self._db is None:
+            yield from sorted(self._mem)
+            return
+        for (k,) in self._db.execute("SELECT k FROM d ORDER BY k"):
+            yield k.decode("utf-8", "surrogatepass")
+
+    def close(self) -> None:
+        self._mem = {}
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _utf8(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
 class Problems:
     """The problems found: the first PROBLEMS_LISTED by name (and on stderr), the rest counted."""
 
@@ -170,6 +234,15 @@ class Problems:
 
 def verify(path: str, against=None, report=QUIET, split: str | None = None) -> VerifyResult:
     """Every split (or the one named); --against compares one split with its sources, so it needs the split named."""
+    held = []  # digest and key sets, whose files on disk go however verify ends
+    try:
+        return _verify(path, against, report, split, held)
+    finally:
+        for x in held:
+            x.close()
+
+
+def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     from .errors import UsageError
 
     t0 = time.time()
@@ -183,7 +256,7 @@ def verify(path: str, against=None, report=QUIET, split: str | None = None) -> V
     for name in names:
         ds = LogitDataset(path, name)
         problem.prefix = f"{name}: " if len(names) > 1 else ""
-        c, k, fp = _verify_split(ds, against, report, problem)
+        c, k, fp = _verify_split(ds, against, report, problem, held)
         checked, compared, shards = checked + c, compared + k, shards + len(ds.shards)
         fingerprints[name] = fp
     if problem.count > len(problem.listed):
@@ -200,16 +273,18 @@ def verify(path: str, against=None, report=QUIET, split: str | None = None) -> V
     return result
 
 
-def _verify_split(ds, against, report, problem):
+def _verify_split(ds, against, report, problem, held: list):
     """(examples checked, compared with sources, recomputed fingerprint) of one split; problems go to `problem`."""
     params = ds.params
     checked = 0
-    decoded = {} if against else None
+    decoded = KeyedDigests() if against else None
+    held += [decoded] if decoded is not None else []
     # The fingerprint, recomputed from the decoded images where they are the
     # encoded pixels (lossless), and from the sources with --against.
     want_fp = ds.manifest.fingerprint
-    pixel_digests = [] if want_fp is not None and params.lossless else None
-    fp_keys = [] if want_fp is not None else None
+    pixel_digests = DigestSet() if want_fp is not None and params.lossless else None
+    fp_keys = KeySet() if want_fp is not None else None
+    held += [x for x in (pixel_digests, fp_keys) if x is not None]
     shard_failed = False
     rows = chunk_rows(ds.shape, VERIFY_SLICE_BYTES)  # each slice is also inverted: smaller than a reader's default
     keys_seen = KeyHashes()
@@ -227,15 +302,15 @@ def _verify_split(ds, against, report, problem):
                             problem(str(k), "stored log-det does not match its logits")
                         keys_seen.add(keys)
                         if fp_keys is not None:
-                            fp_keys.extend(str(k) for k in keys)
+                            fp_keys.add(keys.tolist())
                         if decoded is not None or pixel_digests is not None:
                             safe = logits if finite.all() else np.where(np.isfinite(logits), logits, 0)  # (reported)
-                            for k, img in zip(keys, ds.inverse(safe)):
-                                d = _digest(img)
-                                if decoded is not None:
-                                    decoded[str(k)] = d
-                                if pixel_digests is not None:
-                                    pixel_digests.append(d)
+                            digests = [_digest(img) for img in ds.inverse(safe)]
+                            if decoded is not None:
+                                decoded.update(zip(keys.tolist(), digests))
+                            if pixel_digests is not None:
+                                pixel_digests.add(b"".join(digests))
+                            del digests
                         checked += len(keys)
                         bar.update(len(keys))
                         del chunk, keys, logits, logdet  # before the next slice is read
@@ -247,7 +322,8 @@ def _verify_split(ds, against, report, problem):
         keys_seen.close()
     if repeats:
         _name_repeats(ds, keys_seen, repeated, repeats, problem)
-    source_digests = [] if want_fp is not None else None
+    source_digests = DigestSet() if want_fp is not None else None
+    held += [source_digests] if source_digests is not None else []
     compared = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
     fingerprint = None
     if want_fp is not None and not shard_failed:
@@ -288,17 +364,15 @@ def _check_fingerprint(want, keys, decoded_digests, source_digests, count, probl
     None when the dataset is lossy), sources_pixels_sha256 (with --against,
     or None)}.
     """
-    from .fingerprint import keys_sha256, pixels_sha256
-
-    out = {"keys_sha256": keys_sha256(keys), "pixels_sha256": None, "sources_pixels_sha256": None}
+    out = {"keys_sha256": keys.sha256(), "pixels_sha256": None, "sources_pixels_sha256": None}
     if out["keys_sha256"] != want["keys_sha256"]:
         problem("fingerprint", f"keys_sha256 of the shards' keys is {out['keys_sha256']}, "
                                f"the manifest says {want['keys_sha256']}")
     for name, digests, where in (("pixels_sha256", decoded_digests, "the decoded images"),
                                  ("sources_pixels_sha256", source_digests, "the sources")):
-        if digests is None or len(digests) != count:  # (a missing image is reported already)
+        if digests is None or digests.count != count:  # (a missing image is reported already)
             continue
-        out[name] = pixels_sha256(b"".join(digests))
+        out[name] = digests.sha256()
         if out[name] != want["pixels_sha256"]:
             problem("fingerprint", f"pixels_sha256 of {where} is {out[name]}, the manifest says {want['pixels_sha256']}")
     return out
@@ -333,22 +407,22 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
     compared = 0
     with OrderedPool(1) as pool:
         for it, _, arr, reason in PixelStream(inv.items, opts, channels, pool, int(np.prod(ds.shape))):
-            if it.key not in decoded:
+            got = decoded.pop(it.key)
+            if got is None:
                 if it.key not in skipped:
                     problem(it.key, "in the sources but not in the dataset")
                 continue
-            got = decoded.pop(it.key)
             if arr is None:
                 problem(it.key, f"source cannot be read now: {reason}")
                 continue
             want = (arr >> shift) << shift
             if digests is not None:
-                digests.append(_digest(want))
+                digests.add(_digest(want))
             if want.shape != tuple(ds.shape):
                 problem(it.key, f"the source gives shape {list(want.shape)}, the dataset {list(ds.shape)}")
             elif got != _digest(want) and ds.params.lossless:
                 problem(it.key, "decoded image differs from its source")
             compared += 1
-    for k in sorted(decoded):
+    for k in decoded.remaining():
         problem(k, "in the dataset but not found in the sources")
     return compared
