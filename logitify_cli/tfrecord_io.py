@@ -65,7 +65,8 @@ class ExampleWriter:
         return b"".join((b"\x0a", _uvarint(size), head, self._logits_head, logits))  # Example.features = 1
 
 
-def _varint(b: bytes, i: int):
+def read_varint(b, i: int):
+    """(value, next index) of the protobuf varint at b[i]; at most 10 bytes, as protobuf allows."""
     shift = result = 0
     while True:
         if i >= len(b):
@@ -76,45 +77,44 @@ def _varint(b: bytes, i: int):
         if not byte & 0x80:
             return result, i
         shift += 7
-        if shift > 70:
+        if shift > 63:
             raise ValueError("varint too long")
 
 
-def _fields(b: bytes):
-    """(field number, wire type, value) of one protobuf message."""
-    i = 0
-    while i < len(b):
-        tag, i = _varint(b, i)
+def wire_fields(b):
+    """(field number, wire type, value) of one protobuf message; values are slices of b (views, if b is a memoryview) or ints."""
+    i, n = 0, len(b)
+    while i < n:
+        tag, i = read_varint(b, i)
         field, wire = tag >> 3, tag & 7
         if wire == 0:
-            v, i = _varint(b, i)
-        elif wire == 1:
-            v, i = b[i:i + 8], i + 8
+            v, i = read_varint(b, i)
+        elif wire in (1, 5):
+            k = 8 if wire == 1 else 4
+            v, i = b[i:i + k], i + k
         elif wire == 2:
-            n, i = _varint(b, i)
-            v, i = b[i:i + n], i + n
-        elif wire == 5:
-            v, i = b[i:i + 4], i + 4
+            k, i = read_varint(b, i)
+            v, i = b[i:i + k], i + k
         else:
             raise ValueError(f"unsupported wire type {wire}")
-        if i > len(b):
+        if i > n:
             raise ValueError("truncated field")
         yield field, wire, v
 
 
 def _feature(b: bytes):
-    for kind, _, lst in _fields(b):
+    for kind, _, lst in wire_fields(b):
         if kind == 1:  # bytes_list
-            return [v for f, w, v in _fields(lst) if f == 1 and w == 2]
+            return [v for f, w, v in wire_fields(lst) if f == 1 and w == 2]
         if kind == 2:  # float_list, packed or not
             vals = []
-            for f, w, v in _fields(lst):
+            for f, w, v in wire_fields(lst):
                 if f == 1:
                     vals.extend(np.frombuffer(v, "<f4").tolist())
             return vals
         if kind == 3:  # int64_list, packed or not
             vals = []
-            for f, w, v in _fields(lst):
+            for f, w, v in wire_fields(lst):
                 if f != 1:
                     continue
                 if w == 0:
@@ -122,7 +122,7 @@ def _feature(b: bytes):
                 else:
                     j = 0
                     while j < len(v):
-                        x, j = _varint(v, j)
+                        x, j = read_varint(v, j)
                         vals.append(x)
             return [x - (1 << 64) if x >= 1 << 63 else x for x in vals]
     return []
@@ -131,14 +131,14 @@ def _feature(b: bytes):
 def parse_example(record: bytes) -> dict:
     """{name: list of values} of a serialized tf.train.Example."""
     out = {}
-    for f, w, features in _fields(record):
+    for f, w, features in wire_fields(record):
         if f != 1 or w != 2:
             continue
-        for f2, w2, entry in _fields(features):
+        for f2, w2, entry in wire_fields(features):
             if f2 != 1 or w2 != 2:
                 continue
             key, value = None, b""
-            for f3, _, v in _fields(entry):
+            for f3, _, v in wire_fields(entry):
                 if f3 == 1:
                     key = v.decode("utf-8", "surrogatepass")
                 elif f3 == 2:

@@ -14,7 +14,7 @@ import struct
 import numpy as np
 
 from ..errors import LogitifyError
-from ..tfrecord_io import ExampleWriter
+from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
 from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 # TFDS's own file name template; our shard names are this template filled in,
@@ -66,53 +66,17 @@ def _records(path: str, compressed: bool, max_length: int):
             index += 1
 
 
-def _varint(b, i: int):
-    shift = result = 0
-    while True:
-        if i >= len(b):
-            raise ValueError("truncated varint")
-        byte = b[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(b):
-    """(field number, wire type, value) of one protobuf message; values are views into b, or ints."""
-    i, n = 0, len(b)
-    while i < n:
-        tag, i = _varint(b, i)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            v, i = _varint(b, i)
-        elif wire in (1, 5):
-            k = 8 if wire == 1 else 4
-            v, i = b[i:i + k], i + k
-        elif wire == 2:
-            k, i = _varint(b, i)
-            v, i = b[i:i + k], i + k
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if i > n:
-            raise ValueError("truncated field")
-        yield field, wire, v
-
-
 def _features(record) -> dict:
     """{name: Feature message view} of a serialized tf.train.Example."""
     out = {}
-    for f, w, features in _fields(record):
+    for f, w, features in wire_fields(record):
         if f != 1 or w != 2:
             continue
-        for f2, w2, entry in _fields(features):
+        for f2, w2, entry in wire_fields(features):
             if f2 != 1 or w2 != 2:
                 continue
             name, value = None, memoryview(b"")
-            for f3, w3, v in _fields(entry):
+            for f3, w3, v in wire_fields(entry):
                 if f3 == 1 and w3 == 2:
                     name = bytes(v)
                 elif f3 == 2 and w3 == 2:
@@ -128,11 +92,11 @@ def _first(feature):
     Values are counted, never gathered: a list of millions costs nothing.
     """
     kind, count, first = None, 0, None
-    for k, w, lst in _fields(feature):
+    for k, w, lst in wire_fields(feature):
         if w != 2 or k not in (1, 2, 3):
             continue
         kind, count, first = k, 0, None  # a oneof: the last one set counts
-        for f, w2, v in _fields(lst):
+        for f, w2, v in wire_fields(lst):
             if f != 1 or count >= 2:
                 continue
             if k == 1 and w2 == 2:
@@ -148,7 +112,7 @@ def _first(feature):
             elif k == 3 and w2 == 2:
                 values, j = [], 0
                 while j < len(v) and len(values) < 2:
-                    x, j = _varint(v, j)
+                    x, j = read_varint(v, j)
                     values.append(x)
             else:
                 continue
