@@ -163,8 +163,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
-    from .encode_run import existing
-    from .splits import refuse_mismatch
+    from .encode_run import existing, prepare_locked
 
     fmt = get_format(opts.format)
     options = _options(beam_args)
@@ -182,13 +181,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         folder.lock.acquire()
     try:
         if folder is not None:
-            now, _ = existing(opts)
-            if (now and now.to_dict()) != (have and have.to_dict()):
-                raise LogitifyError(f"{opts.out}: its manifest changed while this run planned; run again")
-            if base is not None:
-                for part in p.parts:
-                    refuse_mismatch(base, part, opts.out)
-            folder.prepare(opts.overwrite, False, inputs=p.inputs_among, keep_dataset=base is not None)
+            prepare_locked(folder, opts, p, have, base, resume=False)
             for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
                 OutputFolder(opts.out, part.split).journal.start(part.header)
         else:

@@ -79,6 +79,22 @@ def existing(opts: EncodeOptions):
     return have, dataclasses.replace(have, splits=keep, split=None)
 
 
+def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool) -> None:
+    """With the folder's lock held: the dataset is still the one planned against, its splits match, and the folder is made ready.
+
+    Both runners call this between taking the lock and writing anything, so
+    a refusal (another run changed the manifest, a split that does not
+    match) leaves the folder as it was.
+    """
+    now, _ = existing(opts)
+    if (now and now.to_dict()) != (have and have.to_dict()):
+        raise LogitifyError(f"{opts.out}: its manifest changed while this run planned; run again")
+    if base is not None:
+        for part in p.parts:
+            refuse_mismatch(base, part, opts.out)
+    folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None)
+
+
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     """Plan, take the output folder, pick the shards to make, and start reading ahead."""
     have, base = existing(opts)
@@ -87,13 +103,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     folder.create()
     folder.lock.acquire()
     try:
-        now, _ = existing(opts)
-        if (now and now.to_dict()) != (have and have.to_dict()):
-            raise LogitifyError(f"{opts.out}: its manifest changed while this run planned; run again")
-        if base is not None:
-            for part in p.parts:
-                refuse_mismatch(base, part, opts.out)
-        folder.prepare(opts.overwrite, opts.resume, inputs=p.inputs_among, keep_dataset=base is not None)
+        prepare_locked(folder, opts, p, have, base, opts.resume)
         parts = []
         for part in p.parts:
             pf = OutputFolder(opts.out, part.split)
