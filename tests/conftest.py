@@ -66,3 +66,16 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+def damage(data: bytes, at, byte: int, how: str) -> bytes:
+    """`data` with one byte flipped, cut there, or extended: at an index (int) or a fraction of the length (float)."""
+    from hypothesis import assume
+
+    i = min(len(data) - 1, at if isinstance(at, int) else int(at * len(data)))
+    if how == "flip":
+        assume(data[i] != byte)
+        return data[:i] + bytes([byte]) + data[i + 1:]
+    if how == "cut":
+        return data[:i]
+    return data + bytes([byte]) * i

@@ -9,11 +9,11 @@ import io
 import numpy as np
 import pytest
 import simplejpeg
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import photo
+from conftest import damage, photo
 from logitify_cli import jpeg
 from logitify_cli.images import Geometry, ImageReadError, ImageSizeMismatch, _plain_jpeg, read_image
 
@@ -95,14 +95,7 @@ def test_shortcut_equals_pillow_on_valid_jpegs(data, channels, geometry):
        byte=st.integers(0, 255), how=st.sampled_from(["flip", "cut", "extend"]), geometry=geometries)
 def test_shortcut_equals_pillow_on_damaged_jpegs(data, channels, at, byte, how, geometry):
     # Half the damage lands in the first 30 bytes (markers and their lengths), half anywhere.
-    i = min(len(data) - 1, at if isinstance(at, int) else int(at * len(data)))
-    if how == "flip":
-        assume(data[i] != byte)
-        bad = data[:i] + bytes([byte]) + data[i + 1:]
-    elif how == "cut":
-        bad = data[:i]
-    else:
-        bad = data + bytes([byte]) * i
+    bad = damage(data, at, byte, how)
     assert same(outcome(bad, channels, True, geometry), outcome(bad, channels, False, geometry))
 
 

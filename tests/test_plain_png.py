@@ -10,11 +10,11 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from conftest import photo
+from conftest import damage, photo
 from logitify_cli.images import ImageReadError, _plain_png, read_image
 
 
@@ -100,14 +100,7 @@ def test_shortcut_equals_pillow_on_valid_pngs(data, channels, resize):
        byte=st.integers(0, 255), how=st.sampled_from(["flip", "cut", "extend"]))
 def test_shortcut_equals_pillow_on_damaged_pngs(data, channels, at, byte, how):
     # Half the damage lands in the first 40 bytes (signature, IHDR and its CRC), half anywhere.
-    i = min(len(data) - 1, at if isinstance(at, int) else int(at * len(data)))
-    if how == "flip":
-        assume(data[i] != byte)
-        bad = data[:i] + bytes([byte]) + data[i + 1:]
-    elif how == "cut":
-        bad = data[:i]
-    else:
-        bad = data + bytes([byte]) * i
+    bad = damage(data, at, byte, how)
     assert same(outcome(bad, channels, True), outcome(bad, channels, False))
 
 
