@@ -20,7 +20,7 @@ from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError, write_error
 from .formats import get as get_format
-from .outdir import OutputFolder
+from .outdir import OutputFolder, header_files
 from .pixels import PixelStream
 from .planner import EncodeOptions, RunPlan, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
@@ -92,7 +92,8 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
     if base is not None:
         for part in p.parts:
             refuse_mismatch(base, part, opts.out)
-    folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None)
+    folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None,
+                   writes=[f for part in p.parts for f in header_files(part.header)])
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:

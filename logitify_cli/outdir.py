@@ -398,18 +398,23 @@ class OutputFolder:
                 "--overwrite replaces only logitify's own files: move it away or choose another folder",
                 folder=self.path, file=foreign[0])
 
-    def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False) -> None:
+    def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False,
+                writes=()) -> None:
         """Clear what this run replaces: owned files (--overwrite), leftovers of killed runs (always).
 
         `inputs(paths)` answers which of these paths are inputs of this run.
         `keep_dataset`: the run adds or replaces a split of the finished
         dataset here, whose other splits stay; the replaced split's old shards
         go only once the new manifest is written (see stale_shards).
+        `writes`: the names this run will write; one that is there and not
+        logitify's is refused, so adding a split never replaces a user's file.
         """
         names = self._names()
         owned = self.owned()
         ours = self._ours(owned)
         remove = [n for n in names if _TEMP.match(n) and ours(n)]
+        present = set(names)
+        self._refuse_foreign([n for n in writes if n in present], owned)
         if overwrite and keep_dataset:
             self._refuse_foreign(names, owned)
         elif overwrite:

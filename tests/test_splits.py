@@ -125,6 +125,26 @@ def test_a_split_that_differs_is_refused_and_nothing_is_touched(cli, two_folders
             assert tree(out) == before
 
 
+def test_adding_a_split_never_replaces_a_file_it_did_not_write(cli, two_folders, tmp_path):
+    """A user's file, or link, named like a shard of the new split is refused, not replaced."""
+    (train, _), (test, _) = two_folders["train"], two_folders["test"]
+    out = tmp_path / "ds"
+    assert cli("encode", train, "-o", out).exit_code == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_text("theirs")
+    (out / "test-00000-of-00001.npz").write_text("mine")
+    (out / "test-00000-of-00001.npz.link").symlink_to(outside)  # not a shard name: left alone
+    before = tree(out)
+    r = cli("encode", test, "-o", out, "--split", "test")
+    assert r.exit_code == 1 and "test-00000-of-00001.npz, which logitify did not write" in r.stderr, r.stderr
+    assert tree(out) == before and outside.read_text() == "theirs"
+    os.remove(out / "test-00000-of-00001.npz")
+    os.symlink(outside, out / "test-00000-of-00001.npz")
+    r = cli("encode", test, "-o", out, "--split", "test")
+    assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.stderr
+    assert os.path.islink(out / "test-00000-of-00001.npz") and outside.read_text() == "theirs"
+
+
 def test_classes_of_a_later_split(cli, two_folders, tmp_path, rng):
     (train, _), (test, _) = two_folders["train"], two_folders["test"]
     out = tmp_path / "ds"
