@@ -328,6 +328,9 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         raise UsageError("--tfds-split names a split of a prepared TFDS folder, and no source is one")
     opts = resolved(opts, inv)
     notes = list(inv.notes) + [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
+    if inv.skipped and opts.on_error == "fail":  # found unreadable before any pixel: the same rule as later
+        first = inv.skipped[0]
+        raise LogitifyError(f"cannot read {first['source']}: {first['reason']} (--on-error fail)")
     if not inv.items:
         raise LogitifyError("no images found in " + ", ".join(map(str, opts.sources)), notes=notes)
     run_classes = inv.classes

@@ -171,7 +171,9 @@ def test_bad_files_are_skipped_and_good_ones_kept(cli, image_folder, tmp_path, r
     assert set(truth) <= set(a["keys"]) and "cats/wrong_name.jpg" in set(a["keys"])
     assert m["num_examples"] == len(truth) + 1
     r = cli("encode", src, "-o", tmp_path / "f", "--size", "24x32", "--on-error", "fail")
-    assert r.exit_code == 1 and "cats/bomb.png" in r.stderr and "Traceback" not in r.output
+    # The broken link is found unreadable at discovery, before any pixel is read: the run stops there.
+    assert r.exit_code == 1 and "cats/broken.png" in r.stderr and "(--on-error fail)" in r.stderr
+    assert "Traceback" not in r.output
     assert not (tmp_path / "f" / "manifest.json").exists()
 
 

@@ -635,6 +635,17 @@ def test_on_error_fail_with_tfrecord_input_says_why(tmp_path, rng):
     assert "mixed.tfrecord:1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_on_error_fail_stops_at_a_record_that_lies_about_its_length(cli, tmp_path, rng):
+    """A corrupt record found while counting is unreadable input too: --on-error fail stops before writing."""
+    path = tmp_path / "lies.tfrecord"
+    path.write_bytes(record(example(png(photo(rng, 8, 8)))) + struct.pack("<Q", 1 << 60) + b"\0" * 100)
+    r = cli("encode", path, "-o", tmp_path / "out", "--on-error", "fail")
+    assert r.exit_code == 1 and "lies.tfrecord:1" in r.stderr and "(--on-error fail)" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    r = cli("encode", path, "-o", tmp_path / "skip")
+    assert r.exit_code == 0 and "skipped" in r.stderr and "lies.tfrecord:1" in r.stderr, r.stderr
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), channels=st.sampled_from([1, 3]), how=st.sampled_from(["intact", "flip", "cut"]))
 def test_both_roads_refuse_the_same_sizes(data, channels, how):
