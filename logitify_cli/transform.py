@@ -29,6 +29,10 @@ import numpy as np
 NOISES = ("uniform", "gaussian", "none")
 GUARD = 2.0 ** -13  # level units kept clear at each end of a level's interval
 PAD = 64  # flattened images are padded to a multiple of this many values
+# A batch holds at most this many bytes of uint8 pixels (and at least one
+# image): a batch is padded to its full size, so one 9400x9400 image in a
+# batch of 256 would otherwise ask for 63 GiB. Values never depend on it.
+BATCH_PIXEL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ class LogitTransform:
         self.dims = int(np.prod(self.shape))
         self.padded_dims = _round_up(self.dims, PAD)
         self.device = device
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, min(int(batch_size), BATCH_PIXEL_BYTES // self.dims))
         self._forward = None
         self._inverse = None
 

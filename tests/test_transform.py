@@ -134,6 +134,24 @@ def test_compiled_batch_size_does_not_change_bytes(rng, shape):
         np.testing.assert_array_equal(b, imgs)
 
 
+def test_a_batch_of_large_images_is_bounded_by_bytes(rng, monkeypatch):
+    """Batches are padded to full size: for large images the batch shrinks so its pixels fit the bound."""
+    import logitify_cli.transform as transform_mod
+
+    shape = (8, 8, 3)
+    monkeypatch.setattr(transform_mod, "BATCH_PIXEL_BYTES", 4 * 8 * 8 * 3 + 5)
+    t = LogitTransform(TransformParams(seed=1), shape, batch_size=256)
+    assert 1 <= t.batch_size and t.batch_size * t.dims <= transform_mod.BATCH_PIXEL_BYTES
+    monkeypatch.setattr(transform_mod, "BATCH_PIXEL_BYTES", 1)  # less than one image: still one at a time
+    assert LogitTransform(TransformParams(seed=1), shape, batch_size=256).batch_size == 1
+    monkeypatch.undo()
+    imgs = np.stack([photo(rng, *shape) for _ in range(10)])
+    seeds = image_seeds(1, [f"k{i}" for i in range(10)])
+    y, ld = t.forward(imgs, seeds)
+    y_big, ld_big = LogitTransform(TransformParams(seed=1), shape, batch_size=256).forward(imgs, seeds)
+    assert y.tobytes() == y_big.tobytes() and ld.tobytes() == ld_big.tobytes()
+
+
 def test_traced_once_whatever_the_batch_sizes(rng):
     # Every batch is padded to the compiled size: one trace, one XLA program.
     t = LogitTransform(TransformParams(), (6, 5, 3), batch_size=8)
