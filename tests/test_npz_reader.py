@@ -95,3 +95,20 @@ def test_bytes_past_the_arrays_count_in_the_crc(tmp_path):
         else:
             got = np.concatenate([c["logits"] for c in NpzFormat().read_chunks(str(path), shape, 3, False, rows=2)])
             assert np.array_equal(got, a["logits"])
+
+
+def test_a_header_numpy_cannot_tokenize_is_refused_not_raised():
+    """A newline inside the .npy header dict makes NumPy's tokenizer raise TokenError: still a refusal by name."""
+    import io
+
+    import pytest
+
+    from logitify_cli.errors import LogitifyError
+    from logitify_cli.formats.npz import _npy_header
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((7, 16, 16, 3), "<f4"))
+    bad = bytearray(buf.getvalue())
+    bad[10] = ord("\n")
+    with pytest.raises(LogitifyError, match="logits is not a NumPy array"):
+        _npy_header(io.BytesIO(bytes(bad)), "s.npz", "logits")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tokenize
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -150,7 +151,8 @@ def _npy_header(f, name: str, member: str):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=HEADER_MAX)
         else:
             raise ValueError(f"npy version {version}")
-    except (ValueError, SyntaxError, EOFError, OSError) as e:
+    except (ValueError, SyntaxError, EOFError, OSError, TypeError, RecursionError, tokenize.TokenError) as e:
+        # NumPy parses the header dict with Python's tokenizer and literal_eval: a damaged one can fail in any of these
         raise LogitifyError(f"shard {name}: {member} is not a NumPy array ({e})") from None
     if dtype.hasobject:
         raise LogitifyError(f"shard {name}: holds object (pickled) arrays, refused")
