@@ -12,6 +12,9 @@ pytest.importorskip("apache_beam")
 
 BEAM = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=multi_processing",
         "--direct_num_workers=2"]
+# The same runner in this process: for runs whose point is not the worker processes (each such run
+# starts two interpreters that import TensorFlow, seconds of the suite's time).
+BEAM_HERE = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=in_memory"]
 
 
 def manifest(out):
@@ -34,10 +37,10 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
     monkeypatch.setattr("tempfile.tempdir", str(system_tmp))
     (src / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (src / "cats" / "empty.jpg").write_bytes(b"")
-    for fmt in ("npz", "tfrecord"):
+    for fmt, runner in (("npz", BEAM), ("tfrecord", BEAM_HERE)):
         local, beam = tmp_path / f"local-{fmt}", tmp_path / f"beam-{fmt}"
         assert cli("encode", src, "-o", local, "-f", fmt, "--shard-size", "4").exit_code == 0
-        r = cli("encode", src, "-o", beam, "-f", fmt, "--shard-size", "4", "--json", *BEAM)
+        r = cli("encode", src, "-o", beam, "-f", fmt, "--shard-size", "4", "--json", *runner)
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout.strip().splitlines()[-1])["num_examples"] == len(truth)
         assert manifest(beam) == manifest(local)
@@ -45,12 +48,12 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
         assert {s["source"] for s in manifest(beam)["skipped"]} == {"dogs/broken.png", "cats/empty.jpg"}
         assert not list(beam.glob(".*receipt*"))
         if fmt == "tfrecord":  # a second run adds a split to the finished dataset, the same in both runners
-            for out, extra in ((local, []), (beam, BEAM)):
+            for out, extra in ((local, []), (beam, BEAM_HERE)):
                 r = cli("encode", src / "dogs", "-o", out, "-f", fmt, "--split", "test", "--shard-size", "4", *extra)
                 assert r.exit_code == 1 and "classes are" in r.stderr  # no classes in a flat folder: refused
-            alpha = cli("encode", src, "-o", beam, "-f", fmt, "--split", "test", "--alpha", "0.1", *BEAM)
+            alpha = cli("encode", src, "-o", beam, "-f", fmt, "--split", "test", "--alpha", "0.1", *BEAM_HERE)
             assert alpha.exit_code == 1 and "alpha is 0.05 there, 0.1 in this run" in alpha.stderr
-            for out, extra in ((local, []), (beam, BEAM)):
+            for out, extra in ((local, []), (beam, BEAM_HERE)):
                 r = cli("encode", src, "-o", out, "-f", fmt, "--split", "test", "--shard-size", "4", *extra)
                 assert r.exit_code == 0, r.output
             assert sorted(manifest(beam)["splits"]) == ["test", "train"]
@@ -77,7 +80,7 @@ def test_beam_tfrecord_source(cli, tmp_path, rng):
             w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
     hold = ["--holdout", "0.4:test"]  # both splits from one plan, in one pipeline
     assert cli("encode", path, "-o", tmp_path / "l", "--shard-size", "2", *hold).exit_code == 0
-    r = cli("encode", path, "-o", tmp_path / "b", "--shard-size", "2", *hold, *BEAM)
+    r = cli("encode", path, "-o", tmp_path / "b", "--shard-size", "2", *hold, *BEAM_HERE)
     assert r.exit_code == 0, r.output
     m = manifest(tmp_path / "b")
     counts = {n: s["num_examples"] for n, s in m["splits"].items()}
