@@ -142,6 +142,56 @@ class ItemList(Sequence):
         for a in range(0, len(self), 4096):
             yield from self._items(a, a + 4096)
 
+    def keys(self):
+        """Every key, in order, made a few thousand at a time."""
+        keys = self._keys
+        for a in range(0, len(self), 4096):
+            for s, e in zip(self._starts[a:a + 4096].tolist(), self._ends[a:a + 4096].tolist()):
+                yield keys[s:e]
+
+    def class_names(self) -> list:
+        """The class names the items carry, sorted."""
+        used = np.unique(self._cls[self._cls >= 0])
+        return sorted(self._classes[i] for i in used.tolist())
+
+    def label_by_class(self, names) -> None:
+        """Each item with a class name gets that name's position in `names` as its label, in place."""
+        if not self._classes:
+            return
+        where = {n: i for i, n in enumerate(names)}
+        mapping = np.array([where.get(c, -1) for c in self._classes] + [-1], np.int64)
+        has = self._cls >= 0
+        self._label = _narrow(np.where(has, mapping[self._cls], self._label))
+
+    @classmethod
+    def join(cls, parts) -> "ItemList":
+        """Lists made apart (each with its own storage) one after another, as one list."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        out = ItemList.__new__(ItemList)
+        places, classes = {}, {}
+        cols = {c: [] for c in ("_starts", "_ends", "_place", "_index", "_label", "_cls")}
+        keys, offset = [], 0
+        for p in parts:
+            p = p.part(0, len(p))  # its own keys only, starting at 0
+            place_of = np.array([places.setdefault(x, len(places)) for x in p._places] or [0], np.int32)
+            class_of = np.array([classes.setdefault(x, len(classes)) for x in p._classes] + [-1], np.int32)
+            keys.append(p._keys)
+            cols["_starts"].append(p._starts.astype(np.int64) + offset)
+            cols["_ends"].append(p._ends.astype(np.int64) + offset)
+            offset += len(p._keys)
+            cols["_place"].append(place_of[p._place])
+            cols["_index"].append(p._index.astype(np.int64))
+            cols["_label"].append(p._label.astype(np.int64))
+            cols["_cls"].append(class_of[p._cls])
+        out._keys = "".join(keys)
+        for c, arrays in cols.items():
+            joined = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+            setattr(out, c, joined.astype(np.int32) if c in ("_place", "_cls") else _narrow(joined))
+        out._places, out._classes = list(places), list(classes)
+        return out
+
     def relabel(self, mapping) -> None:
         """Labels renumbered in place: label i becomes mapping[i] (-1, no label, stays)."""
         mapping = np.asarray(mapping, np.int64)
@@ -186,6 +236,57 @@ class ItemList(Sequence):
         for col in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
             setattr(out, col, getattr(self, col)[positions])
         return out
+
+
+class SortedRuns:
+    """Items as discovery finds them, kept packed: sorted runs of RUN items, merged at the end.
+
+    A list of a million Items costs about 190 MB before it could be packed;
+    here at most one run is held as Items, the rest as ItemLists (about 43
+    bytes an input). Runs are sorted stably by ORDER and merged stably
+    (earlier runs first on equal names), so the result is the order one
+    stable sort of everything would give.
+    """
+
+    RUN = 1 << 16
+
+    def __init__(self):
+        self.runs, self.chunk = [], []
+
+    def add(self, item: Item) -> None:
+        self.chunk.append(item)
+        if len(self.chunk) >= self.RUN:
+            self._close()
+
+    def extend(self, items) -> None:
+        for it in items:
+            self.add(it)
+
+    def _close(self) -> None:
+        if self.chunk:
+            self.chunk.sort(key=ORDER)
+            self.runs.append(ItemList(self.chunk))
+            self.chunk = []
+
+    def __len__(self) -> int:
+        return sum(map(len, self.runs)) + len(self.chunk)
+
+    def sorted(self) -> "ItemList":
+        """Every item added, sorted, packed; the runs are let go."""
+        self._close()
+        runs, self.runs = self.runs, []
+        if len(runs) <= 1:
+            return runs[0] if runs else ItemList([])
+        out, buf = [], []
+        for it in heapq.merge(*runs, key=ORDER):
+            buf.append(it)
+            if len(buf) == self.RUN:
+                out.append(ItemList(buf))
+                buf = []
+        if buf:
+            out.append(ItemList(buf))
+        del runs, buf
+        return ItemList.join(out)
 
 
 class ImageFile:
@@ -252,16 +353,22 @@ class ImageFolder:
         self.path = path
 
     def items(self):
-        """(items in no particular order (discover() sorts them), skipped entries).
+        """(items in no particular order (discover() sorts them), skipped entries)."""
+        items = []
+        skipped = self.walk(items.append)
+        return items, skipped
 
-        A million images must not cost a gigabyte even before discover()
-        packs them: one Item each, built while the directory is read (no
-        DirEntry list, no intermediate tuples), sharing the folder's path
-        and its class name. The plain tree is searched first and links to
-        folders afterwards, in order of their keys, so which way into a
-        folder counts does not depend on the order the disk lists entries in.
+    def walk(self, add):
+        """Hand each image found to `add`, in no particular order; returns the skipped entries.
+
+        Each Item is built while the directory is read (no DirEntry list, no
+        intermediate tuples), sharing the folder's path and its class name,
+        and goes straight to `add` (discover() packs them as they come). The
+        plain tree is searched first and links to folders afterwards, in
+        order of their keys, so which way into a folder counts does not
+        depend on the order the disk lists entries in.
         """
-        items, skipped = [], []
+        skipped = []
         classes = {}
         root = os.path.join(self.path, "")  # keys use "/", which every OS here accepts in paths
         seen = {}  # (st_dev, st_ino) of each folder searched -> its key prefix ("" for the top)
@@ -339,8 +446,8 @@ class ImageFolder:
                     if rel_dir:  # nested: the first sub-folder is the class
                         top = rel_dir[:rel_dir.index("/")]
                         cls = classes.setdefault(top, top)
-                    items.append(Item(rel, rel, root, class_name=cls, relative=True))
-        return items, skipped
+                    add(Item(rel, rel, root, class_name=cls, relative=True))
+        return skipped
 
 
 class TfrecordFile:
@@ -583,7 +690,7 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
             raise UsageError(f"{tfds[0]} is a TFDS dataset: encode it on its own, not with {others[0]}")
         return tfds_inventory(TfdsDataset(tfds[0], tfds_split, image_key, label_key))
     keys = single_file_keys(p for p in kinds if not (isinstance(kinds[p], int) and stat.S_ISDIR(kinds[p])))
-    items, skipped = [], []
+    items, skipped = SortedRuns(), []
     for path in paths:
         if fs.is_remote(path):
             found, bad = BucketPrefix(path, compression).items()
@@ -592,8 +699,9 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
             continue
         mode = kinds[path]
         if isinstance(mode, int) and stat.S_ISDIR(mode):
-            source = ImageFolder(path)
-        elif isinstance(mode, int) and stat.S_ISREG(mode) and is_tfrecord_name(os.path.basename(path)):
+            skipped.extend(ImageFolder(path).walk(items.add))  # a million images are never a list of Items
+            continue
+        if isinstance(mode, int) and stat.S_ISREG(mode) and is_tfrecord_name(os.path.basename(path)):
             source = TfrecordFile(path, compression, keys[path])
         else:
             source = ImageFile(path, keys[path], mode)
@@ -614,32 +722,46 @@ def tfds_inventory(source: TfdsDataset) -> Inventory:
     return inv
 
 
-def inventory(items: list, skipped: list) -> Inventory:
+def inventory(items, skipped: list) -> Inventory:
     """Sort, refuse two inputs with one key, number the classes and pack.
 
     The end of every discovery: local here, through Beam's FileSystems for
-    cloud folders. `items` is consumed.
+    cloud folders. `items` (Items, or a SortedRuns) is consumed.
     """
-    items.sort(key=ORDER)
-    # Sorted, equal keys sit side by side: a sorted list of references finds
-    # them at 8 bytes per input (a dict would take about 100).
-    keys = sorted(it.key for it in items)
-    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    del keys
+    if not isinstance(items, SortedRuns):
+        runs = SortedRuns()
+        runs.extend(items)
+        items = runs
+    packed = items.sorted()
+    dup = _first_duplicate_key(packed)
     if dup is not None:
-        first, second = [it.path for it in items if it.key == dup][:2]
+        first, second = [it.path for it in packed if it.key == dup][:2]
         raise LogitifyError(
             f"two inputs share the key {dup!r} ({first} and {second}); "
             "encode them in separate runs or name their common parent folder"
         )
-    names = sorted({it.class_name for it in items if it.class_name is not None})
-    classes = names or None
-    if classes:
-        index = {n: i for i, n in enumerate(names)}
-        for j, it in enumerate(items):  # in place: one Item per input at any time
-            if it.class_name is not None:
-                items[j] = it._replace(label=index[it.class_name])
-    return Inventory(ItemList(items), classes, skipped)
+    names = packed.class_names()
+    if names:
+        packed.label_by_class(names)
+    return Inventory(packed, names or None, skipped)
+
+
+def _first_duplicate_key(items: ItemList):
+    """The least key two inputs share, or None.
+
+    Keys are compared by their 64-bit hashes first (8 bytes an input); only
+    keys whose hash repeats are compared as strings.
+    """
+    if len(items) < 2:
+        return None
+    hashes = np.fromiter(map(hash, items.keys()), np.int64, len(items))
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return None
+    suspects = set(repeated.tolist())
+    keys = sorted(k for k, h in zip(items.keys(), hashes.tolist()) if h in suspects)
+    return next((a for a, b in zip(keys, keys[1:]) if a == b), None)
 
 
 def read_path_list(stream, null: bool = False):

@@ -62,3 +62,61 @@ def test_discovered_items_point_at_the_files(tmp_path, rng):
     assert got == [("a/deep/x.png", 0, "a"), ("b/z.png", 1, "b"), ("loose.png", -1, None)]
     for it in inv.items:
         assert os.path.samefile(it.path, tmp_path / "src" / it.key)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=items(), run=st.integers(1, 7), data=st.data())
+def test_sorted_runs_give_one_stable_sort_of_everything(items, run, data):
+    """Discovery packs as it goes, in sorted runs merged at the end: the order of one stable sort."""
+    from logitify_cli import sources
+
+    found = data.draw(st.permutations(items))  # in the order a disk might list them
+    runs = sources.SortedRuns()
+    runs.RUN = run
+    runs.extend(found)
+    assert len(runs) == len(found)
+    packed = runs.sorted()
+    assert list(packed) == sorted(found, key=ORDER)
+    assert list(packed.keys()) == [it.key for it in sorted(found, key=ORDER)]
+    assert packed.class_names() == sorted({it.class_name for it in found if it.class_name is not None})
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=items(), cut=st.lists(st.integers(0, 40), max_size=4))
+def test_joined_lists_equal_the_list_of_everything(items, cut):
+    bounds = sorted({0, len(items), *[min(c, len(items)) for c in cut]})
+    parts = [ItemList(items[a:b]) for a, b in zip(bounds, bounds[1:])] or [ItemList([])]
+    joined = ItemList.join(parts)
+    assert list(joined) == items and len(joined) == len(items)
+    if items:
+        assert joined[len(items) // 2] == items[len(items) // 2]
+
+
+def test_a_shared_key_is_found_among_many_whatever_the_runs(tmp_path, monkeypatch):
+    """The duplicate check compares hashes first: two files keyed alike are still named, and only they."""
+    from logitify_cli import sources
+    from logitify_cli.errors import LogitifyError
+
+    monkeypatch.setattr(sources.SortedRuns, "RUN", 5)
+    many = [Item(f"k{i:03d}", f"k{i:03d}", "/a/", relative=True) for i in range(40)]
+    inv = sources.inventory(list(reversed(many)), [])
+    assert [it.key for it in inv.items] == [it.key for it in many]
+    twin = Item("k017", "k017", "/b/", relative=True)
+    with pytest.raises(LogitifyError, match=r"share the key 'k017' \(/a/k017 and /b/k017\)"):
+        sources.inventory(many + [twin], [])
+
+
+def test_a_folder_of_many_images_is_discovered_in_runs(tmp_path, rng, monkeypatch):
+    """A folder walk hands its images over as found; runs of a few give the same inventory as one run."""
+    from logitify_cli import sources
+
+    for i in range(23):
+        save(str(tmp_path / "src" / f"c{i % 3}" / f"{(i * 7) % 23:02d}.png"), photo(rng, 2, 2), format="PNG")
+    save(str(tmp_path / "src" / "c1-loose.png"), photo(rng, 2, 2), format="PNG")
+    whole = discover([str(tmp_path / "src")])
+    monkeypatch.setattr(sources.SortedRuns, "RUN", 4)
+    runs = discover([str(tmp_path / "src")])
+    assert list(runs.items) == list(whole.items) and runs.classes == whole.classes == ["c0", "c1", "c2"]
+    keys = [it.key for it in runs.items]
+    assert keys == sorted(keys) and len(keys) == 24 and keys[:2] == ["c0/00.png", "c0/09.png"]
+    assert ("c1-loose.png", -1) in [(it.key, it.label) for it in runs.items]
