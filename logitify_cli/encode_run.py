@@ -27,7 +27,7 @@ from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
 from .report import Reporter
 from .results import EncodeResult
-from .shards import Collector, ShardResult, build_transform, make_shard, packed_digests
+from .shards import ShardFeed, ShardGone, ShardResult, build_transform, make_shard, packed_digests
 from .splits import refuse_mismatch
 
 # Pixels the workers may read ahead while TensorFlow starts. More buys
@@ -239,15 +239,16 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         except OSError as e:
             raise write_error(e, manifest_mod.journal_name(started.parts[k].plan.split)) from None
 
-    # One thread compiles the transform, then makes shard i while this one
-    # gathers shard i+1 from the readers. Shard i+1 starts as soon as it is
-    # gathered, beside the end of shard i (in the run's tail the readers are
-    # idle), and shard i+2 is gathered only once shard i is done: at most
-    # two shards' pixels are held. The main split's shards come first, then
-    # --holdout's, from one stream of pixels.
+    # One thread compiles the transform, then makes shard i from a feed this
+    # one fills as the readers deliver: each batch is transformed and
+    # written while the next is read, so the readers, the transform and the
+    # writer work side by side, and a shard's pixels are never all held.
+    # Shard i+1 starts as soon as shard i's last image is handed over,
+    # beside its tail. The main split's shards come first, then --holdout's,
+    # from one stream of pixels.
     cancel = threading.Event()
     with report.bar(started.count, "encode") as bar, started.pool, \
-            ThreadPoolExecutor(2, thread_name_prefix="transform") as ex:
+            ThreadPoolExecutor(3, thread_name_prefix="transform") as ex:
         stream = started.stream
         transform = ex.submit(build_transform, opts, p.shape)
         stream.ahead(RUN_AHEAD)
@@ -256,20 +257,25 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
             for k, part in enumerate(started.parts):
                 for spec in part.todo:
                     task = part.plan.task(spec)
-                    pixels = Collector(task, report.warn)  # packed as they arrive: no objects per image
+                    feed = ShardFeed(task, report.warn)
+                    making = ex.submit(
+                        lambda task, feed: make_shard(task, feed, transform.result(), report.warn, cancel=cancel),
+                        task, feed)
                     n = spec.stop - spec.start
-                    for j in range(n):
-                        pixels.add(*next(stream))
-                        if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
-                            bar.update(256)
+                    try:
+                        for j in range(n):
+                            feed.add(*next(stream))
+                            if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
+                                bar.update(256)
+                        feed.close()
+                    except ShardGone:
+                        making.result()  # raises what stopped it
+                        raise
                     bar.update(n % 256)
-                    started_shard = ex.submit(
-                        lambda task, pixels: make_shard(task, pixels, transform.result(), report.warn, cancel=cancel),
-                        task, pixels)
-                    del pixels
+                    del feed
                     if pending is not None:
                         finish(*pending)
-                    pending = (started_shard, k)
+                    pending = (making, k)
             if pending is not None:
                 finish(*pending)
         except BaseException:

@@ -8,6 +8,7 @@ bytes are the same whoever makes it.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -98,13 +99,19 @@ class Block:
 
 
 class Collector:
-    """One shard's pixels as they arrive: checked, skipped or failed on, and packed into Blocks."""
+    """One shard's pixels as they arrive: checked, skipped or failed on, and packed into Blocks.
 
-    def __init__(self, task, warn=lambda msg: None, tick=lambda n: None):
+    Each Block is handed to `emit` as soon as it is full (a batch), so a
+    shard is transformed and written while its later images are still
+    being read.
+    """
+
+    def __init__(self, task, warn=lambda msg: None, tick=lambda n: None, emit=None):
         self.task, self.warn, self.tick = task, warn, tick
         self.shape = tuple(task.shape)
         self.block = max(1, task.options.batch_size)
-        self.blocks, self.skipped = [], []
+        self.skipped = []
+        self.emit = emit
         self._keys, self._labels, self._arrays = [], [], []
 
     def add(self, it, label, arr, reason) -> None:
@@ -131,57 +138,143 @@ class Collector:
 
     def _close_block(self) -> None:
         if self._keys:
-            self.blocks.append(Block(self._keys, self._labels, self._arrays))
+            block = Block(self._keys, self._labels, self._arrays)
             self._keys, self._labels, self._arrays = [], [], []
+            self.emit(block)
 
-    def finish(self):
-        """(Blocks of the readable images in order, skipped [{source, reason}])."""
+    def finish(self) -> None:
+        """The last, partial Block goes out too."""
         self._close_block()
-        return self.blocks, self.skipped
 
 
-def collect(task, pixels, warn, tick=lambda n: None):
-    """(Blocks of the readable images, skipped [{source, reason}]) of one shard's pixels.
+class ShardGone(Exception):
+    """The thread making a shard stopped (it failed): the caller asks its future why."""
 
-    `pixels` yields (item, label, array or None, reason or None), or is a
-    Collector that has gathered them already.
+
+_END = object()
+
+
+class ShardFeed:
+    """One shard's pixels, passed from the thread that gathers them to the one making the shard.
+
+    The local runner adds images as the readers deliver them; make_shard
+    takes full Blocks off a bounded queue (about FEED_BYTES of pixels), so
+    the transform and the writer work beside the readers instead of
+    waiting for a whole shard, and a shard's pixels are never all held.
     """
-    if isinstance(pixels, Collector):
-        return pixels.finish()
-    c = Collector(task, warn, tick)
-    for x in pixels:
-        c.add(*x)
-    return c.finish()
+
+    FEED_BYTES = 16 << 20
+
+    def __init__(self, task, warn=lambda msg: None):
+        dims = int(np.prod(task.shape))
+        depth = max(2, self.FEED_BYTES // max(1, dims * max(1, task.options.batch_size)))
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._gone = False
+        self.collector = Collector(task, warn, emit=self._put)
+
+    @property
+    def skipped(self) -> list:
+        return self.collector.skipped
+
+    def add(self, it, label, arr, reason) -> None:
+        self.collector.add(it, label, arr, reason)
+
+    def close(self) -> None:
+        """Every image of the shard has been added."""
+        self.collector.finish()
+        self._put(_END)
+
+    def _put(self, block) -> None:
+        while True:
+            if self._gone:
+                raise ShardGone()
+            try:
+                self._queue.put(block, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def blocks(self, cancel=None):
+        """The shard's Blocks in order, as they fill (the consumer's side)."""
+        while True:
+            try:
+                block = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if cancel is not None and cancel.is_set():
+                    return
+                continue
+            if block is _END:
+                return
+            yield block
+
+    def stop(self) -> None:
+        """The consumer is done (or failed): a producer waiting on a full queue gives up."""
+        self._gone = True
+
+
+class _PulledFeed:
+    """A shard's pixels from an iterator, read in the thread that makes the shard (Beam workers)."""
+
+    def __init__(self, task, pixels, warn, tick):
+        self._pixels = pixels
+        self._ready = collections.deque()
+        self.collector = Collector(task, warn, tick, emit=self._ready.append)
+
+    @property
+    def skipped(self) -> list:
+        return self.collector.skipped
+
+    def blocks(self, cancel=None):
+        for x in self._pixels:
+            self.collector.add(*x)
+            while self._ready:
+                yield self._ready.popleft()
+        self.collector.finish()
+        while self._ready:
+            yield self._ready.popleft()
+
+    def stop(self) -> None:
+        pass
 
 
 def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: None, cancel=None) -> ShardResult:
-    """Read, check, transform and write one shard into task.options.out (a folder or a bucket prefix)."""
-    good, skipped = collect(task, pixels, warn, tick)
+    """Read, check, transform and write one shard into task.options.out (a folder or a bucket prefix).
+
+    `pixels` is a ShardFeed another thread fills, or an iterable of
+    (item, label, array or None, reason or None) read here.
+    """
+    feed = pixels if isinstance(pixels, ShardFeed) else _PulledFeed(task, pixels, warn, tick)
     out = task.options.out
-    if not fs.is_remote(out):
-        info = write_shard(task, good, transform, out, cancel)
-    else:  # written here, then copied up whole: a bucket never sees half a shard
-        local = tempfile.mkdtemp(prefix="logitify-shard-")
-        try:
-            info = write_shard(task, good, transform, local, cancel)
+    try:
+        if not fs.is_remote(out):
+            info = write_shard(task, feed, transform, out, cancel)
+        else:  # written here, then copied up whole: a bucket never sees half a shard
+            local = tempfile.mkdtemp(prefix="logitify-shard-")
             try:
-                fs.upload(os.path.join(local, info["file"]), fs.join(out, info["file"]))
-            except OSError as e:
-                raise write_error(e, fs.join(out, info["file"])) from None
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-    return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], skipped,
+                info = write_shard(task, feed, transform, local, cancel)
+                try:
+                    fs.upload(os.path.join(local, info["file"]), fs.join(out, info["file"]))
+                except OSError as e:
+                    raise write_error(e, fs.join(out, info["file"])) from None
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+    finally:
+        feed.stop()
+    return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], list(feed.skipped),
                        bytes(info["pixels"]))
 
 
-def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
-    """Transform a shard's images (a list of Blocks) batch by batch straight into its writer; empties `good`.
+def write_shard(task, feed, transform, out_dir, cancel=None) -> dict:
+    """Transform a shard's Blocks as the feed hands them over, straight into its writer.
 
-    A writer thread takes each batch's logits (CRC, sha256 and the write
-    release the GIL) and hashes its pixels for the fingerprint while the
-    next batch is being transformed. Setting `cancel` abandons the shard
-    (its temp file is removed). Returns the writer's {file, num_examples,
-    sha256} and `pixels`, the images' digests packed (32 bytes each) in shard order.
+    The writer is opened for every input the plan gave the shard; when some
+    are skipped, the format sets the count right as it closes (the bytes
+    are those of a shard opened for the images it holds). A writer thread
+    takes each batch's logits (CRC, sha256 and the write release the GIL)
+    and hashes its pixels for the fingerprint while the next batch is being
+    transformed. Setting `cancel` abandons the shard (its temp file is
+    removed). Returns the writer's {file, num_examples, sha256} and
+    `pixels`, the images' digests packed (32 bytes each) in shard order.
     """
     opts = task.options
     fmt = get_format(opts.format)
@@ -218,19 +311,20 @@ def write_shard(task, good, transform, out_dir, cancel=None) -> dict:
             thread = None
 
     try:
-        writer = fmt.writer(out_dir, task.spec.file, task.shape, sum(map(len, good)), opts.compress)
+        writer = fmt.writer(out_dir, task.spec.file, task.shape, len(task.items), opts.compress)
         thread = threading.Thread(target=write_batches, name=f"shard-{task.spec.index}", daemon=True)
         thread.start()
-        for j in range(len(good)):  # a Block is one batch
+        for block in feed.blocks(cancel):
             if failure:
                 break
             if cancel is not None and cancel.is_set():
-                raise LogitifyError(f"shard {task.spec.index} abandoned")
-            block, good[j] = good[j], None  # pixels are freed as they are transformed
+                break
             keys, images = block.key_list(), block.images
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
             todo.put((keys, block.labels.tolist(), y, logdet, images))
-            del block, images
+            del block, images  # pixels are freed as they are transformed
+        if cancel is not None and cancel.is_set():
+            raise LogitifyError(f"shard {task.spec.index} abandoned")
         todo.put(None)
         thread.join()
         thread = None

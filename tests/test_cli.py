@@ -177,6 +177,30 @@ def test_bad_files_are_skipped_and_good_ones_kept(cli, image_folder, tmp_path, r
     assert not (tmp_path / "f" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("args", [["-f", "npz"], ["-f", "npz", "--compress"], ["-f", "tfrecord", "--compress"]])
+def test_a_shard_with_skipped_inputs_is_the_shard_of_those_it_holds(cli, image_folder, tmp_path, args):
+    """A shard is written while its inputs are read, opened for all of them; skips are settled at its close.
+
+    Its bytes must be those of a shard made without the unreadable inputs at
+    all: here one shard, so the layout is the same either way.
+    """
+    src, truth = image_folder
+    r = cli("encode", src, "-o", tmp_path / "clean", "--batch-size", "3", *args)
+    assert r.exit_code == 0, r.output
+    for name, data in (("cats/aa-empty.png", b""), ("dogs/zz-broken.png", b"\x89PNG\r\n\x1a\nnot really"),
+                       ("cats/mid-truncated.png", (src / "cats" / sorted(os.listdir(src / "cats"))[0]).read_bytes()[:60])):
+        (src / name).write_bytes(data)
+    r = cli("encode", src, "-o", tmp_path / "skips", "--batch-size", "3", *args)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "skips" / "manifest.json").read_text())
+    assert len(m["skipped"]) == 3 and m["num_examples"] == len(truth)
+    shard = m["shards"][0]["file"]
+    assert len(m["shards"]) == 1 and shard == json.loads((tmp_path / "clean" / "manifest.json").read_text())["shards"][0]["file"]
+    assert (tmp_path / "skips" / shard).read_bytes() == (tmp_path / "clean" / shard).read_bytes()
+    assert [n for n in os.listdir(tmp_path / "skips") if ".tmp-" in n] == []
+    assert cli("verify", tmp_path / "skips").exit_code == 0
+
+
 @pytest.mark.parametrize("opt", [["--alpha", "0"], ["--alpha", "1.5"], ["--corruption-level", "0"], ["--bits", "9"],
                                  ["--size", "12"], ["--noise", "laplace"], ["--batch-size", "0"]])
 def test_bad_usage_exits_2(cli, image_folder, tmp_path, opt):

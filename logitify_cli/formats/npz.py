@@ -88,7 +88,13 @@ class HashingWriter:
 
 
 class NpzShardWriter(ShardWriter):
-    """The number of examples is known when the shard is opened: logits stream straight into the zip."""
+    """Logits stream straight into the zip, under a header that says how many examples there are.
+
+    The header is written for the count the shard was opened for. When
+    fewer examples come (inputs that could not be read), the shard is
+    written again from that draft with the right count, so its bytes are
+    those of a shard opened for what it holds; only such shards pay for it.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,6 +126,8 @@ class NpzShardWriter(ShardWriter):
             np.lib.format.write_array(f, arr, allow_pickle=False)
 
     def _finish(self):
+        if self.count < self.expected:
+            return self._again()
         self._entry.close()
         logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
         self._array("logdet", logdet)
@@ -131,6 +139,37 @@ class NpzShardWriter(ShardWriter):
         os.fsync(self._raw.fileno())
         self._raw.close()
         return self._raw.sha256.hexdigest()
+
+    def _again(self):
+        """Write the shard once more for the examples it got, its logits read back from this draft."""
+        self._entry.close()
+        self._zip.close()
+        self._raw.close()
+        draft = self.tmp + "0"  # still a temporary name of this run's (.NAME.tmp-DIGITS)
+        os.replace(self.tmp, draft)
+        try:
+            fresh = NpzShardWriter(self.format, self.out_dir, self.file, self.shape, self.count, self.compress)
+            try:
+                with zipfile.ZipFile(draft) as z, z.open("logits.npy") as f:
+                    _npy_header(f, self.file, "logits")
+                    left = self.count * 4 * int(np.prod(self.shape))
+                    while left:
+                        piece = f.read(min(left, READ_PIECE))
+                        if not piece:
+                            raise OSError(f"{draft}: the draft of the shard ended early")
+                        fresh._entry.write(piece)
+                        left -= len(piece)
+                fresh._logdet, fresh._keys, fresh._labels = self._logdet, self._keys, self._labels
+                fresh.count = self.count
+                return fresh._finish()
+            except BaseException:
+                fresh.abort()
+                raise
+        finally:
+            try:
+                os.unlink(draft)
+            except FileNotFoundError:
+                pass
 
     def abort(self):
         for f in (self._entry, self._zip, self._raw):
