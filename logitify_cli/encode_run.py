@@ -235,7 +235,7 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         digests[result.index] = result.pixels
         skipped.extend(result.skipped)
         try:
-            started.parts[k].folder.journal.append(result.to_json())
+            started.parts[k].folder.journal.append(result.json_pieces())
         except OSError as e:
             raise write_error(e, manifest_mod.journal_name(started.parts[k].plan.split)) from None
 

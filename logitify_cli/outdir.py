@@ -12,6 +12,7 @@ Rules that keep a user's files safe:
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -94,15 +95,20 @@ class Journal:
         self._write(os.O_WRONLY | os.O_CREAT | os.O_EXCL, {"header": header})
 
     def append(self, entry) -> None:
-        """One finished shard: its entry as a dict, or as its JSON text (ShardResult.to_json)."""
-        text = entry if isinstance(entry, str) else json.dumps(entry)
-        self._write(os.O_WRONLY | os.O_APPEND, '{"shard": ' + text + "}")
+        """One finished shard: its entry as a dict, its JSON text, or that text in pieces (ShardResult.json_pieces)."""
+        if isinstance(entry, dict):
+            entry = json.dumps(entry)
+        pieces = [entry] if isinstance(entry, str) else entry
+        self._write(os.O_WRONLY | os.O_APPEND, itertools.chain(['{"shard": '], pieces, ["}"]))
 
     def _write(self, flags: int, record) -> None:
+        """One line: a dict, or the pieces of its text (a line cut short by a kill is ignored on reading)."""
         try:
             fd = _own_fd(self.path, flags, "journal")
             with open(fd, "a", encoding="utf-8") as f:
-                f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+                for piece in ([json.dumps(record)] if isinstance(record, dict) else record):
+                    f.write(piece)
+                f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:

@@ -53,7 +53,13 @@ class ShardResult:
 
     def to_json(self) -> str:
         """json.dumps(self.to_dict()), made without a string per image (a shard can hold 350,000)."""
-        return json.dumps(self._head())[:-1] + ', "pixels": ' + fingerprint_mod.hex_json(self.pixels) + "}"
+        return "".join(self.json_pieces())
+
+    def json_pieces(self):
+        """to_json() in pieces, for writing it without holding it whole."""
+        yield json.dumps(self._head())[:-1] + ', "pixels": '
+        yield from fingerprint_mod.hex_json_pieces(self.pixels)
+        yield "}"
 
     def _head(self) -> dict:
         return {"index": self.index, "file": self.file, "num_examples": self.num_examples,

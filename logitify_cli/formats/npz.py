@@ -110,8 +110,9 @@ class NpzShardWriter(ShardWriter):
             raise ValueError("more examples than the shard was opened for")
         self._entry.write(np.ascontiguousarray(logits, dtype="<f4").data)
         self._logdet.append(np.asarray(logdet, dtype="<f4"))
-        self._keys.extend(keys)
-        self._labels.extend(int(v) for v in labels)
+        # Packed per batch (one string, its lengths): a string object per key cost ~70 bytes a key.
+        self._keys.append(("".join(keys), np.fromiter(map(len, keys), np.int64, len(keys))))
+        self._labels.append(np.array([int(v) for v in labels], dtype="<i8"))
         self.count += len(keys)
 
     def _open_entry(self, name):
@@ -131,14 +132,30 @@ class NpzShardWriter(ShardWriter):
         self._entry.close()
         logdet = np.concatenate(self._logdet) if self._logdet else np.zeros(0, "<f4")
         self._array("logdet", logdet)
-        keys = np.array(self._keys, dtype=str) if self._keys else np.zeros(0, dtype="<U1")
-        self._array("keys", keys)
-        self._array("labels", np.array(self._labels, dtype="<i8").reshape(-1))
+        self._keys_member()
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, "<i8")
+        self._array("labels", labels.reshape(-1))
         self._zip.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
         return self._raw.sha256.hexdigest()
+
+    def _keys_member(self):
+        """keys.npy as np.save writes np.array(keys, dtype=str), a batch of rows at a time.
+
+        The whole array takes 4 bytes per character of the longest key for
+        every key: 32 MB for a shard of 350,000 short paths.
+        """
+        width = max((int(lengths.max()) for _, lengths in self._keys if len(lengths)), default=1)
+        dtype = np.dtype(f"<U{width}")
+        with self._open_entry("keys.npy") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                     "fortran_order": False, "shape": (self.count,)})
+            for text, lengths in self._keys:
+                ends = np.cumsum(lengths).tolist()
+                rows = [text[a:b] for a, b in zip([0] + ends[:-1], ends)]
+                f.write(np.array(rows, dtype=dtype).tobytes())
 
     def _again(self):
         """Write the shard once more for the examples it got, its logits read back from this draft."""
