@@ -120,8 +120,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
         raise
     replaced = [s.file for n in (set(have.splits) - set(base.splits if base else ())) if have
                 for s in have.splits[n].shards] if have else []
-    chosen = [x.plan.items.select(np.concatenate([np.arange(s.start, s.stop) for s in x.todo]) if x.todo
-                                  else np.zeros(0, np.int64)) for x in parts]
+    chosen = [_inputs_to_read(x) for x in parts]
     items = chosen[0].concat(chosen[1:]) if len(chosen) > 1 else chosen[0]
     workers = opts.workers or default_workers()
     pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
@@ -131,6 +130,17 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     if len(items):
         stream.start()  # the workers read while TensorFlow starts up
     return _Started(p, folder, parts, base, replaced, pool, stream, len(items))
+
+
+def _inputs_to_read(part: "_Part"):
+    """The plan's inputs of the shards still to make: the plan's own list when that is all of it (no copy)."""
+    items = part.plan.items
+    spans = [(s.start, s.stop) for s in part.todo]
+    if not spans:
+        return items.select(np.zeros(0, np.int64))
+    if spans[0][0] == 0 and spans[-1][1] == len(items) and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return items
+    return items.select(np.concatenate([np.arange(a, b) for a, b in spans]))
 
 
 def _with_digests(done: dict, p: RunPlan):

@@ -93,10 +93,15 @@ def pixels_sha256(packed) -> str:
     (bytes, or a list of such parts). The same as `sort | sha256sum` over a
     file of one hex digest per line.
     """
-    if not isinstance(packed, (bytes, bytearray, memoryview)):
-        packed = b"".join(packed)
+    parts = [packed] if isinstance(packed, (bytes, bytearray, memoryview)) else list(packed)
+    buf = bytearray(sum(memoryview(p).nbytes for p in parts))  # the one copy, sorted in place
+    at = 0
+    for p in parts:
+        n = memoryview(p).nbytes
+        buf[at:at + n] = p
+        at += n
     h = hashlib.sha256()
-    _hash_sorted(h, _rows(packed))
+    _hash_sorted(h, _rows(buf))
     return h.hexdigest()
 
 
@@ -108,9 +113,14 @@ def _rows(packed) -> np.ndarray:
 
 
 def _hash_sorted(h, rows) -> None:
-    """Sort 32-byte rows and feed them to `h` as hex lines."""
-    words = rows.view(">u8")  # four big-endian words a row: their order is the bytes' order
-    rows = rows[np.lexsort(words.T[::-1])]
+    """Sort 32-byte rows (in place where they are writable) and feed them to `h` as hex lines.
+
+    As fixed-width byte strings the rows sort in the bytes' order, in place:
+    a million digests cost no index array and no sorted copy.
+    """
+    if not rows.flags.writeable:
+        rows = rows.copy()
+    rows.reshape(-1).view("S32").sort(kind="stable")
     for a in range(0, len(rows), 1 << 16):
         part = rows[a:a + (1 << 16)]
         text = np.empty((len(part), 65), np.uint8)

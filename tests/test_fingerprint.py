@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from PIL import Image
 
 from conftest import photo, save
@@ -231,3 +232,27 @@ def test_the_reader_in_the_docs_recomputes_it(cli, folder, tmp_path):
         assert cli("encode", src, "-o", out, "-f", fmt, "--shard-size", "5", "--bits", "6").exit_code == 0
         manifest, shards = reader["read_dataset"](str(out))
         assert reader["fingerprint"](manifest, shards) == manifest["fingerprint"] == by_hand(truth, 6)
+
+
+def _digest_lists():
+    from hypothesis import strategies as st
+
+    base = st.binary(min_size=32, max_size=32)
+    # near neighbours: shared prefixes, trailing zero bytes, all-zero and all-0xff digests
+    odd = st.tuples(base, st.integers(0, 31), st.sampled_from([0, 1, 255])).map(
+        lambda t: t[0][:t[1]] + bytes([t[2]]) * (32 - t[1]))
+    return st.lists(base | odd, max_size=60)
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(digests=_digest_lists())
+def test_pixels_sha256_is_sort_then_sha256sum_of_the_hex_lines(digests):
+    """The fingerprint's pixel half, sorted in place as byte strings, equals `sort | sha256sum` of the hex lines."""
+    from logitify_cli.fingerprint import pixels_sha256
+
+    want = hashlib.sha256("".join(sorted(d.hex() + "\n" for d in digests)).encode()).hexdigest()
+    joined = b"".join(digests)
+    assert pixels_sha256(joined) == want
+    assert pixels_sha256([joined[:32 * (len(digests) // 2)], bytearray(joined[32 * (len(digests) // 2):])]) == want
+    assert joined == b"".join(digests)  # the caller's bytes are left as they were
