@@ -2,8 +2,9 @@
 
 TensorFlow's import (seconds of CPU) overlaps the plan: the plan runs in a
 thread with a head start, and the workers read the first images while the
-import runs. Then one thread makes shard i while this one gathers the pixels
-of shard i+1, so the cores never wait at a shard boundary.
+import runs. Then this thread hands each batch of pixels, as the readers
+deliver it, to the thread making the shard, so the readers, the transform
+and the writer work side by side and no shard waits for its last image.
 """
 from __future__ import annotations
 
