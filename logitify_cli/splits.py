@@ -57,8 +57,11 @@ def class_mapping(dataset_classes, run_classes, where: str):
     if dataset_classes == run_classes:
         return None
     if dataset_classes is None or run_classes is None:
-        raise SplitMismatch(f"{where}: the dataset's classes are {short(dataset_classes)}, this run's "
-                            f"{short(run_classes)}; nothing was written", field="classes",
+        def said(classes):
+            return "none (its images are not in class folders)" if classes is None else short(classes)
+
+        raise SplitMismatch(f"{where}: the dataset's classes are {said(dataset_classes)}, this run's are "
+                            f"{said(run_classes)}; nothing was written", field="classes",
                             dataset=dataset_classes, run=run_classes)
     new = [c for c in run_classes if c not in dataset_classes]
     if new:

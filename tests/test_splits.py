@@ -156,7 +156,9 @@ def test_classes_of_a_later_split(cli, two_folders, tmp_path, rng):
     flat = tmp_path / "flat"
     save(str(flat / "a.png"), photo(rng, 12, 16))
     r = cli("encode", flat, "-o", out, "--split", "unlabelled")
-    assert r.exit_code == 1 and "classes" in r.stderr and tree(out) == before
+    assert r.exit_code == 1 and tree(out) == before
+    assert "classes are ['cats', 'dogs'], this run's are none (its images are not in class folders)" in r.stderr
+    assert "None" not in r.stderr
 
 
 def test_overwrite_replaces_only_its_split(cli, two_folders, tmp_path):
