@@ -133,7 +133,20 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
 def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, report, split) -> DecodeResult:
     t0 = time.time()
     ds = LogitDataset(dataset, split)
+    made = not os.path.lexists(out)
     prepare_folder(out, overwrite)
+    try:
+        return _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, report, t0)
+    except BaseException:
+        if made:  # a folder this run made and left empty is not left behind
+            try:
+                os.rmdir(out)
+            except OSError:
+                pass
+        raise
+
+
+def _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, report, t0) -> DecodeResult:
     tf_device = resolve_device(device) if device == "gpu" else None
     output = IMAGE_OUTPUTS[fmt](out, len(ds.shards), overwrite, classes=ds.classes)
     written = 0

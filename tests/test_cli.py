@@ -300,3 +300,19 @@ def test_gpu_without_gpu_is_a_clear_error(cli, image_folder, tmp_path):
     src, _ = image_folder
     r = cli("encode", src, "-o", tmp_path / "o", "--device", "gpu")
     assert r.exit_code == 1 and "GPU" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_failed_decode_leaves_no_empty_folder_behind(cli, image_folder, tmp_path):
+    """A folder decode made and wrote nothing into is removed when it fails; a folder that was there stays."""
+    src, _ = image_folder
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    shard = next((tmp_path / "ds").glob("*.npz"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the sha256 no longer matches: refused before any image is written
+    shard.write_bytes(bytes(data))
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "new" / "out")
+    assert r.exit_code == 1 and shard.name in r.stderr
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "mine").mkdir()
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "mine", "--overwrite")
+    assert r.exit_code == 1 and (tmp_path / "mine").is_dir()
