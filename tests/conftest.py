@@ -54,6 +54,16 @@ def image_folder(tmp_path, rng):
 
 
 @pytest.fixture
+def dataset(cli, image_folder, tmp_path):
+    """image_folder encoded in shards of 5: (source folder, {key: pixels}, dataset folder)."""
+    src, truth = image_folder
+    out = tmp_path / "ds"
+    r = cli("encode", src, "-o", out, "--shard-size", "5")
+    assert r.exit_code == 0, r.output
+    return src, truth, out
+
+
+@pytest.fixture
 def cli():
     """Invoke the CLI in-process; returns the click Result."""
     from click.testing import CliRunner

@@ -10,15 +10,6 @@ from PIL import Image
 from conftest import photo, save
 
 
-@pytest.fixture
-def dataset(cli, image_folder, tmp_path):
-    src, truth = image_folder
-    out = tmp_path / "ds"
-    r = cli("encode", src, "-o", out, "--shard-size", "5")
-    assert r.exit_code == 0, r.output
-    return src, truth, out
-
-
 def test_info_text_and_json(cli, dataset):
     src, truth, out = dataset
     r = cli("info", out)

@@ -16,15 +16,6 @@ from logitify_cli.formats import base
 from logitify_cli.sources import Item, ItemList
 
 
-@pytest.fixture
-def dataset(cli, image_folder, tmp_path):
-    src, truth = image_folder
-    out = tmp_path / "ds"
-    r = cli("encode", src, "-o", out, "--shard-size", "5")
-    assert r.exit_code == 0, r.output
-    return src, out
-
-
 def tiny_slices(monkeypatch):
     """One example per slice, wherever a reader or a command picks its slice size; keys and digests on disk."""
     monkeypatch.setattr(base, "CHUNK_BYTES", 1)
@@ -72,7 +63,7 @@ def test_verify_names_the_same_problems_with_its_sets_on_disk(cli, dataset, monk
 
     from conftest import photo, save
 
-    src, out = dataset
+    src, _, out = dataset
     os.remove(src / "cats" / "cat_02.png")
     os.remove(src / "dogs" / "dog_04.png")
     save(str(src / "dogs" / "dog_99.png"), photo(rng, 24, 32))
@@ -95,7 +86,7 @@ def test_verify_names_the_same_problems_with_its_sets_on_disk(cli, dataset, monk
 
 
 def test_info_statistics_against_float64(cli, dataset):
-    _, out = dataset
+    _, _, out = dataset
     s = _json(cli, "info", out)
     d = lg.LogitDataset(str(out))
     logits = np.concatenate([a["logits"].reshape(-1) for _, a in d.iter_shards()]).astype(np.float64)
@@ -142,7 +133,7 @@ def test_sampler_takes_the_same_places_whatever_the_slices(total, sizes, rate):
 
 
 def test_iter_numpy_hands_over_slices_of_fixed_rows(dataset):
-    _, out = dataset
+    _, _, out = dataset
     d = lg.LogitDataset(str(out))
     whole = [a for _, a in d.iter_shards()]
     for rows in (1, 2, 3, 5, 100):
@@ -155,7 +146,7 @@ def test_iter_numpy_hands_over_slices_of_fixed_rows(dataset):
 
 
 def test_iter_numpy_rows_do_not_follow_the_reader(dataset, monkeypatch):
-    _, out = dataset
+    _, _, out = dataset
     default = list(lg.iter_numpy(str(out), rows=4))
     monkeypatch.setattr(base, "CHUNK_BYTES", 1)  # the reader hands over one example at a time
     tiny = list(lg.iter_numpy(str(out), rows=4))
