@@ -192,28 +192,31 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
                          | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
+        from .fingerprint import DigestSet
         from .shards import packed_digests
 
         seconds = time.time() - t0
         m, receipts, total, counts, skipped_all = base, [], 0, {}, []
         for part in p.parts:
-            shards, skipped, pixels = [], list(part.skipped), []
-            for spec in part.shards:
-                receipt = _read_json(_receipt_path(opts.out, spec.file))
-                receipts.append(_receipt_path(opts.out, spec.file))
-                shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
-                pixels.append(packed_digests(receipt))
-                if pixels[-1] is None:
-                    raise LogitifyError(f"the receipt of {spec.file} lacks its pixel digests (a worker of another "
-                                        "logitify version?)")
-                for s in receipt["skipped"]:
-                    report.warn(f"skipped {s['source']}: {s['reason']}")
-                skipped.extend(receipt["skipped"])
-            counts[part.split] = sum(s.num_examples for s in shards)
-            total += counts[part.split]
-            skipped_all += skipped
-            m = manifest_mod.for_run(part, shards, skipped, {"seconds": round(seconds, 3), "runner": "beam"},
-                                     pixels=pixels, base=m)
+            shards, skipped = [], list(part.skipped)
+            with DigestSet() as pixels:  # its temporary files go even if a receipt is refused
+                for spec in part.shards:
+                    receipt = _read_json(_receipt_path(opts.out, spec.file))
+                    receipts.append(_receipt_path(opts.out, spec.file))
+                    shards.append(manifest_mod.ShardEntry(receipt["file"], receipt["num_examples"], receipt["sha256"]))
+                    packed = packed_digests(receipt)
+                    if packed is None:
+                        raise LogitifyError(f"the receipt of {spec.file} lacks its pixel digests (a worker of another "
+                                            "logitify version?)")
+                    pixels.add(packed)
+                    for s in receipt["skipped"]:
+                        report.warn(f"skipped {s['source']}: {s['reason']}")
+                    skipped.extend(receipt["skipped"])
+                counts[part.split] = sum(s.num_examples for s in shards)
+                total += counts[part.split]
+                skipped_all += skipped
+                m = manifest_mod.for_run(part, shards, skipped, {"seconds": round(seconds, 3), "runner": "beam"},
+                                         pixels=pixels, base=m)
         if total == 0:
             raise LogitifyError(f"none of the {sum(len(x.items) for x in p.parts)} inputs could be read as an image")
         rate = round(total / seconds, 1) if seconds else None

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fs
+from . import heap
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError, write_error
+from .fingerprint import DigestSet
 from .formats import get as get_format
 from .outdir import OutputFolder, header_files
 from .pixels import PixelStream
@@ -101,6 +103,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     """Plan, take the output folder, pick the shards to make, and start reading ahead."""
     have, base = existing(opts)
     p = plan(opts, base=base)
+    heap.release()  # what discovery sorted and merged in passing
     folder = OutputFolder(opts.out, opts.split)
     folder.create()
     folder.lock.acquire()
@@ -226,16 +229,25 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
     p = started.plan
     for note in p.notes:
         report.warn(note)
+    # Per part: its shards, its pixel digests (for the fingerprint; past a bound on
+    # disk, so a million images do not hold 32 MB of them to the end) and its skipped inputs.
+    book = [([None] * part.plan.n_shards, DigestSet(), list(part.plan.skipped)) for part in started.parts]
+    try:
+        for part, (shards, digests, skipped) in zip(started.parts, book):
+            for i, entry in part.done.items():
+                shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
+                skipped.extend(entry.get("skipped", []))
+                digests.add(packed_digests(entry) or b"")
+        return _make(started, opts, fmt, report, t0, book)
+    finally:
+        for _, digests, _ in book:
+            digests.close()
+
+
+def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
+    """Make the shards still to make, then write the manifest."""
+    p = started.plan
     made = 0
-    book = []  # per part: [shards, digests, skipped]
-    for part in started.parts:
-        n = part.plan.n_shards
-        shards, digests, skipped = [None] * n, [b""] * n, list(part.plan.skipped)
-        for i, entry in part.done.items():
-            shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
-            skipped.extend(entry.get("skipped", []))
-            digests[i] = packed_digests(entry) or b""  # each shard's pixel digests, packed
-        book.append((shards, digests, skipped))
 
     def finish(future, k):
         nonlocal made
@@ -243,7 +255,7 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
         made += result.num_examples
         shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
-        digests[result.index] = result.pixels
+        digests.add(result.pixels)
         skipped.extend(result.skipped)
         try:
             started.parts[k].folder.journal.append(result.json_pieces())

@@ -115,12 +115,13 @@ def _rows(packed) -> np.ndarray:
 def _hash_sorted(h, rows) -> None:
     """Sort 32-byte rows (in place where they are writable) and feed them to `h` as hex lines.
 
-    As fixed-width byte strings the rows sort in the bytes' order, in place:
+    As fixed-width byte strings the rows sort in the bytes' order, in place
+    (equal rows are equal bytes, so no stable sort and no buffer is needed):
     a million digests cost no index array and no sorted copy.
     """
     if not rows.flags.writeable:
         rows = rows.copy()
-    rows.reshape(-1).view("S32").sort(kind="stable")
+    rows.reshape(-1).view("S32").sort()
     for a in range(0, len(rows), 1 << 16):
         part = rows[a:a + (1 << 16)]
         text = np.empty((len(part), 65), np.uint8)
@@ -133,44 +134,60 @@ def _hash_sorted(h, rows) -> None:
 class DigestSet:
     """Many images' digests for pixels_sha256, in bounded memory.
 
-    Past HELD bytes they are spread over 256 files by their first byte in a
-    private temporary folder; each file is sorted on its own at the end, and
-    in the files' order that is the order of all of them.
+    They are gathered in one buffer of HELD bytes. Each time it fills, it is
+    sorted in place and spread over 256 files by the digests' first byte,
+    in a private temporary folder; at the end each file is sorted on its
+    own, and in the files' order that is the order of all of them.
     """
 
-    HELD = 32 << 20
+    HELD = 8 << 20
 
     def __init__(self):
         self.count = 0
-        self._buf, self._dir = bytearray(), None
+        self._buf, self._used, self._dir = None, 0, None
 
     def add(self, packed) -> None:
         """One digest, or several packed one after the other."""
-        self._buf += packed
-        self.count += len(packed) // 32
-        if len(self._buf) >= self.HELD:
-            self._spill()
+        view = memoryview(packed).cast("B")
+        if view.nbytes % 32:
+            raise ValueError("digests are 32 bytes each")
+        self.count += view.nbytes // 32
+        if self._buf is None:
+            self._buf = bytearray(max(32, self.HELD - self.HELD % 32))
+        while view.nbytes:
+            n = min(view.nbytes, len(self._buf) - self._used)
+            self._buf[self._used:self._used + n] = view[:n]
+            self._used += n
+            view = view[n:]
+            if self._used == len(self._buf):
+                self._spill()
 
     def _spill(self) -> None:
         import tempfile
 
+        if not self._used:
+            return
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="logitify-digests-")
-        rows = _rows(bytes(self._buf))
-        self._buf = bytearray()
-        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        rows = _rows(memoryview(self._buf)[:self._used])
+        rows.reshape(-1).view("S32").sort()  # in place: the buffer is reused
         bounds = np.searchsorted(rows[:, 0], np.arange(257))
         for b in range(256):
             if bounds[b] < bounds[b + 1]:
                 with open(os.path.join(self._dir, f"{b:02x}"), "ab") as f:
-                    f.write(rows[bounds[b]:bounds[b + 1]].tobytes())
+                    f.write(rows[bounds[b]:bounds[b + 1]].data)
+        del rows
+        self._used = 0
 
     def sha256(self) -> str:
         """pixels_sha256 of every digest added."""
         try:
             if self._dir is None:
-                return pixels_sha256(self._buf)
+                h = hashlib.sha256()
+                _hash_sorted(h, _rows(memoryview(self._buf or bytearray())[:self._used]))
+                return h.hexdigest()
             self._spill()
+            self._buf = None
             h = hashlib.sha256()
             for b in range(256):
                 path = os.path.join(self._dir, f"{b:02x}")
@@ -181,10 +198,17 @@ class DigestSet:
             self.close()
 
     def close(self) -> None:
-        self._buf = bytearray()
+        """Drop the digests and their files (also when a run fails before sha256())."""
+        self._buf, self._used = None, 0
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def keys_sha256(keys) -> str:
@@ -203,7 +227,7 @@ class KeySet:
     one after the other rather than merged.
     """
 
-    RUN = 1 << 18
+    RUN = 1 << 16  # keys held (about 5 MB of strings) before a sorted run goes to disk
 
     def __init__(self):
         self._run, self._files, self._dir = [], [], None
@@ -278,9 +302,9 @@ def _read_run(path: str):
             yield from parts
 
 
-def fingerprint(packed, keys) -> dict:
-    """The manifest's `fingerprint` object: {pixels_sha256, keys_sha256}."""
-    return {"pixels_sha256": pixels_sha256(packed), "keys_sha256": keys_sha256(keys)}
+def fingerprint(digests: DigestSet, keys) -> dict:
+    """The manifest's `fingerprint` object: {pixels_sha256, keys_sha256} (the DigestSet is used up)."""
+    return {"pixels_sha256": digests.sha256(), "keys_sha256": keys_sha256(keys)}
 
 
 def is_digest(x) -> bool:

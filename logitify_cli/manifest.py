@@ -429,8 +429,9 @@ def write(out_dir: str, manifest: Manifest) -> None:
 def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | None = None) -> Manifest:
     """The manifest of a finished encode run, the same for every runner.
 
-    `pixels`: every shard's pixel digests, packed (shards.packed_digests),
-    for the fingerprint; its keys are the plan's inputs less the skipped ones.
+    `pixels`: a fingerprint.DigestSet of every shard's pixel digests, for
+    the fingerprint (used up here); its keys are the plan's inputs less the
+    skipped ones.
     `base`: the dataset this run adds its split to (its other splits are kept).
     """
     from .fingerprint import fingerprint

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import photo, save
@@ -256,3 +257,23 @@ def test_pixels_sha256_is_sort_then_sha256sum_of_the_hex_lines(digests):
     assert pixels_sha256(joined) == want
     assert pixels_sha256([joined[:32 * (len(digests) // 2)], bytearray(joined[32 * (len(digests) // 2):])]) == want
     assert joined == b"".join(digests)  # the caller's bytes are left as they were
+
+
+@settings(max_examples=150, deadline=None)
+@given(digests=_digest_lists(), held=st.integers(1, 7), cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_digest_set_spills_to_the_same_hash(digests, held, cuts):
+    """DigestSet, however small its buffer and however its input is cut, hashes as `sort | sha256sum` does."""
+    from logitify_cli.fingerprint import DigestSet
+
+    want = hashlib.sha256("".join(sorted(d.hex() + "\n" for d in digests)).encode()).hexdigest()
+    joined = b"".join(digests)
+    bounds = sorted({0, len(digests), *(min(c, len(digests)) for c in cuts)})
+    ds = DigestSet()
+    ds.HELD = 32 * held
+    for a, b in zip(bounds, bounds[1:]):
+        ds.add(joined[32 * a:32 * b])
+    spilled = ds._dir
+    assert ds.count == len(digests)
+    assert ds.sha256() == want
+    assert spilled is None or not os.path.exists(spilled)  # its files are gone once hashed
+    assert (spilled is not None) == (len(digests) >= held)
