@@ -227,9 +227,10 @@ class Manifest:
         if not isinstance(m.get("format"), str) or m["format"] not in FORMATS:
             fail(f"unknown format {short(m.get('format'))}")
         shape = m.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 3
-                and all(type(s) is int and 0 < s < 1 << 20 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(s) is int and s > 0 for s in shape)):
             fail(f"shape {short(shape)} is not [H, W, C] of positive integers")
+        if max(shape) >= 1 << 20:
+            fail(f"shape {short(shape)} has a side of 2^20 or more, larger than any image this tool writes")
         if shape[2] not in (1, 3, 4):
             fail(f"{shape[2]} channels (expected 1, 3 or 4)")
         if shape[0] * shape[1] * shape[2] > 1 << 31:
@@ -401,8 +402,10 @@ def read(dataset_dir: str) -> Manifest:
     if not os.path.exists(dataset_dir):
         raise LogitifyError(f"no such dataset: {dataset_dir}")
     path = os.path.join(dataset_dir, MANIFEST) if os.path.isdir(dataset_dir) else dataset_dir
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise LogitifyError(f"{dataset_dir}: no {MANIFEST} here (is it a logitify output folder?)")
+    if not os.path.isfile(path):  # a FIFO, a device, a folder or a dangling link: never opened
+        raise LogitifyError(f"{path}: not a valid logitify manifest: not a regular file")
     try:
         with open(path, "rb") as f:
             data = f.read(MANIFEST_MAX_BYTES + 1)

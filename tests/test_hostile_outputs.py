@@ -689,6 +689,26 @@ def test_broken_manifests_are_one_clear_line(cli, pics, tmp_path, edit):
         assert "manifest" in one_clear_error(r)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_manifest_that_is_a_fifo_or_a_dangling_link(cli, pics, tmp_path):
+    """Neither is opened (a FIFO would wait forever for a writer); each is named for what it is, not 'no manifest here'."""
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    (ds / "manifest.json").unlink()
+    os.symlink(tmp_path / "nowhere.json", ds / "manifest.json")
+    for r in four_commands(cli, ds, tmp_path):
+        assert "not a regular file" in one_clear_error(r)
+    (ds / "manifest.json").unlink()
+    os.mkfifo(ds / "manifest.json")
+    for command in ("info", "verify"):
+        p = cli_process(command, ds)
+        try:
+            _, err = p.communicate(timeout=120)
+        finally:
+            stop_group(p)
+        assert p.returncode == 1 and "manifest.json: not a valid logitify manifest: not a regular file" in err, err
+
+
 def test_a_manifest_that_is_a_folder_and_missing_or_unreadable_shards(cli, pics, tmp_path):
     ds = tmp_path / "ds"
     assert cli("encode", pics, "-o", ds).exit_code == 0

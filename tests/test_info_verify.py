@@ -119,6 +119,8 @@ def test_pickled_shard_is_refused(cli, dataset):
     (lambda m: json.dumps({**m, "num_examples": 999}), "num_examples"),
     (lambda m: json.dumps({**m, "shape": [24, 32]}), "shape"),
     (lambda m: json.dumps({**m, "shape": [24, 32, 7]}), "channels"),
+    (lambda m: json.dumps({**m, "shape": [1 << 20, 1, 3]}), "2^20 or more"),
+    (lambda m: json.dumps({**m, "shape": [0, 32, 3]}), "positive"),
     (lambda m: json.dumps({**m, "shards": [{**m["shards"][0], "file": "../../etc/passwd"}] + m["shards"][1:]}), "outside"),
     (lambda m: json.dumps({**m, "transform": {**m["transform"], "alpha": 3}}), "alpha"),
     (lambda m: json.dumps([1, 2]), "JSON object"),
