@@ -20,7 +20,7 @@ from . import images as images_mod
 from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
 from .pool import OrderedPool
-from .report import short
+from .report import listing, short
 from .sources import ItemList
 from .transform import TransformParams
 
@@ -289,19 +289,19 @@ def split_runs(opts: EncodeOptions) -> list:
     names = [n.strip() for n in opts.tfds_split.split(",")] if opts.tfds_split else have
     for n in names:
         if n not in meta.splits:
-            raise UsageError(f"{source} has no split {n!r} (it has {', '.join(have)})")
+            raise UsageError(f"{source} has no split {short(n)} (it has {listing(have)})")
     if len(set(names)) != len(names):
-        raise UsageError(f"--tfds-split {opts.tfds_split!r} names a split twice")
+        raise UsageError(f"--tfds-split {short(opts.tfds_split)} names a split twice")
     if opts.split is not None:
         if len(names) != 1:
             raise UsageError(f"--split {opts.split!r} would rename one TFDS split, and {source} has "
-                             f"{', '.join(names)}: choose one with --tfds-split, or let each keep its name")
+                             f"{listing(names)}: choose one with --tfds-split, or let each keep its name")
         return [replace(opts, tfds_split=names[0])]
     if opts.holdout and len(names) > 1:
         raise UsageError("--holdout takes a share of one split: choose the TFDS split with --tfds-split")
     for n in names:
         if not SPLIT_NAME.match(n):
-            raise UsageError(f"the TFDS split {n!r} cannot be a split name here (letters, digits and _, at "
+            raise UsageError(f"the TFDS split {short(n)} cannot be a split name here (letters, digits and _, at "
                              "most 64); choose it with --tfds-split and name it with --split")
     # Later runs name the version folder itself: the dataset folder's choice of version is said once.
     return [replace(opts, tfds_split=n, split=n, sources=opts.sources if i == 0 else [found[0]],

@@ -48,6 +48,13 @@ def short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def listing(values, most: int = 20, limit: int = 80) -> str:
+    """Names joined by commas, each cut to `limit`, at most `most` of them: a stranger's list stays one line."""
+    values = list(values)
+    text = ", ".join(v if len(v) <= limit else v[:limit - 3] + "..." for v in map(str, values[:most]))
+    return text + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
 class Reporter:
     """Warnings and a progress bar on stderr, or nothing with `quiet`."""
 

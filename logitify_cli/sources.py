@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import LogitifyError, UsageError
 from .images import file_kind, is_image_name
+from .report import listing, short
 
 TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -582,13 +583,13 @@ class TfdsDataset:
         names = list(self.meta.splits)
         if split is None:
             if len(names) > 1:
-                raise UsageError(f"{path} has the splits {', '.join(names)}; name one with --tfds-split")
+                raise UsageError(f"{path} has the splits {listing(names)}; name one with --tfds-split")
             split = names[0]
         if split not in self.meta.splits:
-            raise UsageError(f"{path} has no split {split!r} (it has {', '.join(names)})")
+            raise UsageError(f"{path} has no split {short(split)} (it has {listing(names)})")
         self.split = self.meta.splits[split]
         if self.choice.image.encoding == "jpeg":
-            self.notes.append(f"TFDS feature {self.choice.image.key!r} holds JPEG images: they are decoded with "
+            self.notes.append(f"TFDS feature {short(self.choice.image.key)} holds JPEG images: they are decoded with "
                               "Pillow (an exact IDCT); TFDS's tf.data pipeline decodes with TensorFlow's faster "
                               "IDCT, which differs by a few levels")
 
@@ -608,7 +609,7 @@ class TfdsDataset:
                 differ.append({"file": rel, "expected": want, "found": len(found)})
         promised = self.split.num_examples
         notes = list(self.notes)
-        where = f"TFDS split {self.split.name!r} of {self.meta.name}"
+        where = f"TFDS split {short(self.split.name)} of {short(self.meta.name)}"
         for d in differ[:self.LISTED]:
             notes.append(f"{where}: {d['file']} holds {d['found']} records, dataset_info.json says {d['expected']}")
         if len(differ) > self.LISTED:

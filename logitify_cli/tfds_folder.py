@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import FeatureChoice, TfdsMetadataError as TfdsError
+from .report import short
 
 INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"
@@ -121,7 +122,7 @@ def _count(value, what: str, where: str) -> int:
         return int(value)
     if type(value) is int and value >= 0:
         return value
-    raise TfdsError(where, f"{what} is {value!r}, not a count")
+    raise TfdsError(where, f"{what} is {short(value)}, not a count")
 
 
 def _shard_files(template: str, dataset: str, split: str, count: int, where: str) -> tuple:
@@ -135,10 +136,10 @@ def _shard_files(template: str, dataset: str, split: str, count: int, where: str
             rel = template.format(DATASET=dataset, SPLIT=split, FILEFORMAT="tfrecord", SHARD_INDEX=index,
                                   NUM_SHARDS=total, SHARD_X_OF_Y=f"{index}-of-{total}")
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise TfdsError(where, f"split {split!r}: filepathTemplate {template!r} cannot be filled ({e})") from None
+            raise TfdsError(where, f"split {short(split)}: filepathTemplate {short(template)} cannot be filled ({e})") from None
         parts = rel.replace("\\", "/").split("/")
         if not rel or os.path.isabs(rel) or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
-            raise TfdsError(where, f"split {split!r}: shard file {rel!r} is not a file inside the dataset folder")
+            raise TfdsError(where, f"split {short(split)}: shard file {short(rel)} is not a file inside the dataset folder")
         files.append("/".join(parts))
     return tuple(files)
 
@@ -153,24 +154,24 @@ def _splits(info: dict, dataset: str, where: str) -> dict:
             raise TfdsError(where, f"a split entry without a name: {str(s)[:80]}")
         name = s["name"]
         if name in out:
-            raise TfdsError(where, f"split {name!r} is listed twice")
+            raise TfdsError(where, f"split {short(name)} is listed twice")
         template = s.get("filepathTemplate") or DEFAULT_TEMPLATE
         if not isinstance(template, str):
-            raise TfdsError(where, f"split {name!r}: filepathTemplate is not a string")
+            raise TfdsError(where, f"split {short(name)}: filepathTemplate is not a string")
         stats = s.get("statistics") if isinstance(s.get("statistics"), dict) else {}
-        promised = _count(stats["numExamples"], f"split {name!r}: numExamples", where) \
+        promised = _count(stats["numExamples"], f"split {short(name)}: numExamples", where) \
             if "numExamples" in stats else None
         if "shardLengths" in s:
             if not isinstance(s["shardLengths"], list):
-                raise TfdsError(where, f"split {name!r}: shardLengths is not a list")
-            lengths = tuple(_count(v, f"split {name!r}: a shard length", where) for v in s["shardLengths"])
+                raise TfdsError(where, f"split {short(name)}: shardLengths is not a list")
+            lengths = tuple(_count(v, f"split {short(name)}: a shard length", where) for v in s["shardLengths"])
             count = len(lengths)
             promised = sum(lengths)
         elif "numShards" in s:  # metadata of TFDS before 3.0: how many shards, no length each
             lengths = None
-            count = _count(s["numShards"], f"split {name!r}: numShards", where)
+            count = _count(s["numShards"], f"split {short(name)}: numShards", where)
         else:
-            raise TfdsError(where, f"split {name!r} has neither shardLengths nor numShards")
+            raise TfdsError(where, f"split {short(name)} has neither shardLengths nor numShards")
         out[name] = Split(name, _shard_files(template, dataset, name, count, where), lengths, promised)
     return out
 
@@ -288,10 +289,10 @@ def class_names(folder: str, feature: Feature) -> list:
     elif feature.num_classes:
         return [str(i) for i in range(feature.num_classes)]
     else:
-        raise TfdsError(where, f"missing, and features.json gives no class count for {feature.key!r}")
+        raise TfdsError(where, f"missing, and features.json gives no class count for {short(feature.key)}")
     if feature.num_classes is not None and len(names) != feature.num_classes:
         raise TfdsError(where, f"holds {len(names)} class names, features.json says {feature.num_classes} "
-                               f"classes for {feature.key!r}")
+                               f"classes for {short(feature.key)}")
     if len(set(names)) != len(names):
         raise TfdsError(where, "names a class twice")
     return names
@@ -337,7 +338,7 @@ def choose(folder: TfdsFolder, image_key: str | None, label_key: str | None) -> 
     if image_key is not None:
         image = next((f for f in images if f.key == image_key), None)
         if image is None:
-            raise FeatureChoice(f"--image-key {image_key!r}: {where} has no Image feature of that name"
+            raise FeatureChoice(f"--image-key {short(image_key)}: {where} has no Image feature of that name"
                                 + (f"; its Image features: {', '.join(image_keys)}" if images else ""),
                                 option="--image-key", features=image_keys)
     elif len(images) == 1:
@@ -348,11 +349,11 @@ def choose(folder: TfdsFolder, image_key: str | None, label_key: str | None) -> 
         raise FeatureChoice(f"{where} has several Image features ({', '.join(image_keys)}); "
                             "choose one with --image-key", option="--image-key", features=image_keys)
     if image.dtype != "uint8":
-        raise TfdsError(where, f"Image feature {image.key!r} holds {image.dtype} pixels; logitify encodes 8-bit images")
+        raise TfdsError(where, f"Image feature {short(image.key)} holds {image.dtype} pixels; logitify encodes 8-bit images")
     if label_key is not None:
         label = next((f for f in labels if f.key == label_key), None)
         if label is None:
-            raise FeatureChoice(f"--label-key {label_key!r}: {where} has no ClassLabel feature of that name"
+            raise FeatureChoice(f"--label-key {short(label_key)}: {where} has no ClassLabel feature of that name"
                                 + (f"; its ClassLabel features: {', '.join(label_keys)}" if labels else ""),
                                 option="--label-key", features=label_keys)
     elif len(labels) == 1:

@@ -296,6 +296,23 @@ def test_what_cannot_be_read_is_refused_with_its_reason(cli, prepared, tmp_path)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize("field", ["a shard length", "split name", "filepathTemplate"])
+def test_huge_values_in_dataset_info_are_refused_in_one_short_line(cli, prepared, tmp_path, field):
+    """A stranger's dataset_info.json is quoted cut short, never whole."""
+    def huge(info):
+        train = next(s for s in info["splits"] if s["name"] == "train")
+        if field == "a shard length":
+            train["shardLengths"][0] = "9" * 1_000_000
+        elif field == "split name":
+            info["splits"].append({**train, "name": "x" * 1_000_000, "filepathTemplate": "{SPLIT}%"})
+        else:
+            train["filepathTemplate"] = "{NOPE}" + "y" * 1_000_000
+
+    r = cli("encode", _tampered(prepared["TinyPhotos"], tmp_path, huge), "-o", tmp_path / "o")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert 0 < len(r.stderr) < 2000, r.stderr[:300]
+
+
 def test_tfds_reads_logitifys_tfrecord_output_with_the_same_class_names(cli, prepared, tmp_path):
     r = cli("encode", prepared["TinyPhotos"], "-o", tmp_path / "o", "-f", "tfrecord", "--name", "tiny_logits")
     assert r.exit_code == 0, r.output
