@@ -48,6 +48,8 @@ def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
         p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(many_images), "-o", str(out), *ARGS],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         want = rnd.randint(0, 8)
+        if sig == signal.SIGINT:  # once its handler is surely set: the first shard is written after it
+            want = max(want, 1)
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
             done = [n for n in os.listdir(out)] if out.exists() else []
@@ -57,8 +59,8 @@ def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
         time.sleep(rnd.uniform(0, 0.3))
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
-        if sig == signal.SIGINT and p.returncode != 0:
-            assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        if sig == signal.SIGINT:  # 14 shards of one-image batches take far longer than 0.3 s
+            assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
             assert not any(".tmp-" in n for n in os.listdir(out)), "Ctrl-C left a temporary file"
         # Every file under a final shard name is whole.
         for name in os.listdir(out):
