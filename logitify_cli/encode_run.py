@@ -238,6 +238,7 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
                 shards[i] = manifest_mod.ShardEntry(entry["file"], entry["num_examples"], entry["sha256"])
                 skipped.extend(entry.get("skipped", []))
                 digests.add(packed_digests(entry) or b"")
+                entry.pop("pixels", None)  # 130 bytes of hex an image, not needed again
         return _make(started, opts, fmt, report, t0, book)
     finally:
         for _, digests, _ in book:
@@ -255,12 +256,12 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
         made += result.num_examples
         shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
-        digests.add(result.pixels)
         skipped.extend(result.skipped)
         try:
             started.parts[k].folder.journal.append(result.json_pieces())
         except OSError as e:
             raise write_error(e, manifest_mod.journal_name(started.parts[k].plan.split)) from None
+        digests.add(result.pixels)  # after the journal: the shard is kept even if this fails
 
     # One thread compiles the transform, then makes shard i from a feed this
     # one fills as the readers deliver: each batch is transformed and

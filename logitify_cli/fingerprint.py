@@ -152,11 +152,11 @@ class DigestSet:
         if view.nbytes % 32:
             raise ValueError("digests are 32 bytes each")
         self.count += view.nbytes // 32
-        if self._buf is None:
-            self._buf = bytearray(max(32, self.HELD - self.HELD % 32))
+        if self._buf is None:  # np.empty: its pages cost nothing until digests are written there
+            self._buf = np.empty(max(32, self.HELD - self.HELD % 32), np.uint8)
         while view.nbytes:
             n = min(view.nbytes, len(self._buf) - self._used)
-            self._buf[self._used:self._used + n] = view[:n]
+            self._buf[self._used:self._used + n] = np.frombuffer(view[:n], np.uint8)
             self._used += n
             view = view[n:]
             if self._used == len(self._buf):
@@ -169,7 +169,7 @@ class DigestSet:
             return
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="logitify-digests-")
-        rows = _rows(memoryview(self._buf)[:self._used])
+        rows = self._buf[:self._used].reshape(-1, 32)
         rows.reshape(-1).view("S32").sort()  # in place: the buffer is reused
         bounds = np.searchsorted(rows[:, 0], np.arange(257))
         for b in range(256):
@@ -184,7 +184,7 @@ class DigestSet:
         try:
             if self._dir is None:
                 h = hashlib.sha256()
-                _hash_sorted(h, _rows(memoryview(self._buf or bytearray())[:self._used]))
+                _hash_sorted(h, (self._buf if self._buf is not None else np.empty(0, np.uint8))[:self._used].reshape(-1, 32))
                 return h.hexdigest()
             self._spill()
             self._buf = None
@@ -227,7 +227,7 @@ class KeySet:
     one after the other rather than merged.
     """
 
-    RUN = 1 << 16  # keys held (about 5 MB of strings) before a sorted run goes to disk
+    RUN = 1 << 17  # keys held (about 10 MB of strings) before a sorted run goes to disk
 
     def __init__(self):
         self._run, self._files, self._dir = [], [], None
@@ -294,9 +294,9 @@ def _encode(key: str) -> bytes:
 
 def _read_run(path: str):
     """The keys of a run file (NUL-terminated UTF-8), as bytes, in order."""
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # every run is open at once while they merge: small blocks
         rest = b""
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 16), b""):
             parts = (rest + block).split(b"\0")
             rest = parts.pop()
             yield from parts

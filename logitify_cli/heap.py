@@ -5,10 +5,12 @@ threads, among long-lived scraps (a shard's keys, labels and log-dets) that
 pin the pages around them. glibc keeps the freed pages in its arenas: a run
 of a million 8x8 images grew by about 100 MB it no longer used. Its
 malloc_trim(0) gives back every whole free page, and only those, so calling
-it changes nothing a caller can see. Where there is no glibc it does nothing.
+it changes nothing a caller can see. Elsewhere (macOS, Windows, musl) it does nothing.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 _trim = None
@@ -17,14 +19,16 @@ _trim = None
 def _load():
     global _trim
     if _trim is None:
-        try:
-            import ctypes
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
 
-            fn = ctypes.CDLL(None).malloc_trim
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            _trim = fn
-        except (OSError, AttributeError):
-            _trim = False
+                fn = ctypes.CDLL(None).malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                _trim = fn
+            except Exception:  # musl and others have no malloc_trim: nothing to give back this way
+                pass
     return _trim
 
 
@@ -35,14 +39,19 @@ def release() -> None:
         trim(0)
 
 
-class Releaser:
-    """release() at most every `every` seconds, however often it is asked."""
+EVERY = 1.0  # seconds
+_last = time.monotonic()
+_lock = threading.Lock()
 
-    def __init__(self, every: float = 1.0):
-        self.every, self._last = every, time.monotonic()
 
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.every:
+def now_and_then() -> None:
+    """release() if the process has not for EVERY seconds: cheap to ask after every batch, from any thread."""
+    global _last
+    if time.monotonic() - _last < EVERY or not _lock.acquire(blocking=False):
+        return
+    try:
+        if time.monotonic() - _last >= EVERY:
             release()
-            self._last = time.monotonic()
+            _last = time.monotonic()
+    finally:
+        _lock.release()

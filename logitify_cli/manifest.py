@@ -229,7 +229,7 @@ class Manifest:
         shape = m.get("shape")
         if not (isinstance(shape, list) and len(shape) == 3 and all(type(s) is int and s > 0 for s in shape)):
             fail(f"shape {short(shape)} is not [H, W, C] of positive integers")
-        if max(shape) >= 1 << 20:
+        if max(shape[:2]) >= 1 << 20:
             fail(f"shape {short(shape)} has a side of 2^20 or more, larger than any image this tool writes")
         if shape[2] not in (1, 3, 4):
             fail(f"{shape[2]} channels (expected 1, 3 or 4)")

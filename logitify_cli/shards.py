@@ -321,7 +321,6 @@ def write_shard(task, feed, transform, out_dir, cancel=None) -> dict:
         writer = fmt.writer(out_dir, task.spec.file, task.shape, len(task.items), opts.compress)
         thread = threading.Thread(target=write_batches, name=f"shard-{task.spec.index}", daemon=True)
         thread.start()
-        release = heap.Releaser()
         for block in feed.blocks(cancel):
             if failure:
                 break
@@ -331,7 +330,7 @@ def write_shard(task, feed, transform, out_dir, cancel=None) -> dict:
             y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
             todo.put((keys, block.labels.tolist(), y, logdet, images))
             del block, images  # pixels are freed as they are transformed
-            release()  # and the pages they leave between the shard's keys and log-dets go back
+            heap.now_and_then()  # and the pages they leave between the shard's keys and log-dets go back
         if cancel is not None and cancel.is_set():
             raise LogitifyError(f"shard {task.spec.index} abandoned")
         todo.put(None)

@@ -611,7 +611,7 @@ class TfdsDataset:
         notes = list(self.notes)
         where = f"TFDS split {short(self.split.name)} of {short(self.meta.name)}"
         for d in differ[:self.LISTED]:
-            notes.append(f"{where}: {d['file']} holds {d['found']} records, dataset_info.json says {d['expected']}")
+            notes.append(f"{where}: {short(d['file'])} holds {d['found']} records, dataset_info.json says {d['expected']}")
         if len(differ) > self.LISTED:
             notes.append(f"{where}: {len(differ) - self.LISTED} more shard files hold other counts than "
                          "dataset_info.json says")

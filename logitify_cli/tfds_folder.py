@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import FeatureChoice, TfdsMetadataError as TfdsError
-from .report import short
+from .report import listing, short
 
 INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"
@@ -136,7 +136,7 @@ def _shard_files(template: str, dataset: str, split: str, count: int, where: str
             rel = template.format(DATASET=dataset, SPLIT=split, FILEFORMAT="tfrecord", SHARD_INDEX=index,
                                   NUM_SHARDS=total, SHARD_X_OF_Y=f"{index}-of-{total}")
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise TfdsError(where, f"split {short(split)}: filepathTemplate {short(template)} cannot be filled ({e})") from None
+            raise TfdsError(where, f"split {short(split)}: filepathTemplate {short(template)} cannot be filled ({short(str(e))})") from None
         parts = rel.replace("\\", "/").split("/")
         if not rel or os.path.isabs(rel) or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
             raise TfdsError(where, f"split {short(split)}: shard file {short(rel)} is not a file inside the dataset folder")
@@ -339,22 +339,22 @@ def choose(folder: TfdsFolder, image_key: str | None, label_key: str | None) -> 
         image = next((f for f in images if f.key == image_key), None)
         if image is None:
             raise FeatureChoice(f"--image-key {short(image_key)}: {where} has no Image feature of that name"
-                                + (f"; its Image features: {', '.join(image_keys)}" if images else ""),
+                                + (f"; its Image features: {listing(image_keys)}" if images else ""),
                                 option="--image-key", features=image_keys)
     elif len(images) == 1:
         image = images[0]
     elif not images:
         raise TfdsError(where, "has no Image feature: logitify encodes datasets of images")
     else:
-        raise FeatureChoice(f"{where} has several Image features ({', '.join(image_keys)}); "
+        raise FeatureChoice(f"{where} has several Image features ({listing(image_keys)}); "
                             "choose one with --image-key", option="--image-key", features=image_keys)
     if image.dtype != "uint8":
-        raise TfdsError(where, f"Image feature {short(image.key)} holds {image.dtype} pixels; logitify encodes 8-bit images")
+        raise TfdsError(where, f"Image feature {short(image.key)} holds {short(image.dtype)} pixels; logitify encodes 8-bit images")
     if label_key is not None:
         label = next((f for f in labels if f.key == label_key), None)
         if label is None:
             raise FeatureChoice(f"--label-key {short(label_key)}: {where} has no ClassLabel feature of that name"
-                                + (f"; its ClassLabel features: {', '.join(label_keys)}" if labels else ""),
+                                + (f"; its ClassLabel features: {listing(label_keys)}" if labels else ""),
                                 option="--label-key", features=label_keys)
     elif len(labels) == 1:
         label = labels[0]
@@ -363,7 +363,7 @@ def choose(folder: TfdsFolder, image_key: str | None, label_key: str | None) -> 
     else:
         label = next((f for f in labels if f.key == "label"), None)
         if label is None:
-            raise FeatureChoice(f"{where} has several ClassLabel features ({', '.join(label_keys)}); "
+            raise FeatureChoice(f"{where} has several ClassLabel features ({listing(label_keys)}); "
                                 "choose one with --label-key", option="--label-key", features=label_keys)
     classes = class_names(folder.path, label) if label is not None else None
     return Choice(image, label, classes)

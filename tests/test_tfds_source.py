@@ -296,7 +296,7 @@ def test_what_cannot_be_read_is_refused_with_its_reason(cli, prepared, tmp_path)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-@pytest.mark.parametrize("field", ["a shard length", "split name", "filepathTemplate"])
+@pytest.mark.parametrize("field", ["a shard length", "split name", "filepathTemplate", "filepathTemplate format"])
 def test_huge_values_in_dataset_info_are_refused_in_one_short_line(cli, prepared, tmp_path, field):
     """A stranger's dataset_info.json is quoted cut short, never whole."""
     def huge(info):
@@ -305,8 +305,10 @@ def test_huge_values_in_dataset_info_are_refused_in_one_short_line(cli, prepared
             train["shardLengths"][0] = "9" * 1_000_000
         elif field == "split name":
             info["splits"].append({**train, "name": "x" * 1_000_000, "filepathTemplate": "{SPLIT}%"})
-        else:
+        elif field == "filepathTemplate":
             train["filepathTemplate"] = "{NOPE}" + "y" * 1_000_000
+        else:  # the format error itself quotes the template
+            train["filepathTemplate"] = "{SHARD_INDEX:" + "y" * 1_000_000 + "}"
 
     r = cli("encode", _tampered(prepared["TinyPhotos"], tmp_path, huge), "-o", tmp_path / "o")
     assert r.exit_code != 0 and "Traceback" not in r.output
