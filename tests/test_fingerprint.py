@@ -94,6 +94,40 @@ def test_fingerprint_local_equals_beam(cli, folder, tmp_path):
     assert not list((tmp_path / "beam").glob(".*receipt*"))
 
 
+def test_digests_and_keys_gathered_on_disk_give_the_same_fingerprint(cli, folder, tmp_path, monkeypatch):
+    """A run whose digests and keys spill to disk (two digests, three keys held) fingerprints as by hand, and leaves no files."""
+    import tempfile
+
+    from logitify_cli import fingerprint as fp_mod
+
+    src, truth = folder
+    monkeypatch.setattr(fp_mod.DigestSet, "HELD", 64)
+    monkeypatch.setattr(fp_mod.KeySet, "RUN", 3)
+    spills = []
+    real = fp_mod.DigestSet._spill
+    monkeypatch.setattr(fp_mod.DigestSet, "_spill", lambda self: spills.append(self._used) or real(self))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for extra in ([], ["--shard-size", "5", "--holdout", "0.3:test"]):
+        out = tmp_path / f"o{len(extra)}"
+        assert cli("encode", src, "-o", out, *extra).exit_code == 0
+        if not extra:
+            assert fingerprint_of(out) == by_hand(truth)
+        else:
+            m = json.loads((out / "manifest.json").read_text())
+            seen = 0
+            for split in ("train", "test"):
+                keys = [str(k) for sh in m["splits"][split]["shards"]
+                        for k in np.load(out / sh["file"], allow_pickle=False)["keys"]]
+                assert m["splits"][split]["fingerprint"] == by_hand({k: truth[k] for k in keys})
+                seen += len(keys)
+            assert seen == len(truth)
+    assert len(spills) >= 10 and list(scratch.iterdir()) == []
+    r = cli("verify", tmp_path / "o0", "--against", src)
+    assert r.exit_code == 0, r.output
+
+
 def test_one_pixel_changes_it_and_names_do_not(cli, folder, tmp_path):
     src, truth = folder
     assert cli("encode", src, "-o", tmp_path / "a").exit_code == 0
