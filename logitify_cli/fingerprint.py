@@ -183,8 +183,9 @@ class DigestSet:
         """pixels_sha256 of every digest added."""
         try:
             if self._dir is None:
+                held = self._buf if self._buf is not None else np.empty(0, np.uint8)
                 h = hashlib.sha256()
-                _hash_sorted(h, (self._buf if self._buf is not None else np.empty(0, np.uint8))[:self._used].reshape(-1, 32))
+                _hash_sorted(h, held[:self._used].reshape(-1, 32))
                 return h.hexdigest()
             self._spill()
             self._buf = None

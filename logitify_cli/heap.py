@@ -32,26 +32,26 @@ def _load():
     return _trim
 
 
-def release() -> None:
-    """Return free memory to the system now (a few milliseconds on a large heap)."""
-    trim = _load()
-    if trim:
-        trim(0)
-
-
 EVERY = 1.0  # seconds
 _last = time.monotonic()
 _lock = threading.Lock()
 
 
+def release() -> None:
+    """Return free memory to the system now (a few milliseconds on a large heap)."""
+    global _last
+    trim = _load()
+    if trim:
+        trim(0)
+    _last = time.monotonic()
+
+
 def now_and_then() -> None:
     """release() if the process has not for EVERY seconds: cheap to ask after every batch, from any thread."""
-    global _last
     if time.monotonic() - _last < EVERY or not _lock.acquire(blocking=False):
         return
     try:
         if time.monotonic() - _last >= EVERY:
             release()
-            _last = time.monotonic()
     finally:
         _lock.release()
