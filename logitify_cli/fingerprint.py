@@ -93,23 +93,11 @@ def pixels_sha256(packed) -> str:
     (bytes, or a list of such parts). The same as `sort | sha256sum` over a
     file of one hex digest per line.
     """
-    parts = [packed] if isinstance(packed, (bytes, bytearray, memoryview)) else list(packed)
-    buf = bytearray(sum(memoryview(p).nbytes for p in parts))  # the one copy, sorted in place
-    at = 0
-    for p in parts:
-        n = memoryview(p).nbytes
-        buf[at:at + n] = p
-        at += n
-    h = hashlib.sha256()
-    _hash_sorted(h, _rows(buf))
-    return h.hexdigest()
-
-
-def _rows(packed) -> np.ndarray:
-    rows = np.frombuffer(packed, np.uint8)
-    if rows.size % 32:
-        raise ValueError("digests are 32 bytes each")
-    return rows.reshape(-1, 32)
+    parts = [packed] if isinstance(packed, (bytes, bytearray, memoryview)) else packed
+    with DigestSet() as digests:
+        for p in parts:
+            digests.add(p)
+        return digests.sha256()
 
 
 def _hash_sorted(h, rows) -> None:
