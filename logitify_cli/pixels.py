@@ -99,20 +99,23 @@ class PixelStream:
     IN_FLIGHT_OVERHEAD = 512
 
     def __init__(self, items, opts, channels, pool: OrderedPool, image_bytes: int, ahead_bytes: int = 64 << 20,
-                 expect=None):
+                 ahead_images: int | None = None, expect=None):
         self.task = ReadTask(channels, opts.geometry, opts.max_pixels, expect)
         self.chunk = max(1, min(256, self.CHUNK_BYTES // max(1, image_bytes)))
         self.pool_workers = pool.workers
         self.image_bytes = max(1, image_bytes)
-        self.ahead(ahead_bytes)
+        self.ahead(ahead_bytes, ahead_images)
         jobs = ((ch, [p for _, p, _ in ch]) for ch in chunks(payloads(items, opts), self.chunk))
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
         self._buffer = collections.deque()
 
-    def ahead(self, nbytes: int) -> None:
-        """Let the workers read up to about nbytes ahead of use."""
+    def ahead(self, nbytes: int, images: int | None = None) -> None:
+        """Let the workers read up to about nbytes (and at most `images` images) ahead of use."""
         per_job = (self.image_bytes + self.IN_FLIGHT_OVERHEAD) * self.chunk
-        self.window = max(self.pool_workers * 3, nbytes // per_job)
+        jobs = nbytes // per_job
+        if images is not None:
+            jobs = min(jobs, images // self.chunk)
+        self.window = max(self.pool_workers * 3, jobs)
 
     @staticmethod
     def _describe(chunk):
