@@ -327,7 +327,7 @@ def write_shard(task, feed, transform, out_dir, cancel=None) -> dict:
             if cancel is not None and cancel.is_set():
                 break
             keys, images = block.key_list(), block.images
-            y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys))
+            y, logdet = transform.forward(images, image_seeds(opts.params.seed, keys), copy=False)
             todo.put((keys, block.labels.tolist(), y, logdet, images))
             del block, images  # pixels are freed as they are transformed
             heap.now_and_then()  # and the pages they leave between the shard's keys and log-dets go back

@@ -234,21 +234,25 @@ class LogitTransform:
 
     # -- public API -------------------------------------------------------------
 
-    def forward(self, images, seeds):
+    def forward(self, images, seeds, copy: bool = True):
         """Logits and TFGENZOO log-det of a uint8 batch; seeds from image_seeds().
 
-        Returns NumPy arrays (float32 [B,H,W,C], float32 [B]).
+        Returns NumPy arrays (float32 [B,H,W,C], float32 [B]). With
+        copy=False they may be read-only views of TensorFlow's output
+        buffers: the shard writer only reads them, and a batch's logits are
+        not copied once more on their way to the file.
         """
         if self._forward is None:
             self._forward = self._build_forward()
         images = np.asarray(images, dtype=np.uint8)
         seeds = np.asarray(seeds, dtype=np.uint32)
+        as_array = (lambda t: t.numpy()) if copy else np.asarray
         ys, lds = [], []
         for chunk, n in self._fixed_batches(images, seeds):
             with self._device_scope():
                 y, logdet = self._forward(*chunk)
-            ys.append(y.numpy()[:n])
-            lds.append(logdet.numpy()[:n])
+            ys.append(as_array(y)[:n])
+            lds.append(as_array(logdet)[:n])
         if len(ys) == 1:
             return ys[0], lds[0]
         return np.concatenate(ys), np.concatenate(lds)

@@ -129,6 +129,10 @@ def test_compiled_batch_size_does_not_change_bytes(rng, shape):
     outs = [LogitTransform(p, shape, batch_size=bs).forward(imgs, seeds) for bs in (1, 3, 7, 256)]
     for y, ld in outs[1:]:
         assert y.tobytes() == outs[0][0].tobytes() and ld.tobytes() == outs[0][1].tobytes()
+    # The shard writer takes TensorFlow's buffers as they are (copy=False): the same values.
+    for bs in (3, 256):
+        y, ld = LogitTransform(p, shape, batch_size=bs).forward(imgs, seeds, copy=False)
+        assert y.tobytes() == outs[0][0].tobytes() and ld.tobytes() == outs[0][1].tobytes()
     backs = [LogitTransform(p, shape, batch_size=bs).inverse(outs[0][0]) for bs in (1, 4, 256)]
     for b in backs:
         np.testing.assert_array_equal(b, imgs)

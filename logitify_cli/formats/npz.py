@@ -26,6 +26,11 @@ KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
 # The dtype each member must have: what the writer writes, nothing a reader must convert.
 DTYPES = {"logits": np.dtype("<f4"), "logdet": np.dtype("<f4"), "labels": np.dtype("<i8")}
 TF_SLICE_BYTES = 16 << 20  # logits per slice tf_dataset hands to the graph
+# A batch's logits go into the zip a piece at a time: the zip's CRC brings
+# each piece into the core's cache, where the sha256 and the kernel's copy
+# find it (a 12 MB batch at once meant three trips to memory). 600 MB of
+# logits took 1.2-1.4 s of CPU in 1 MiB pieces against 2.6-3.1 s whole.
+WRITE_PIECE = 1 << 20
 
 
 class HashingWriter:
@@ -36,7 +41,7 @@ class HashingWriter:
     second read of the file.
     """
 
-    PARALLEL_BYTES = 1 << 20
+    PARALLEL_BYTES = WRITE_PIECE  # a full piece is written by a helper thread while this one hashes it
 
     def __init__(self, path):
         self._f = open(path, "wb")
@@ -108,7 +113,9 @@ class NpzShardWriter(ShardWriter):
     def add(self, keys, labels, logits, logdet):
         if self.count + len(keys) > self.expected:
             raise ValueError("more examples than the shard was opened for")
-        self._entry.write(np.ascontiguousarray(logits, dtype="<f4").data)
+        data = memoryview(np.ascontiguousarray(logits, dtype="<f4")).cast("B")
+        for start in range(0, len(data), WRITE_PIECE):
+            self._entry.write(data[start:start + WRITE_PIECE])
         self._logdet.append(np.asarray(logdet, dtype="<f4"))
         # Packed per batch (one string, its lengths): a string object per key cost ~70 bytes a key.
         self._keys.append(("".join(keys), np.fromiter(map(len, keys), np.int64, len(keys))))
