@@ -37,7 +37,7 @@ from .splits import refuse_mismatch
 # this process delivers nothing): enough that the readers rarely stop before
 # the first batch is taken. 40 MB left them idle half of the import on 64x64
 # photos (3,000 images); 128 MB took 10,000 JPEGs from 15.1 to 13.8 s and
-# 50,000 32x32 PNGs from 11.5 to 11.1 s, for about 60-110 MB more peak.
+# 50,000 32x32 PNGs from 11.5 to 11.1 s, for 90-120 MB more peak.
 # Tiny images are capped by count instead: at 8x8 each image in flight costs
 # several times its pixels, and a million of them must stay in flat memory.
 STARTUP_AHEAD = 128 << 20
@@ -209,6 +209,7 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
     thread.join()
     if "error" in box:
         raise box["error"]
+    heap.release()  # what the import freed, and the buffers the pixels read meanwhile came through
     return box["started"]
 
 
