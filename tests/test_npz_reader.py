@@ -4,7 +4,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from logitify_cli.errors import LogitifyError
 from logitify_cli.formats.npz import NpzFormat
@@ -38,6 +38,7 @@ def logits_span(data: bytes):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 40), shape=st.sampled_from([(1, 1, 1), (3, 5, 3), (24, 24, 4)]),
        rows=st.integers(1, 50), how=st.sampled_from(["savez", "writer"]), seed=st.integers(0, 2**32 - 1))
+@example(n=0, shape=(3, 5, 3), rows=1, how="writer", seed=0)  # an empty shard: the writer gets empty batches
 def test_stored_shards_read_as_numpy_reads_them_in_aligned_slices(tmp_path_factory, n, shape, rows, how, seed):
     path = tmp_path_factory.mktemp("npz") / "s.npz"
     a = arrays(np.random.default_rng(seed), n, shape)

@@ -113,7 +113,7 @@ class NpzShardWriter(ShardWriter):
     def add(self, keys, labels, logits, logdet):
         if self.count + len(keys) > self.expected:
             raise ValueError("more examples than the shard was opened for")
-        data = memoryview(np.ascontiguousarray(logits, dtype="<f4")).cast("B")
+        data = np.ascontiguousarray(logits, dtype="<f4").reshape(-1).view(np.uint8)
         for start in range(0, len(data), WRITE_PIECE):
             self._entry.write(data[start:start + WRITE_PIECE])
         self._logdet.append(np.asarray(logdet, dtype="<f4"))
