@@ -197,8 +197,8 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
 
     thread = threading.Thread(target=run, name="plan", daemon=True)
     thread.start()
-    thread.join(PLAN_HEAD_START)
     try:
+        thread.join(PLAN_HEAD_START)  # Ctrl-C may come here too: the readers are stopped below
         _load_tf()
     except BaseException:
         thread.join()

@@ -102,6 +102,7 @@ class OrderedPool:
         if self.pool is not None:
             procs = dict(getattr(self.pool, "_processes", None) or {}) if cancel else {}
             thread = getattr(self.pool, "_executor_manager_thread", None) if cancel else None
+            results = getattr(self.pool, "_result_queue", None) if cancel else None
             self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
             for proc in procs.values():  # work in progress is of no use to anyone now
                 try:
@@ -109,7 +110,8 @@ class OrderedPool:
                 except (OSError, ValueError):
                     pass
             if thread is not None:
-                # Its workers are dying: it ends now, not while the interpreter exits, whose hook
+                _unblock_results(procs.values(), results)
+                # Its workers are dead: it ends now, not while the interpreter exits, whose hook
                 # writes to the wakeup pipe this thread closes ("Exception ignored ... Bad file descriptor").
                 thread.join()
             self.pool = None
@@ -119,6 +121,29 @@ class OrderedPool:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(cancel=exc_type is not None)
+
+
+def _unblock_results(procs, results) -> None:
+    """Let the executor's thread see the end of the result pipe once every worker is dead.
+
+    A worker stopped halfway through sending a result (one of several MB,
+    which does not fit in the pipe at once) leaves that thread waiting for
+    the rest forever: this process holds the pipe's write end too, so the
+    read never ends. With the workers gone, closing that end turns the wait
+    into end-of-file; the executor then counts itself broken and stops.
+    """
+    procs = list(procs)
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    writer = getattr(results, "_writer", None)
+    if writer is not None and not any(proc.is_alive() for proc in procs):
+        try:
+            writer.close()
+        except OSError:
+            pass
 
 
 def _worker_init(forked_from=None):

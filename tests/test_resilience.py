@@ -78,6 +78,63 @@ def test_kill_at_random_points_then_resume(cli, many_images, tmp_path):
     assert cut_short >= 2, "the kills came too late to test anything"
 
 
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _blocked_on_a_pipe(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe" in f.read()  # pipe_write, anon_pipe_write, pipe_wait_writable...
+    except OSError:
+        return False
+
+
+def _loading_tensorflow(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "tensorflow" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/wchan"), reason="needs Linux's /proc/PID/wchan")
+def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
+    """A reader stopped in the middle of sending a result of several MB must not leave the run waiting.
+
+    Its 256x256 images travel 21 to a result (4 MB, far more than a pipe
+    holds). Once TensorFlow is loading (its libraries are mapped), this
+    process reads those results slowly, and a reader is seen blocked
+    writing one; Ctrl-C then stops the readers halfway. The executor's
+    thread used to wait for the rest of that result forever.
+    """
+    src = tmp_path / "big"
+    rng = np.random.default_rng(9)
+    for i in range(200):
+        save(str(src / f"{i:03d}.png"), photo(rng, 256, 256), compress_level=0)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(src), "-o", str(out), "--workers", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    seen = False
+    while not seen and time.time() < deadline and p.poll() is None:
+        seen = _loading_tensorflow(p.pid) and any(_blocked_on_a_pipe(c) for c in _children(p.pid))
+        time.sleep(0.001)
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the run did not stop after Ctrl-C")
+    assert seen, "no reader was seen sending"
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
+
+
 def fail_third_shard(monkeypatch, error, partial=False):
     """Make the third npz shard's (index 2) write raise `error`; returns the real method."""
     from logitify_cli.formats.npz import NpzShardWriter
