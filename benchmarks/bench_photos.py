@@ -13,12 +13,18 @@ median of --repeat runs is reported with the spread of the runs, then:
         the same / the tf.data pipeline                                        (goal <= 0.5)
   PNG   encode (32x32) / Pillow decode floor (goal <= 1.3), / tf.data (goal <= 0.55)
   decode to PNG / per-image decode loop                                        (goal <= 0.5)
+
+Each line also gives the median core-seconds (user + system CPU of the
+process and of the workers it waited for), and the encodes' core-seconds
+are compared with their floors': those move far less than wall seconds
+when a shared machine's speed swings.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -62,6 +68,18 @@ JPEG_TFDATA = TFDATA_BASELINE.replace(
 assert JPEG_TFDATA != TFDATA_BASELINE
 
 
+def measure_cpu(name, argv, env):
+    """measure() and the CPU seconds (user + system) of the process and the workers it waited for.
+
+    Core-seconds move far less than wall seconds when the machine's speed
+    swings, and show what each contender costs beyond the floor.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds, peak = measure(name, argv, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, peak, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=10_000, help="photo-size JPEGs")
@@ -84,13 +102,14 @@ def main():
         for _ in range(args.repeat):
             if out:
                 shutil.rmtree(out, ignore_errors=True)
-            runs.append(measure(name, argv, env))
-        secs = [s for s, _ in runs]
+            runs.append(measure_cpu(name, argv, env))
+        secs = [s for s, _, _ in runs]
         med = statistics.median(secs)
+        cpu = statistics.median(c for _, _, c in runs)
         rows[name] = {"median_s": round(med, 3), "runs_s": [round(s, 3) for s in secs],
-                      "peak_mib": round(max(p for _, p in runs) / 2**20)}
+                      "peak_mib": round(max(p for _, p, _ in runs) / 2**20), "core_s": round(cpu, 2)}
         print(f"{name:<40} {med:8.2f} s  ({min(secs):.2f}-{max(secs):.2f}) {n / med:9.0f} img/s "
-              f"{rows[name]['peak_mib']:7d} MiB", flush=True)
+              f"{rows[name]['peak_mib']:7d} MiB {cpu:7.1f} core-s", flush=True)
         return med
 
     try:
@@ -133,6 +152,13 @@ def main():
             ratios.update({"PNG encode / Pillow floor (goal <= 1.3)": e / floor,
                            "PNG encode / tf.data (goal <= 0.55)": e / tfd,
                            "decode / per-image loop (goal <= 0.5)": d / lp})
+        core = {k: v["core_s"] for k, v in rows.items()}
+        for label, a, b in (("JPEG encode core-s / floor core-s", "JPEG: logitify encode", "JPEG: Pillow decode+BOX floor"),
+                            ("draft encode core-s / draft floor core-s", "JPEG: logitify encode --jpeg-draft",
+                             "JPEG: Pillow draft+BOX floor"),
+                            ("PNG encode core-s / floor core-s", "PNG: logitify encode", "PNG: Pillow decode floor")):
+            if a in core and core[b]:
+                ratios[label] = core[a] / core[b]
         print()
         for k, v in ratios.items():
             print(f"{k:<46} {v:6.2f}")
