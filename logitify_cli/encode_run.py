@@ -198,15 +198,17 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
     thread = threading.Thread(target=run, name="plan", daemon=True)
     thread.start()
     try:
-        thread.join(PLAN_HEAD_START)  # Ctrl-C may come here too: the readers are stopped below
+        thread.join(PLAN_HEAD_START)
         _load_tf()
-    except BaseException:
+        thread.join()
+    except BaseException:  # Ctrl-C at any of the three: the readers stop now, then the plan ends
+        if pool is not None:
+            pool.close(cancel=True)
         thread.join()
         if "started" in box:
             box["started"].pool.close(cancel=True)
             box["started"].folder.lock.release()
         raise
-    thread.join()
     if "error" in box:
         raise box["error"]
     heap.release()  # what the import freed, and the buffers the pixels read meanwhile came through

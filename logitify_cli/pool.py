@@ -48,6 +48,7 @@ class OrderedPool:
     def __init__(self, workers: int):
         self.workers = workers
         self.pool = None
+        self._closing = threading.Lock()
         if workers > 1:
             fork = can_fork()
             ctx = multiprocessing.get_context("fork" if fork else "spawn")
@@ -72,7 +73,8 @@ class OrderedPool:
         `window` is how many jobs may be in flight; a callable is asked
         again each time, so a run can decode far ahead while it starts up.
         """
-        if self.pool is None:
+        pool = self.pool
+        if pool is None:
             for meta, args in jobs:
                 yield meta, fn(args)
             return
@@ -87,7 +89,7 @@ class OrderedPool:
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((meta, self.pool.submit(fn, args)))
+                pending.append((meta, pool.submit(fn, args)))
             if not pending:
                 return
             meta, fut = pending.popleft()
@@ -99,11 +101,13 @@ class OrderedPool:
 
     def close(self, cancel=False):
         """Wait for the workers; with `cancel`, drop queued work and stop them now."""
-        if self.pool is not None:
-            procs = dict(getattr(self.pool, "_processes", None) or {}) if cancel else {}
-            thread = getattr(self.pool, "_executor_manager_thread", None) if cancel else None
-            results = getattr(self.pool, "_result_queue", None) if cancel else None
-            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        with self._closing:  # the plan's thread and the main one may both stop a run
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            procs = dict(getattr(pool, "_processes", None) or {}) if cancel else {}
+            thread = getattr(pool, "_executor_manager_thread", None) if cancel else None
+            results = getattr(pool, "_result_queue", None) if cancel else None
+            pool.shutdown(wait=not cancel, cancel_futures=cancel)
             for proc in procs.values():  # work in progress is of no use to anyone now
                 try:
                     proc.terminate()
@@ -114,7 +118,6 @@ class OrderedPool:
                 # Its workers are dead: it ends now, not while the interpreter exits, whose hook
                 # writes to the wakeup pipe this thread closes ("Exception ignored ... Bad file descriptor").
                 thread.join()
-            self.pool = None
 
     def __enter__(self):
         return self
