@@ -38,7 +38,7 @@ def logits_span(data: bytes):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 40), shape=st.sampled_from([(1, 1, 1), (3, 5, 3), (24, 24, 4)]),
        rows=st.integers(1, 50), how=st.sampled_from(["savez", "writer"]), seed=st.integers(0, 2**32 - 1))
-@example(n=0, shape=(3, 5, 3), rows=1, how="writer", seed=0)  # an empty shard: the writer gets empty batches
+@example(n=0, shape=(3, 5, 3), rows=1, how="writer", seed=0)  # an empty shard: the writer gets an empty batch
 def test_stored_shards_read_as_numpy_reads_them_in_aligned_slices(tmp_path_factory, n, shape, rows, how, seed):
     path = tmp_path_factory.mktemp("npz") / "s.npz"
     a = arrays(np.random.default_rng(seed), n, shape)
@@ -113,3 +113,37 @@ def test_a_header_numpy_cannot_tokenize_is_refused_not_raised():
     bad[10] = ord("\n")
     with pytest.raises(LogitifyError, match="logits is not a NumPy array"):
         _npy_header(io.BytesIO(bytes(bad)), "s.npz", "logits")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_the_piece_size_of_the_logits_write_never_changes_a_shard(tmp_path, monkeypatch, compress):
+    """Logits go into the zip a piece at a time (for the cache's sake): any piece size, the same bytes.
+
+    Batches of several MiB (more than one piece) and read-only arrays, as
+    the transform hands them over, beside a shard short of examples (which
+    is written again from its draft).
+    """
+    from logitify_cli.formats import npz
+
+    rng = np.random.default_rng(4)
+    shape = (64, 64, 3)  # 48 KiB of logits an image: a batch of 60 is 2.8 MiB
+    a = arrays(rng, 100, shape)
+    batches = [slice(0, 60), slice(60, 61), slice(61, 61), slice(61, 100)]
+
+    def shard(piece, expected):
+        monkeypatch.setattr(npz, "WRITE_PIECE", piece)
+        folder = tmp_path / f"{piece}-{expected}"
+        folder.mkdir()
+        w = NpzFormat().writer(str(folder), "s.npz", shape, expected, compress)
+        for b in batches:
+            logits = a["logits"][b]
+            logits.flags.writeable = False
+            w.add(list(a["keys"][b]), a["labels"][b], logits, a["logdet"][b])
+        w.close()
+        return (folder / "s.npz").read_bytes()
+
+    for expected in (100, 130):
+        whole = shard(1 << 30, expected)
+        assert shard(1 << 20, expected) == whole and shard(4093, expected) == whole
+        with np.load(io.BytesIO(whole), allow_pickle=False) as z:
+            assert np.array_equal(z["logits"], a["logits"]) and list(z["keys"]) == list(a["keys"])
