@@ -45,14 +45,18 @@ def short(value, limit: int = 80) -> str:
         text = repr(value)
     except (RecursionError, ValueError):
         text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return _cut(text, limit)
 
 
 def listing(values, most: int = 20, limit: int = 80) -> str:
     """Names joined by commas, each cut to `limit`, at most `most` of them: a stranger's list stays one line."""
     values = list(values)
-    text = ", ".join(v if len(v) <= limit else v[:limit - 3] + "..." for v in map(str, values[:most]))
+    text = ", ".join(_cut(str(v), limit) for v in values[:most])
     return text + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Reporter:
