@@ -146,13 +146,16 @@ def _sigterm_as_interrupt():
         pass
 
 
-def run_command(fn):
+def run_command(fn=None, *, interrupted: str = "interrupted"):
     """Turn a command body returning a Result into streams and exit codes.
 
     Every command goes through here: a LogitifyError is one line on stderr
     (with --json, also an object on stdout), anything unexpected is one line
     too unless --verbose, and data printed from files is escaped.
     """
+
+    if fn is None:  # @run_command(interrupted=...): what Ctrl-C leaves behind, said by the command that knows
+        return functools.partial(run_command, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
@@ -180,7 +183,7 @@ def run_command(fn):
                 click.echo(json.dumps(out, default=str))
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("logitify: interrupted; whole shards are kept, run again with --resume to finish", err=True)
+            click.echo(f"logitify: {interrupted}", err=True)
             sys.exit(130)
         except click.exceptions.Exit:
             raise
@@ -281,7 +284,7 @@ def main():
               help="Run here, or as an Apache Beam pipeline.")
 @click.option("--null", "null_sep", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @stream_options
-@run_command
+@run_command(interrupted="interrupted; whole shards are kept, run again with --resume to finish")
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
            resize_mode, crop, resample, jpeg_draft, channels, preset, device, workers, compress, compression, image_key,
            label_key, tfds_split, name, split, holdout, on_error, max_pixels, resume, overwrite, runner, null_sep, report):
@@ -395,7 +398,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
 @click.option("--split", default=None, help="Decode this split only [all; several go to OUT/SPLIT/].")
 @stream_options
-@run_command
+@run_command(interrupted="interrupted; the images already written are kept (the last may be incomplete: decode again with --overwrite)")
 def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, split, report):
     """Give the images back from an encoded DATASET (alias: invert).
 

@@ -57,3 +57,22 @@ def test_version(cli):
 
     r = cli("--version")
     assert r.exit_code == 0 and __version__ in r.stdout
+
+
+def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, monkeypatch):
+    """Only encode can be resumed: decode and verify must not send the user to a --resume they lack."""
+    from logitify_cli import decode_run, encode_run, verify
+
+    src, _, out = dataset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for module, name in ((encode_run, "run_encode"), (decode_run, "run_decode"), (verify, "verify")):
+        monkeypatch.setattr(module, name, interrupted)
+    r = cli("encode", src, "-o", tmp_path / "e")
+    assert r.exit_code == 130 and "interrupted" in r.stderr and "--resume" in r.stderr
+    r = cli("decode", out, "-o", tmp_path / "d")
+    assert r.exit_code == 130 and "already written are kept" in r.stderr and "--resume" not in r.stderr
+    r = cli("verify", out)
+    assert r.exit_code == 130 and r.stderr.strip() == "logitify: interrupted"
