@@ -174,10 +174,11 @@ def _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, 
                 # An unreadable shard or a failed write ends the run, but the workers end as
                 # usual: the jobs in flight finish, and nothing is torn down mid-write.
                 failure = e
-            finally:
-                output.close()
     finally:
-        lock.release()
+        try:
+            output.close()  # once the workers are done: what no job placed is dropped
+        finally:
+            lock.release()
     if failure is not None:
         raise failure
     seconds = time.time() - t0

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from . import fs
+from . import fs, pool
 
 IMAGE_SUFFIXES = frozenset(
     ".png .jpg .jpeg .jpe .jfif .bmp .dib .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
@@ -178,19 +178,30 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
         return
     own = folders is None
     folders = folders or _Folders(root)
+    rel_dir, _, name = rel.rpartition("/")
+
+    def drop(fd):  # may run twice when a stop comes during it: both steps tolerate that
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(name, dir_fd=folders.fd(rel_dir))
+        except OSError:
+            pass
+
     try:
-        fd = _create(folders, rel, overwrite, protect)
+        # A worker stopped mid-write (Ctrl-C on the run) drops the file, as this process does here.
+        fd = pool.undoable(lambda: _create(folders, rel, overwrite, protect), drop)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(rel.rpartition("/")[2], dir_fd=folders.fd(rel.rpartition("/")[0]))
-            except OSError:
-                pass
+            drop(fd)
+            pool.settled()
             raise
+        pool.settled()  # every byte is written: a stop from here on keeps the file
         os.close(fd)
     finally:
         if own:
@@ -413,15 +424,27 @@ def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect
     folders = _Folders(root)
     try:
         dfd = folders.fd("")
+        held = []  # the name, once this job holds it with an empty file of its own
+
+        def hold():
+            os.close(_create(folders, name, overwrite, protect))  # refuses links, hard links, the dataset's files
+            held.append(name)
+
+        def drop(_=None):
+            for n in [tmp] + held:
+                try:
+                    os.unlink(n, dir_fd=dfd)
+                except OSError:
+                    pass
+
         try:
-            fd = _create(folders, name, overwrite, protect)  # refuses links, hard links, the dataset's files
-            os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # a rename replaces a name, never writes through it
+            # Stopped (Ctrl-C on the run) before the rename, a worker leaves neither file behind.
+            pool.undoable(hold, drop)
+            # A rename replaces a name, never writes through it.
+            pool.settled(lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd))
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
+            drop()
+            pool.settled()
             raise
     finally:
         folders.close()
@@ -435,6 +458,7 @@ class NpzOutput(ImageOutput):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._open = {}
+        self._handed = []  # (folder, temporary name, remote) of each finished shard given to a job
 
     def _file(self, shard: int) -> str:
         return f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
@@ -455,6 +479,7 @@ class NpzOutput(ImageOutput):
         except BaseException:
             stream.close()
             raise
+        self._handed.append((folder, tmp, remote))
         return [(self.root, self.overwrite, self._file(shard), folder, tmp, remote, stream.count,
                  self.protect or frozenset())]
 
@@ -462,6 +487,18 @@ class NpzOutput(ImageOutput):
         for stream in self._open.values():
             stream.close()
         self._open = {}
+        # A job that ran has moved its file (or dropped it); one a stopped run never ran has not.
+        for folder, tmp, remote in self._handed:
+            if remote:
+                import shutil
+
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            try:
+                os.unlink(os.path.join(folder, tmp))
+            except OSError:
+                pass
+        self._handed = []
 
     @staticmethod
     def write(job):

@@ -149,6 +149,70 @@ def _unblock_results(procs, results) -> None:
             pass
 
 
+_IN_WORKER = False  # set by _worker_init in the pool's processes
+_undo = None  # what this worker undoes if the run stops it now (see undoable)
+
+
+def undoable(start, undo):
+    """start(); should the run stop this worker (SIGTERM) before settled(), undo(its result) runs first.
+
+    A writer stopped halfway through a file would leave it half written
+    under its final name. SIGTERM is held from before start() until its undo
+    is set, so nothing is made without one. Outside a pool worker this is
+    just start(): the caller's own process keeps its signal handlers.
+    """
+    global _undo
+    if not _IN_WORKER:
+        return start()
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is not _stopped:
+        signal.signal(signal.SIGTERM, _stopped)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        made = start()
+        _undo = lambda: undo(made)  # noqa: E731
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return made
+
+
+def settled(finish=None):
+    """What undoable() made is whole: a stop from now on leaves it.
+
+    `finish` (a rename, say) runs with SIGTERM held, so a stop comes
+    before it, and is undone, or after it, and leaves its result.
+    """
+    global _undo
+    if finish is None or not _IN_WORKER:
+        try:
+            return None if finish is None else finish()
+        finally:
+            _undo = None
+    import signal
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return finish()
+    finally:
+        _undo = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _stopped(signum, frame):
+    """SIGTERM in a writer: undo the half-made file, then die of the signal as before."""
+    import signal
+
+    undo = _undo
+    if undo is not None:
+        try:
+            undo()
+        except BaseException:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _worker_init(forked_from=None):
     """Ctrl-C and SIGTERM are the main process's to handle: workers stop with it.
 
@@ -160,6 +224,8 @@ def _worker_init(forked_from=None):
     """
     import signal
 
+    global _IN_WORKER
+    _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # one sent meanwhile acts now

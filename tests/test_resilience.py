@@ -144,6 +144,71 @@ def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
 
 
+# A decode whose first file write stops halfway: it writes half, says so in a marker file, then
+# waits to be stopped. Its workers are forked (decode never loads TensorFlow), so they run this too.
+HALF_WRITE = """
+import os, signal, sys, time
+real_write, real_replace, marker = os.write, os.replace, sys.argv.pop(1)
+
+def stall():
+    open(marker, "w").close()
+    time.sleep(600)
+
+def write(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".png"):
+        real_write(fd, memoryview(data)[:len(data) // 2])
+        stall()
+    return real_write(fd, data)
+
+def replace(src, dst, **kw):
+    if str(dst).endswith(".npz"):  # the shard's empty file is made, the rename not yet done:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a stop that comes just before it
+        stall()
+    return real_replace(src, dst, **kw)
+
+os.write, os.replace = write, replace
+from logitify_cli.cli import main
+main(prog_name="logitify")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_path, fmt):
+    """A worker stopped mid-file (Ctrl-C on decode) drops it: what is left is whole, or absent."""
+    src, truth = image_folder
+    ds = tmp_path / "ds"
+    assert cli("encode", src, "-o", ds, "--shard-size", "5").exit_code == 0
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    p = subprocess.Popen([sys.executable, "-c", HALF_WRITE, str(marker), "decode", str(ds), "-o", str(out),
+                          "-f", fmt, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert marker.exists(), p.communicate()
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("decode did not stop after Ctrl-C")
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
+    assert "incomplete" not in err
+    left = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    if fmt == "png":
+        for rel in left:  # a half-written PNG would fail to load, or differ
+            np.testing.assert_array_equal(np.asarray(Image.open(out / rel)), truth[rel])
+        assert len(left) < len(truth)
+    else:  # the stalled shard's empty file and its temporary file are both gone; the others are whole
+        assert len(left) < 3
+        for rel in left:
+            assert rel.startswith("images-") and rel.endswith("-of-00003.npz"), left
+            with np.load(out / rel, allow_pickle=False) as z:
+                assert len(z["images"]) == len(z["keys"]) > 0
+
+
 def fail_third_shard(monkeypatch, error, partial=False):
     """Make the third npz shard's (index 2) write raise `error`; returns the real method."""
     from logitify_cli.formats.npz import NpzShardWriter
