@@ -28,6 +28,8 @@ from .results import DecodeResult, EncodeResult
 
 def _beam():
     try:
+        if not fs.load_beam():
+            raise ImportError
         import apache_beam as beam
         from apache_beam.options.pipeline_options import PipelineOptions
     except ImportError:

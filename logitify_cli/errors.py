@@ -37,6 +37,16 @@ class AlphaOutOfRange(UsageError):
         self.high = high
 
 
+class NoCredentials(LogitifyError):
+    """Paths in a bucket, and no credentials for its store anywhere boto3 looks."""
+
+    def __init__(self, scheme: str):
+        super().__init__(f"no credentials for {scheme}:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "(or AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and "
+                         "--s3_secret_access_key after `--` with --runner beam")
+        self.scheme = scheme
+
+
 class OutputInUse(LogitifyError):
     """Another run holds the output folder's lock."""
 

@@ -10,34 +10,88 @@ from __future__ import annotations
 import os
 import shutil
 
-from .errors import LogitifyError, UsageError
+from .errors import LogitifyError, NoCredentials, UsageError
 
 
 def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-_configured = False
+def load_beam() -> bool:
+    """Import Apache Beam (False if it is not installed) without the warning its import logs.
+
+    Beam warns at import that Google's optional clients are missing. It says
+    so through the root logger, whose first use also installs a stderr handler
+    for the whole process (logging.basicConfig). Unless --verbose, the record
+    is dropped and no handler is installed.
+    """
+    import importlib
+    import logging
+
+    from . import _tf
+
+    root = logging.getLogger()
+    guard, drop = logging.NullHandler(), (lambda record: False)
+    if not _tf.verbose:
+        root.addHandler(guard)  # a handler present: logging.warning() does not call basicConfig
+        root.addFilter(drop)  # only records logged on the root logger itself, during the import
+    try:
+        importlib.import_module("apache_beam.io.filesystems")
+    except ImportError:
+        return False
+    finally:
+        root.removeHandler(guard)
+        root.removeFilter(drop)
+    return True
 
 
-def _fs():
-    """Beam's FileSystems, given default options on first use.
+def _fs(path: str | None = None):
+    """Beam's FileSystems, given default options if nobody has set any.
 
     Without options set, Beam refuses every s3:// path; the defaults let
     boto3's own configuration (AWS_ENDPOINT_URL, credentials files) apply to
-    commands that take no Beam options, such as verify and info.
+    commands that take no Beam options, such as verify and info. Options the
+    caller (or `configure`) set are theirs, and kept.
     """
-    global _configured
-    try:
-        from apache_beam.io.filesystems import FileSystems
-    except ImportError:
-        raise UsageError("paths in buckets (s3://, gs://) need Apache Beam: pip install 'logitify[beam]'") from None
-    if not _configured:
+    if not load_beam():
+        raise UsageError("paths in buckets (s3://, gs://) need Apache Beam: pip install 'logitify[beam]'")
+    from apache_beam.io.filesystems import FileSystems
+
+    if getattr(FileSystems, "_pipeline_options", None) is None:
         from apache_beam.options.pipeline_options import PipelineOptions
 
         FileSystems.set_options(PipelineOptions([]))
-        _configured = True
+    if path is not None and str(path).startswith("s3://"):
+        _require_s3_credentials(FileSystems._pipeline_options)
     return FileSystems
+
+
+_credentials_seen = None  # the options object for which S3 credentials were last found
+
+
+def _require_s3_credentials(options) -> None:
+    """Fail at once where Beam would retry for minutes: no AWS credentials anywhere for s3:// paths.
+
+    Beam counts "Unable to locate credentials" as a passing fault and backs
+    off seven times (about eight minutes) before giving up.
+    """
+    global _credentials_seen
+    if options is _credentials_seen:
+        return
+    try:
+        from apache_beam.options.pipeline_options import S3Options
+
+        given = bool(options.view_as(S3Options).s3_access_key_id)
+    except Exception:  # options of another kind: Beam's own checks apply
+        given = True
+    if not given:
+        try:
+            import boto3
+        except ImportError:  # Beam's own error names the extra to install
+            return
+        if boto3.session.Session().get_credentials() is None:
+            raise NoCredentials("s3")
+    _credentials_seen = options
 
 
 def configure(options) -> None:
@@ -46,9 +100,7 @@ def configure(options) -> None:
     Workers get them with the pipeline; the launcher lists and reads buckets
     itself (discovery, the probe, receipts, the manifest) and needs them too.
     """
-    global _configured
     _fs().set_options(options)
-    _configured = True
 
 
 def join(base: str, name: str) -> str:
@@ -65,10 +117,11 @@ def open_read(path: str):
     """A binary file object, read as stored (no decompression by file extension)."""
     if not is_remote(path):
         return open(path, "rb")
+    store = _fs(path)
     from apache_beam.io.filesystem import CompressionTypes
 
     try:
-        return _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        return store.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     except Exception as e:  # Beam wraps every store's errors in its own
         raise OSError(f"cannot open {path}: {_first_line(e)}") from None
 
@@ -81,9 +134,10 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole small file; locally through a temporary name and a rename."""
     if is_remote(path):
+        store = _fs(path)
         from apache_beam.io.filesystem import CompressionTypes
 
-        with _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with store.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             f.write(data)
         return
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -109,16 +163,17 @@ def upload(local_path: str, path: str) -> None:
     if not is_remote(path):
         shutil.copyfile(local_path, path)
         return
+    store = _fs(path)
     from apache_beam.io.filesystem import CompressionTypes
 
-    with open(local_path, "rb") as src, _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+    with open(local_path, "rb") as src, store.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
         shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def size(path: str) -> int:
     if not is_remote(path):
         return os.path.getsize(path)
-    found = _fs().match([path])[0].metadata_list
+    found = _fs(path).match([path])[0].metadata_list
     if not found:
         raise FileNotFoundError(path)
     return found[0].size_in_bytes
@@ -127,7 +182,7 @@ def size(path: str) -> int:
 def exists(path: str) -> bool:
     if not is_remote(path):
         return os.path.exists(path)
-    return _fs().exists(path)
+    return _fs(path).exists(path)
 
 
 def delete(paths) -> None:
@@ -140,12 +195,12 @@ def delete(paths) -> None:
             except FileNotFoundError:
                 pass
     if remote:
-        _fs().delete(remote)
+        _fs(remote[0]).delete(remote)
 
 
 def listing(prefix: str):
     """(path, size) of every object under a bucket prefix (a "folder"), or of the object itself."""
-    fs = _fs()
+    fs = _fs(prefix)
     base = prefix.rstrip("/")
     try:
         found = fs.match([base + "/**"])[0].metadata_list

@@ -103,3 +103,29 @@ def test_a_single_object_has_no_class_and_lg_load_says_it_needs_a_copy(cli, tmp_
     assert r.exit_code == 0, r.output
     with pytest.raises(LogitifyError, match="local"):
         lg.load(out)
+
+
+def test_no_credentials_is_one_clear_line_at_once(tmp_path, s3_server, s3_bucket):
+    """Beam retries a missing-credentials error for about eight minutes; logitify says so at once.
+
+    The same commands with credentials in the environment read the bucket.
+    """
+    import subprocess
+    import sys
+    import time
+
+    s3_server.write(s3_bucket, "ds/manifest.json", b"{}")
+    env = s3_server.subprocess_env()
+    bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    for args in (["info", f"s3://{s3_bucket}/ds"], ["encode", f"s3://{s3_bucket}/photos", "-o", tmp_path / "o"]):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True, text=True,
+                           env=bare, timeout=120)
+        assert r.returncode == 1 and time.monotonic() - t0 < 60, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            "logitify: error: no credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and --s3_secret_access_key "
+            "after `--` with --runner beam"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "logitify_cli", "info", f"s3://{s3_bucket}/ds"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
