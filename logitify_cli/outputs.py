@@ -143,18 +143,24 @@ class _Folders:
         self.fds = {}
 
 
-def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset()) -> int:
+def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None) -> int:
     """A new file's descriptor at rel; an existing plain file is replaced only with overwrite.
 
     `protect` holds (device, inode) of files never to replace: the dataset being decoded.
+    `opening` (a list) holds [folder fd, name] while the exclusive open is under way:
+    a Ctrl-C that lands as it returns loses the descriptor, not the knowledge.
     """
     rel_dir, _, name = rel.rpartition("/")
     dfd = folders.fd(rel_dir)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(3):
+        if opening is not None:
+            opening[:] = [dfd, name]
         try:
             return os.open(name, flags, 0o644, dir_fd=dfd)
         except FileExistsError:
+            if opening is not None:
+                opening.clear()  # someone's file, not ours
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 raise Refused(f"{rel} is a symbolic link") from None
@@ -168,6 +174,19 @@ def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset()) -
                 raise Refused(f"{rel} exists (pass --overwrite to replace it)") from None
             os.unlink(name, dir_fd=dfd)
     raise Refused(f"{rel} keeps reappearing")
+
+
+def _drop_empty(opening) -> None:
+    """Remove the empty file an interrupted exclusive open made (see _create); never a file with bytes."""
+    if not opening:
+        return
+    dfd, name = opening
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
 
 
 def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None,
@@ -190,9 +209,15 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
         except OSError:
             pass
 
+    opening = []
     try:
         # A worker stopped mid-write (Ctrl-C on the run) drops the file, as this process does here.
-        fd = pool.undoable(lambda: _create(folders, rel, overwrite, protect), drop)
+        try:
+            fd = pool.undoable(lambda: _create(folders, rel, overwrite, protect, opening), drop)
+        except BaseException as e:
+            if not isinstance(e, Exception):  # Ctrl-C here, maybe just as the file was made
+                _drop_empty(opening)
+            raise
         try:
             view = memoryview(data)
             while view:
@@ -424,22 +449,19 @@ def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect
     folders = _Folders(root)
     try:
         dfd = folders.fd("")
-        held = []  # the name, once this job holds it with an empty file of its own
-
-        def hold():
-            os.close(_create(folders, name, overwrite, protect))  # refuses links, hard links, the dataset's files
-            held.append(name)
+        opening = []  # [folder fd, name] once this job has made, or is making, its empty placeholder
 
         def drop(_=None):
-            for n in [tmp] + held:
-                try:
-                    os.unlink(n, dir_fd=dfd)
-                except OSError:
-                    pass
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            _drop_empty(opening)  # the placeholder: a shard renamed over it is never empty
 
         try:
             # Stopped (Ctrl-C on the run) before the rename, a worker leaves neither file behind.
-            pool.undoable(hold, drop)
+            # _create refuses links, hard links and the dataset's own files.
+            pool.undoable(lambda: os.close(_create(folders, name, overwrite, protect, opening)), drop)
             # A rename replaces a name, never writes through it.
             pool.settled(lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd))
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -59,8 +60,6 @@ class OrderedPool:
                 # stopped while starting would run the CLI's handler, whose KeyboardInterrupt Python
                 # may just print and go on from, and then wait forever on the queue's lock. The
                 # executor's thread, started here too, keeps them held: they go to this thread.
-                import signal
-
                 held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
                 try:
                     self.pool.submit(int)  # forks every worker now, before this process starts a thread
@@ -151,47 +150,54 @@ def _unblock_results(procs, results) -> None:
 
 _IN_WORKER = False  # set by _worker_init in the pool's processes
 _undo = None  # what this worker undoes if the run stops it now (see undoable)
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+_CAN_HOLD = hasattr(signal, "pthread_sigmask")
 
 
 def undoable(start, undo):
-    """start(); should the run stop this worker (SIGTERM) before settled(), undo(its result) runs first.
+    """start(), with what it made undone by undo(made) should the run be stopped before settled().
 
     A writer stopped halfway through a file would leave it half written
-    under its final name. SIGTERM is held from before start() until its undo
-    is set, so nothing is made without one. Outside a pool worker this is
-    just start(): the caller's own process keeps its signal handlers.
+    under its final name. Ctrl-C and SIGTERM are held while start() runs:
+    in a pool worker, its undo is set before a stop can act (the stop then
+    runs it, see _stopped); in the caller's own process, a Ctrl-C that came
+    meanwhile surfaces as the signals are let through, and undoes it here.
+    The handlers themselves are never changed outside a worker.
     """
     global _undo
-    if not _IN_WORKER:
+    if not _CAN_HOLD:  # no signal masks here (Windows): as it always was
         return start()
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) is not _stopped:
+    if _IN_WORKER and signal.getsignal(signal.SIGTERM) is not _stopped:
         signal.signal(signal.SIGTERM, _stopped)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         made = start()
-        _undo = lambda: undo(made)  # noqa: E731
-    finally:
+    except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    if _IN_WORKER:
+        _undo = lambda: undo(made)  # noqa: E731
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending stop acts here, its handler run at once
+    except BaseException:
+        _undo = None
+        undo(made)
+        raise
     return made
 
 
 def settled(finish=None):
     """What undoable() made is whole: a stop from now on leaves it.
 
-    `finish` (a rename, say) runs with SIGTERM held, so a stop comes
-    before it, and is undone, or after it, and leaves its result.
+    `finish` (a rename, say) runs with the stops held, so a stop comes
+    before it, and is undone, or after it, and leaves its result; the
+    caller learns of a Ctrl-C that came meanwhile once `finish` is done.
     """
     global _undo
-    if finish is None or not _IN_WORKER:
-        try:
-            return None if finish is None else finish()
-        finally:
-            _undo = None
-    import signal
-
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if finish is None or not _CAN_HOLD:
+        _undo = None
+        return None if finish is None else finish()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         return finish()
     finally:
@@ -201,8 +207,6 @@ def settled(finish=None):
 
 def _stopped(signum, frame):
     """SIGTERM in a writer: undo the half-made file, then die of the signal as before."""
-    import signal
-
     undo = _undo
     if undo is not None:
         try:
@@ -210,6 +214,8 @@ def _stopped(signum, frame):
         except BaseException:
             pass
     signal.signal(signum, signal.SIG_DFL)
+    # It may have come just as undoable() held the stops, before anything was made: let it through.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
 
 
@@ -222,8 +228,6 @@ def _worker_init(forked_from=None):
     asks to be killed when its parent dies (PR_SET_PDEATHSIG). OrderedPool
     forks it with both signals blocked; they are unblocked only here.
     """
-    import signal
-
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)

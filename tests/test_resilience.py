@@ -144,25 +144,27 @@ def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
 
 
-# A decode whose first file write stops halfway: it writes half, says so in a marker file, then
-# waits to be stopped. Its workers are forked (decode never loads TensorFlow), so they run this too.
+# A decode that stops halfway through one chosen file (a PNG: half its bytes written; an npz: its
+# empty placeholder made, the rename not yet done), says so in a marker file, and waits to be stopped.
+# Decode never loads TensorFlow, so its workers are forked and run this too.
 HALF_WRITE = """
 import os, signal, sys, time
-real_write, real_replace, marker = os.write, os.replace, sys.argv.pop(1)
+real_write, real_replace = os.write, os.replace
+marker, stall_at = sys.argv.pop(1), sys.argv.pop(1)
 
 def stall():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # as if it came just before
     open(marker, "w").close()
     time.sleep(600)
 
 def write(fd, data):
-    if os.readlink(f"/proc/self/fd/{fd}").endswith(".png"):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(stall_at):
         real_write(fd, memoryview(data)[:len(data) // 2])
         stall()
     return real_write(fd, data)
 
 def replace(src, dst, **kw):
-    if str(dst).endswith(".npz"):  # the shard's empty file is made, the rename not yet done:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a stop that comes just before it
+    if str(dst) == stall_at:
         stall()
     return real_replace(src, dst, **kw)
 
@@ -174,19 +176,31 @@ main(prog_name="logitify")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 @pytest.mark.parametrize("fmt", ["png", "npz"])
-def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_path, fmt):
-    """A worker stopped mid-file (Ctrl-C on decode) drops it: what is left is whole, or absent."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_path, fmt, workers):
+    """Ctrl-C while a file is half made (by a worker, or by the run itself): it is dropped, the ones before kept.
+
+    13 images in shards of 5: the third shard (dog_03 to dog_05) stalls on its first file, once the
+    first two shards' files are all written.
+    """
     src, truth = image_folder
     ds = tmp_path / "ds"
     assert cli("encode", src, "-o", ds, "--shard-size", "5").exit_code == 0
     out, marker = tmp_path / "out", tmp_path / "stalled"
-    p = subprocess.Popen([sys.executable, "-c", HALF_WRITE, str(marker), "decode", str(ds), "-o", str(out),
-                          "-f", fmt, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=ENV)
+    stall_at, before = {"png": ("dogs/dog_03.png", sorted(truth)[:10]),
+                        "npz": ("images-00002-of-00003.npz", [f"images-0000{i}-of-00003.npz" for i in (0, 1)])}[fmt]
+    p = subprocess.Popen([sys.executable, "-c", HALF_WRITE, str(marker), stall_at, "decode", str(ds), "-o", str(out),
+                          "-f", fmt, "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+
+    def files():
+        return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) if out.exists() else []
+
     deadline = time.time() + 60
-    while not marker.exists() and time.time() < deadline and p.poll() is None:
+    while not (marker.exists() and set(before) <= set(files())) and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
-    assert marker.exists(), p.communicate()
+    assert marker.exists() and set(before) <= set(files()), (files(), p.poll())
+    time.sleep(0.2)  # the other worker: done with what it had (nothing is left for it to take)
     p.send_signal(signal.SIGINT)
     try:
         _, err = p.communicate(timeout=60)
@@ -195,18 +209,13 @@ def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_pat
         p.communicate()
         pytest.fail("decode did not stop after Ctrl-C")
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
-    assert "incomplete" not in err
-    left = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
-    if fmt == "png":
-        for rel in left:  # a half-written PNG would fail to load, or differ
+    assert files() == before  # the stalled file is gone (no temporary left either), every earlier one kept
+    for rel in before:
+        if fmt == "png":  # whole: it loads, with the pixels it was given
             np.testing.assert_array_equal(np.asarray(Image.open(out / rel)), truth[rel])
-        assert len(left) < len(truth)
-    else:  # the stalled shard's empty file and its temporary file are both gone; the others are whole
-        assert len(left) < 3
-        for rel in left:
-            assert rel.startswith("images-") and rel.endswith("-of-00003.npz"), left
+        else:
             with np.load(out / rel, allow_pickle=False) as z:
-                assert len(z["images"]) == len(z["keys"]) > 0
+                assert len(z["images"]) == len(z["keys"]) == 5
 
 
 def fail_third_shard(monkeypatch, error, partial=False):
