@@ -45,7 +45,8 @@ def _options(beam_args):
     args = list(beam_args or ["--runner=DirectRunner"])
     if not _tf.verbose and not any(a.startswith("--default_sdk_harness_log_level") for a in args):
         args.append("--default_sdk_harness_log_level=ERROR")
-    options = PipelineOptions(args)
+    with fs.quiet_root_logger():
+        options = PipelineOptions(args)
     fs.configure(options)
     return options
 
@@ -53,7 +54,9 @@ def _options(beam_args):
 def _worker_filesystems(beam_args) -> None:
     """A worker's FileSystems get the run's options (endpoints, credentials) before it touches a bucket."""
     _, PipelineOptions = _beam()
-    fs.configure(PipelineOptions(list(beam_args)))
+    with fs.quiet_root_logger():
+        options = PipelineOptions(list(beam_args))
+    fs.configure(options)
 
 
 def _run(pipeline_fn, options) -> None:
@@ -290,6 +293,7 @@ def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=Fals
     """`logitify decode --runner beam`: a split (the only one, or the one named), or each into out/SPLIT/."""
     from .decode_run import each_split
 
+    _options(beam_args)  # the run's endpoints and credentials, before the manifest is read from a bucket
     if fs.is_remote(out) and split is None and len(_names(dataset)) > 1:
         raise UsageError(f"{dataset} has several splits: name one with --split to decode into a bucket")
     return each_split(dataset, out, split, overwrite,

@@ -40,11 +40,16 @@ class AlphaOutOfRange(UsageError):
 class NoCredentials(LogitifyError):
     """Paths in a bucket, and no credentials for its store anywhere boto3 looks."""
 
-    def __init__(self, scheme: str):
-        super().__init__(f"no credentials for {scheme}:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    def __init__(self, scheme: str, reason: str | None = None):
+        what = f"cannot find credentials for {scheme}:// paths ({reason})" if reason else \
+            f"no credentials for {scheme}:// paths"
+        super().__init__(f"{what}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                          "(or AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and "
                          "--s3_secret_access_key after `--` with --runner beam")
-        self.scheme = scheme
+        self.scheme, self.reason = scheme, reason
+
+    def __reduce__(self):  # from a worker process, with its fields
+        return NoCredentials, (self.scheme, self.reason)
 
 
 class OutputInUse(LogitifyError):

@@ -17,31 +17,47 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def load_beam() -> bool:
-    """Import Apache Beam (False if it is not installed) without the warning its import logs.
+class quiet_root_logger:
+    """Beam speaks through the root logger while it loads and while it parses options.
 
-    Beam warns at import that Google's optional clients are missing. It says
-    so through the root logger, whose first use also installs a stderr handler
-    for the whole process (logging.basicConfig). Unless --verbose, the record
-    is dropped and no handler is installed.
+    Its import warns that Google's optional clients are missing, and its
+    options call logging.basicConfig(), which installs a stderr handler for
+    the whole process. Within this block (unless --verbose) records logged on
+    the root logger itself are dropped, and a handler is present, so
+    basicConfig() adds none. The root logger is as it was afterwards.
     """
+
+    def __enter__(self):
+        import logging
+
+        from . import _tf
+
+        self.root = logging.getLogger()
+        self.guard, self.drop = logging.NullHandler(), (lambda record: False)
+        self.active = not _tf.verbose
+        if self.active:
+            self.root.addHandler(self.guard)
+            self.root.addFilter(self.drop)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.root.removeHandler(self.guard)
+            self.root.removeFilter(self.drop)
+
+
+def load_beam() -> bool:
+    """Import Apache Beam's FileSystems (False if Beam is not installed), quietly (see quiet_root_logger)."""
     import importlib
-    import logging
+    import sys
 
-    from . import _tf
-
-    root = logging.getLogger()
-    guard, drop = logging.NullHandler(), (lambda record: False)
-    if not _tf.verbose:
-        root.addHandler(guard)  # a handler present: logging.warning() does not call basicConfig
-        root.addFilter(drop)  # only records logged on the root logger itself, during the import
-    try:
-        importlib.import_module("apache_beam.io.filesystems")
-    except ImportError:
-        return False
-    finally:
-        root.removeHandler(guard)
-        root.removeFilter(drop)
+    if "apache_beam.io.filesystems" in sys.modules:
+        return True
+    with quiet_root_logger():
+        try:
+            importlib.import_module("apache_beam.io.filesystems")
+        except ImportError:
+            return False
     return True
 
 
@@ -60,7 +76,8 @@ def _fs(path: str | None = None):
     if getattr(FileSystems, "_pipeline_options", None) is None:
         from apache_beam.options.pipeline_options import PipelineOptions
 
-        FileSystems.set_options(PipelineOptions([]))
+        with quiet_root_logger():
+            FileSystems.set_options(PipelineOptions([]))
     if path is not None and str(path).startswith("s3://"):
         _require_s3_credentials(FileSystems._pipeline_options)
     return FileSystems
@@ -89,7 +106,11 @@ def _require_s3_credentials(options) -> None:
             import boto3
         except ImportError:  # Beam's own error names the extra to install
             return
-        if boto3.session.Session().get_credentials() is None:
+        try:
+            found = boto3.session.Session().get_credentials()
+        except Exception as e:  # a profile that is not there, a broken config file
+            raise NoCredentials("s3", _first_line(e)) from None
+        if found is None:
             raise NoCredentials("s3")
     _credentials_seen = options
 

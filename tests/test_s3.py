@@ -106,10 +106,11 @@ def test_a_single_object_has_no_class_and_lg_load_says_it_needs_a_copy(cli, tmp_
         lg.load(out)
 
 
-def test_no_credentials_is_one_clear_line_at_once(tmp_path, s3_server, s3_bucket):
+def test_no_credentials_is_one_clear_line_at_once(s3_server, s3_bucket, tmp_path):
     """Beam retries a missing-credentials error for about eight minutes; logitify says so at once.
 
-    The same commands with credentials in the environment read the bucket.
+    The same commands with credentials in the environment, or only in Beam's
+    options, read the bucket (here a manifest that is not one).
     """
     import subprocess
     import sys
@@ -117,16 +118,23 @@ def test_no_credentials_is_one_clear_line_at_once(tmp_path, s3_server, s3_bucket
 
     s3_server.write(s3_bucket, "ds/manifest.json", b"{}")
     env = s3_server.subprocess_env()
-    bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    for args in (["info", f"s3://{s3_bucket}/ds"], ["encode", f"s3://{s3_bucket}/photos", "-o", tmp_path / "o"]):
-        t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True, text=True,
-                           env=bare, timeout=120)
-        assert r.returncode == 1 and time.monotonic() - t0 < 60, r.stderr
-        assert r.stderr.strip().splitlines() == [
-            "logitify: error: no credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-            "AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and --s3_secret_access_key "
-            "after `--` with --runner beam"], r.stderr
-    r = subprocess.run([sys.executable, "-m", "logitify_cli", "info", f"s3://{s3_bucket}/ds"], capture_output=True,
-                       text=True, env=env, timeout=120)
+    keep = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_EC2_METADATA_DISABLED")
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_") or k in keep}  # no role, token or container
+
+    def run(*args, env):
+        return subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    t0 = time.monotonic()
+    r = run("info", f"s3://{s3_bucket}/ds", env=bare)
+    assert r.returncode == 1 and time.monotonic() - t0 < 60, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "logitify: error: no credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+        "AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and --s3_secret_access_key "
+        "after `--` with --runner beam"], r.stderr
+    r = run("info", f"s3://{s3_bucket}/ds", env=env)
+    assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
+    # decode reads the manifest (to list the splits) after taking the run's Beam options
+    r = run("decode", f"s3://{s3_bucket}/ds", "-o", tmp_path / "back", *beam(s3_server), env=bare)
     assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
