@@ -36,7 +36,8 @@ def bucket_hashes(s3_server, bucket, prefix):
                for s in m["shards"]}
 
 
-def test_bucket_to_bucket_equals_local_and_decodes_back(cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3):
+def test_bucket_to_bucket_equals_local_and_decodes_back(cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3,
+                                                         monkeypatch):
     src, truth = image_folder
     (src / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     s3_server.upload_folder(src, s3_bucket, "photos")
@@ -53,8 +54,14 @@ def test_bucket_to_bucket_equals_local_and_decodes_back(cli, image_folder, tmp_p
     assert not [k for k in s3_server.list_keys(s3_bucket, "out/") if "receipt" in k]
     # Decode from the bucket into the bucket, then check every image came back (in this process:
     # the local Beam test decodes in worker processes, and each such run costs seconds of the suite).
+    from apache_beam.io.aws.clients.s3 import boto3_client
+
+    made, real_init = [], boto3_client.Client.__init__
+    monkeypatch.setattr(boto3_client.Client, "__init__", lambda self, *a, **k: made.append(1) or real_init(self, *a, **k))
     r = cli("decode", out, "-o", f"s3://{s3_bucket}/restored", *beam(s3_server))
     assert r.exit_code == 0, r.output
+    # A client per set of options (the launcher's, each worker's), not per call: Beam alone made 40 here.
+    assert len(made) < len(truth), f"{len(made)} S3 clients for {len(truth)} images"
     for key, arr in truth.items():
         got = np.asarray(Image.open(io.BytesIO(s3_server.read(s3_bucket, f"restored/{key}"))))
         np.testing.assert_array_equal(got, arr)
