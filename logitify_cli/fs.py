@@ -85,39 +85,49 @@ def _fs(path: str | None = None):
     return FileSystems
 
 
-_s3_kept = (None, None)  # (options, the S3 file system made for them)
+_s3_kept = (None, None, None)  # (process id, options, the S3 file system made for them there)
 
 
 def _s3_store(options):
-    """Beam's S3 file system, with one S3 client for as long as the options stay the same.
+    """Beam's S3 file system, with one boto3 client for as long as the options (and process) stay the same.
 
     Beam's own makes a new boto3 client for every call (open, list, exists),
     0.1-0.7 s of CPU each: a decode writing one object per image into a
     bucket spent most of its time there. This instance answers the same
-    calls as FileSystems does, each through the one S3IO made here. (Its
-    methods are replaced on the instance: a subclass would be one more file
-    system Beam finds for s3://, and Beam refuses two.)
+    calls as FileSystems does, each through its own S3IO and Beam client
+    wrapper (which hold a download's state), all around the one boto3
+    client, which is safe to share between threads. Its methods are replaced
+    on the instance: a subclass would be one more file system Beam finds for
+    s3://, and Beam refuses two.
     """
     global _s3_kept
-    kept_options, store = _s3_kept
-    if store is None or kept_options is not options:
+    pid, kept_options, store = _s3_kept
+    if store is None or kept_options is not options or pid != os.getpid():
         store = _kept_client_s3(options)
-        _s3_kept = (options, store)
+        _s3_kept = (os.getpid(), options, store)
     return store
 
 
-def _kept_client_s3(options):
+def _kept_client_s3(options, client=None):
+    """The file system of _s3_store; `client` stands in for boto3's low-level client (tests)."""
+    import copy
     import types
 
     from apache_beam.io.aws import s3io
+    from apache_beam.io.aws.clients.s3 import boto3_client
     from apache_beam.io.aws.s3filesystem import S3FileSystem
     from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata, FileSystem
 
-    store, kept = S3FileSystem(options), s3io.S3IO(options=options)
+    store, base = S3FileSystem(options), boto3_client.Client(options)
+    if client is not None:
+        base.client = client
+
+    def io():  # a wrapper of its own (a download's position lives there), the boto3 client shared
+        return s3io.S3IO(client=copy.copy(base))
 
     def _list(self, dir_or_prefix):
         try:
-            for path, (size, updated) in kept.list_files(dir_or_prefix, with_metadata=True):
+            for path, (size, updated) in io().list_files(dir_or_prefix, with_metadata=True):
                 yield FileMetadata(path, size, updated)
         except Exception as e:
             raise BeamIOError("List operation failed", {dir_or_prefix: e})
@@ -125,28 +135,35 @@ def _kept_client_s3(options):
     def _path_open(self, path, mode, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
         compression_type = FileSystem._get_compression_type(path, compression_type)
         mime_type = CompressionTypes.mime_type(compression_type, mime_type)
-        raw = kept.open(path, mode, mime_type=mime_type)
+        raw = io().open(path, mode, mime_type=mime_type)
         return raw if compression_type == CompressionTypes.UNCOMPRESSED else \
             CompressedFile(raw, compression_type=compression_type)
 
     def exists(self, path):
         try:
-            return kept.exists(path)
+            return io().exists(path)
         except Exception as e:
             raise BeamIOError("exists() operation failed", {path: e})
 
     def size(self, path):
         try:
-            return kept.size(path)
+            return io().size(path)
         except Exception as e:
             raise BeamIOError("size() operation failed", {path: e})
 
+    def metadata(self, path):
+        try:
+            found = io()._status(path)
+            return FileMetadata(path, found["size"], found["last_updated"])
+        except Exception as e:
+            raise BeamIOError("Metadata operation failed", {path: e})
+
     def delete(self, paths):
-        failed = {p: err for p, err in kept.delete_paths(paths).items() if err is not None}
+        failed = {p: err for p, err in io().delete_paths(paths).items() if err is not None}
         if failed:
             raise BeamIOError("Delete operation failed", failed)
 
-    for fn in (_list, _path_open, exists, size, delete):
+    for fn in (_list, _path_open, exists, size, metadata, delete):
         setattr(store, fn.__name__, types.MethodType(fn, store))
     return store
 

@@ -145,3 +145,71 @@ def test_no_credentials_is_one_clear_line_at_once(s3_server, s3_bucket, tmp_path
     # decode reads the manifest (to list the splits) after taking the run's Beam options
     r = run("decode", f"s3://{s3_bucket}/ds", "-o", tmp_path / "back", *beam(s3_server), env=bare)
     assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
+
+
+def test_threads_reading_through_the_kept_client_each_get_their_own_bytes():
+    """Beam's in-process workers are threads: reads through the one kept S3 client must not cross.
+
+    Beam's client wrapper keeps the current download in itself; shared by
+    all reads, one thread read another's object (38 reads in 1,200). Here a
+    stand-in for boto3's low-level client answers slowly, as a network does,
+    so that reads overlap.
+    """
+    import datetime
+    import os
+    import random
+    import threading
+    import time
+
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from logitify_cli import fs
+
+    objects = {f"k{i}": os.urandom(50_000 + i) for i in range(8)}
+
+    class Body:
+        def __init__(self, data):
+            self.data, self.pos, self._raw_stream = data, 0, type("Raw", (), {"closed": False})()
+
+        def read(self, n):
+            time.sleep(random.uniform(0, 0.0005))
+            out = self.data[self.pos:self.pos + n]
+            self.pos += len(out)
+            return out
+
+        def close(self):
+            self._raw_stream.closed = True
+
+    class SlowS3:
+        def head_object(self, Bucket, Key):
+            return {"ETag": "e", "LastModified": datetime.datetime.now(), "ContentLength": len(objects[Key]),
+                    "ContentType": "application/octet-stream"}
+
+        def get_object(self, Bucket, Key, Range):
+            time.sleep(random.uniform(0, 0.0005))
+            return {"Body": Body(objects[Key][int(Range.split("=")[1].rstrip("-")):])}
+
+    store = fs._kept_client_s3(PipelineOptions(["--s3_region_name=us-east-1", "--s3_access_key_id=k",
+                                                "--s3_secret_access_key=s"]), client=SlowS3())
+    wrong, errors = [], []
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        for _ in range(150):
+            key = rnd.choice(sorted(objects))
+            try:
+                with store.open(f"s3://b/{key}", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    got = f.read()
+            except Exception as e:  # collected, reported below
+                errors.append(repr(e))
+                continue
+            if got != objects[key]:
+                wrong.append(key)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and not errors, (len(wrong), errors[:3])
