@@ -152,6 +152,9 @@ _IN_WORKER = False  # set by _worker_init in the pool's processes
 _undo = None  # what this worker undoes if the run stops it now (see undoable)
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 _CAN_HOLD = hasattr(signal, "pthread_sigmask")
+# The C function itself, not signal.py's wrapper: a Ctrl-C can land as the wrapper's Python code
+# starts, before the mask is changed; the C call always changes it before anything is raised.
+_mask = getattr(__import__("_signal"), "pthread_sigmask", None)
 
 
 def undoable(start, undo):
@@ -169,16 +172,17 @@ def undoable(start, undo):
         return start()
     if _IN_WORKER and signal.getsignal(signal.SIGTERM) is not _stopped:
         signal.signal(signal.SIGTERM, _stopped)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    held = _mask(signal.SIG_BLOCK, ())  # the mask as it is (a Ctrl-C here changes nothing)
     try:
+        _mask(signal.SIG_BLOCK, _STOPS)
         made = start()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _mask(signal.SIG_SETMASK, held)
         raise
     if _IN_WORKER:
         _undo = lambda: undo(made)  # noqa: E731
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending stop acts here, its handler run at once
+        _mask(signal.SIG_SETMASK, held)  # a pending stop acts here, its handler run at once
     except BaseException:
         _undo = None
         undo(made)
@@ -197,12 +201,13 @@ def settled(finish=None):
     if finish is None or not _CAN_HOLD:
         _undo = None
         return None if finish is None else finish()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    held = _mask(signal.SIG_BLOCK, ())
     try:
+        _mask(signal.SIG_BLOCK, _STOPS)
         return finish()
     finally:
         _undo = None
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _mask(signal.SIG_SETMASK, held)
 
 
 def _stopped(signum, frame):
