@@ -81,14 +81,14 @@ def _fs(path: str | None = None):
     if path is not None and str(path).startswith("s3://"):
         options = FileSystems._pipeline_options
         _require_s3_credentials(options)
-        return _s3_store(options)
+        return _s3_store(options, str(path))
     return FileSystems
 
 
 _s3_kept = (None, None, None)  # (process id, options, the S3 file system made for them there)
 
 
-def _s3_store(options):
+def _s3_store(options, path: str = ""):
     """Beam's S3 file system, with one boto3 client for as long as the options (and process) stay the same.
 
     Beam's own makes a new boto3 client for every call (open, list, exists),
@@ -104,8 +104,30 @@ def _s3_store(options):
     pid, kept_options, store = _s3_kept
     if store is None or kept_options is not options or pid != os.getpid():
         store = _kept_client_s3(options)
+        _reachable(store, path)
         _s3_kept = (os.getpid(), options, store)
     return store
+
+
+def _reachable(store, path: str) -> None:
+    """Fail at once where Beam would retry for minutes: an S3 endpoint that cannot be connected to.
+
+    One HEAD of the path's bucket, through the client just made: any answer
+    (found, forbidden, missing) means the endpoint is there.
+    """
+    try:
+        from botocore.exceptions import ConnectionError as NoConnection
+    except ImportError:
+        return
+    bucket = path.split("://", 1)[-1].split("/", 1)[0]
+    if not bucket:
+        return
+    try:
+        store._kept.client.head_bucket(Bucket=bucket)
+    except NoConnection as e:
+        raise LogitifyError(f"cannot connect to the S3 endpoint for {path[:200]}: {_first_line(e)}") from None
+    except Exception:  # an answer: the endpoint is there, and Beam reports what it says
+        pass
 
 
 def _kept_client_s3(options, client=None):
@@ -165,6 +187,7 @@ def _kept_client_s3(options, client=None):
 
     for fn in (_list, _path_open, exists, size, metadata, delete):
         setattr(store, fn.__name__, types.MethodType(fn, store))
+    store._kept = base
     return store
 
 

@@ -114,7 +114,7 @@ def test_a_single_object_has_no_class_and_lg_load_says_it_needs_a_copy(cli, tmp_
 
 
 def test_no_credentials_is_one_clear_line_at_once(s3_server, s3_bucket, tmp_path):
-    """Beam retries a missing-credentials error for about eight minutes; logitify says so at once.
+    """Beam retries a missing-credentials error (or a dead endpoint) for about eight minutes; logitify says so at once.
 
     The same commands with credentials in the environment, or only in Beam's
     options, read the bucket (here a manifest that is not one).
@@ -142,6 +142,18 @@ def test_no_credentials_is_one_clear_line_at_once(s3_server, s3_bucket, tmp_path
         "after `--` with --runner beam"], r.stderr
     r = run("info", f"s3://{s3_bucket}/ds", env=env)
     assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
+    # an endpoint nothing listens on: the same retries in Beam, the same one line here
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.monotonic()
+    r = run("verify", f"s3://{s3_bucket}/ds", env={**env, "AWS_ENDPOINT_URL_S3": dead})
+    assert r.returncode == 1 and time.monotonic() - t0 < 60, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"logitify: error: cannot connect to the S3 endpoint for s3://{s3_bucket}/ds/manifest.json: "
+        f"Could not connect to the endpoint URL: \"{dead}/{s3_bucket}\""], r.stderr
     # decode reads the manifest (to list the splits) after taking the run's Beam options
     r = run("decode", f"s3://{s3_bucket}/ds", "-o", tmp_path / "back", *beam(s3_server), env=bare)
     assert r.returncode == 1 and "not a valid logitify manifest" in r.stderr, r.stderr
