@@ -6,6 +6,7 @@ runners (and TensorFlow behind them) are imported when a command runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -432,7 +433,9 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, sp
 
 
 main.add_command(decode, "decode")
-main.add_command(decode, "invert")
+invert = copy.copy(decode)  # the same command under its other name, listed as what it is
+invert.short_help = "The same as decode (its other name)."
+main.add_command(invert, "invert")
 
 
 @main.command(context_settings=CONTEXT)

@@ -59,6 +59,8 @@ def test_encode_decode_round_trip(cli, image_folder, tmp_path):
         np.testing.assert_array_equal(read_png(back / key), arr)
     r = cli("invert", out, "-o", tmp_path / "back2", "--format", "npz")
     assert r.exit_code == 0, r.output
+    listed = [line.split(None, 1) for line in cli("--help").stdout.splitlines() if line.startswith("  invert ")]
+    assert listed == [["invert", "The same as decode (its other name)."]]  # not "alias: invert" of itself
     z = np.load(tmp_path / "back2" / "images-00000-of-00003.npz", allow_pickle=False)
     assert z["images"].dtype == np.uint8 and z["images"].shape == (5, 24, 32, 3)
     np.testing.assert_array_equal(z["images"][0], truth[str(z["keys"][0])])
