@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from . import fs
 from .conventions import alpha_equivalents, squeeze_interval
 from .dataset import LogitDataset, split_names
 from .errors import LogitifyError, UsageError
@@ -189,7 +190,7 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         "logdet": ld,
         "logdet_per_dim_mean": ld["mean"] / dims if ld["mean"] is not None else None,
         "shards": shards_out,
-        "total_bytes": sum(s["bytes"] or 0 for s in shards_out),
+        "total_bytes": None if any(s["bytes"] is None for s in shards_out) else sum(s["bytes"] for s in shards_out),
         "skipped": m.skipped,
         "tool_version": m.tool_version,
         "geometry": {**{k: m.source.get(k) for k in ("size", "resize_mode", "crop", "filter")},
@@ -205,11 +206,10 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
 
 
 def _size(ds, shard) -> int | None:
-    if ds.remote:
-        return None
+    """The shard's bytes, here or in a bucket; None where it cannot be asked."""
     try:
-        return os.path.getsize(ds.shard_path(shard))
-    except OSError:
+        return fs.size(ds.shard_path(shard))
+    except Exception:  # a store's own error (Beam wraps them): the size is only a figure here
         return None
 
 
@@ -279,7 +279,8 @@ def render(summary: dict) -> str:
                         f", dataset_info.json promises {promised}"))
     if s["class_counts"]:
         lines.append("classes      " + ", ".join(f"{k}: {v}" for k, v in s["class_counts"].items()))
-    lines.append(f"shards       {len(s['shards'])}, {s['total_bytes'] / 1e6:.1f} MB")
+    total = "?" if s["total_bytes"] is None else f"{s['total_bytes'] / 1e6:.1f}"
+    lines.append(f"shards       {len(s['shards'])}, {total} MB")
     for sh in s["shards"]:
         size = "?" if sh["bytes"] is None else f"{sh['bytes'] / 1e6:.2f}"
         lines.append(f"  {sh['file']}  {sh['num_examples']} examples  {size} MB  sha256 {sh['sha256'][:16]}")

@@ -73,6 +73,9 @@ def test_bucket_to_bucket_equals_local_and_decodes_back(cli, image_folder, tmp_p
     assert r.exit_code == 0 and json.loads(r.stdout)["num_examples"] == len(truth), r.output
     r = cli("info", out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["class_counts"] == {"cats": 7, "dogs": 6}, r.output
+    sizes = [len(s3_server.read(s3_bucket, f"out/{s['file']}")) for s in m["shards"]]
+    assert [s["bytes"] for s in json.loads(r.stdout)["shards"]] == sizes
+    assert json.loads(r.stdout)["total_bytes"] == sum(sizes)
 
 
 def test_tfrecord_inputs_in_a_bucket_are_encoded(cli, tmp_path, rng, s3_server, s3_bucket, beam_s3):
