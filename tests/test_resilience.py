@@ -110,6 +110,17 @@ def _loading_tensorflow(pid) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/wchan"), reason="needs Linux's /proc/PID/wchan")
+def ctrl_c(p) -> str:
+    """SIGINT to a running CLI process; its stderr once it has ended (a failure if it does not, within 60 s)."""
+    p.send_signal(signal.SIGINT)
+    try:
+        return p.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the run did not stop after Ctrl-C")
+
+
 def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
     """A reader stopped in the middle of sending a result of several MB must not leave the run waiting.
 
@@ -132,13 +143,7 @@ def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
         loading = loading or _loading_tensorflow(p.pid)
         seen = loading and any(_writing_into_a_full_pipe(c) for c in _children(p.pid))
         time.sleep(0.001)
-    p.send_signal(signal.SIGINT)
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail("the run did not stop after Ctrl-C")
+    err = ctrl_c(p)
     if not seen:  # e.g. a kernel that hides wchan, or readers done before the import began
         pytest.skip("no reader was seen halfway through sending a result")
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
@@ -201,13 +206,7 @@ def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_pat
         time.sleep(0.01)
     assert marker.exists() and set(before) <= set(files()), (files(), p.poll())
     time.sleep(0.2)  # the other worker: done with what it had (nothing is left for it to take)
-    p.send_signal(signal.SIGINT)
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail("decode did not stop after Ctrl-C")
+    err = ctrl_c(p)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
     assert files() == before  # the stalled file is gone (no temporary left either), every earlier one kept
     for rel in before:
