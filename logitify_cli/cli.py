@@ -399,7 +399,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
 @click.option("--split", default=None, help="Decode this split only [all; several go to OUT/SPLIT/].")
 @stream_options
-@run_command(interrupted="interrupted; the images already written are kept, each whole: decode again with --overwrite "
+@run_command(interrupted="interrupted; any images already written are kept, each whole: decode again with --overwrite "
                          "to finish")
 def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, split, report):
     """Give the images back from an encoded DATASET (alias: invert).

@@ -73,6 +73,6 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
     r = cli("encode", src, "-o", tmp_path / "e")
     assert r.exit_code == 130 and "interrupted" in r.stderr and "--resume" in r.stderr
     r = cli("decode", out, "-o", tmp_path / "d")
-    assert r.exit_code == 130 and "already written are kept" in r.stderr and "--resume" not in r.stderr
+    assert r.exit_code == 130 and "any images already written are kept" in r.stderr and "--resume" not in r.stderr
     r = cli("verify", out)
     assert r.exit_code == 130 and r.stderr.strip() == "logitify: interrupted"
