@@ -79,9 +79,7 @@ def _fs(path: str | None = None):
         with quiet_root_logger():
             FileSystems.set_options(PipelineOptions([]))
     if path is not None and str(path).startswith("s3://"):
-        options = FileSystems._pipeline_options
-        _require_s3_credentials(options)
-        return _s3_store(options, str(path))
+        return _s3_store(FileSystems._pipeline_options, str(path))
     return FileSystems
 
 
@@ -103,6 +101,7 @@ def _s3_store(options, path: str = ""):
     global _s3_kept
     pid, kept_options, store = _s3_kept
     if store is None or kept_options is not options or pid != os.getpid():
+        _require_s3_credentials(options)  # before any client: once per set of options, like the client
         store = _kept_client_s3(options)
         _reachable(store, path)
         _s3_kept = (os.getpid(), options, store)
@@ -191,18 +190,12 @@ def _kept_client_s3(options, client=None):
     return store
 
 
-_credentials_seen = None  # the options object for which S3 credentials were last found
-
-
 def _require_s3_credentials(options) -> None:
     """Fail at once where Beam would retry for minutes: no AWS credentials anywhere for s3:// paths.
 
     Beam counts "Unable to locate credentials" as a passing fault and backs
     off seven times (about eight minutes) before giving up.
     """
-    global _credentials_seen
-    if options is _credentials_seen:
-        return
     try:
         from apache_beam.options.pipeline_options import S3Options
 
@@ -220,7 +213,6 @@ def _require_s3_credentials(options) -> None:
             raise NoCredentials("s3", _first_line(e)) from None
         if found is None:
             raise NoCredentials("s3")
-    _credentials_seen = options
 
 
 def configure(options) -> None:
