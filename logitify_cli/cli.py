@@ -164,6 +164,7 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
         from .errors import LogitifyError
 
         _tf.verbose = verbose
+        _tf.own_process = True
         _sigterm_as_interrupt()
         try:
             from .report import Reporter, printable  # NumPy and Pillow: a Ctrl-C may land here too

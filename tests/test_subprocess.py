@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import photo, save
@@ -34,11 +35,26 @@ def test_help_does_not_import_tensorflow():
 
 
 def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
-    code = ("import sys\nfrom logitify_cli._tf import tf\ntf()\n"
+    # A library caller's garbage collector is left as it was (only the command line pauses and freezes it).
+    code = ("import gc, sys\nfrom logitify_cli._tf import tf\ntf()\n"
             "assert 'keras' not in sys.modules, 'keras was imported'\n"
+            "assert gc.isenabled() and gc.get_freeze_count() == 0, gc.get_freeze_count()\n"
             "import keras\nfrom keras import layers\nassert tf().keras.layers.Dense is layers.Dense\n"
             "print('ok')\n")
     assert run_code(code, timeout=120).strip().endswith("ok")
+
+
+def test_the_command_line_freezes_what_tensorflow_built_and_collects_after(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        save(tmp_path / "in" / f"{i}.png", photo(np.random.default_rng(i), 8, 8))
+    code = ("import gc\nfrom logitify_cli.cli import main\n"
+            f"try:\n    main(['encode', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / 'out')!r}, '-q'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert gc.isenabled()\nprint(gc.get_freeze_count())\n")
+    frozen = int(run_code(code, timeout=120).split()[-1])
+    assert frozen > 100_000  # TensorFlow's own objects, out of every later collection
+    assert (tmp_path / "out" / "manifest.json").exists()
 
 
 POOL_CODE = """
