@@ -494,6 +494,11 @@ def entry(argv=None):
     returns; what is left is TensorFlow's interpreter teardown, which costs
     more than half a second and does nothing for the user.
     """
+    # NumPy's OpenBLAS keeps a thread per core, and one BLAS call made while
+    # TensorFlow imports set it spinning: 0.1 s of CPU a run, for nothing
+    # (logitify computes nothing with BLAS). One thread has none to spin.
+    # Set before NumPy loads; a user's own setting is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         main(args=argv, prog_name="logitify")
         code = 0
