@@ -143,36 +143,65 @@ class _Folders:
         self.fds = {}
 
 
-def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None) -> int:
-    """A new file's descriptor at rel; an existing plain file is replaced only with overwrite.
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _replaceable(dfd: int, name: str, rel: str, overwrite: bool, protect) -> bool:
+    """Whether a file is at name (False: nothing there); Refused unless it is a plain file this run may replace.
 
     `protect` holds (device, inode) of files never to replace: the dataset being decoded.
-    `opening` (a list) holds [folder fd, name] while the exclusive open is under way:
-    a Ctrl-C that lands as it returns loses the descriptor, not the knowledge.
+    """
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        raise Refused(f"{rel} is a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{rel} exists and is not a file")
+    if st.st_nlink > 1:
+        raise Refused(f"{rel} is a hard link to a file elsewhere")
+    if (st.st_dev, st.st_ino) in protect:
+        raise Refused(f"{rel} is a file of the dataset being decoded")
+    if not overwrite:
+        raise Refused(f"{rel} exists (pass --overwrite to replace it)")
+    return True
+
+
+def _temp_name(name: str, n: int) -> str:
+    """A hidden sibling's name for name's replacement; short enough for any name that fits."""
+    return f".{name[:200]}.{os.getpid()}-{n}.tmp"
+
+
+def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None):
+    """(fd, None) of a new file at rel, or (fd, temporary name) of the one that is to replace rel's file.
+
+    An existing file is replaced only with overwrite, and never touched
+    before its replacement is whole: the caller writes the temporary
+    sibling and renames it over the old file (a stop before that leaves
+    the old file as it was). `opening` (a list) holds [folder fd, name]
+    while an exclusive open is under way: a Ctrl-C that lands as it returns
+    loses the descriptor, not the knowledge.
     """
     rel_dir, _, name = rel.rpartition("/")
     dfd = folders.fd(rel_dir)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(3):
+    for attempt in range(3):
         if opening is not None:
             opening[:] = [dfd, name]
         try:
-            return os.open(name, flags, 0o644, dir_fd=dfd)
+            return os.open(name, _FLAGS, 0o644, dir_fd=dfd), None
         except FileExistsError:
             if opening is not None:
                 opening.clear()  # someone's file, not ours
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                raise Refused(f"{rel} is a symbolic link") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise Refused(f"{rel} exists and is not a file") from None
-            if st.st_nlink > 1:
-                raise Refused(f"{rel} is a hard link to a file elsewhere") from None
-            if (st.st_dev, st.st_ino) in protect:
-                raise Refused(f"{rel} is a file of the dataset being decoded") from None
-            if not overwrite:
-                raise Refused(f"{rel} exists (pass --overwrite to replace it)") from None
-            os.unlink(name, dir_fd=dfd)
+        if _replaceable(dfd, name, rel, overwrite, protect):
+            tmp = _temp_name(name, attempt)
+            if opening is not None:
+                opening[:] = [dfd, tmp]
+            try:
+                return os.open(tmp, _FLAGS, 0o644, dir_fd=dfd), tmp
+            except FileExistsError:  # a killed run's, with this process id: its own name next time
+                if opening is not None:
+                    opening.clear()
     raise Refused(f"{rel} keeps reappearing")
 
 
@@ -191,7 +220,11 @@ def _drop_empty(opening) -> None:
 
 def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | None = None,
                protect=frozenset()) -> None:
-    """Write data at root/rel: in a bucket as an object, here without following any link."""
+    """Write data at root/rel: in a bucket as an object, here without following any link.
+
+    A file already there (with overwrite) is replaced by a rename once the
+    new bytes are all written, so a stop leaves the old file or the new.
+    """
     if fs.is_remote(root):
         fs.write_bytes(fs.join(root, rel), bytes(data))
         return
@@ -199,13 +232,14 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
     folders = folders or _Folders(root)
     rel_dir, _, name = rel.rpartition("/")
 
-    def drop(fd):  # may run twice when a stop comes during it: both steps tolerate that
+    def drop(made):  # may run twice when a stop comes during it: both steps tolerate that
+        fd, tmp = made
         try:
             os.close(fd)
         except OSError:
             pass
         try:
-            os.unlink(name, dir_fd=folders.fd(rel_dir))
+            os.unlink(tmp or name, dir_fd=folders.fd(rel_dir))
         except OSError:
             pass
 
@@ -213,20 +247,29 @@ def write_file(root: str, rel: str, data, overwrite: bool, folders: _Folders | N
     try:
         # A worker stopped mid-write (Ctrl-C on the run) drops the file, as this process does here.
         try:
-            fd = pool.undoable(lambda: _create(folders, rel, overwrite, protect, opening), drop)
+            made = pool.undoable(lambda: _create(folders, rel, overwrite, protect, opening), drop)
         except BaseException as e:
             if not isinstance(e, Exception):  # Ctrl-C here, maybe just as the file was made
                 _drop_empty(opening)
             raise
+        fd, tmp = made
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         except BaseException:
-            drop(fd)
+            drop(made)
             pool.settled()
             raise
-        pool.settled()  # every byte is written: a stop from here on keeps the file
+        if tmp is None:
+            pool.settled()  # every byte is written: a stop from here on keeps the file
+        else:  # a rename replaces a name, never writes through it
+            dfd = folders.fd(rel_dir)
+            try:
+                pool.settled(lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd))
+            except BaseException:
+                drop(made)
+                raise
         os.close(fd)
     finally:
         if own:
@@ -458,10 +501,24 @@ def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect
                 pass
             _drop_empty(opening)  # the placeholder: a shard renamed over it is never empty
 
+        def claim():
+            """Hold the name: an empty placeholder for a new file (so no other file can take it meanwhile),
+            nothing for an old file this run may replace (it stays whole until the rename)."""
+            for _ in range(3):
+                if _replaceable(dfd, name, name, overwrite, protect):
+                    return
+                opening[:] = [dfd, name]
+                try:
+                    os.close(os.open(name, _FLAGS, 0o644, dir_fd=dfd))
+                    return
+                except FileExistsError:
+                    opening.clear()
+            raise Refused(f"{name} keeps reappearing")
+
         try:
             # Stopped (Ctrl-C on the run) before the rename, a worker leaves neither file behind.
-            # _create refuses links, hard links and the dataset's own files.
-            pool.undoable(lambda: os.close(_create(folders, name, overwrite, protect, opening)), drop)
+            # Links, hard links and the dataset's own files are refused.
+            pool.undoable(claim, drop)
             # A rename replaces a name, never writes through it.
             pool.settled(lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd))
         except BaseException:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,8 +163,13 @@ def stall():
     open(marker, "w").close()
     time.sleep(600)
 
+def aimed(path):  # the file itself, or the hidden sibling that is to replace it
+    here, name = os.path.split(path)
+    folder, target = os.path.split(stall_at)
+    return here.endswith(folder) and (name == target or name.startswith(f".{target}."))
+
 def write(fd, data):
-    if os.readlink(f"/proc/self/fd/{fd}").endswith(stall_at):
+    if aimed(os.readlink(f"/proc/self/fd/{fd}")):
         real_write(fd, memoryview(data)[:len(data) // 2])
         stall()
     return real_write(fd, data)
@@ -215,6 +221,39 @@ def test_ctrl_c_on_decode_leaves_no_half_written_file(cli, image_folder, tmp_pat
         else:
             with np.load(out / rel, allow_pickle=False) as z:
                 assert len(z["images"]) == len(z["keys"]) == 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_ctrl_c_on_decode_with_overwrite_keeps_the_old_file_whole(cli, image_folder, tmp_path, fmt):
+    """--overwrite over an earlier decode, stopped as a file's replacement is half made: the old file is still there."""
+    src, truth = image_folder
+    ds, out, marker = tmp_path / "ds", tmp_path / "out", tmp_path / "stalled"
+    assert cli("encode", src, "-o", ds, "--shard-size", "5").exit_code == 0
+    assert cli("decode", ds, "-o", out, "-f", fmt).exit_code == 0
+    stall_at = {"png": "dogs/dog_03.png", "npz": "images-00002-of-00003.npz"}[fmt]
+    # The old file differs from what the new run writes there, so the two can be told apart.
+    if fmt == "png":
+        save(str(out / stall_at), 255 - truth[stall_at])
+    else:
+        shutil.copyfile(out / "images-00000-of-00003.npz", out / stall_at)
+
+    def files():
+        return {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+
+    old = files()
+    p = subprocess.Popen([sys.executable, "-c", HALF_WRITE, str(marker), stall_at, "decode", str(ds), "-o", str(out),
+                          "-f", fmt, "--overwrite", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert marker.exists(), p.poll()
+    err = ctrl_c(p)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
+    now = files()
+    assert sorted(now) == sorted(old)  # nothing lost, no temporary left
+    assert now[stall_at] == old[stall_at]  # the one being replaced is the old file, whole
 
 
 def fail_third_shard(monkeypatch, error, partial=False):
