@@ -11,10 +11,10 @@ Imports only hashlib and NumPy: shard makers, Beam workers, verify and info use 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 
 import numpy as np
+
+from .spill import SpillFile
 
 
 def levels(images: np.ndarray, bits: int) -> np.ndarray:
@@ -123,16 +123,17 @@ class DigestSet:
     """Many images' digests for pixels_sha256, in bounded memory.
 
     They are gathered in one buffer of HELD bytes. Each time it fills, it is
-    sorted in place and spread over 256 files by the digests' first byte,
-    in a private temporary folder; at the end each file is sorted on its
-    own, and in the files' order that is the order of all of them.
+    sorted in place and spread over 256 buckets by the digests' first byte,
+    appended to one anonymous temporary file; at the end each bucket is
+    sorted on its own, and in the buckets' order that is the order of all.
     """
 
     HELD = 8 << 20
 
     def __init__(self):
         self.count = 0
-        self._buf, self._used, self._dir = None, 0, None
+        self._buf, self._used, self._spill_file = None, 0, None
+        self._buckets = [[] for _ in range(256)]  # (offset, length) of each bucket's pieces in the file
 
     def add(self, packed) -> None:
         """One digest, or several packed one after the other."""
@@ -151,26 +152,28 @@ class DigestSet:
                 self._spill()
 
     def _spill(self) -> None:
-        import tempfile
-
         if not self._used:
             return
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="logitify-digests-")
+        if self._spill_file is None:
+            self._spill_file = SpillFile()
         rows = self._buf[:self._used].reshape(-1, 32)
         rows.reshape(-1).view("S32").sort()  # in place: the buffer is reused
         bounds = np.searchsorted(rows[:, 0], np.arange(257))
         for b in range(256):
             if bounds[b] < bounds[b + 1]:
-                with open(os.path.join(self._dir, f"{b:02x}"), "ab") as f:
-                    f.write(rows[bounds[b]:bounds[b + 1]].data)
+                self._buckets[b].append(self._spill_file.append(rows[bounds[b]:bounds[b + 1]].data))
         del rows
         self._used = 0
+
+    @property
+    def spilled(self) -> bool:
+        """Whether digests went to the temporary file (more than HELD bytes of them)."""
+        return self._spill_file is not None
 
     def sha256(self) -> str:
         """pixels_sha256 of every digest added."""
         try:
-            if self._dir is None:
+            if self._spill_file is None:
                 held = self._buf if self._buf is not None else np.empty(0, np.uint8)
                 h = hashlib.sha256()
                 _hash_sorted(h, held[:self._used].reshape(-1, 32))
@@ -178,20 +181,20 @@ class DigestSet:
             self._spill()
             self._buf = None
             h = hashlib.sha256()
-            for b in range(256):
-                path = os.path.join(self._dir, f"{b:02x}")
-                if os.path.exists(path):
-                    _hash_sorted(h, np.fromfile(path, np.uint8).reshape(-1, 32))
+            for pieces in self._buckets:
+                if pieces:  # a writable buffer: sorted in place
+                    _hash_sorted(h, np.frombuffer(self._spill_file.read(pieces), np.uint8).reshape(-1, 32))
             return h.hexdigest()
         finally:
             self.close()
 
     def close(self) -> None:
-        """Drop the digests and their files (also when a run fails before sha256())."""
+        """Drop the digests and their file (also when a run fails before sha256())."""
         self._buf, self._used = None, 0
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._buckets = [[] for _ in range(256)]
+        if self._spill_file is not None:
+            self._spill_file.close()
+            self._spill_file = None
 
     def __enter__(self):
         return self
@@ -219,7 +222,7 @@ class KeySet:
     RUN = 1 << 17  # keys held (about 10 MB of strings) before a sorted run goes to disk
 
     def __init__(self):
-        self._run, self._files, self._dir = [], [], None
+        self._run, self._files, self._spill_file = [], [], None  # _files: ((offset, length), first, last) per run
 
     def add(self, keys) -> None:
         for k in keys:
@@ -228,17 +231,17 @@ class KeySet:
                 self._spill()
 
     def _spill(self) -> None:
-        import tempfile
-
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="logitify-keys-")
+        if self._spill_file is None:
+            self._spill_file = SpillFile()
         run = sorted(self._run)
         self._run = []
-        path = os.path.join(self._dir, str(len(self._files)))
-        with open(path, "wb") as f:
-            for a in range(0, len(run), 1 << 16):
-                f.write("".join(k + "\0" for k in run[a:a + (1 << 16)]).encode("utf-8", "surrogatepass"))
-        self._files.append((path, _encode(run[0]), _encode(run[-1])))
+        start, length = None, 0
+        for a in range(0, len(run), 1 << 16):
+            off, n = self._spill_file.append(
+                "".join(k + "\0" for k in run[a:a + (1 << 16)]).encode("utf-8", "surrogatepass"))
+            start = off if start is None else start
+            length += n
+        self._files.append(((start, length), _encode(run[0]), _encode(run[-1])))
 
     def sha256(self) -> str:
         try:
@@ -251,15 +254,14 @@ class KeySet:
             if self._run:
                 self._spill()
             if all(a[2] <= b[1] for a, b in zip(self._files, self._files[1:])):  # in order already
-                for path, _, _ in self._files:
-                    with open(path, "rb") as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            h.update(block)
+                for where, _, _ in self._files:
+                    for block in _blocks(self._spill_file, where, 1 << 20):
+                        h.update(block)
                 return h.hexdigest()
             import heapq
 
             out = []
-            for k in heapq.merge(*(_read_run(path) for path, _, _ in self._files)):
+            for k in heapq.merge(*(_read_run(self._spill_file, where) for where, _, _ in self._files)):
                 out.append(k)
                 if len(out) >= 1 << 16:
                     h.update(b"\0".join(out) + b"\0")
@@ -271,24 +273,30 @@ class KeySet:
             self.close()
 
     def close(self) -> None:
-        self._run = []
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir, self._files = None, []
+        self._run, self._files = [], []
+        if self._spill_file is not None:
+            self._spill_file.close()
+            self._spill_file = None
 
 
 def _encode(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
 
 
-def _read_run(path: str):
-    """The keys of a run file (NUL-terminated UTF-8), as bytes, in order."""
-    with open(path, "rb") as f:  # every run is open at once while they merge: small blocks
-        rest = b""
-        for block in iter(lambda: f.read(1 << 16), b""):
-            parts = (rest + block).split(b"\0")
-            rest = parts.pop()
-            yield from parts
+def _blocks(spill: SpillFile, where, size: int):
+    """The bytes of one run in the spill file, `size` at a time."""
+    off, n = where
+    for a in range(0, n, size):
+        yield bytes(spill.read([(off + a, min(size, n - a))]))
+
+
+def _read_run(spill: SpillFile, where):
+    """The keys of a run (NUL-terminated UTF-8), as bytes, in order."""
+    rest = b""
+    for block in _blocks(spill, where, 1 << 16):  # every run is read at once while they merge: small blocks
+        parts = (rest + block).split(b"\0")
+        rest = parts.pop()
+        yield from parts
 
 
 def fingerprint(digests: DigestSet, keys) -> dict:

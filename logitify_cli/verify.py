@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
 from .dataset import LogitDataset, split_names
 from .fingerprint import DigestSet, KeySet
+from .spill import SpillFile
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
@@ -68,8 +67,8 @@ class KeyHashes:
 
     Each key is kept as a 64-bit hash, keyed afresh in each process so no
     dataset can be made to collide; past HASHES_HELD hashes they are
-    spread over BUCKETS files in a private temporary folder, and each
-    bucket is sorted on its own at the end.
+    spread over BUCKETS buckets in a temporary file with no name (spill.py),
+    and each bucket is sorted on its own at the end.
     """
 
     def __init__(self):
@@ -77,7 +76,7 @@ class KeyHashes:
         self._rng = np.random.Generator(np.random.PCG64(int(seed[0]) << 64 | int(seed[1])))
         self._mult = np.zeros(0, np.uint64)
         self._parts, self._held = [], 0
-        self._dir = None
+        self._spill_file, self._buckets = None, [[] for _ in range(BUCKETS)]
 
     def hashes(self, keys) -> np.ndarray:
         keys = np.ascontiguousarray(keys)
@@ -108,8 +107,8 @@ class KeyHashes:
             self._spill()
 
     def _spill(self) -> None:
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="logitify-keys-")
+        if self._spill_file is None:
+            self._spill_file = SpillFile()
         h = np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)
         self._parts, self._held = [], 0
         bucket = (h >> np.uint64(58)).astype(np.int64)
@@ -118,18 +117,17 @@ class KeyHashes:
         bounds = np.searchsorted(bucket, np.arange(BUCKETS + 1))
         for i in range(BUCKETS):
             if bounds[i] < bounds[i + 1]:
-                with open(os.path.join(self._dir, str(i)), "ab") as f:
-                    f.write(h[bounds[i]:bounds[i + 1]].tobytes())
+                self._buckets[i].append(self._spill_file.append(h[bounds[i]:bounds[i + 1]].tobytes()))
 
     def repeated(self):
         """(hashes seen more than once, sorted; how many occurrences are repeats)."""
         try:
-            if self._dir is None:
+            if self._spill_file is None:
                 groups = [np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)]
             else:
                 self._spill()
-                groups = (np.fromfile(os.path.join(self._dir, str(i)), np.uint64)
-                          for i in range(BUCKETS) if os.path.exists(os.path.join(self._dir, str(i))))
+                groups = (np.frombuffer(self._spill_file.read(pieces), np.uint64)
+                          for pieces in self._buckets if pieces)
             found, repeats = [], 0
             for h in groups:
                 h = np.sort(h)
@@ -141,23 +139,24 @@ class KeyHashes:
             self.close()
 
     def close(self) -> None:
-        self._parts = []
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._parts, self._buckets = [], [[] for _ in range(BUCKETS)]
+        if self._spill_file is not None:
+            self._spill_file.close()
+            self._spill_file = None
 
 
 class KeyedDigests:
     """{key: decoded image's digest} for --against, in bounded memory.
 
-    Past HELD entries they move to an SQLite file in a private temporary
-    folder (keys as their UTF-8 bytes, whose order is the keys' order).
+    Past HELD entries they move to SQLite's private temporary database
+    (keys as their UTF-8 bytes, whose order is the keys' order), whose file
+    SQLite unlinks as it opens it: nothing is left by a killed run.
     """
 
     HELD = 1 << 18
 
     def __init__(self):
-        self._mem, self._db, self._dir = {}, None, None
+        self._mem, self._db = {}, None
 
     def update(self, pairs) -> None:
         if self._db is None:
@@ -170,8 +169,7 @@ class KeyedDigests:
     def _to_disk(self) -> None:
         import sqlite3
 
-        self._dir = tempfile.mkdtemp(prefix="logitify-decoded-")
-        self._db = sqlite3.connect(os.path.join(self._dir, "d.sqlite"))
+        self._db = sqlite3.connect("")  # "": a temporary on-disk database, deleted on close
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute("CREATE TABLE d (k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID")
@@ -201,9 +199,6 @@ class KeyedDigests:
         if self._db is not None:
             self._db.close()
             self._db = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
 
 def _utf8(key: str) -> bytes:

@@ -3,6 +3,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -306,8 +308,49 @@ def test_digest_set_spills_to_the_same_hash(digests, held, cuts):
     ds.HELD = 32 * held
     for a, b in zip(bounds, bounds[1:]):
         ds.add(joined[32 * a:32 * b])
-    spilled = ds._dir
+    spilled = ds.spilled
     assert ds.count == len(digests)
     assert ds.sha256() == want
-    assert spilled is None or not os.path.exists(spilled)  # its files are gone once hashed
-    assert (spilled is not None) == (len(digests) >= held)
+    assert not ds.spilled  # its file is closed once hashed
+    assert spilled == (len(digests) >= held)
+
+
+SPILL_CODE = """
+import hashlib, os, sys
+import numpy as np
+from logitify_cli import verify
+from logitify_cli.fingerprint import DigestSet, KeySet, keys_sha256
+
+rng = np.random.default_rng(3)
+digests = [bytes(d) for d in rng.integers(0, 256, (500, 32), dtype=np.uint8)]
+keys = [f"k/{i:04d}-{'é' * (i % 3)}.png" for i in rng.permutation(700)]
+ds, ks, kh, kd = DigestSet(), KeySet(), verify.KeyHashes(), verify.KeyedDigests()
+ds.HELD, ks.RUN, kd.HELD = 32 * 40, 64, 50
+verify.HASHES_HELD = 100
+ds.add(b"".join(digests))
+ks.add(keys)
+for a in range(0, 700, 70):
+    kh.add(keys[a:a + 70] + keys[:3])
+kd.update((k, k.encode()) for k in keys)
+assert ds.spilled and len(ks._files) > 5 and kh._spill_file is not None and kd._db is not None
+print(sorted(os.listdir(sys.argv[1])))  # while all four hold data on disk
+want = hashlib.sha256("".join(sorted(d.hex() + "\\n" for d in digests)).encode()).hexdigest()
+assert ds.sha256() == want
+assert ks.sha256() == keys_sha256(keys)  # the same as in memory, merged from 11 runs
+found, repeats = kh.repeated()
+assert repeats == 30 and len(found) == 3
+assert kd.pop(keys[5]) == keys[5].encode() and kd.pop(keys[5]) is None
+assert list(kd.remaining()) == sorted(set(keys) - {keys[5]})
+"""
+
+
+def test_spilled_digests_keys_and_hashes_leave_no_file_behind(tmp_path):
+    """What goes to disk has no name there, so a run killed holding it (SIGKILL) leaves nothing in TMPDIR."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, TMPDIR=str(temp), SQLITE_TMPDIR=str(temp))
+    r = subprocess.run([sys.executable, "-c", SPILL_CODE, str(temp)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[]"]
+    assert list(temp.iterdir()) == []
