@@ -169,8 +169,11 @@ def _replaceable(dfd: int, name: str, rel: str, overwrite: bool, protect) -> boo
 
 
 def _temp_name(name: str, n: int) -> str:
-    """A hidden sibling's name for name's replacement; short enough for any name that fits."""
-    return f".{name[:200]}.{os.getpid()}-{n}.tmp"
+    """A hidden sibling's name for name's replacement: at most 200 bytes of name, so it fits wherever name does."""
+    stem = name[:200]
+    while len(os.fsencode(stem)) > 200:  # characters of several bytes each
+        stem = stem[:-1]
+    return f".{stem}.{os.getpid()}-{n}.tmp"
 
 
 def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None):

@@ -354,6 +354,22 @@ def test_decode_png_never_writes_through_links(cli, keyed, tmp_path):
     assert Image.open(out / "ok.png").size == (8, 8) and Image.open(out / "cls" / "fine.png").size == (8, 8)
 
 
+def test_overwrite_replaces_files_whose_names_fill_the_limit(cli, keyed, tmp_path):
+    """A replacement is written beside its file under a hidden name first: that name must fit where the file's does."""
+    keys = ["語" * 82 + ".png", "a" * 247 + ".png", "ok.png"]  # 250 and 251 bytes, the longest names decode takes
+    ds = keyed(keys)
+    out = tmp_path / "out"
+    r = cli("decode", ds, "-o", out)
+    assert r.exit_code == 0, r.output
+    for key in keys:
+        (out / key).write_bytes(b"an older version")
+    r = cli("decode", ds, "-o", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == sorted(keys)  # each replaced, no temporary left
+    for key in keys:
+        assert Image.open(out / key).size == (8, 8)
+
+
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
 def test_decode_npz_never_writes_through_links(cli, keyed, tmp_path, link):
     ds = keyed(["a.png", "b.png"])
