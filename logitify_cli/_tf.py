@@ -65,7 +65,9 @@ def _import():
     blocked = _KERAS_EAGER not in sys.modules and "keras" not in sys.modules
     if blocked:
         sys.modules[_KERAS_EAGER] = None
-    paused = own_process and gc.isenabled()
+    # Only an import that happens here: a program that loaded TensorFlow
+    # itself and then runs a command keeps its heap as it was.
+    paused = own_process and gc.isenabled() and "tensorflow" not in sys.modules
     if paused:
         gc.disable()
     try:

@@ -168,12 +168,18 @@ def _replaceable(dfd: int, name: str, rel: str, overwrite: bool, protect) -> boo
     return True
 
 
-def _temp_name(name: str, n: int) -> str:
-    """A hidden sibling's name for name's replacement: at most 200 bytes of name, so it fits wherever name does."""
+def _temp_name(name: str) -> str:
+    """A hidden sibling's name for name's replacement: at most 200 bytes of name, so it fits wherever name does.
+
+    Its suffix is random, so leftovers of killed runs (whose process ids come
+    round again) never stand in the way.
+    """
+    import secrets
+
     stem = name[:200]
     while len(os.fsencode(stem)) > 200:  # characters of several bytes each
         stem = stem[:-1]
-    return f".{stem}.{os.getpid()}-{n}.tmp"
+    return f".{stem}.{secrets.token_hex(6)}.tmp"
 
 
 def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None):
@@ -188,7 +194,7 @@ def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), o
     """
     rel_dir, _, name = rel.rpartition("/")
     dfd = folders.fd(rel_dir)
-    for attempt in range(3):
+    for _ in range(3):
         if opening is not None:
             opening[:] = [dfd, name]
         try:
@@ -197,12 +203,12 @@ def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), o
             if opening is not None:
                 opening.clear()  # someone's file, not ours
         if _replaceable(dfd, name, rel, overwrite, protect):
-            tmp = _temp_name(name, attempt)
+            tmp = _temp_name(name)
             if opening is not None:
                 opening[:] = [dfd, tmp]
             try:
                 return os.open(tmp, _FLAGS, 0o644, dir_fd=dfd), tmp
-            except FileExistsError:  # a killed run's, with this process id: its own name next time
+            except FileExistsError:  # 48 random bits taken: another name next time
                 if opening is not None:
                     opening.clear()
     raise Refused(f"{rel} keeps reappearing")

@@ -8,8 +8,6 @@ process does.
 """
 from __future__ import annotations
 
-import os
-
 
 class SpillFile:
     """An anonymous temporary file that pieces are appended to and read back from by (offset, length).
@@ -26,23 +24,19 @@ class SpillFile:
 
     def append(self, data) -> tuple:
         n = memoryview(data).nbytes
+        self._f.seek(self._end)
         self._f.write(data)
         self._end += n
         return self._end - n, n
 
     def read(self, pieces) -> bytearray:
         """The pieces at these (offset, length)s, one after another, in one writable buffer."""
-        self._f.flush()
         out = bytearray(sum(n for _, n in pieces))
-        view, at, fd = memoryview(out), 0, self._f.fileno()
+        view, at = memoryview(out), 0
         for off, n in pieces:
-            done = 0
-            while done < n:
-                got = os.pread(fd, min(n - done, 1 << 24), off + done)
-                if not got:
-                    raise OSError(f"the spill file ended early ({done} of {n} bytes)")
-                view[at + done:at + done + len(got)] = got
-                done += len(got)
+            self._f.seek(off)
+            if self._f.readinto(view[at:at + n]) != n:
+                raise OSError(f"the spill file ended early (wanted {n} bytes at {off})")
             at += n
         return out
 

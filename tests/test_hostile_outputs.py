@@ -370,6 +370,20 @@ def test_overwrite_replaces_files_whose_names_fill_the_limit(cli, keyed, tmp_pat
         assert Image.open(out / key).size == (8, 8)
 
 
+def test_leftovers_of_killed_runs_do_not_stand_in_the_way(cli, keyed, tmp_path):
+    """Hidden files like those a killed --overwrite leaves (with this very process id) are neither used nor in the way."""
+    ds = keyed(["ok.png", "cls/fine.png"])
+    out = tmp_path / "out"
+    assert cli("decode", ds, "-o", out).exit_code == 0
+    planted = [out / f".ok.png.{os.getpid()}-{n}.tmp" for n in range(3)]
+    for p in planted:
+        p.write_bytes(b"a leftover")
+    r = cli("decode", ds, "-o", out, "--overwrite", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    assert all(p.read_bytes() == b"a leftover" for p in planted)
+    assert sorted(os.listdir(out)) == sorted(["ok.png", "cls"] + [p.name for p in planted])
+
+
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
 def test_decode_npz_never_writes_through_links(cli, keyed, tmp_path, link):
     ds = keyed(["a.png", "b.png"])
