@@ -43,15 +43,32 @@ def payloads(items, opts):
             yield it, ValueError(str(e) or "record missing"), -1
 
 
-def chunks(iterable, n):
-    chunk = []
+def chunks(iterable, n, total=None, tail=0):
+    """Lists of n items; with `total` known, the last `tail` items go in lists of an eighth of n.
+
+    The workers then finish within a short job of each other: 341 photos
+    to a job are 0.4 s of a reader's work, which one reader spent alone at
+    the end of a run while the other had nothing left.
+    """
+    chunk, left = [], total
+    size = n if left is None or left > tail else max(1, n // 8)
     for x in iterable:
         chunk.append(x)
-        if len(chunk) == n:
+        if len(chunk) == size:
             yield chunk
             chunk = []
+            if left is not None:
+                left -= size
+                size = n if left > tail else max(1, n // 8)
     if chunk:
         yield chunk
+
+
+def _length(items):
+    try:
+        return len(items)
+    except TypeError:  # an iterator: no tail to taper
+        return None
 
 
 class ReadTask:
@@ -110,7 +127,9 @@ class PixelStream:
         self.pool_workers = pool.workers
         self.image_bytes = max(1, image_bytes)
         self.ahead(ahead_bytes, ahead_images)
-        jobs = ((ch, [p for _, p, _ in ch]) for ch in chunks(payloads(items, opts), self.chunk))
+        tail = 2 * pool.workers * self.chunk if pool.workers > 1 else 0
+        jobs = ((ch, [p for _, p, _ in ch])
+                for ch in chunks(payloads(items, opts), self.chunk, _length(items), tail))
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
         self._buffer = collections.deque()
 

@@ -120,3 +120,23 @@ def test_a_folder_of_many_images_is_discovered_in_runs(tmp_path, rng, monkeypatc
     keys = [it.key for it in runs.items]
     assert keys == sorted(keys) and len(keys) == 24 and keys[:2] == ["c0/00.png", "c0/09.png"]
     assert ("c1-loose.png", -1) in [(it.key, it.label) for it in runs.items]
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(0, 3000), n=st.integers(1, 400), tail=st.integers(0, 2000), known=st.booleans())
+def test_read_jobs_hold_every_input_once_in_order_and_shrink_at_the_end(total, n, tail, known):
+    """What the readers are given: all inputs in order, jobs of n, and of n/8 for the last `tail` inputs."""
+    from logitify_cli.pixels import chunks
+
+    jobs = list(chunks(iter(range(total)), n, total if known else None, tail))
+    assert [x for job in jobs for x in job] == list(range(total))
+    small = max(1, n // 8)
+    sizes = [len(job) for job in jobs]
+    assert all(0 < s <= n for s in sizes)
+    if not known:
+        assert all(s == n for s in sizes[:-1])
+        return
+    done = 0
+    for s in sizes[:-1]:  # a job is full-sized while more than `tail` inputs are left, small after
+        assert s == (n if total - done > tail else small)
+        done += s
