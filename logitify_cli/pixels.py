@@ -43,25 +43,35 @@ def payloads(items, opts):
             yield it, ValueError(str(e) or "record missing"), -1
 
 
-def chunks(iterable, n, total=None, tail=0):
-    """Lists of n items; with `total` known, the last `tail` items go in lists of an eighth of n.
+def chunks(iterable, n, total=None, tail=0, weight=None, max_weight=None):
+    """Lists of at most n items, in order, none empty.
 
-    The workers then finish within a short job of each other: 341 photos
-    to a job are 0.4 s of a reader's work, which one reader spent alone at
-    the end of a run while the other had nothing left.
+    With `total` known, the last `tail` items go in lists of an eighth of n:
+    the workers then finish within a short job of each other (341 photos to
+    a job are 0.4 s of a reader's work, which one reader spent alone at the
+    end of a run while the other had nothing left). With `weight`, a list
+    also ends once its items weigh `max_weight` (bytes that travel with them).
     """
-    chunk, left = [], total
+    chunk, held, left = [], 0, total
     size = n if left is None or left > tail else max(1, n // 8)
     for x in iterable:
         chunk.append(x)
-        if len(chunk) == size:
+        if weight is not None:
+            held += weight(x)
+        if len(chunk) >= size or (max_weight is not None and held >= max_weight):
             yield chunk
-            chunk = []
             if left is not None:
-                left -= size
+                left -= len(chunk)
                 size = n if left > tail else max(1, n // 8)
+            chunk, held = [], 0
     if chunk:
         yield chunk
+
+
+def _payload_bytes(x) -> int:
+    """Bytes a payload carries to a worker: a record's or an object's image (a path carries none)."""
+    payload = x[1]
+    return len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
 
 
 def _length(items):
@@ -127,9 +137,11 @@ class PixelStream:
         self.pool_workers = pool.workers
         self.image_bytes = max(1, image_bytes)
         self.ahead(ahead_bytes, ahead_images)
-        tail = 2 * pool.workers * self.chunk if pool.workers > 1 else 0
-        jobs = ((ch, [p for _, p, _ in ch])
-                for ch in chunks(payloads(items, opts), self.chunk, _length(items), tail))
+        total = _length(items)
+        tail = min(2 * pool.workers * self.chunk, (total or 0) // 4) if pool.workers > 1 else 0
+        # Encoded images from records and buckets travel in the job: at most CHUNK_BYTES of them too.
+        jobs = ((ch, [p for _, p, _ in ch]) for ch in chunks(payloads(items, opts), self.chunk, total, tail,
+                                                              _payload_bytes, self.CHUNK_BYTES))
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
         self._buffer = collections.deque()
 
@@ -137,9 +149,11 @@ class PixelStream:
         """Let the workers read up to about nbytes (and at most `images` images) ahead of use."""
         per_job = (self.image_bytes + self.IN_FLIGHT_OVERHEAD) * self.chunk
         jobs = nbytes // per_job
+        least = self.pool_workers * 3  # every worker busy, with work queued behind
         if images is not None:
             jobs = min(jobs, images // self.chunk)
-        self.window = max(self.pool_workers * 3, jobs)
+            least = max(self.pool_workers, min(least, images // self.chunk))
+        self.window = max(least, jobs)
 
     @staticmethod
     def _describe(chunk):

@@ -122,21 +122,26 @@ def test_a_folder_of_many_images_is_discovered_in_runs(tmp_path, rng, monkeypatc
     assert ("c1-loose.png", -1) in [(it.key, it.label) for it in runs.items]
 
 
-@settings(max_examples=200, deadline=None)
-@given(total=st.integers(0, 3000), n=st.integers(1, 400), tail=st.integers(0, 2000), known=st.booleans())
-def test_read_jobs_hold_every_input_once_in_order_and_shrink_at_the_end(total, n, tail, known):
-    """What the readers are given: all inputs in order, jobs of n, and of n/8 for the last `tail` inputs."""
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(0, 3000), n=st.integers(1, 400), tail=st.integers(0, 2000), known=st.booleans(),
+       weights=st.lists(st.integers(0, 50), min_size=1, max_size=7), cap=st.one_of(st.none(), st.integers(1, 300)))
+def test_read_jobs_hold_every_input_once_in_order_and_shrink_at_the_end(total, n, tail, known, weights, cap):
+    """What the readers are given: all inputs in order, jobs of n (n/8 for the last `tail` inputs), none heavier than needed."""
     from logitify_cli.pixels import chunks
 
-    jobs = list(chunks(iter(range(total)), n, total if known else None, tail))
+    def weight(x):
+        return weights[x % len(weights)]
+
+    jobs = list(chunks(iter(range(total)), n, total if known else None, tail, weight, cap))
     assert [x for job in jobs for x in job] == list(range(total))
     small = max(1, n // 8)
-    sizes = [len(job) for job in jobs]
-    assert all(0 < s <= n for s in sizes)
-    if not known:
-        assert all(s == n for s in sizes[:-1])
-        return
     done = 0
-    for s in sizes[:-1]:  # a job is full-sized while more than `tail` inputs are left, small after
-        assert s == (n if total - done > tail else small)
-        done += s
+    for job in jobs:
+        size = n if not known or total - done > tail else small
+        assert 0 < len(job) <= size
+        heavy = cap is not None and sum(map(weight, job)) >= cap
+        if job is not jobs[-1]:  # a job ends when it is full, or once it reaches the weight cap
+            assert len(job) == size or heavy
+        if cap is not None:  # and not an item later than that
+            assert sum(map(weight, job[:-1])) < cap
+        done += len(job)
