@@ -17,6 +17,7 @@ import numpy as np
 
 from .dataset import LogitDataset, split_names
 from .fingerprint import DigestSet, KeySet
+from .images import ImageSizeMismatch
 from .spill import SpillFile
 from .formats.base import chunk_rows
 from .errors import LogitifyError
@@ -401,11 +402,17 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
     shift = 8 - ds.params.bits
     compared = 0
     with OrderedPool(1) as pool:
-        for it, _, arr, reason in PixelStream(inv.items, opts, channels, pool, int(np.prod(ds.shape))):
+        # Sizes are checked from headers where nothing resizes: a source that changed size is named, not decoded.
+        for it, _, arr, reason in PixelStream(inv.items, opts, channels, pool, int(np.prod(ds.shape)),
+                                              expect=opts.expect_size(ds.shape)):
             got = decoded.pop(it.key)
             if got is None:
                 if it.key not in skipped:
                     problem(it.key, "in the sources but not in the dataset")
+                continue
+            if isinstance(reason, ImageSizeMismatch):
+                problem(it.key, f"the source gives shape {list(reason.shape)}, the dataset {list(ds.shape)}")
+                compared += 1
                 continue
             if arr is None:
                 problem(it.key, f"source cannot be read now: {reason}")

@@ -59,6 +59,21 @@ def test_verify_catches_a_changed_source(cli, dataset, rng):
     assert r.exit_code == 1 and "cats/cat_03.png" in r.stderr
 
 
+def test_verify_refuses_a_resized_source_from_its_header(cli, dataset, rng, monkeypatch):
+    """A source now of another size is named with both shapes, and its pixels are never decoded."""
+    from logitify_cli import images
+
+    src, truth, out = dataset
+    save(str(src / "dogs" / "dog_02.png"), photo(rng, 240, 320))
+    decoded = []
+    real = images._convert
+    monkeypatch.setattr(images, "_convert", lambda img, channels: decoded.append(img.size) or real(img, channels))
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 1
+    assert "dogs/dog_02.png: the source gives shape [240, 320, 3], the dataset [24, 32, 3]" in r.stderr, r.stderr
+    assert (320, 240) not in decoded and len(decoded) == 12
+
+
 def _rewrite_shard(out, index, arrays, fix_hash=True):
     m = json.loads((out / "manifest.json").read_text())
     path = out / m["shards"][index]["file"]
