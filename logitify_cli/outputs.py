@@ -182,13 +182,15 @@ def _temp_name(name: str) -> str:
     return f".{stem}.{secrets.token_hex(6)}.tmp"
 
 
-def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None):
+def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), opening=None, beside: bool = True):
     """(fd, None) of a new file at rel, or (fd, temporary name) of the one that is to replace rel's file.
 
     An existing file is replaced only with overwrite, and never touched
     before its replacement is whole: the caller writes the temporary
     sibling and renames it over the old file (a stop before that leaves
-    the old file as it was). `opening` (a list) holds [folder fd, name]
+    the old file as it was). Without `beside` no sibling is made for an
+    existing file, and (None, None) says the caller may rename its own
+    file over it. `opening` (a list) holds [folder fd, name]
     while an exclusive open is under way: a Ctrl-C that lands as it returns
     loses the descriptor, not the knowledge.
     """
@@ -203,6 +205,8 @@ def _create(folders: _Folders, rel: str, overwrite: bool, protect=frozenset(), o
             if opening is not None:
                 opening.clear()  # someone's file, not ours
         if _replaceable(dfd, name, rel, overwrite, protect):
+            if not beside:
+                return None, None
             tmp = _temp_name(name)
             if opening is not None:
                 opening[:] = [dfd, tmp]
@@ -513,16 +517,9 @@ def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect
         def claim():
             """Hold the name: an empty placeholder for a new file (so no other file can take it meanwhile),
             nothing for an old file this run may replace (it stays whole until the rename)."""
-            for _ in range(3):
-                if _replaceable(dfd, name, name, overwrite, protect):
-                    return
-                opening[:] = [dfd, name]
-                try:
-                    os.close(os.open(name, _FLAGS, 0o644, dir_fd=dfd))
-                    return
-                except FileExistsError:
-                    opening.clear()
-            raise Refused(f"{name} keeps reappearing")
+            fd, _ = _create(folders, name, overwrite, protect, opening, beside=False)
+            if fd is not None:
+                os.close(fd)
 
         try:
             # Stopped (Ctrl-C on the run) before the rename, a worker leaves neither file behind.
