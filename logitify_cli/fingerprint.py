@@ -14,7 +14,7 @@ import hashlib
 
 import numpy as np
 
-from .spill import SpillFile
+from .spill import SpillBuckets, SpillFile
 
 
 def levels(images: np.ndarray, bits: int) -> np.ndarray:
@@ -132,8 +132,7 @@ class DigestSet:
 
     def __init__(self):
         self.count = 0
-        self._buf, self._used, self._spill_file = None, 0, None
-        self._buckets = [[] for _ in range(256)]  # (offset, length) of each bucket's pieces in the file
+        self._buf, self._used, self._spilled = None, 0, None
 
     def add(self, packed) -> None:
         """One digest, or several packed one after the other."""
@@ -154,26 +153,26 @@ class DigestSet:
     def _spill(self) -> None:
         if not self._used:
             return
-        if self._spill_file is None:
-            self._spill_file = SpillFile()
+        if self._spilled is None:
+            self._spilled = SpillBuckets(256)
         rows = self._buf[:self._used].reshape(-1, 32)
         rows.reshape(-1).view("S32").sort()  # in place: the buffer is reused
         bounds = np.searchsorted(rows[:, 0], np.arange(257))
         for b in range(256):
             if bounds[b] < bounds[b + 1]:
-                self._buckets[b].append(self._spill_file.append(rows[bounds[b]:bounds[b + 1]].data))
+                self._spilled.add(b, rows[bounds[b]:bounds[b + 1]].data)
         del rows
         self._used = 0
 
     @property
     def spilled(self) -> bool:
         """Whether digests went to the temporary file (more than HELD bytes of them)."""
-        return self._spill_file is not None
+        return self._spilled is not None
 
     def sha256(self) -> str:
         """pixels_sha256 of every digest added."""
         try:
-            if self._spill_file is None:
+            if self._spilled is None:
                 held = self._buf if self._buf is not None else np.empty(0, np.uint8)
                 h = hashlib.sha256()
                 _hash_sorted(h, held[:self._used].reshape(-1, 32))
@@ -181,9 +180,8 @@ class DigestSet:
             self._spill()
             self._buf = None
             h = hashlib.sha256()
-            for pieces in self._buckets:
-                if pieces:  # a writable buffer: sorted in place
-                    _hash_sorted(h, np.frombuffer(self._spill_file.read(pieces), np.uint8).reshape(-1, 32))
+            for bucket in self._spilled.each():  # a writable buffer: sorted in place
+                _hash_sorted(h, np.frombuffer(bucket, np.uint8).reshape(-1, 32))
             return h.hexdigest()
         finally:
             self.close()
@@ -191,10 +189,9 @@ class DigestSet:
     def close(self) -> None:
         """Drop the digests and their file (also when a run fails before sha256())."""
         self._buf, self._used = None, 0
-        self._buckets = [[] for _ in range(256)]
-        if self._spill_file is not None:
-            self._spill_file.close()
-            self._spill_file = None
+        if self._spilled is not None:
+            self._spilled.close()
+            self._spilled = None
 
     def __enter__(self):
         return self

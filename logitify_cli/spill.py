@@ -42,3 +42,23 @@ class SpillFile:
 
     def close(self) -> None:
         self._f.close()
+
+
+class SpillBuckets:
+    """Data spread over n buckets, appended to one SpillFile as it comes; each bucket read back whole, in order."""
+
+    def __init__(self, n: int):
+        self._file = SpillFile()
+        self._pieces = [[] for _ in range(n)]  # (offset, length) of each bucket's pieces in the file
+
+    def add(self, bucket: int, data) -> None:
+        self._pieces[bucket].append(self._file.append(data))
+
+    def each(self):
+        """Every bucket that holds anything, as one writable buffer, bucket by bucket."""
+        for pieces in self._pieces:
+            if pieces:
+                yield self._file.read(pieces)
+
+    def close(self) -> None:
+        self._file.close()

@@ -18,7 +18,7 @@ import numpy as np
 from .dataset import LogitDataset, split_names
 from .fingerprint import DigestSet, KeySet
 from .images import ImageSizeMismatch
-from .spill import SpillFile
+from .spill import SpillBuckets
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
@@ -77,7 +77,7 @@ class KeyHashes:
         self._rng = np.random.Generator(np.random.PCG64(int(seed[0]) << 64 | int(seed[1])))
         self._mult = np.zeros(0, np.uint64)
         self._parts, self._held = [], 0
-        self._spill_file, self._buckets = None, [[] for _ in range(BUCKETS)]
+        self._spilled = None
 
     def hashes(self, keys) -> np.ndarray:
         keys = np.ascontiguousarray(keys)
@@ -108,8 +108,8 @@ class KeyHashes:
             self._spill()
 
     def _spill(self) -> None:
-        if self._spill_file is None:
-            self._spill_file = SpillFile()
+        if self._spilled is None:
+            self._spilled = SpillBuckets(BUCKETS)
         h = np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)
         self._parts, self._held = [], 0
         bucket = (h >> np.uint64(58)).astype(np.int64)
@@ -118,17 +118,16 @@ class KeyHashes:
         bounds = np.searchsorted(bucket, np.arange(BUCKETS + 1))
         for i in range(BUCKETS):
             if bounds[i] < bounds[i + 1]:
-                self._buckets[i].append(self._spill_file.append(h[bounds[i]:bounds[i + 1]].tobytes()))
+                self._spilled.add(i, h[bounds[i]:bounds[i + 1]].data)
 
     def repeated(self):
         """(hashes seen more than once, sorted; how many occurrences are repeats)."""
         try:
-            if self._spill_file is None:
+            if self._spilled is None:
                 groups = [np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)]
             else:
                 self._spill()
-                groups = (np.frombuffer(self._spill_file.read(pieces), np.uint64)
-                          for pieces in self._buckets if pieces)
+                groups = (np.frombuffer(bucket, np.uint64) for bucket in self._spilled.each())
             found, repeats = [], 0
             for h in groups:
                 h = np.sort(h)
@@ -140,10 +139,10 @@ class KeyHashes:
             self.close()
 
     def close(self) -> None:
-        self._parts, self._buckets = [], [[] for _ in range(BUCKETS)]
-        if self._spill_file is not None:
-            self._spill_file.close()
-            self._spill_file = None
+        self._parts = []
+        if self._spilled is not None:
+            self._spilled.close()
+            self._spilled = None
 
 
 class KeyedDigests:

@@ -332,7 +332,7 @@ ks.add(keys)
 for a in range(0, 700, 70):
     kh.add(keys[a:a + 70] + keys[:3])
 kd.update((k, k.encode()) for k in keys)
-assert ds.spilled and len(ks._files) > 5 and kh._spill_file is not None and kd._db is not None
+assert ds.spilled and len(ks._files) > 5 and kh._spilled is not None and kd._db is not None
 print(sorted(os.listdir(sys.argv[1])))  # while all four hold data on disk
 want = hashlib.sha256("".join(sorted(d.hex() + "\\n" for d in digests)).encode()).hexdigest()
 assert ds.sha256() == want
