@@ -23,12 +23,10 @@ verbose = False
 # collector walked them all four times during the import and again in later
 # collections, 0.3-0.45 s of CPU on every run. With this set, the import
 # runs with that collector paused, and what exists after it is frozen out of
-# later collections (gc.freeze). Its libraries are also loaded with lazy
-# binding (RTLD_LAZY, the C default; Python asks for RTLD_NOW): of the
-# functions in TensorFlow's shared objects only those called are looked
-# up (the import: 2.20 -> 2.04 core-seconds, means of four runs; a whole
-# 40-image encode 2.88 -> 2.72). The flags are put back after the import.
-# A library caller's collector and dlopen flags are left alone.
+# later collections (gc.freeze). A library caller's collector is left alone.
+# Python's RTLD_NOW is kept: with lazy binding, an extension module first
+# loaded during the import (hashlib's OpenSSL calls) bound to the BoringSSL
+# that TensorFlow exports and crashed the process.
 own_process = False
 _KERAS_EAGER = "keras.src.optimizers"
 _lock = threading.RLock()
@@ -76,17 +74,12 @@ def _import():
     paused = ours and gc.isenabled()
     if paused:
         gc.disable()
-    flags = sys.getdlopenflags() if ours and hasattr(sys, "setdlopenflags") else None
-    if flags is not None:
-        sys.setdlopenflags((flags & ~os.RTLD_NOW) | os.RTLD_LAZY)
     try:
         if verbose:
             import tensorflow as module
         else:
             module = _quiet_import()
     finally:
-        if flags is not None:
-            sys.setdlopenflags(flags)
         if paused:
             gc.freeze()
             gc.enable()

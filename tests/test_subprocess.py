@@ -50,10 +50,16 @@ def test_the_command_line_freezes_what_tensorflow_built_and_collects_after(tmp_p
         save(tmp_path / "in" / f"{i}.png", photo(np.random.default_rng(i), 8, 8))
 
     def encode_then_count(out, before=""):
-        code = (f"import gc, sys\n{before}from logitify_cli.cli import main\nflags = sys.getdlopenflags()\n"
+        # Every library is loaded with symbols bound at once: lazily bound,
+        # an extension module first loaded during TensorFlow's import took
+        # TensorFlow's BoringSSL for its OpenSSL and crashed the process.
+        code = (f"import gc, os, sys\n{before}from logitify_cli.cli import main\nflags = sys.getdlopenflags()\n"
+                "seen = []\nset_flags = sys.setdlopenflags\n"
+                "sys.setdlopenflags = lambda f: (seen.append(f), set_flags(f))\n"
                 f"try:\n    main(['encode', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / out)!r}, '-q'])\n"
                 "except SystemExit as e:\n    assert not e.code, e.code\n"
-                "assert gc.isenabled() and sys.getdlopenflags() == flags\nprint(gc.get_freeze_count())\n")
+                "assert gc.isenabled() and sys.getdlopenflags() == flags\n"
+                "assert all(f & os.RTLD_NOW for f in seen), seen\nprint(gc.get_freeze_count())\n")
         frozen = int(run_code(code, timeout=120).split()[-1])
         assert (tmp_path / out / "manifest.json").exists()
         return frozen
