@@ -400,6 +400,10 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
     skipped = {s["source"] for s in ds.manifest.skipped}
     shift = 8 - ds.params.bits
     compared = 0
+
+    def wrong_shape(key, shape):
+        problem(key, f"the source gives shape {list(shape)}, the dataset {list(ds.shape)}")
+
     with OrderedPool(1) as pool:
         # Sizes are checked from headers where nothing resizes: a source that changed size is named, not decoded.
         for it, _, arr, reason in PixelStream(inv.items, opts, channels, pool, int(np.prod(ds.shape)),
@@ -410,7 +414,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                     problem(it.key, "in the sources but not in the dataset")
                 continue
             if isinstance(reason, ImageSizeMismatch):
-                problem(it.key, f"the source gives shape {list(reason.shape)}, the dataset {list(ds.shape)}")
+                wrong_shape(it.key, reason.shape)
                 compared += 1
                 continue
             if arr is None:
@@ -420,7 +424,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
             if digests is not None:
                 digests.add(_digest(want))
             if want.shape != tuple(ds.shape):
-                problem(it.key, f"the source gives shape {list(want.shape)}, the dataset {list(ds.shape)}")
+                wrong_shape(it.key, want.shape)
             elif got != _digest(want) and ds.params.lossless:
                 problem(it.key, "decoded image differs from its source")
             compared += 1
