@@ -141,6 +141,20 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     return _Started(p, folder, parts, base, replaced, pool, stream, len(items))
 
 
+def _make_shard_when_built(task, feed, transform, warn, cancel):
+    """make_shard once the transform is built; if building it failed, the feed is stopped too.
+
+    Otherwise the main thread would wait forever to hand the shard's pixels
+    to a consumer that never started (--device gpu without a GPU).
+    """
+    try:
+        built = transform.result()
+    except BaseException:
+        feed.stop()
+        raise
+    return make_shard(task, feed, built, warn, cancel=cancel)
+
+
 def _inputs_to_read(part: "_Part"):
     """The plan's inputs of the shards still to make: the plan's own list when that is all of it (no copy)."""
     items = part.plan.items
@@ -290,9 +304,7 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                 for spec in part.todo:
                     task = part.plan.task(spec)
                     feed = ShardFeed(task, report.warn)
-                    making = ex.submit(
-                        lambda task, feed: make_shard(task, feed, transform.result(), report.warn, cancel=cancel),
-                        task, feed)
+                    making = ex.submit(_make_shard_when_built, task, feed, transform, report.warn, cancel)
                     n = spec.stop - spec.start
                     try:
                         for j in range(n):

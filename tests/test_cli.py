@@ -294,13 +294,27 @@ def test_decode_refuses_keys_that_escape(cli, tmp_path, rng):
     assert written == ["sandbox/out/fine/sub.png"]
 
 
-def test_gpu_without_gpu_is_a_clear_error(cli, image_folder, tmp_path):
+@pytest.mark.parametrize("queued", ["default", "tiny"])
+def test_gpu_without_gpu_is_a_clear_error(cli, image_folder, tmp_path, monkeypatch, queued):
+    """Also when a shard holds more batches than its feed queues: the run stops, it does not wait forever."""
+    import threading
+
     import tensorflow as tf
+
+    from logitify_cli.shards import ShardFeed
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
+    if queued == "tiny":
+        monkeypatch.setattr(ShardFeed, "FEED_BYTES", 1)  # two batches of one image wait; 13 images in the shard
     src, _ = image_folder
-    r = cli("encode", src, "-o", tmp_path / "o", "--device", "gpu")
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=cli("encode", src, "-o", tmp_path / "o", "--device", "gpu",
+                                                         "--batch-size", 1)), daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "encode still waiting after 120 s"
+    r = box["r"]
     assert r.exit_code == 1 and "GPU" in r.stderr and "Traceback" not in r.output
 
 
