@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import stat
 import struct
 import warnings
@@ -14,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Pillow's own default (about 89.5 megapixels): larger images are refused as
 # possible decompression bombs before any pixel is decoded.
@@ -266,6 +267,8 @@ def _open(fp, max_pixels: int, path=None):
             if path is not None:
                 raise ImageReadError(_why_unreadable(path, e)) from None
             raise ImageReadError("not an image Pillow can read") from None
+        except Exception as e:  # a plugin's own parser failing on a stranger's header (too much PNG text, ...)
+            raise ImageReadError(f"cannot read its header: {str(e) or type(e).__name__}") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -312,6 +315,27 @@ def _high_bytes(img) -> Image.Image:
 
 
 _SWAPS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
+# EXIF orientation -> the transpose ImageOps.exif_transpose applies.
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _turn(img, orientation):
+    """The image turned by its EXIF orientation: exif_transpose's pixels, without writing its EXIF back.
+
+    exif_transpose also rewrites the image's EXIF without the orientation,
+    and fails (or raises struct.error and others) on tags Pillow reads but
+    cannot write; the pixels never depended on that, so both roads turn here.
+    """
+    method = TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def _check_header_size(img, channels: int, expect_size, orient: bool = True) -> None:
@@ -364,11 +388,11 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
                     img.seek(0)
                 except EOFError:
                     pass
-                if geometry is not None and geometry.jpeg_draft:
-                    img.draft(img.mode, geometry.draft_size(_orientation(img)))  # a no-op but for JPEGs
+                if geometry is not None and geometry.jpeg_draft:  # a no-op but for JPEGs
+                    img.draft(img.mode, geometry.draft_size(_orientation(img) if orient else 1))
                 img.load()
-                if orient and _orientation(img) != 1:
-                    img = ImageOps.exif_transpose(img)
+                if orient:
+                    img = _turn(img, _orientation(img))
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
             img = _convert(img, channels)
@@ -381,7 +405,7 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
         raise ImageReadError(f"decompression bomb: {e}") from None
     except MemoryError:
         raise ImageReadError("out of memory while decoding") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError) as e:
+    except Exception as e:  # whatever Pillow's parsers raise on a stranger's file is that file's fault
         text = str(e) or type(e).__name__
         if "truncated" in text.lower():
             text = f"truncated image ({text})"
@@ -429,21 +453,33 @@ def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geomet
         return None
     if info is None:
         return None
-    w, h, _, orientation = info
-    if geometry is not None and not geometry.exif:
-        orientation = 1  # as Pillow's road with exif=False: the file's own orientation is not applied
+    w, h, comps, settled = info
     limit = Image.MAX_IMAGE_PIXELS
     if w * h > max_pixels or (limit is not None and w * h > limit):
         return None  # Pillow's road refuses it, with its reason
+    orientation = 1
+    if not settled:  # Pillow's parser reads segments of this header: its verdict, and its orientation
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                if opened.size != (w, h) or opened.mode != ("L" if comps == 1 else "RGB"):
+                    return None
+                orientation = _orientation(opened)
+        except Exception:
+            return None
+    if geometry is not None and not geometry.exif:
+        orientation = 1  # as Pillow's road with exif=False: the file's own orientation is not applied
     if expect_size is not None:
         final = (w, h) if orientation in _SWAPS else (h, w)
         if final != tuple(expect_size):
             raise ImageSizeMismatch((*final, channels), expect_size)
     draft = geometry.draft_size(orientation) if geometry is not None else None
-    img = jpeg.decode(data, info, draft)
-    if img is not None and orientation in jpeg.TRANSPOSE:
-        img = img.transpose(jpeg.TRANSPOSE[orientation])
-    return img
+    img = jpeg.decode(data, (w, h, comps), draft)
+    if img is None:
+        return None
+    try:
+        return _turn(img, orientation)
+    except Exception:  # an odd orientation value: Pillow's road says what it makes of it
+        return None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -452,6 +488,7 @@ _PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # 8-bit colour types, no pa
 # handler needs (so a short one is left to Pillow to refuse).
 _PNG_HARMLESS = {b"tEXt": 0, b"pHYs": 9, b"gAMA": 4, b"sRGB": 1, b"cHRM": 0, b"tIME": 0, b"bKGD": 0, b"sBIT": 0}
 _PLAIN_PNG_MAX_BYTES = 64 << 20
+_PILLOW_KEY = re.compile(rb"[a-z0-9_]+")
 
 
 def _read_small(path):
@@ -531,9 +568,15 @@ def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
                 break
             elif state != "head" or cid not in _PNG_HARMLESS or length < _PNG_HARMLESS[cid]:
                 return None
+            elif cid == b"cHRM" and length % 4:
+                return None  # Pillow unpacks it as whole 32-bit values and refuses the file
             elif cid == b"tEXt":
                 text += length
-                if text > (1 << 20) or b"exif" in body.split(b"\0", 1)[0].lower():
+                keyword = body.split(b"\0", 1)[0]
+                # Pillow files a text chunk under its keyword beside its own keys
+                # ("interlace", "transparency", "bbox", ...), which then act on
+                # the pixels; those are lower case, the usual keywords are not.
+                if text > (1 << 20) or b"exif" in keyword.lower() or _PILLOW_KEY.fullmatch(keyword):
                     return None
             pos = end
         if state != "data":
@@ -545,9 +588,36 @@ def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
         # eXIf before decoding, so neither does this one; decode checks after)
         raise ImageSizeMismatch((h, w, channels), expect_size)
     try:
-        return Image.frombytes(mode, (w, h), b"".join(idat), "zip", mode)
-    except (OSError, ValueError, MemoryError):
+        return _inflate(mode, (w, h), idat)
+    except Exception:  # Pillow's road gives its own verdict
         return None
+
+
+def _inflate(mode: str, size, idat: list):
+    """The image from its IDAT chunks, fed to Pillow's decoder as Pillow's PNG plugin feeds it; or None.
+
+    Pillow hands the decoder each chunk's data in reads of at most
+    decodermaxblock bytes, and refuses the file as truncated when the data
+    runs out before the decoder says it is done; whether that happens can
+    depend on where the chunks split a short zlib stream. Fed the same
+    pieces, the same decoder gives the same verdict.
+    """
+    img = Image.new(mode, size)
+    decoder = Image._getdecoder(mode, "zip", mode)
+    try:
+        decoder.setimage(img.im, (0, 0) + size)
+        block = ImageFile.MAXBLOCK  # what each ImageFile sets as its decodermaxblock
+        b, err = b"", 0
+        for body in idat:
+            for at in range(0, len(body), block):
+                b += body[at:at + block]
+                n, err = decoder.decode(b)
+                if n < 0:
+                    return None if err < 0 else img
+                b = b[n:]
+        return None  # Pillow: "image file is truncated"
+    finally:
+        decoder.cleanup()
 
 
 def _convert(img, channels: int):

@@ -12,8 +12,10 @@ The shortcut takes only files whose header this module understands
 completely and whose pixels cannot depend on anything Pillow does beyond
 libjpeg: 8-bit baseline, extended or progressive Huffman JPEGs with one
 (grey) or three (YCbCr) components, no Adobe marker (CMYK, YCCK, RGB
-transforms), no MPO index, and an EXIF orientation read with Pillow's own
-Exif class (the same value read_image's Pillow road finds). Decoding is
+transforms), no MPO index, no fill bytes between segments. Where the header
+holds segments Pillow's plugin parses itself (EXIF, ICC profile fragments,
+Photoshop resources), Pillow opens the header first: a file it refuses
+takes its road, and the orientation is the one its road reads. Decoding is
 strict: any libjpeg warning (a truncated file, a damaged scan, extraneous
 bytes) and any error give None, and the caller takes Pillow's road, which
 then gives Pillow's pixels or Pillow's refusal. tests/test_jpeg.py holds
@@ -35,17 +37,10 @@ _SOF_OK = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman
 _SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # every start of frame (not DHT, JPG, DAC)
 _EXIF = b"Exif\x00\x00"
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
-# EXIF orientation -> the transpose ImageOps.exif_transpose applies.
-TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-SWAPS = frozenset({5, 6, 7, 8})
+# Segments Pillow's JPEG plugin parses in Python as it opens a file, where
+# its own checks can refuse the file: EXIF (orientation, resolution, the
+# merged tag dictionary), ICC profile fragments, Photoshop resources.
+_PARSED_BY_PILLOW = ((0xE1, _EXIF), (0xE2, b"ICC_PROFILE\x00"), (0xED, b"Photoshop 3.0\x00"))
 
 
 def available() -> bool:
@@ -53,11 +48,13 @@ def available() -> bool:
 
 
 def header(data: bytes):
-    """(width, height, components, orientation) of a JPEG the shortcut may decode, or None.
+    """(width, height, components, settled) of a JPEG the shortcut may decode, or None.
 
     Walks the markers up to the first scan, as Pillow's JPEG plugin does,
     and gives None for anything outside the plain case described above, so
-    that Pillow's road decides.
+    that Pillow's road decides. `settled` is False where the header holds
+    segments Pillow parses itself (see _PARSED_BY_PILLOW): the caller then
+    has Pillow open the header, for its verdict and the orientation.
     """
     if data[:3] != b"\xff\xd8\xff":
         return None
@@ -65,10 +62,13 @@ def header(data: bytes):
     pos, n = 2, len(data)
     size = exif = None
     xmp = False
+    settled = True
     while True:
         if pos + 4 > n or data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte, which Pillow skips; rare enough to leave to it
+            return None
         length = unpack(">H", data, pos + 2)[0]
         if length < 2 or pos + 2 + length > n:
             return None
@@ -82,6 +82,8 @@ def header(data: bytes):
             if precision != 8 or comps not in (1, 3) or h < 1 or w < 1:
                 return None
             size = (w, h, comps)
+        elif marker == 0xE0 and body.startswith(b"JFIF") and len(body) < 7:
+            return None  # Pillow cannot read the JFIF version and refuses the file
         elif marker == 0xE1:
             if body.startswith(_EXIF):
                 if exif is not None:  # Pillow joins several; leave that to it
@@ -95,27 +97,12 @@ def header(data: bytes):
             return None  # colour transform flags: CMYK, YCCK or RGB
         elif marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7 or marker == 0x01:
             return None  # markers without a length where a segment should be
+        if any(marker == m and body.startswith(sig) for m, sig in _PARSED_BY_PILLOW):
+            settled = False
         pos += 2 + length
-    if size is None:
+    if size is None or (exif is not None and xmp):  # Pillow may take the orientation from the XMP packet then
         return None
-    orientation = 1
-    if exif is not None:
-        if xmp:  # Pillow may take the orientation from the XMP packet then
-            return None
-        orientation = exif_orientation(exif)
-        if type(orientation) is not int:  # an odd value: Pillow's road says what it makes of it
-            return None
-    return (*size, orientation)
-
-
-def exif_orientation(segment: bytes) -> int:
-    """The orientation Pillow's getexif() reads from an APP1 Exif segment (1 if unreadable)."""
-    try:
-        exif = Image.Exif()
-        exif.load(segment)
-        return exif.get(0x0112, 1) or 1
-    except Exception:
-        return 1
+    return (*size, settled)
 
 
 def draft_scale(w: int, h: int, size) -> int:
@@ -139,7 +126,7 @@ def decode(data: bytes, info, draft=None):
     """
     if simplejpeg is None:
         return None
-    w, h, comps, _ = info
+    w, h, comps = info[:3]
     scale = draft_scale(w, h, draft) if draft else 1
     want = (-(-h // scale), -(-w // scale))
     try:

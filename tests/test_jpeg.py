@@ -211,3 +211,78 @@ def test_jpeg_draft_through_the_cli(tmp_path, cli, rng):
     for args in ((), ("--size", "8x8", "--crop", "0,0,30,30")):
         res = cli("encode", src, "--jpeg-draft", *args, "-o", tmp_path / "f")
         assert res.exit_code == 2 and "--jpeg-draft" in res.output
+
+
+def segment(marker, body):
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def exif_ifd(entries, extra=b""):
+    """An APP1 Exif body: little-endian IFD0 of (tag, type, count, 4 value bytes) entries, then `extra`."""
+    ifd = b"II*\0" + (8).to_bytes(4, "little") + len(entries).to_bytes(2, "little")
+    ifd += b"".join(t.to_bytes(2, "little") + k.to_bytes(2, "little") + n.to_bytes(4, "little") + v
+                    for t, k, n, v in entries)
+    return b"Exif\0\0" + ifd + b"\0\0\0\0" + extra
+
+
+def test_header_segments_pillow_refuses_are_refused_by_both_roads(rng):
+    """Segments Pillow's plugin parses itself, malformed: libjpeg alone would decode these files."""
+    plain = jpeg_bytes(photo(rng, 16, 24))
+    bad = {
+        "short JFIF": segment(0xE0, b"JFIF\0\1"),
+        "short ICC fragment": segment(0xE2, b"ICC_PROFILE\0\1"),
+        "truncated Photoshop resource": segment(0xED, b"Photoshop 3.0\0" + b"8BIM\x03\xed"),
+        "EXIF resolution Pillow cannot read": segment(0xE1, exif_ifd(
+            [(0x011A, 7, 1, b"\0" * 4), (0x0128, 3, 1, (2).to_bytes(2, "little") + b"\0\0")])),
+    }
+    for name, seg in bad.items():
+        data = plain[:2] + seg + plain[2:]
+        fast, slow = outcome(data, 3, True), outcome(data, 3, False)
+        assert isinstance(slow, str), name  # Pillow refuses it ...
+        assert same(fast, slow), name  # ... and so does the shortcut
+
+
+def test_orientation_with_tags_pillow_cannot_write_back(rng, tmp_path):
+    """exif_transpose rewrites the EXIF it turns; tags it cannot write made it fail. The pixels never needed that."""
+    six = (0x0112, 3, 1, (6).to_bytes(2, "little") + b"\0\0")
+    odd = {"DotRange as RATIONAL": exif_ifd([six, (0x0150, 5, 1, (38).to_bytes(4, "little"))],
+                                            (72).to_bytes(4, "little") + (1).to_bytes(4, "little")),
+           "YResolution as UNDEFINED": exif_ifd([six, (0x011B, 7, 1, b"\0" * 4)])}
+    arr = photo(rng, 16, 24)
+    plain = jpeg_bytes(arr)
+    for name, body in odd.items():
+        data = plain[:2] + segment(0xE1, body) + plain[2:]
+        fast, slow = outcome(data, 3, True), outcome(data, 3, False)
+        assert isinstance(slow, np.ndarray) and slow.shape == (24, 16, 3), (name, slow)
+        assert same(fast, slow), name
+        # In a PNG's eXIf only Pillow's road exists: turned, not a crash.
+        png = io.BytesIO()
+        Image.fromarray(arr).save(png, "PNG", exif=body)
+        got = read_image(png.getvalue(), 3)
+        assert np.array_equal(got, np.rot90(arr, -1)), name
+
+
+def test_fill_bytes_before_a_marker(rng):
+    """0xFF fill bytes before a marker are legal: the orientation after them still counts."""
+    data = jpeg_bytes(photo(rng, 16, 24))
+    head = b"\xff\xd8\xff" + segment(0xE1, exif_bytes(6))
+    # Read as a marker FF FF with a length, the fill byte would jump over the
+    # Exif segment; comments fill the file up to where that jump lands.
+    target, pad = 4 + int.from_bytes(head[4:6], "big"), b""
+    while target - len(head) - len(pad) > 65537:
+        pad += segment(0xFE, b"x" * 65000)
+    pad += segment(0xFE, b"y" * (target - len(head) - len(pad) - 4))
+    filled = head + pad + data[2:]
+    fast, slow = outcome(filled, 3, True), outcome(filled, 3, False)
+    assert isinstance(slow, np.ndarray) and slow.shape == (24, 16, 3)
+    assert same(fast, slow)
+
+
+def test_draft_scale_ignores_an_orientation_that_is_not_applied(rng):
+    """With EXIF orientation off (every preset), the draft is chosen for the image as stored, on both roads."""
+    data = jpeg_bytes(photo(rng, 128, 512), orientation=6)
+    g = Geometry(size=(64, 32), filter="box", exif=False, jpeg_draft=True)
+    fast, slow = outcome(data, 3, True, g), outcome(data, 3, False, g)
+    assert isinstance(slow, np.ndarray) and slow.shape == (64, 32, 3)
+    assert same(fast, slow)
+    assert not same(slow, outcome(data, 3, False, Geometry(size=(64, 32), filter="box", exif=False)))

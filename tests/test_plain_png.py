@@ -154,3 +154,35 @@ def test_pixel_limits_apply_to_the_shortcut(rng):
     assert _plain_png(data, 399) is None
     with pytest.raises(ImageReadError, match="decompression bomb"):
         read_image(data, 3, max_pixels=399)
+
+
+def test_chunks_pillow_reads_into_its_own_keys(rng):
+    """A short cHRM, or text filed under a key Pillow itself uses, changes Pillow's verdict: both roads agree."""
+    arr = photo(rng, 8, 8)
+    base = chunks(png_bytes(arr, "RGB"))
+    ihdr, idat = base[0], [c for c in base[1:] if c[0] == b"IDAT"]
+    cases = {
+        "cHRM of 5 bytes": [(b"cHRM", b"\0" * 5)],
+        "text 'transparency'": [(b"tEXt", b"transparency\0x")],
+        "text 'bbox'": [(b"tEXt", b"bbox\0x")],
+        "text 'interlace'": [(b"tEXt", b"interlace\x001")],
+    }
+    for name, extra in cases.items():
+        data = assemble([ihdr, *extra, *idat, (b"IEND", b"")])
+        for channels in (1, 3, 4):
+            assert same(outcome(data, channels, True), outcome(data, channels, False)), (name, channels)
+    data = assemble([ihdr, (b"tEXt", b"interlace\x001"), *idat, (b"IEND", b"")])
+    got = outcome(data, 3, False)
+    assert isinstance(got, str) or not np.array_equal(got, arr)  # the keyword did change Pillow's verdict
+
+
+def test_a_short_stream_split_across_chunks(rng):
+    """Where the IDAT chunks split a zlib stream that ends rows early decides Pillow's verdict; both roads agree."""
+    arr = rng.integers(0, 256, (8, 24), dtype=np.uint8)
+    z = zlib.compress(b"".join(b"\0" + arr[y].tobytes() for y in range(3)))  # 3 of 8 rows
+    ihdr = (b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    for parts in ([(b"IDAT", z)], [(b"IDAT", z[:-4]), (b"IDAT", z[-4:])], [(b"IDAT", z[:5]), (b"IDAT", z[5:])]):
+        data = assemble([ihdr, *parts, (b"IEND", b"")])
+        assert same(outcome(data, 3, True), outcome(data, 3, False)), [len(b) for _, b in parts]
+    split = assemble([ihdr, (b"IDAT", z[:-4]), (b"IDAT", z[-4:]), (b"IEND", b"")])
+    assert isinstance(outcome(split, 3, False), str)  # the case that differed: Pillow refuses it
