@@ -40,6 +40,16 @@ def _split_name(value):
     return value
 
 
+def _dataset_name(ctx, param, value):
+    """--name starts every shard's file name, so it must stay one plain name inside the output folder."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+        raise click.BadParameter(f"{value!r}: a dataset name is letters, digits, _, - and . (at most 64, "
+                                 "not starting with . or -)")
+    return value
+
+
 def _crop(ctx, param, value):
     if value is None:
         return None
@@ -269,7 +279,8 @@ def main():
               help="int64 label feature in TFRecord inputs [label; a TFDS folder's ClassLabel].")
 @click.option("--tfds-split", default=None, metavar="NAME[,NAME]",
               help="The splits of a prepared TFDS folder to encode [all of them].")
-@click.option("--name", default="logitify", show_default=True, help="Dataset name (TFRecord shard names, TFDS metadata).")
+@click.option("--name", default="logitify", show_default=True, callback=_dataset_name,
+              help="Dataset name (TFRecord shard names, TFDS metadata).")
 @click.option("--split", default=None, callback=lambda c, p, v: _split_name(v),
               help="Split to make [train; a TFDS folder's splits keep their names]; into a folder holding "
                    "a dataset of other splits, it adds this one "

@@ -332,3 +332,14 @@ def test_a_failed_decode_leaves_no_empty_folder_behind(cli, image_folder, tmp_pa
     (tmp_path / "mine").mkdir()
     r = cli("decode", tmp_path / "ds", "-o", tmp_path / "mine", "--overwrite")
     assert r.exit_code == 1 and (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/name", "sub/x", ".hidden", "", "x" * 65])
+def test_a_dataset_name_stays_inside_the_output_folder(cli, image_folder, tmp_path, name):
+    """--name starts every shard's file name: a path there would write outside -o."""
+    src, _ = image_folder
+    (tmp_path / "parent").mkdir()
+    r = cli("encode", src, "-o", tmp_path / "parent" / "out", "-f", "tfrecord", "--name", name)
+    assert r.exit_code == 2 and "--name" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == []
+    assert not list(tmp_path.glob("**/*escaped*")) and not list(tmp_path.glob("**/*.tfrecord*"))
