@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import json
 import os
@@ -144,17 +145,38 @@ def _private_temp():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C."""
+@contextlib.contextmanager
+def _command_owns_process(verbose: bool):
+    """For the command's run: SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C,
+    and TensorFlow is imported as the command line's own. Both are put back
+    after, for a program that runs a command in its own process."""
     import signal
+
+    from . import _tf
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    before = (_tf.verbose, _tf.own_process)
+    _tf.verbose, _tf.own_process = verbose, True
     try:
-        signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. embedded use)
-        pass
+        previous = None
+    try:
+        yield
+    finally:
+        _tf.verbose, _tf.own_process = before
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _write_out(text: str) -> None:
+    """The command's answer on stdout; a stdout that cannot take it is an error, not a traceback."""
+    if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
+        raise OSError(errno.EBADF, "standard output is closed")
+    click.echo(text)
+    sys.stdout.flush()
 
 
 def run_command(fn=None, *, interrupted: str = "interrupted"):
@@ -169,13 +191,22 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
         return functools.partial(run_command, interrupted=interrupted)
 
     @functools.wraps(fn)
-    def wrapper(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
-        from . import _tf
+    def wrapper(*args, verbose=False, **kwargs):
+        with _command_owns_process(verbose):
+            try:
+                _run(*args, verbose=verbose, **kwargs)
+            except BrokenPipeError:  # `logitify info ... | head`: the reader has gone, as with SIGPIPE
+                try:
+                    sys.stdout = None  # nothing more to flush into the closed pipe at exit
+                finally:
+                    sys.exit(141)
+            except OSError as e:
+                click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
+                sys.exit(1)
+
+    def _run(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
         from .errors import LogitifyError
 
-        _tf.verbose = verbose
-        _tf.own_process = True
-        _sigterm_as_interrupt()
         try:
             from .report import Reporter, printable  # NumPy and Pillow: a Ctrl-C may land here too
 
@@ -192,7 +223,7 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                 if e.result is not None:
                     out.update(e.result.to_dict())
                     out["ok"] = False
-                click.echo(json.dumps(out, default=str))
+                _write_out(json.dumps(out, default=str))
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo(f"logitify: {interrupted}", err=True)
@@ -208,11 +239,11 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                        err=True)
             sys.exit(1)
         if as_json:
-            click.echo(json.dumps({"ok": result.exit_code == 0, **result.to_dict()}, default=str))
+            _write_out(json.dumps({"ok": result.exit_code == 0, **result.to_dict()}, default=str))
         else:
             text = result.stdout_text()
             if text:
-                click.echo(text)
+                _write_out(text)
             if not quiet and result.message():
                 click.echo(printable(result.message()), err=True)
         sys.exit(result.exit_code)

@@ -60,11 +60,14 @@ class OrderedPool:
                 # stopped while starting would run the CLI's handler, whose KeyboardInterrupt Python
                 # may just print and go on from, and then wait forever on the queue's lock. The
                 # executor's thread, started here too, keeps them held: they go to this thread.
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                # Through the C call (_mask): signal.py's wrapper may run a pending handler first,
+                # and a KeyboardInterrupt there would leave both signals held for good.
+                held = _mask(signal.SIG_BLOCK, ())
                 try:
+                    _mask(signal.SIG_BLOCK, _STOPS)
                     self.pool.submit(int)  # forks every worker now, before this process starts a thread
                 finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                    _mask(signal.SIG_SETMASK, held)
 
     def imap(self, fn, jobs, window=None, describe=lambda meta: ""):
         """(meta, fn(args)) for each (meta, args) in jobs, in order.

@@ -200,3 +200,32 @@ def test_real_run_has_clean_streams(tmp_path, rng):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "refused" in r.stderr, r.stderr
     r = run("encode", tmp_path / "in", "-o", tmp_path / "out2", "--alpha", "2")
     assert r.returncode == 2 and "alpha" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_answer_stdout_cannot_take_is_one_line_not_a_traceback(tmp_path):
+    """A full disk or a closed stdout loses the command's answer: say so, exit 1."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        save(src / f"{i}.png", photo(np.random.default_rng(i), 8, 8))
+    assert run("encode", str(src), "-o", str(tmp_path / "ds"), "-q").returncode == 0
+    for args in (["info", str(tmp_path / "ds")], ["info", str(tmp_path / "ds"), "--json"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "logitify_cli", *args], stdout=full, stderr=subprocess.PIPE,
+                               text=True, env=ENV, timeout=120)
+        assert r.returncode == 1 and "cannot write to standard output" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        r = subprocess.run([sys.executable, "-m", "logitify_cli", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=ENV, timeout=120,
+                           preexec_fn=lambda: os.close(1))
+        assert r.returncode == 1 and "standard output is closed" in r.stderr, r.stderr
+
+
+def test_a_command_run_in_process_puts_back_what_it_set(tmp_path):
+    """SIGTERM's handler and the TensorFlow import mode belong to the host program again after a command."""
+    code = (f"import signal\nfrom logitify_cli import _tf\nfrom logitify_cli.cli import main\n"
+            "mine = lambda s, f: None\nsignal.signal(signal.SIGTERM, mine)\n"
+            f"try:\n    main(['info', {str(tmp_path / 'missing')!r}])\nexcept SystemExit as e:\n    assert e.code == 1\n"
+            "assert signal.getsignal(signal.SIGTERM) is mine and not _tf.own_process\nprint('ok')\n")
+    assert run_code(code, timeout=120).strip().endswith("ok")
