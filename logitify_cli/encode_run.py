@@ -124,20 +124,27 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
             if not done:
                 pf.journal.start(part.header)
             parts.append(_Part(part, pf, done, [s for s in part.shards if s.index not in done], fingerprint))
+        replaced = [s.file for n in (set(have.splits) - set(base.splits if base else ())) if have
+                    for s in have.splits[n].shards] if have else []
+        chosen = [_inputs_to_read(x) for x in parts]
+        items = chosen[0].concat(chosen[1:]) if len(chosen) > 1 else chosen[0]
+        workers = opts.workers or default_workers()
+        own = pool is None
+        pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     except BaseException:
         folder.lock.release()
         raise
-    replaced = [s.file for n in (set(have.splits) - set(base.splits if base else ())) if have
-                for s in have.splits[n].shards] if have else []
-    chosen = [_inputs_to_read(x) for x in parts]
-    items = chosen[0].concat(chosen[1:]) if len(chosen) > 1 else chosen[0]
-    workers = opts.workers or default_workers()
-    pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
-    dims = int(np.prod(p.shape))
-    stream = PixelStream(items, p.options, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
-                         ahead_images=STARTUP_IMAGES, expect=opts.expect_size(p.shape))
-    if len(items):
-        stream.start()  # the workers read while TensorFlow starts up
+    try:
+        dims = int(np.prod(p.shape))
+        stream = PixelStream(items, p.options, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
+                             ahead_images=STARTUP_IMAGES, expect=opts.expect_size(p.shape))
+        if len(items):
+            stream.start()  # the workers read while TensorFlow starts up
+    except BaseException:  # a reader that died at once, say: the folder is free again
+        if own:
+            pool.close(cancel=True)
+        folder.lock.release()
+        raise
     return _Started(p, folder, parts, base, replaced, pool, stream, len(items))
 
 

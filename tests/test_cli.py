@@ -343,3 +343,21 @@ def test_a_dataset_name_stays_inside_the_output_folder(cli, image_folder, tmp_pa
     assert r.exit_code == 2 and "--name" in r.stderr
     assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == []
     assert not list(tmp_path.glob("**/*escaped*")) and not list(tmp_path.glob("**/*.tfrecord*"))
+
+
+def test_a_run_that_fails_as_its_readers_start_frees_the_folder(cli, image_folder, tmp_path, monkeypatch):
+    """A reader lost at the start (out of memory, say) fails the run; the next run may take the folder."""
+    from logitify_cli import pixels
+    from logitify_cli.errors import LogitifyError
+
+    src, _ = image_folder
+
+    def lost(self):
+        raise LogitifyError("a worker process died")
+
+    with monkeypatch.context() as m:
+        m.setattr(pixels.PixelStream, "start", lost)
+        r = cli("encode", src, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and "worker process died" in r.stderr
+    r = cli("encode", src, "-o", tmp_path / "o", "--overwrite")
+    assert r.exit_code == 0, r.stderr
