@@ -361,3 +361,12 @@ def test_a_run_that_fails_as_its_readers_start_frees_the_folder(cli, image_folde
     assert r.exit_code == 1 and "worker process died" in r.stderr
     r = cli("encode", src, "-o", tmp_path / "o", "--overwrite")
     assert r.exit_code == 0, r.stderr
+
+
+def test_decode_into_a_bucket_needs_beam(cli, dataset, tmp_path, monkeypatch):
+    """The local runner checks, locks and overwrites local folders only: it made ./s3:/... here."""
+    _, _, ds = dataset
+    monkeypatch.chdir(tmp_path)
+    r = cli("decode", ds, "-o", "s3://bucket/restored")
+    assert r.exit_code == 2 and "--runner beam" in r.stderr
+    assert not (tmp_path / "s3:").exists()
