@@ -397,9 +397,13 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
             paths.append(s)
     if not paths:
         raise UsageError("no input paths (stdin was empty)")
+    try:  # what click's ranges let through (nan, inf, values float32 cannot carry) is a usage error too
+        params = TransformParams(alpha=alpha, corruption_level=corruption_level, noise=noise, bits=bits, seed=seed)
+    except ValueError as e:
+        raise UsageError(f"{e} (--alpha, --corruption-level)") from None
     opts = EncodeOptions(
         sources=paths, out=out, format=fmt,
-        params=TransformParams(alpha=alpha, corruption_level=corruption_level, noise=noise, bits=bits, seed=seed),
+        params=params,
         batch_size=batch_size, shard_size=shard_size, size=size, channels=int(channels) if channels else None,
         device=device, workers=workers, compress=compress,
         compression=None if compression == "auto" else compression, image_key=image_key, label_key=label_key,

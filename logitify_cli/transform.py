@@ -33,6 +33,7 @@ PAD = 64  # flattened images are padded to a multiple of this many values
 # image): a batch is padded to its full size, so one 9400x9400 image in a
 # batch of 256 would otherwise ask for 63 GiB. Values never depend on it.
 BATCH_PIXEL_BYTES = 64 << 20
+TINY, HUGE = 1e-30, 1e30  # the least alpha and corruption level, and the largest corruption level
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,12 @@ class TransformParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
-            raise ValueError(f"alpha must lie strictly between 0 and 1, got {self.alpha!r}")
+        # float32 carries the transform: values past these bounds give infinities there.
+        if not (isinstance(self.alpha, (int, float)) and TINY <= self.alpha < 1.0):
+            raise ValueError(f"alpha must lie between {TINY:g} and 1 (not 1), got {self.alpha!r}")
         c = self.corruption_level
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0.0):
-            raise ValueError(f"corruption_level must be a finite number > 0, got {c!r}")
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and TINY <= c <= HUGE):
+            raise ValueError(f"corruption_level must be a number from {TINY:g} to {HUGE:g}, got {c!r}")
         if self.noise not in NOISES:
             raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
@@ -422,6 +424,12 @@ class LogitTransform:
                 dt = xt - rt
             big_p = xt * one_minus_a + half
             big_q = rt * one_minus_a + half
+            if p.noise == "gaussian":
+                # The clip keeps P and Q at least half/2; where 1-a rounds to 1 in
+                # float32, XLA folds (lc - xt) + half into (lc + half) - xt, which
+                # loses half and gave Q = 0, an infinite logit. Held at half/2.
+                big_p = tf.maximum(big_p, 0.5 * half)
+                big_q = tf.maximum(big_q, 0.5 * half)
             y = tf.sign(dt) * tf.math.log1p(tf.abs(dt) * one_minus_a / tf.minimum(big_p, big_q))
             pq = (big_p * inv_lc) * (big_q * inv_lc)
             terms = -tf.math.log(pq)  # softplus(y) + softplus(-y)

@@ -370,3 +370,11 @@ def test_decode_into_a_bucket_needs_beam(cli, dataset, tmp_path, monkeypatch):
     r = cli("decode", ds, "-o", "s3://bucket/restored")
     assert r.exit_code == 2 and "--runner beam" in r.stderr
     assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.parametrize("opt,value", [("--corruption-level", "nan"), ("--corruption-level", "inf"),
+                                       ("--corruption-level", "1e39"), ("--alpha", "1e-40")])
+def test_transform_values_float32_cannot_carry_are_usage_errors(cli, image_folder, tmp_path, opt, value):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", opt, value)
+    assert r.exit_code == 2 and "Traceback" not in r.output and not (tmp_path / "o").exists()

@@ -224,3 +224,22 @@ def test_bpd_offset_and_inverse_log_det(rng):
     ildj = np.asarray(t.inverse_log_det_jacobian(y))
     np.testing.assert_allclose(fldj, ld, rtol=1e-5)
     np.testing.assert_array_equal(ildj, -fldj)
+
+
+@pytest.mark.parametrize("alpha,c,bits", [(1e-8, 1.0, 8), (1e-9, 100.0, 8), (1e-7, 1e-6, 1), (3e-8, 1e6, 4)])
+def test_gaussian_noise_at_tiny_alpha_stays_finite(alpha, c, bits):
+    """Where 1-alpha rounds to 1 in float32, an optimizer's refolding lost alpha's share and gave Q = 0."""
+    from logitify_cli.transform import LogitTransform
+
+    params = TransformParams(alpha=alpha, corruption_level=c, noise="gaussian", bits=bits)
+    images = np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8),
+                       (np.arange(768) % 256).astype(np.uint8).reshape(16, 16, 3)])
+    y, logdet = LogitTransform(params, (16, 16, 3)).forward(images, image_seeds(0, ["a", "b", "c"]))
+    assert np.isfinite(y).all() and np.isfinite(logdet).all()
+
+
+@pytest.mark.parametrize("kw", [{"alpha": 1e-40}, {"corruption_level": 1e-40}, {"corruption_level": 3.5e38},
+                                {"corruption_level": float("nan")}, {"corruption_level": float("inf")}])
+def test_parameters_float32_cannot_carry_are_refused(kw):
+    with pytest.raises(ValueError):
+        TransformParams(**kw)
