@@ -512,7 +512,8 @@ def info(dataset, plot_path, split, report):
 @click.argument("dataset", type=click.Path())
 @click.argument("more_sources", nargs=-1, metavar="")
 @click.option("--against", multiple=True, metavar="SOURCES...",
-              help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit.")
+              help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit "
+                   "(a lossy dataset: their shapes, and their pixels with its fingerprint).")
 @click.option("--split", default=None, help="Verify this split only [every split; --against needs one].")
 @stream_options
 @run_command

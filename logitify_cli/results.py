@@ -100,6 +100,8 @@ class VerifyResult(Result):
     fingerprint: dict | None = None  # what verify recomputed of the manifest's fingerprint
     num_problems: int = 0  # all of them, listed or not
     splits: dict | None = None  # with several splits: each one's recomputed fingerprint
+    sources_found: int = 0  # sources of the dataset's images read again; compared_with_sources of them pixel for pixel
+    lossless: bool = True  # whether the decoded images are the encoded pixels, and so can be compared
 
     @property
     def ok(self) -> bool:
@@ -113,8 +115,16 @@ class VerifyResult(Result):
         return {**d, "ok": self.ok}
 
     def message(self) -> str:
-        return f"{self.dataset}: {self.num_examples} examples in {self.num_shards} shard(s) verified" + (
-            f", {self.compared_with_sources} equal to their sources bit for bit" if self.against else "")
+        head = f"{self.dataset}: {self.num_examples} examples in {self.num_shards} shard(s) verified"
+        if not self.against:
+            return head
+        if self.lossless:
+            return head + f", {self.compared_with_sources} equal to their sources bit for bit"
+        # A lossy dataset's decoded images are not the pixels encoded: say what was checked, and claim no more.
+        fp = " (their pixels give the manifest's fingerprint)" if (self.fingerprint or {}).get(
+            "sources_pixels_sha256") else ""
+        return (head + f", {self.sources_found} sources found with matching shapes{fp}, not compared with the "
+                "decoded images: the noise is lossy")
 
 
 @dataclass

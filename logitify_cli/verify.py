@@ -246,18 +246,20 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
         raise UsageError(f"{path} has the splits {', '.join(names)}: --against compares one split with its "
                          "sources; name it with --split")
     problem = Problems(report)
-    checked = compared = shards = 0
+    checked = found = shards = 0
     fingerprints = {}
     for name in names:
         ds = LogitDataset(path, name)
         problem.prefix = f"{name}: " if len(names) > 1 else ""
         c, k, fp = _verify_split(ds, against, report, problem, held)
-        checked, compared, shards = checked + c, compared + k, shards + len(ds.shards)
+        checked, found, shards = checked + c, found + k, shards + len(ds.shards)
         fingerprints[name] = fp
+    lossless = ds.params.lossless  # one transform for every split
     if problem.count > len(problem.listed):
         report.warn(f"... and {problem.count - len(problem.listed)} more problem(s), not listed")
     result = VerifyResult(dataset=path, num_examples=checked, num_shards=shards,
-                          compared_with_sources=compared, problems=problem.listed, seconds=round(time.time() - t0, 3),
+                          compared_with_sources=found if lossless else 0, sources_found=found, lossless=lossless,
+                          problems=problem.listed, seconds=round(time.time() - t0, 3),
                           against=bool(against), num_problems=problem.count,
                           fingerprint=fingerprints[names[0]] if len(names) == 1 else None,
                           splits={n: fingerprints[n] for n in names} if len(names) > 1 else None)
@@ -269,7 +271,7 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
 
 
 def _verify_split(ds, against, report, problem, held: list):
-    """(examples checked, compared with sources, recomputed fingerprint) of one split; problems go to `problem`."""
+    """(examples checked, sources found, recomputed fingerprint) of one split; problems go to `problem`."""
     params = ds.params
     checked = 0
     decoded = KeyedDigests() if against else None
@@ -319,12 +321,12 @@ def _verify_split(ds, against, report, problem, held: list):
         _name_repeats(ds, keys_seen, repeated, repeats, problem)
     source_digests = DigestSet() if want_fp is not None else None
     held += [source_digests] if source_digests is not None else []
-    compared = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
+    found = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
     fingerprint = None
     if want_fp is not None and not shard_failed:
         fingerprint = _check_fingerprint(want_fp, fp_keys, pixel_digests, source_digests if against else None,
                                          ds.num_examples, problem)
-    return checked, compared, fingerprint
+    return checked, found, fingerprint
 
 
 def _name_repeats(ds, hashes: KeyHashes, repeated, repeats: int, problem) -> None:
@@ -374,9 +376,11 @@ def _check_fingerprint(want, keys, decoded_digests, source_digests, count, probl
 
 
 def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
-    """Read the sources as encode did (same geometry, channels, keys) and compare digests.
+    """Read the sources as encode did (same geometry, channels, keys) and compare digests; returns how many were found.
 
-    The digest of each source image found in the dataset is appended to `digests`, if given.
+    A lossy dataset's decoded images are not its pixels, so there only the
+    shapes are compared. The digest of each source image found in the
+    dataset is appended to `digests`, if given.
     """
     from .pixels import PixelStream
     from .planner import EncodeOptions
@@ -399,7 +403,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                    label_key=tfds.get("label_key"))
     skipped = {s["source"] for s in ds.manifest.skipped}
     shift = 8 - ds.params.bits
-    compared = 0
+    found = 0
 
     def wrong_shape(key, shape):
         problem(key, f"the source gives shape {list(shape)}, the dataset {list(ds.shape)}")
@@ -415,7 +419,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                 continue
             if isinstance(reason, ImageSizeMismatch):
                 wrong_shape(it.key, reason.shape)
-                compared += 1
+                found += 1
                 continue
             if arr is None:
                 problem(it.key, f"source cannot be read now: {reason}")
@@ -427,7 +431,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                 wrong_shape(it.key, want.shape)
             elif got != _digest(want) and ds.params.lossless:
                 problem(it.key, "decoded image differs from its source")
-            compared += 1
+            found += 1
     for k in decoded.remaining():
         problem(k, "in the dataset but not found in the sources")
-    return compared
+    return found

@@ -50,6 +50,23 @@ def test_verify_good_and_against_sources(cli, dataset):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["ok"] and s["num_examples"] == 13 and s["compared_with_sources"] == 13
+    assert s["sources_found"] == 13 and s["lossless"]
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 0 and "13 examples in 3 shard(s) verified, 13 equal to their sources bit for bit" in r.stderr
+
+
+@pytest.mark.parametrize("lossy", [["--noise", "gaussian"], ["--corruption-level", "2"]])
+def test_verify_against_sources_of_a_lossy_dataset_claims_no_equality(cli, image_folder, tmp_path, lossy):
+    """Decoded images of a lossy dataset are not its pixels: the summary says what was checked, and no more."""
+    src, _ = image_folder
+    out = tmp_path / "lossy"
+    assert cli("encode", src, "-o", out, "--shard-size", "5", *lossy).exit_code == 0
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 0, r.output
+    assert "bit for bit" not in r.stderr and "equal" not in r.stderr
+    assert "13 sources found with matching shapes" in r.stderr and "lossy" in r.stderr
+    s = json.loads(cli("verify", out, "--against", src, "--json").stdout)
+    assert s["ok"] and s["compared_with_sources"] == 0 and s["sources_found"] == 13 and not s["lossless"]
 
 
 def test_verify_catches_a_changed_source(cli, dataset, rng):
