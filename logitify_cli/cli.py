@@ -518,7 +518,7 @@ def info(dataset, plot_path, split, report):
 @stream_options
 @run_command
 def verify(dataset, more_sources, against, split, report):
-    """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets.
+    """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets, labels.
 
     With --against, every image is decoded and compared with its source.
     Exit 0 when all holds, 1 naming each failing shard or key.

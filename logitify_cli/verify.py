@@ -205,6 +205,38 @@ def _utf8(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
 
 
+class BadLabels:
+    """Labels of one shard that name none of the dataset's classes, gathered slice by slice.
+
+    Encode writes a class's index, or -1 for an image without one; any other
+    value would be shown and trained on as a class the dataset does not have.
+    """
+
+    NAMED = 5  # distinct values named in the problem line; the examples are all counted
+
+    def __init__(self, classes: int):
+        self.classes = classes
+        self.values, self.more, self.count = set(), False, 0
+
+    def add(self, labels) -> None:
+        bad = labels[(labels < -1) | (labels >= self.classes)]
+        if not len(bad):
+            return
+        self.count += len(bad)
+        for v in np.unique(bad).tolist():
+            if v in self.values:
+                continue
+            if len(self.values) < self.NAMED:
+                self.values.add(v)
+            else:
+                self.more = True
+
+    def message(self) -> str:
+        values = ", ".join(map(str, sorted(self.values))) + (" and more" if self.more else "")
+        return (f"{self.count} label(s) name none of the {self.classes} classes "
+                f"(0 to {self.classes - 1}, or -1 for none): {values}")
+
+
 class Problems:
     """The problems found: the first PROBLEMS_LISTED by name (and on stderr), the rest counted."""
 
@@ -288,9 +320,12 @@ def _verify_split(ds, against, report, problem, held: list):
     try:
         with report.bar(ds.num_examples, "verify") as bar:
             for shard in ds.shards:
+                labels = BadLabels(len(ds.classes)) if ds.classes is not None else None  # none: labels are free
                 try:
                     for chunk in ds.iter_chunks(shard, check=True, rows=rows):
                         keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
+                        if labels is not None:
+                            labels.add(chunk["labels"])
                         finite, ref = check_logits(logits, logdet, params.alpha)
                         for k in keys[~finite]:
                             problem(str(k), "logits or log-det not finite")
@@ -314,6 +349,8 @@ def _verify_split(ds, against, report, problem, held: list):
                 except LogitifyError as e:
                     problem(shard.file, e.message)
                     shard_failed = True
+                if labels is not None and labels.count:
+                    problem(shard.file, labels.message())
         repeated, repeats = keys_seen.repeated()
     finally:
         keys_seen.close()

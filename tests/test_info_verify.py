@@ -135,6 +135,39 @@ def test_verify_catches_wrong_logdet_and_nonfinite(cli, dataset):
     assert str(z["keys"][1]) in r.stderr and "finite" in r.stderr
 
 
+def test_verify_catches_labels_that_name_no_class(cli, dataset):
+    """Two classes: -1 (no label), 0 and 1 are labels; 99 and -5 are problems, one line per shard."""
+    _, _, out = dataset
+    m = json.loads((out / "manifest.json").read_text())
+    names = []
+    for index, bad in ((0, [99, -5, 99]), (2, [2]), (1, [-1])):
+        z = dict(np.load(out / m["shards"][index]["file"], allow_pickle=False))
+        z["labels"] = z["labels"].copy()
+        z["labels"][:len(bad)] = bad
+        names.append(_rewrite_shard(out, index, z))
+    r = cli("verify", out, "--json")
+    assert r.exit_code == 1, r.output
+    s = json.loads(r.stdout)
+    assert s["num_problems"] == 2 and [p["where"] for p in s["problems"]] == names[:2]
+    assert f"{names[0]}: 3 label(s) name none of the 2 classes (0 to 1, or -1 for none): -5, 99" in r.stderr
+    assert f"{names[1]}: 1 label(s) name none of the 2 classes (0 to 1, or -1 for none): 2" in r.stderr
+    assert names[2] not in r.stderr
+
+
+def test_verify_leaves_labels_of_a_dataset_without_classes_alone(cli, tmp_path, rng):
+    """Without classes a label is the records' own number, whatever it is."""
+    for i in range(3):
+        save(str(tmp_path / "flat" / f"{i}.png"), photo(rng, 8, 8))
+    out = tmp_path / "ds"
+    assert cli("encode", tmp_path / "flat", "-o", out).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["classes"] is None
+    z = dict(np.load(out / json.loads((out / "manifest.json").read_text())["shards"][0]["file"]))
+    z["labels"] = np.array([99, -5, 7], np.int64)
+    _rewrite_shard(out, 0, z)
+    r = cli("verify", out)
+    assert r.exit_code == 0, r.output
+
+
 def test_pickled_shard_is_refused(cli, dataset):
     _, _, out = dataset
     m = json.loads((out / "manifest.json").read_text())
