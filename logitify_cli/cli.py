@@ -113,6 +113,15 @@ class BeamArgsCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _named_source(path: str) -> str:
+    """A source path as given, refused at once if it names nothing: else every key it held reads as missing."""
+    from .errors import UsageError
+
+    if "://" not in path and not os.path.lexists(path):  # a bucket prefix is listed later, by its store
+        raise UsageError(f"no such file or directory: {path}")
+    return path
+
+
 def stream_options(f):
     """--json, -q, --progress/--no-progress, --verbose: shared by every command that runs."""
     f = click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")(f)
@@ -391,10 +400,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     for s in sources:
         if s == "-":
             paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
-        elif "://" not in s and not os.path.lexists(s):
-            raise UsageError(f"no such file or directory: {s}")
         else:
-            paths.append(s)
+            paths.append(_named_source(s))
     if not paths:
         raise UsageError("no input paths (stdin was empty)")
     try:  # what click's ranges let through (nan, inf, values float32 cannot carry) is a usage error too
@@ -533,7 +540,8 @@ def verify(dataset, more_sources, against, split, report):
 
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
-    return run_verify(dataset, against=list(against) + list(more_sources), report=report, split=split)
+    sources = [_named_source(s) for s in list(against) + list(more_sources)]
+    return run_verify(dataset, against=sources, report=report, split=split)
 
 
 def entry(argv=None):

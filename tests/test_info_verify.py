@@ -69,6 +69,19 @@ def test_verify_against_sources_of_a_lossy_dataset_claims_no_equality(cli, image
     assert s["ok"] and s["compared_with_sources"] == 0 and s["sources_found"] == 13 and not s["lossless"]
 
 
+def test_verify_against_a_missing_path_names_it(cli, dataset, tmp_path):
+    """A source path that names nothing is one error, as encode gives it, not every key missing from the sources."""
+    src, truth, out = dataset
+    missing = tmp_path / "nowhere"
+    for sources in ([missing], [src, missing]):
+        r = cli("verify", out, "--against", *sources)
+        assert r.exit_code == 2, r.output
+        assert r.stderr == f"logitify: error: no such file or directory: {missing}\n"
+        assert r.stderr == cli("encode", *sources, "-o", tmp_path / "o").stderr
+    r = cli("verify", out, "--against", missing, "--json")
+    assert r.exit_code == 2 and json.loads(r.stdout) == {"ok": False, "error": f"no such file or directory: {missing}"}
+
+
 def test_verify_catches_a_changed_source(cli, dataset, rng):
     src, truth, out = dataset
     save(str(src / "cats" / "cat_03.png"), photo(rng, 24, 32))
