@@ -7,7 +7,11 @@ SIGSEGV, no message). Every record's length is checked against what the file
 can still hold (for GZIP files, a ceiling per record and a bound on all the
 bytes inflated) before anything is allocated, and every record's data
 checksum (masked CRC32C, as TFRecord defines it) before it is handed out.
-The first record that fails ends the file's readable prefix, with a reason.
+A record whose data checksum fails is given as a RecordError in its place,
+and the records after it are read on: its header still says where the next
+one starts. A header that cannot be trusted (or a file that ends, or GZIP
+data that breaks) ends the file's readable records, with a reason: nothing
+after it can be located.
 
 Records are read in the main process; only the encoded image bytes travel on
 to the decode workers.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,7 +45,11 @@ _BATCH_BYTES = 4 << 20  # records whose data checksums are checked together
 
 
 class RecordError(ValueError):
-    """A TFRecord file is unreadable from record `index` on, for `reason`."""
+    """Record `index` of a TFRecord file cannot be read, for `reason`.
+
+    Raised, it ends the file's records: nothing after `index` can be found.
+    Given in a record's place by read_records, only that record is lost.
+    """
 
     def __init__(self, index: int, reason: str):
         super().__init__(f"record {index}: {reason}")
@@ -318,13 +327,18 @@ def _open_bytes(path: str, compression_type: str, bound_inflated: bool):
         raise
 
 
+def _at(stream, offset: int) -> str:
+    """Where a record starts, for a message: in the file, or in a GZIP file's inflated bytes."""
+    return f"offset {offset}" if stream.left is not None else f"offset {offset} of the inflated data"
+
+
 def _frames(stream, max_record_bytes: int):
-    """(data, stored masked data checksum) of each record; RecordError where framing fails.
+    """(data, stored masked data checksum, offset of its header) of each record; RecordError where framing fails.
 
     A record's length is trusted only once its checksum matches, it fits in
     what the file still holds (when known) and is at most max_record_bytes.
     """
-    index = 0
+    index = offset = 0
     take = stream.take
     _word_tables()
     while True:
@@ -355,36 +369,40 @@ def _frames(stream, max_record_bytes: int):
             raise RecordError(index, f"a record of {n} bytes does not fit in memory") from None
         if len(data) < n or len(crc) < 4:
             raise RecordError(index, "the file ends inside the record (truncated)")
-        yield data, crc
+        yield data, crc, offset
         index += 1
+        offset += 16 + n
 
 
 def read_records(path: str, compression_type: str = "", check_data: bool = True,
                  max_record_bytes: int = MAX_RECORD_BYTES, bound_inflated: bool = True):
-    """The records of a TFRecord file in order, each checked before it is yielded.
+    """Each record of a TFRecord file in order: its bytes, or a RecordError in its place.
 
-    Raises RecordError (a ValueError with .index and .reason) at the first
-    record that cannot be read whole and intact, after yielding all before
-    it; OSError if the file cannot be opened or is not a regular file.
-    `check_data=False` skips the data checksums (files vouched for by a
-    sha256); `max_record_bytes` caps each record, `bound_inflated` limits
+    A record whose data checksum fails is given as a RecordError (not
+    raised), and the records after it are read on: one damaged image must
+    not cost the good ones behind it. Raises RecordError (a ValueError with
+    .index and .reason) where the framing fails, after giving every record
+    before it; OSError if the file cannot be opened or is not a regular
+    file. `check_data=False` skips the data checksums (files vouched for by
+    a sha256); `max_record_bytes` caps each record, `bound_inflated` limits
     what a GZIP file may inflate to (GZIP_MAX_RATIO, GZIP_MIN_BUDGET).
     """
     source, stream = _open_bytes(path, compression_type, bound_inflated)
     try:
         if not check_data:
-            for data, _ in _frames(stream, max_record_bytes):
+            for data, _, _ in _frames(stream, max_record_bytes):
                 yield data
             return
-        batch, crcs, size = [], [], 0
+        batch, crcs, offsets, size = [], [], [], 0
         frames = _frames(stream, max_record_bytes)
         ended = None
         done = 0
         while ended is None:
             try:
-                for data, crc in frames:
+                for data, crc, offset in frames:
                     batch.append(data)
                     crcs.append(crc)
+                    offsets.append(offset)
                     size += len(data) + 64
                     if size >= _BATCH_BYTES:
                         break
@@ -394,36 +412,46 @@ def read_records(path: str, compression_type: str = "", check_data: bool = True,
                 ended = e
             if batch:
                 want = np.frombuffer(b"".join(crcs), "<u4")
-                bad = np.flatnonzero(_mask(crc32c_many(batch)) != want)
-                good = int(bad[0]) if len(bad) else len(batch)
-                yield from batch[:good]
-                if good < len(batch):
-                    raise RecordError(done + good, "damaged record (data checksum mismatch)")
+                for i in np.flatnonzero(_mask(crc32c_many(batch)) != want).tolist():
+                    batch[i] = RecordError(done + i, f"damaged record at {_at(stream, offsets[i])} "
+                                                     "(data checksum mismatch)")
+                yield from batch
                 done += len(batch)
-                batch, crcs, size = [], [], 0
+                batch, crcs, offsets, size = [], [], [], 0
         if isinstance(ended, RecordError):
             raise ended
     finally:
         source.close()
 
 
-def count_records(path: str, compression_type: str):
-    """(number of whole records, reason reading stopped early or None)."""
-    count = 0
+class Census(NamedTuple):
+    """A TFRecord file read through once, as discovery needs it."""
+
+    count: int  # records located: indices 0..count-1
+    damaged: list  # a RecordError for each of those whose data is damaged
+    end: str | None  # why no record can be located from index `count` on, or None (the file ended cleanly)
+
+
+def census(path: str, compression_type: str) -> Census:
+    """The records of a file: how many can be located, which of them are damaged, and why reading stopped early."""
+    count, damaged = 0, []
     try:
-        for _ in read_records(path, compression_type):
+        for record in read_records(path, compression_type):
+            if isinstance(record, RecordError):
+                damaged.append(record)
             count += 1
     except RecordError as e:
-        return count, f"corrupt TFRecord data: {e.reason}"
+        return Census(count, damaged, f"corrupt TFRecord data: {e.reason}")
     except OSError as e:
-        return count, f"cannot read: {e.strerror or e}"
-    return count, None
+        return Census(count, damaged, f"cannot read: {e.strerror or e}")
+    return Census(count, damaged, None)
 
 
 class RecordReader:
     """Reads record `index` of a file, assuming indices mostly come in order.
 
-    Raises RecordError (a ValueError) for a record that cannot be read.
+    Raises RecordError (a ValueError) for a record that cannot be read; a
+    damaged one leaves the file open, so the records after it read on.
     """
 
     def __init__(self, compression_of):
@@ -445,7 +473,7 @@ class RecordReader:
                 next(self._iter)
                 self._next += 1
             self._next += 1
-            return next(self._iter)
+            record = next(self._iter)
         except StopIteration:
             self._iter = None
             raise RecordError(index, "record missing (the file is shorter than when it was counted)") from None
@@ -455,6 +483,9 @@ class RecordReader:
         except RecordError:
             self._iter = None
             raise
+        if isinstance(record, RecordError):
+            raise record
+        return record
 
 
 def parse_example(record: bytes, image_key: str, label_key: str):

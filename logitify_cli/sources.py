@@ -477,18 +477,25 @@ class TfrecordFile:
             os.close(fd)
 
     def items(self):
-        from .records import count_records
+        """(an Item per readable record, a skipped entry per record that is not).
+
+        A record with damaged data is skipped alone, and the records after
+        it stay inputs; where reading stops early, that index is skipped.
+        """
+        from .records import census
 
         name = self.name or _as_key(self.path)
         try:
             compression = self.compression_type()
         except OSError as e:
             return [], [{"source": f"{name}:0", "reason": f"cannot read: {_why(e)}"}]
-        count, error = count_records(self.path, compression)
-        items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(count)]
-        skipped = []
-        if error:
-            skipped.append({"source": f"{name}:{count}", "reason": error})
+        found = census(self.path, compression)
+        damaged = {e.index: e.reason for e in found.damaged}
+        items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(found.count) if i not in damaged]
+        skipped = [{"source": f"{name}:{i}", "reason": f"corrupt TFRecord data: {reason}"}
+                   for i, reason in damaged.items()]
+        if found.end:
+            skipped.append({"source": f"{name}:{found.count}", "reason": found.end})
         return items, skipped
 
 

@@ -111,6 +111,56 @@ def test_corrupt_records_are_skipped(cli, tfds_input, tmp_path):
     assert sum(k.split("/")[-1].startswith("cut.tfrecord:") for k in a["keys"]) >= 2
 
 
+# -- damage inside a file: what it costs, and that it is said -------------------------
+
+def records_file(path, n, seed=0):
+    """n labelled 8x6 PNG records written by TensorFlow; returns ([pixels], [header offsets])."""
+    import tensorflow as tf
+
+    arrs = [photo(np.random.default_rng([seed, i]), 8, 6) for i in range(n)]
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for i, a in enumerate(arrs):
+            w.write(example(tf, png_bytes(a), i))
+    data, offsets = path.read_bytes(), [0]
+    for _ in range(n - 1):
+        offsets.append(offsets[-1] + 16 + int.from_bytes(data[offsets[-1]:offsets[-1] + 8], "little"))
+    return arrs, offsets
+
+
+def flip(path, at):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def encoded(out):
+    """{key: pixels} of a dataset, through the exact inverse."""
+    _, a = load_all(out)
+    return {str(k).rsplit("/", 1)[-1]: ref.inverse_levels(y) for k, y in zip(a["keys"], a["logits"])}
+
+
+def test_a_record_with_damaged_data_costs_only_itself(cli, tmp_path):
+    """Its header still says where the next record starts: the records after it are encoded."""
+    os.chdir(tmp_path)
+    arrs, offsets = records_file(tmp_path / "bad.tfrecord", 7)
+    flip(tmp_path / "bad.tfrecord", offsets[3] + 12 + 5)  # inside record 3's data
+    r = cli("encode", "bad.tfrecord", "-o", "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["num_examples"] == 6
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (skip,) = m["skipped"]
+    assert skip["source"] == "bad.tfrecord:3"
+    assert "data checksum mismatch" in skip["reason"] and f"offset {offsets[3]}" in skip["reason"]
+    got = encoded(tmp_path / "out")
+    assert sorted(got) == [f"bad.tfrecord:{i}" for i in (0, 1, 2, 4, 5, 6)]
+    for i in (0, 1, 2, 4, 5, 6):
+        np.testing.assert_array_equal(got[f"bad.tfrecord:{i}"], arrs[i])
+    r = cli("verify", "out", "--against", "bad.tfrecord")
+    assert r.exit_code == 0 and "6 equal to their sources" in r.stderr, r.output
+    r = cli("encode", "bad.tfrecord", "-o", "strict", "--on-error", "fail")
+    assert r.exit_code == 1 and "bad.tfrecord:3" in r.stderr and "data checksum" in r.stderr
+
+
 def test_tfrecord_output_equals_npz_and_loads_everywhere(cli, image_folder, tmp_path):
     src, truth = image_folder
     assert cli("encode", src, "-o", tmp_path / "n", "--shard-size", "6").exit_code == 0
