@@ -57,6 +57,11 @@ class RecordError(ValueError):
         self.reason = reason
 
 
+def unreachable(index: int, reason: str) -> str:
+    """Why a record after `index` cannot be read: reading stopped there, for `reason`, before it was located."""
+    return f"unreachable after record {index}: {reason}"
+
+
 class _Unreadable(Exception):
     """The byte stream under the records broke (reason in args[0])."""
 
@@ -337,10 +342,19 @@ def _frames(stream, max_record_bytes: int):
 
     A record's length is trusted only once its checksum matches, it fits in
     what the file still holds (when known) and is at most max_record_bytes.
+    A framing error names where the record starts and what is lost with it,
+    since no record after it can be located.
     """
     index = offset = 0
     take = stream.take
     _word_tables()
+
+    def lost() -> str:
+        left = stream.left
+        if left is None:
+            return "; nothing after it can be read"
+        return f"; the {left} bytes after it cannot be read" if left else ""
+
     while True:
         try:
             head = take(12)
@@ -348,27 +362,28 @@ def _frames(stream, max_record_bytes: int):
             raise RecordError(index, str(e)) from None
         if not head:
             return
+        at = _at(stream, offset)
         if len(head) < 12:
-            raise RecordError(index, "the file ends inside the record's header (truncated)")
+            raise RecordError(index, f"the file ends inside the record header at {at} (truncated)")
         n, stored = struct.unpack("<QI", head)
         if _masked_length_crc(head) != stored:
-            raise RecordError(index, "damaged record header (length checksum mismatch)")
+            raise RecordError(index, f"damaged record header at {at} (length checksum mismatch){lost()}")
         left = stream.left
         if left is not None and n + 4 > left:
-            raise RecordError(index, f"the header claims {n} bytes but the file holds only "
+            raise RecordError(index, f"the header at {at} claims {n} bytes but the file holds only "
                                      f"{max(0, left - 4)} more (truncated or damaged)")
         if n > max_record_bytes:
-            raise RecordError(index, f"the header claims {n} bytes, more than the {max_record_bytes} "
-                                     "a record may have")
+            raise RecordError(index, f"the header at {at} claims {n} bytes, more than the {max_record_bytes} "
+                                     f"a record may have{lost()}")
         try:
             data = take(n)
             crc = take(4)
         except _Unreadable as e:
             raise RecordError(index, str(e)) from None
         except MemoryError:
-            raise RecordError(index, f"a record of {n} bytes does not fit in memory") from None
+            raise RecordError(index, f"a record of {n} bytes at {at} does not fit in memory{lost()}") from None
         if len(data) < n or len(crc) < 4:
-            raise RecordError(index, "the file ends inside the record (truncated)")
+            raise RecordError(index, f"the file ends inside the record at {at} (truncated)")
         yield data, crc, offset
         index += 1
         offset += 16 + n
@@ -450,8 +465,11 @@ def census(path: str, compression_type: str) -> Census:
 class RecordReader:
     """Reads record `index` of a file, assuming indices mostly come in order.
 
-    Raises RecordError (a ValueError) for a record that cannot be read; a
-    damaged one leaves the file open, so the records after it read on.
+    Raises RecordError (a ValueError) for a record that cannot be read: a
+    damaged one (the records after it are still read), or one that cannot
+    be located because reading the file stopped before it. The stop is kept,
+    so each later index of that file is refused at once instead of reading
+    the file again from its start.
     """
 
     def __init__(self, compression_of):
@@ -459,33 +477,46 @@ class RecordReader:
         self._path = None
         self._iter = None
         self._next = 0
+        self._ended = None  # (RecordError of the record at self._next, reason for those after it)
+
+    def _open(self, path: str) -> None:
+        self._iter, self._ended = None, None
+        self._path, self._next = path, 0
+        try:
+            self._iter = read_records(path, self._compression_of(path))
+        except OSError as e:
+            reason = f"cannot read: {e.strerror or e}"
+            self._ended = (RecordError(0, reason), reason)
+
+    def _refuse(self, index: int):
+        error, later = self._ended
+        return error if index == error.index else RecordError(index, later)
 
     def read(self, path: str, index: int) -> bytes:
-        if path != self._path or index < self._next or self._iter is None:
-            self._iter = None
-            try:
-                self._iter = read_records(path, self._compression_of(path))
-            except OSError as e:
-                raise RecordError(index, f"cannot read: {e.strerror or e}") from None
-            self._path, self._next = path, 0
+        if path != self._path or index < self._next:
+            self._open(path)
+        if self._ended is not None:
+            raise self._refuse(index)
         try:
-            while self._next < index:
-                next(self._iter)
+            while True:
+                record = next(self._iter)
                 self._next += 1
-            self._next += 1
-            record = next(self._iter)
+                if self._next > index:
+                    break
         except StopIteration:
-            self._iter = None
-            raise RecordError(index, "record missing (the file is shorter than when it was counted)") from None
+            reason = "record missing (the file is shorter than when it was counted)"
+            self._ended = (RecordError(self._next, reason), reason)
         except OSError as e:
-            self._iter = None
-            raise RecordError(index, f"cannot read: {e.strerror or e}") from None
-        except RecordError:
-            self._iter = None
-            raise
-        if isinstance(record, RecordError):
-            raise record
-        return record
+            reason = f"cannot read: {e.strerror or e}"
+            self._ended = (RecordError(self._next, reason), reason)
+        except RecordError as e:
+            self._ended = (e, unreachable(e.index, e.reason))
+        else:
+            if isinstance(record, RecordError):
+                raise record
+            return record
+        self._iter = None
+        raise self._refuse(index)
 
 
 def parse_example(record: bytes, image_key: str, label_key: str):

@@ -477,10 +477,16 @@ class TfrecordFile:
             os.close(fd)
 
     def items(self):
-        """(an Item per readable record, a skipped entry per record that is not).
+        items, skipped, _ = self.survey()
+        return items, skipped
+
+    def survey(self):
+        """(items, skipped entries, end): an Item per readable record, an entry per record that is not.
 
         A record with damaged data is skipped alone, and the records after
-        it stay inputs; where reading stops early, that index is skipped.
+        it stay inputs. Where reading stops early (a damaged header, a cut),
+        `end` is (index, reason) and that index is skipped; no record after
+        it can be located, so the reason says what is lost.
         """
         from .records import census
 
@@ -488,15 +494,18 @@ class TfrecordFile:
         try:
             compression = self.compression_type()
         except OSError as e:
-            return [], [{"source": f"{name}:0", "reason": f"cannot read: {_why(e)}"}]
+            reason = f"cannot read: {_why(e)}"
+            return [], [{"source": f"{name}:0", "reason": reason}], (0, reason)
         found = census(self.path, compression)
         damaged = {e.index: e.reason for e in found.damaged}
         items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(found.count) if i not in damaged]
         skipped = [{"source": f"{name}:{i}", "reason": f"corrupt TFRecord data: {reason}"}
                    for i, reason in damaged.items()]
+        end = None
         if found.end:
+            end = (found.count, found.end)
             skipped.append({"source": f"{name}:{found.count}", "reason": found.end})
-        return items, skipped
+        return items, skipped, end
 
 
 def source_for(path: str, compression: str | None = None, key: str | None = None):
@@ -601,6 +610,8 @@ class TfdsDataset:
                               "IDCT, which differs by a few levels")
 
     def items(self):
+        from .records import unreachable
+
         items, skipped, differ = [], [], []
         lengths = self.split.lengths or (None,) * len(self.split.files)
         for rel, want in zip(self.split.files, lengths):
@@ -609,8 +620,12 @@ class TfdsDataset:
                 skipped.append({"source": rel, "reason": "no such file (dataset_info.json lists it)"})
                 found = []
             else:
-                found, bad = TfrecordFile(full, None, rel).items()
+                found, bad, end = TfrecordFile(full, None, rel).survey()
                 skipped.extend(bad)
+                if end is not None and want is not None:
+                    # dataset_info.json says how many records the file held: each one lost past the stop is named
+                    skipped.extend({"source": f"{rel}:{i}", "reason": unreachable(*end)}
+                                   for i in range(end[0] + 1, want))
             items.extend(found)
             if want is not None and len(found) != want:
                 differ.append({"file": rel, "expected": want, "found": len(found)})

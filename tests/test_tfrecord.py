@@ -161,6 +161,96 @@ def test_a_record_with_damaged_data_costs_only_itself(cli, tmp_path):
     assert r.exit_code == 1 and "bad.tfrecord:3" in r.stderr and "data checksum" in r.stderr
 
 
+def test_a_damaged_record_header_says_what_it_hides(cli, tmp_path):
+    """No record after a header that cannot be trusted can be located: the bytes lost are named."""
+    os.chdir(tmp_path)
+    arrs, offsets = records_file(tmp_path / "bad.tfrecord", 7)
+    flip(tmp_path / "bad.tfrecord", offsets[3] + 2)  # record 3's length field
+    size = (tmp_path / "bad.tfrecord").stat().st_size
+    r = cli("encode", "bad.tfrecord", "-o", "out")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["num_examples"] == 3
+    (skip,) = m["skipped"]
+    assert skip["source"] == "bad.tfrecord:3"
+    assert "length checksum mismatch" in skip["reason"] and f"offset {offsets[3]}" in skip["reason"]
+    assert f"the {size - offsets[3] - 12} bytes after it cannot be read" in skip["reason"]  # records 4..6 among them
+    assert skip["reason"] in r.stderr
+    assert sorted(encoded(tmp_path / "out")) == [f"bad.tfrecord:{i}" for i in range(3)]
+    r = cli("verify", "out", "--against", "bad.tfrecord")
+    assert r.exit_code == 0 and "3 equal to their sources" in r.stderr, r.output
+
+
+def test_records_damaged_after_they_were_counted_are_each_reported(cli, tmp_path, monkeypatch):
+    """Files counted whole at discovery and damaged before they are read: every planned record is accounted for."""
+    from logitify_cli import sources
+
+    os.chdir(tmp_path)
+    _, offsets = records_file(tmp_path / "data.tfrecord", 7)
+    _, head_offsets = records_file(tmp_path / "head.tfrecord", 7, seed=1)
+    discover = sources.discover
+
+    def then_damaged(*args, **kwargs):
+        inventory = discover(*args, **kwargs)
+        flip(tmp_path / "data.tfrecord", offsets[3] + 12 + 5)
+        flip(tmp_path / "head.tfrecord", head_offsets[3] + 2)
+        return inventory
+
+    monkeypatch.setattr(sources, "discover", then_damaged)
+    r = cli("encode", "data.tfrecord", "head.tfrecord", "-o", "out")
+    assert r.exit_code == 0, r.output
+    assert "encoded 9 images" in r.stderr and "(5 skipped)" in r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert sorted(reasons) == ["data.tfrecord:3"] + [f"head.tfrecord:{i}" for i in range(3, 7)]
+    assert "data checksum mismatch" in reasons["data.tfrecord:3"]
+    assert "length checksum mismatch" in reasons["head.tfrecord:3"]
+    for i in range(4, 7):
+        assert "unreachable after record 3" in reasons[f"head.tfrecord:{i}"]
+    assert sorted(encoded(tmp_path / "out")) == \
+        [f"data.tfrecord:{i}" for i in (0, 1, 2, 4, 5, 6)] + [f"head.tfrecord:{i}" for i in range(3)]
+
+
+def tfds_folder(root, lengths):
+    """A prepared TFDS folder, written by hand, of one split 'train' with 8x6 RGB images and no label."""
+    root.mkdir()
+    (root / "dataset_info.json").write_text(json.dumps({
+        "name": "tiny", "version": "1.0.0",
+        "splits": [{"name": "train", "shardLengths": [str(n) for n in lengths]}]}))
+    image = {"pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
+             "image": {"shape": {"dimensions": ["8", "6", "3"]}, "dtype": "uint8", "encodingFormat": "png"}}
+    (root / "features.json").write_text(json.dumps({
+        "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+        "featuresDict": {"features": {"image": image}}}))
+    return [root / f"tiny-train.tfrecord-{i:05d}-of-{len(lengths):05d}" for i in range(len(lengths))]
+
+
+def test_damage_in_tfds_shards_skips_only_what_it_must_and_names_every_record_lost(cli, tmp_path):
+    """dataset_info.json says how many records a shard held, so each one a damaged header hides is named."""
+    os.chdir(tmp_path)
+    data, head = tfds_folder(tmp_path / "tiny", [7, 7])
+    arrs, offsets = records_file(data, 7)
+    _, head_offsets = records_file(head, 7, seed=1)
+    flip(data, offsets[3] + 12 + 5)
+    flip(head, head_offsets[3] + 2)
+    r = cli("encode", "tiny", "-o", "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["num_examples"] == 9
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert sorted(reasons) == [f"{data.name}:3"] + [f"{head.name}:{i}" for i in range(3, 7)]
+    assert "data checksum mismatch" in reasons[f"{data.name}:3"]
+    assert "length checksum mismatch" in reasons[f"{head.name}:3"]
+    for i in range(4, 7):
+        assert "unreachable after record 3" in reasons[f"{head.name}:{i}"]
+    got = encoded(tmp_path / "out")
+    assert sorted(got) == [f"{data.name}:{i}" for i in (0, 1, 2, 4, 5, 6)] + [f"{head.name}:{i}" for i in range(3)]
+    for i in (0, 1, 2, 4, 5, 6):
+        np.testing.assert_array_equal(got[f"{data.name}:{i}"], arrs[i])
+    r = cli("verify", "out", "--against", "tiny")
+    assert r.exit_code == 0 and "9 equal to their sources" in r.stderr, r.output
+
+
 def test_tfrecord_output_equals_npz_and_loads_everywhere(cli, image_folder, tmp_path):
     src, truth = image_folder
     assert cli("encode", src, "-o", tmp_path / "n", "--shard-size", "6").exit_code == 0
