@@ -1,8 +1,9 @@
-"""The one place TensorFlow is imported, late and quietly.
+"""The one place TensorFlow is imported, late, and for the command line quietly.
 
 TensorFlow's import costs seconds and prints start-up lines from C++ before
 its own log level applies, so the CLI imports it only when a command needs it,
-with the process's stderr file descriptor pointed elsewhere meanwhile.
+with the process's stderr file descriptor pointed elsewhere meanwhile. A
+library caller's import changes nothing in their process.
 
 The import happens once, under a lock: two threads redirecting fd 2 at the
 same time would each save the other's redirection and leave stderr pointing
@@ -49,6 +50,15 @@ def tf():
 
 def _import():
     global _tf
+    if not own_process:
+        # A library caller's process: TensorFlow is imported as the caller's
+        # own import would be, with their log level, oneDNN choice, Keras and
+        # optimizer options. The transform's bits do not depend on them (its
+        # functions are compiled by XLA; tests/test_subprocess.py checks).
+        import tensorflow as module
+
+        _tf = module
+        return module
     # TensorFlow's C++ logging reads its level once, early in the import.
     # Unless verbose it is 3 whatever the environment says (a user's 0 made
     # XLA's start-up lines appear); the user's own value is put back after.
@@ -70,7 +80,7 @@ def _import():
         sys.modules[_KERAS_EAGER] = None
     # Only an import that happens here: a program that loaded TensorFlow
     # itself and then runs a command keeps its heap as it was.
-    ours = own_process and "tensorflow" not in sys.modules
+    ours = "tensorflow" not in sys.modules
     paused = ours and gc.isenabled()
     if paused:
         gc.disable()

@@ -381,6 +381,7 @@ def test_two_threads_importing_tensorflow_leave_stderr_working():
     code = (
         "import os, sys, threading, time\n"
         "from logitify_cli import _tf\n"
+        "_tf.own_process = True\n"  # as the command line sets it
         "real_dup2, moves = os.dup2, []\n"
         "def spy(fd, fd2, *a):\n"
         "    if fd2 == 2:\n"
@@ -404,10 +405,11 @@ def test_two_threads_importing_tensorflow_leave_stderr_working():
 
 
 @pytest.mark.parametrize("level", ["0", "1", "2"])
-def test_a_users_log_level_does_not_let_tensorflow_talk(level):
+def test_a_users_log_level_does_not_let_tensorflow_talk_in_a_command(level):
     code = (
         "import os\n"
         "from logitify_cli import _tf\n"
+        "_tf.own_process = True\n"  # as the command line sets it
         "tf = _tf.tf()\n"
         "f = tf.function(lambda x: tf.reduce_sum(x * 2.0), jit_compile=True)\n"  # XLA logs its start-up
         "f(tf.ones([8]))\n"
@@ -419,8 +421,25 @@ def test_a_users_log_level_does_not_let_tensorflow_talk(level):
 
 
 def test_verbose_shows_tensorflows_lines():
-    r = _python("from logitify_cli import _tf\n_tf.verbose = True\n_tf.tf()\n")
+    r = _python("from logitify_cli import _tf\n_tf.own_process = _tf.verbose = True\n_tf.tf()\n")
     assert r.returncode == 0 and r.stderr.strip()
+
+
+def test_a_library_caller_keeps_its_own_tensorflow_settings():
+    """The library imports TensorFlow as the caller would: their log level, oneDNN, Keras, optimizer options."""
+    code = (
+        "import os\n"
+        "from logitify_cli import _tf\n"
+        "tf = _tf.tf()\n"
+        "f = tf.function(lambda x: tf.reduce_sum(x * 2.0), jit_compile=True)\n"
+        "f(tf.ones([8]))\n"
+        "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0' and 'TF_ENABLE_ONEDNN_OPTS' not in os.environ\n"
+        "assert tf.config.optimizer.get_experimental_options().get('arithmetic_optimization') is None\n"
+        "assert tf.get_logger().level == 0\n"
+    )
+    r = _python(code, {"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip()  # the caller asked for TensorFlow's lines, and gets them
 
 
 # -- lists of paths on stdin -------------------------------------------------------------

@@ -35,11 +35,19 @@ def test_help_does_not_import_tensorflow():
 
 
 def test_tensorflow_loads_without_keras_and_keras_still_imports_after():
-    # A library caller's garbage collector is left as it was (only the command line pauses and freezes it).
-    code = ("import gc, sys\nfrom logitify_cli._tf import tf\ntf()\n"
+    """The command line's import skips Keras; a program importing Keras afterwards gets it whole."""
+    code = ("import gc, sys\nfrom logitify_cli import _tf\n_tf.own_process = True\n_tf.tf()\n"
             "assert 'keras' not in sys.modules, 'keras was imported'\n"
+            "import keras\nfrom keras import layers\nassert _tf.tf().keras.layers.Dense is layers.Dense\n"
+            "print('ok')\n")
+    assert run_code(code, timeout=120).strip().endswith("ok")
+
+
+def test_a_library_import_leaves_the_callers_process_alone():
+    """Collector, Keras and environment: as a plain `import tensorflow` would leave them."""
+    code = ("import gc, os, sys\nfrom logitify_cli._tf import tf\ntf()\n"
             "assert gc.isenabled() and gc.get_freeze_count() == 0, gc.get_freeze_count()\n"
-            "import keras\nfrom keras import layers\nassert tf().keras.layers.Dense is layers.Dense\n"
+            "assert 'TF_ENABLE_ONEDNN_OPTS' not in os.environ and 'TF_CPP_MIN_LOG_LEVEL' not in os.environ\n"
             "print('ok')\n")
     assert run_code(code, timeout=120).strip().endswith("ok")
 
@@ -229,3 +237,25 @@ def test_a_command_run_in_process_puts_back_what_it_set(tmp_path):
             f"try:\n    main(['info', {str(tmp_path / 'missing')!r}])\nexcept SystemExit as e:\n    assert e.code == 1\n"
             "assert signal.getsignal(signal.SIGTERM) is mine and not _tf.own_process\nprint('ok')\n")
     assert run_code(code, timeout=120).strip().endswith("ok")
+
+
+def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
+    """The command line imports TensorFlow with oneDNN and Grappler's arithmetic rewrites off, a library
+    caller with their own settings (here both on): the same logits, log-dets and inverse, bit for bit."""
+    code = ("import hashlib, sys\nimport numpy as np\nfrom logitify_cli import _tf\n"
+            "_tf.own_process = sys.argv[1] == 'cli'\ntf = _tf.tf()\n"
+            "from logitify_cli.transform import LogitTransform, TransformParams, image_seeds\n"
+            "images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)\n"
+            "seeds, h = image_seeds(0, [str(i) for i in range(32)]), hashlib.sha256()\n"
+            "for noise in ('uniform', 'gaussian', 'none'):\n"
+            "    for alpha, c, bits in ((1e-6, 0.01, 8), (0.05, 1.0, 8), (0.5, 3.0, 5), (0.999, 1.0, 1)):\n"
+            "        t = LogitTransform(TransformParams(alpha, c, noise, bits), (8, 8, 3))\n"
+            "        y, logdet = t.forward(images, seeds)\n"
+            "        h.update(y.tobytes() + logdet.tobytes() + np.asarray(t.inverse(y)).tobytes())\n"
+            "print(h.hexdigest())\n")
+    digests = []
+    for mode, env in (("cli", ENV), ("library", {**ENV, "TF_ENABLE_ONEDNN_OPTS": "1"})):
+        r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        digests.append(r.stdout.split()[-1])
+    assert digests[0] == digests[1]
