@@ -128,8 +128,9 @@ class Collector:
         if got is not None and got != self.shape:
             shape = self.shape
             raise LogitifyError(
-                f"{it.key} is {got[1]}x{got[0]} (channels {got[2]}) but the dataset is "
-                f"{shape[1]}x{shape[0]} (set by {self.task.first_key}); pass --size HxW to resize all images"
+                f"{it.key} is {got[1]} wide and {got[0]} high ({got[2]} channels) but the dataset is "
+                f"{shape[1]} wide and {shape[0]} high (set by {self.task.first_key}); pass --size "
+                f"{shape[0]}x{shape[1]} (height x width) to resize all images to that"
             )
         if arr is None:
             if self.task.options.on_error == "fail":

@@ -378,3 +378,14 @@ def test_transform_values_float32_cannot_carry_are_usage_errors(cli, image_folde
     src, _ = image_folder
     r = cli("encode", src, "-o", tmp_path / "o", opt, value)
     assert r.exit_code == 2 and "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_an_image_of_another_size_names_the_size_option_to_pass(cli, image_folder, tmp_path, rng):
+    """The suggestion is given in --size's own order (height x width), ready to paste."""
+    from conftest import photo, save
+
+    src, _ = image_folder  # 24 high, 32 wide
+    save(str(src / "dogs" / "zz_odd.png"), photo(rng, 20, 16))
+    r = cli("encode", src, "-o", tmp_path / "o")
+    assert r.exit_code == 1
+    assert "dogs/zz_odd.png is 16 wide and 20 high" in r.stderr and "pass --size 24x32" in r.stderr, r.stderr
