@@ -66,8 +66,8 @@ def key_relpath(key: str) -> str:
         raise ValueError("key climbs out of the output folder ('..')")
     if not parts:
         raise ValueError("key names the output folder itself, not a file in it")
-    if any(len(os.fsencode(p)) > NAME_MAX - 4 for p in parts):  # room for '.png'
-        raise ValueError(f"key has a name longer than {NAME_MAX - 4} bytes")
+    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        raise ValueError(f"key has a name longer than {NAME_MAX} bytes")
     if os.name == "nt":
         devices = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
         if any(p.split(".")[0].rstrip(" ").upper() in devices for p in parts):
@@ -75,12 +75,17 @@ def key_relpath(key: str) -> str:
     return "/".join(parts)
 
 
-def png_relpath(key: str) -> str:
+def png_relpath(key: str, replace_suffix: bool = True) -> str:
+    """The key's PNG file: its image suffix replaced by '.png' (or, without replace_suffix, '.png' added)."""
     rel = key_relpath(key)
     stem, ext = os.path.splitext(rel)
-    if ext.lower() in IMAGE_SUFFIXES and not stem.endswith("/") and os.path.basename(stem):
-        return stem + ".png"
-    return rel + ".png"
+    if replace_suffix and ext.lower() in IMAGE_SUFFIXES and not stem.endswith("/") and os.path.basename(stem):
+        rel = stem + ".png"
+    else:
+        rel += ".png"
+    if len(os.fsencode(os.path.basename(rel))) > NAME_MAX:
+        raise ValueError(f"key's file name with '.png' is longer than {NAME_MAX} bytes")
+    return rel
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -352,11 +357,13 @@ class PngOutput(ImageOutput):
         self._taken = set()
 
     def _target(self, key: str, label: int = -1) -> str:
-        if 0 <= label < len(self.classes) and not key.startswith(self.classes[label] + "/"):
-            key = self.classes[label] + "/" + key
+        if 0 <= label < len(self.classes):
+            folder = self.classes[label].lstrip("/")  # TFDS's own names can be paths: '/a/abbey'
+            if folder and not key.startswith(folder + "/"):
+                key = folder + "/" + key
         rel = png_relpath(key)
         if rel in self._taken:  # e.g. a.jpg and a.png both in the input
-            rel = key_relpath(key) + ".png"
+            rel = png_relpath(key, replace_suffix=False)
             if rel in self._taken:
                 raise ValueError(f"two keys map to the same file {rel!r}")
         self._taken.add(rel)

@@ -389,3 +389,32 @@ def test_an_image_of_another_size_names_the_size_option_to_pass(cli, image_folde
     r = cli("encode", src, "-o", tmp_path / "o")
     assert r.exit_code == 1
     assert "dogs/zz_odd.png is 16 wide and 20 high" in r.stderr and "pass --size 24x32" in r.stderr, r.stderr
+
+
+def test_decode_gives_back_what_encode_took_long_names_and_path_like_class_names(cli, tmp_path, rng):
+    """A 255-byte file or folder name fits as it came; class names that are paths ('/a/abbey', as in
+    TFDS's sun397) become folders inside the output, not absolute paths."""
+    import json
+
+    from conftest import photo, save
+
+    src = tmp_path / "in"
+    long_file = "a" * 251 + ".png"
+    long_folder = "k" * 255
+    arr = photo(rng, 4, 4)
+    save(str(src / "c" / long_file), arr)
+    save(str(src / long_folder / "x.png"), arr)
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "back")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "back" / "c" / long_file).exists() and (tmp_path / "back" / long_folder / "x.png").exists()
+
+    manifest = tmp_path / "ds" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["classes"] == ["c", long_folder]
+    m["classes"] = ["/a/abbey", "/b/barn"]
+    manifest.write_text(json.dumps(m))
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "sun")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.relative_to(tmp_path / "sun").as_posix() for p in (tmp_path / "sun").rglob("*.png")) == \
+        [f"a/abbey/c/{long_file}", f"b/barn/{long_folder}/x.png"]
