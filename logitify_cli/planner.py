@@ -343,6 +343,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         if mapping is not None:
             inv.items.relabel(mapping)
         run_classes = base.classes
+    fmt.check_classes(run_classes)
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.

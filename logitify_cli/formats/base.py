@@ -169,6 +169,9 @@ class ShardFormat:
         """
         return count * (4 * int(np.prod(shape)) + (64 << 10)) + (1 << 20)
 
+    def check_classes(self, classes) -> None:
+        """Refuse, before anything is written, class names this format's metadata cannot carry."""
+
     def metadata_files(self, manifest) -> list:
         """Names of the files write_metadata() writes for this manifest."""
         return []

@@ -277,6 +277,15 @@ class TfrecordFormat(ShardFormat):
             return []  # TFDS reads only plain TFRecords; our own loader reads GZIP
         return [f for f in TFDS_FILES if f != "label.labels.txt" or manifest.classes]
 
+    def check_classes(self, classes) -> None:
+        """label.labels.txt holds one name a line: a name with a line break would shift every class after it."""
+        from ..report import printable
+
+        for name in classes or ():
+            if any(c in name for c in "\n\r"):
+                raise LogitifyError(f"class {printable(name)} has a line break, which TFDS's label.labels.txt "
+                                    "(one name a line) cannot hold; rename it, or write -f npz")
+
     def write_metadata(self, out_dir, manifest):
         if manifest.compressed:
             return []
