@@ -309,7 +309,7 @@ def main():
                    "manifest records them.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where TensorFlow runs the transform.")
-@click.option("--workers", type=click.IntRange(1), default=None, help="Processes that read images [all cores].")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Processes that read images [all cores; at most 4 a core].")
 @click.option("--compress", is_flag=True, help="Deflate npz shards / GZIP TFRecord shards.")
 @click.option("--compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
               help="Compression of TFRecord inputs (auto detects GZIP).")
@@ -446,7 +446,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 @click.option("-f", "--format", "fmt", type=RegistryChoice(_image_outputs), default="png", show_default=True,
               help="Lossless PNGs at each key, or uint8 npz arrays per shard.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
-@click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores].")
+@click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores; at most 4 a core].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,

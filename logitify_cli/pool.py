@@ -18,6 +18,9 @@ from concurrent.futures.process import BrokenProcessPool
 from .errors import LogitifyError
 
 
+PER_CORE = 4  # the most workers a pool starts per core, whatever was asked
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -47,6 +50,9 @@ class OrderedPool:
     """
 
     def __init__(self, workers: int):
+        # Readers and writers are busy on a core each: more than a few per core only costs forks
+        # and memory (--workers 1000 forked a thousand processes for 450 images).
+        workers = min(workers, PER_CORE * default_workers())
         self.workers = workers
         self.pool = None
         self._closing = threading.Lock()

@@ -76,3 +76,12 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
     assert r.exit_code == 130 and "any images already written are kept" in r.stderr and "--resume" not in r.stderr
     r = cli("verify", out)
     assert r.exit_code == 130 and r.stderr.strip() == "logitify: interrupted"
+
+
+def test_a_pool_starts_at_most_a_few_workers_per_core():
+    """--workers 1000 forked a thousand processes for a few hundred images; a core keeps at most PER_CORE busy."""
+    from logitify_cli.pool import PER_CORE, OrderedPool, default_workers
+
+    with OrderedPool(1000) as pool:
+        assert pool.workers == min(1000, PER_CORE * default_workers())
+        assert [r for _, r in pool.imap(abs, [(None, -i) for i in range(20)])] == list(range(20))
