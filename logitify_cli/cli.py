@@ -102,7 +102,20 @@ def _image_outputs():
     return list(IMAGE_OUTPUTS)
 
 
-class BeamArgsCommand(click.Command):
+class JsonCommand(click.Command):
+    """With --json, a usage error is also the one JSON object on stdout, as every other outcome is."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        ours = args[:args.index("--")] if "--" in args else list(args)  # click consumes args as it parses
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            if "--json" in ours:
+                click.echo(json.dumps({"ok": False, "error": e.format_message()}))
+            raise
+
+
+class BeamArgsCommand(JsonCommand):
     """Everything after a bare `--` is handed to Apache Beam as pipeline options."""
 
     def parse_args(self, ctx, args):
@@ -494,7 +507,7 @@ invert.short_help = "The same as decode (its other name)."
 main.add_command(invert, "invert")
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(cls=JsonCommand, context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
@@ -515,7 +528,7 @@ def info(dataset, plot_path, split, report):
     return run_info(dataset, plot_path, report=report, split=split)
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(cls=JsonCommand, context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path())
 @click.argument("more_sources", nargs=-1, metavar="")
 @click.option("--against", multiple=True, metavar="SOURCES...",

@@ -430,3 +430,15 @@ def test_a_class_name_with_a_line_break_is_refused_for_tfrecord_metadata(cli, tm
     r = cli("encode", src, "-o", tmp_path / "t", "-f", "tfrecord")
     assert r.exit_code == 1 and "line break" in r.stderr and not list((tmp_path / "t").glob("*tfrecord*"))
     assert cli("encode", src, "-o", tmp_path / "n", "-f", "npz").exit_code == 0  # the npz manifest holds any name
+
+
+@pytest.mark.parametrize("args", [["encode", "{src}", "-o", "{out}", "--alpha", "2"], ["info"],
+                                  ["verify", "{out}", "--bogus"], ["decode", "{out}"]])
+def test_with_json_a_usage_error_is_one_json_object_too(cli, image_folder, tmp_path, args):
+    import json
+
+    src, _ = image_folder
+    r = cli(*[a.format(src=src, out=tmp_path / "o") for a in args], "--json")
+    assert r.exit_code == 2
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and out["error"] and r.stdout.count("\n") == 1
