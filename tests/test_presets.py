@@ -158,7 +158,7 @@ def test_cifar10_refuses_photos_before_writing_anything(cli, tmp_path, rng):
     out = tmp_path / "out"
     r = cli("encode", src, "-o", out, "--preset", "cifar10", "--workers", "1")
     assert r.exit_code == 1
-    assert "preset cifar10 takes 32x32 images" in r.stderr and "a.jpg is 640 wide and 480 high" in r.stderr
+    assert "preset cifar10 takes 32x32 images" in r.stderr and "a.jpg is 640x480" in r.stderr
     assert not (out / "manifest.json").exists()
     # A 32x32 image first, a photo later: the run still stops, naming the photo.
     save(str(src / "0.png"), photo(rng, 32, 32))
