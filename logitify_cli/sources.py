@@ -692,6 +692,26 @@ class BucketPrefix:
         return items, skipped
 
 
+def _refuse_nested(kinds: dict) -> None:
+    """A source inside a folder that is also a source would give its images twice, under two keys each."""
+    folders = {os.path.realpath(p): p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m)}
+    if not folders or len(kinds) < 2:
+        return
+    for path, mode in kinds.items():
+        if not isinstance(mode, int):
+            continue
+        real = os.path.realpath(path)
+        parent = os.path.dirname(real)
+        while True:
+            if parent in folders and folders[parent] != path:
+                raise UsageError(f"{short(path)} lies inside {short(folders[parent])}, also a source: its images "
+                                 "would be encoded twice, under two keys")
+            up = os.path.dirname(parent)
+            if up == parent:
+                break
+            parent = up
+
+
 def discover(paths, compression: str | None = None, *, tfds_split: str | None = None,
              image_key: str | None = None, label_key: str | None = None) -> Inventory:
     """Everything the user named, found and keyed; nothing is read or waited on.
@@ -712,6 +732,7 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
             others = [p for p in paths if p != tfds[0]]
             raise UsageError(f"{tfds[0]} is a TFDS dataset: encode it on its own, not with {others[0]}")
         return tfds_inventory(TfdsDataset(tfds[0], tfds_split, image_key, label_key))
+    _refuse_nested(kinds)
     keys = single_file_keys(p for p in kinds if not (isinstance(kinds[p], int) and stat.S_ISDIR(kinds[p])))
     items, skipped = SortedRuns(), []
     for path in paths:

@@ -145,3 +145,20 @@ def test_read_jobs_hold_every_input_once_in_order_and_shrink_at_the_end(total, n
         if cap is not None:  # and not an item later than that
             assert sum(map(weight, job[:-1])) < cap
         done += len(job)
+
+
+def test_a_source_inside_another_source_is_refused(tmp_path, rng):
+    """Keys are relative to each source: a folder inside another would give its images twice, under two keys."""
+    from conftest import photo, save
+    from logitify_cli.errors import UsageError
+    from logitify_cli.sources import discover
+
+    inner = tmp_path / "in" / "s1" / "objects"
+    for i in range(3):
+        save(str(inner / f"{i}.png"), photo(rng, 4, 4))
+    save(str(tmp_path / "in" / "s1" / "top.png"), photo(rng, 4, 4))
+    outer = tmp_path / "in" / "s1"
+    for paths in ([outer, inner], [inner, outer], [outer, outer / "top.png"], [str(tmp_path / "in") + "/./s1", inner]):
+        with pytest.raises(UsageError, match="inside"):
+            discover([str(p) for p in paths])
+    assert len(discover([str(inner), str(outer / "top.png")]).items) == 4  # side by side: each once
