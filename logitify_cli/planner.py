@@ -187,6 +187,32 @@ class RunPlan:
         return {it.key: j // self.shard_size for j, it in enumerate(self.items) if it.key in keys}
 
 
+CHANNEL_SAMPLE = 64  # image files, spread over the run, whose modes choose channels with the first's
+
+
+def _all_grayscale(items, opts) -> bool:
+    """Whether a sample of image files spread over the inputs are all grayscale, read from their headers.
+
+    One grey image first in key order (ImageNet has some) would otherwise
+    make a whole colour dataset grey. Records and bucket objects are left
+    out: reaching a spread of them means reading most of what holds them.
+    """
+    files = np.flatnonzero(np.asarray([it.index < 0 and "://" not in it.path for it in items], bool)) \
+        if len(items) <= CHANNEL_SAMPLE else None
+    if files is None:
+        at = np.unique(np.linspace(0, len(items) - 1, CHANNEL_SAMPLE).astype(np.int64))
+        files = np.asarray([i for i in at if items[int(i)].index < 0 and "://" not in items[int(i)].path], np.int64)
+    for _, payload, _ in payloads(items.select(files), opts):
+        if isinstance(payload, BaseException):
+            continue
+        try:
+            if not images_mod.is_grayscale_mode(images_mod.peek_mode(payload, opts.max_pixels)):
+                return False
+        except images_mod.ImageReadError:
+            continue
+    return True
+
+
 def probe(items, opts: EncodeOptions):
     """(shape, channels, item) of the first readable input in order, or (None, None, None)."""
     for it, payload, _ in payloads(items, opts):
@@ -196,7 +222,7 @@ def probe(items, opts: EncodeOptions):
             channels = opts.channels
             if channels is None:
                 mode = images_mod.peek_mode(payload, opts.max_pixels)
-                channels = 1 if images_mod.is_grayscale_mode(mode) else 3
+                channels = 1 if images_mod.is_grayscale_mode(mode) and _all_grayscale(items, opts) else 3
             arr = images_mod.read_image(payload, channels, opts.geometry, opts.max_pixels)
             return arr.shape, channels, it
         except images_mod.ImageReadError:

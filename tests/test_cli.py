@@ -442,3 +442,19 @@ def test_with_json_a_usage_error_is_one_json_object_too(cli, image_folder, tmp_p
     assert r.exit_code == 2
     out = json.loads(r.stdout)
     assert out["ok"] is False and out["error"] and r.stdout.count("\n") == 1
+
+
+def test_one_grey_image_first_does_not_make_a_colour_dataset_grey(cli, tmp_path, rng):
+    """Channels come from the first image and a spread of the others: colour anywhere in the sample wins."""
+    import json
+
+    from conftest import photo, save
+
+    mixed, grey = tmp_path / "mixed", tmp_path / "grey"
+    save(str(mixed / "c" / "a_gray.png"), photo(rng, 8, 8)[:, :, 0])
+    for i in range(5):
+        save(str(mixed / "c" / f"b{i}.png"), photo(rng, 8, 8))
+        save(str(grey / f"{i}.png"), photo(rng, 8, 8)[:, :, 0])
+    for src, channels in ((mixed, 3), (grey, 1)):
+        assert cli("encode", src, "-o", tmp_path / f"o-{src.name}").exit_code == 0
+        assert json.loads((tmp_path / f"o-{src.name}" / "manifest.json").read_text())["shape"] == [8, 8, channels]
