@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -255,12 +256,25 @@ def _opened(source, max_pixels: int):
         yield img
 
 
+_LIFTED = threading.Lock()
+
+
 def _open(fp, max_pixels: int, path=None):
     """Open lazily (header only) and refuse bombs before decoding; `path` names fp for reasons."""
+    limit = Image.MAX_IMAGE_PIXELS
+    lift = limit is not None and max_pixels > limit  # --max-pixels above Pillow's own: ours is the limit
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore" if lift else "error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(fp)
+            if lift:
+                with _LIFTED:  # Pillow's limit is a module global: lifted for this header read only
+                    Image.MAX_IMAGE_PIXELS = None
+                    try:
+                        img = Image.open(fp)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = limit
+            else:
+                img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageReadError(f"decompression bomb: {e}") from None
         except (UnidentifiedImageError, OSError) as e:

@@ -109,3 +109,19 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         read_image(str(path), 3)
     with pytest.raises(ImageReadError, match="decompression bomb"):
         read_image(str(path), 3, max_pixels=10_000)
+
+
+@pytest.mark.parametrize("side", [40, 50])  # past Pillow's warning, and past its error at twice its limit
+def test_max_pixels_may_go_above_pillows_own_limit(tmp_path, rng, monkeypatch, side):
+    from PIL import Image
+
+    from logitify_cli.images import ImageReadError, read_image
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for fast in (True, False):
+        assert read_image(path, 3, max_pixels=side * side, fast=fast).shape == (side, side, 3)
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            read_image(path, 3, max_pixels=1000, fast=fast)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted only while a header was read
