@@ -348,7 +348,9 @@ class LogitTransform:
         """[B, Dp] uint32 hash bits, then floats in [0, 1) with 24 bits."""
         tf = self.tf
         u32 = tf.uint32
-        idx = tf.constant(np.arange(self.padded_dims, dtype=np.uint32)[np.newaxis, :])
+        # Computed in the graph (an iota XLA fuses), not a constant: a constant
+        # of every pixel index was 4 bytes a value, held several times over.
+        idx = tf.cast(tf.range(self.padded_dims, dtype=tf.int64), u32)[tf.newaxis, :]
         s0 = seeds[:, 0:1]
         s1 = seeds[:, 1:2]
 
