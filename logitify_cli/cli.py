@@ -193,12 +193,32 @@ def _command_owns_process(verbose: bool):
             signal.signal(signal.SIGTERM, previous)
 
 
+class _StdoutLost(Exception):
+    """The command's answer could not be written (its cause says why); raised only by _write_out."""
+
+
 def _write_out(text: str) -> None:
     """The command's answer on stdout; a stdout that cannot take it is an error, not a traceback."""
-    if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
-        raise OSError(errno.EBADF, "standard output is closed")
-    click.echo(text)
-    sys.stdout.flush()
+    try:
+        if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
+            raise OSError(errno.EBADF, "standard output is closed")
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as e:
+        raise _StdoutLost() from e
+
+
+def _quiet_stdout() -> None:
+    """What is still buffered for a stdout that failed goes nowhere, so the exit flush cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # None, or not a file (in-process runners): nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def run_command(fn=None, *, interrupted: str = "interrupted"):
@@ -217,13 +237,13 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
         with _command_owns_process(verbose):
             try:
                 _run(*args, verbose=verbose, **kwargs)
-            except BrokenPipeError:  # `logitify info ... | head`: the reader has gone, as with SIGPIPE
-                try:
-                    sys.stdout = None  # nothing more to flush into the closed pipe at exit
-                finally:
+            except _StdoutLost as lost:
+                e = lost.__cause__
+                if isinstance(e, BrokenPipeError):  # `logitify info ... | head`: the reader has gone, as with SIGPIPE
+                    _quiet_stdout()
                     sys.exit(141)
-            except OSError as e:
                 click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
+                _quiet_stdout()
                 sys.exit(1)
 
     def _run(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
@@ -584,7 +604,8 @@ def entry(argv=None):
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: closed by the caller
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe downstream: nothing more to say
             pass
     os._exit(code or 0)

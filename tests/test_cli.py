@@ -458,3 +458,18 @@ def test_one_grey_image_first_does_not_make_a_colour_dataset_grey(cli, tmp_path,
     for src, channels in ((mixed, 3), (grey, 1)):
         assert cli("encode", src, "-o", tmp_path / f"o-{src.name}").exit_code == 0
         assert json.loads((tmp_path / f"o-{src.name}" / "manifest.json").read_text())["shape"] == [8, 8, channels]
+
+
+def test_verbose_shows_a_commands_own_oserror_as_a_traceback(cli, tmp_path, monkeypatch):
+    """Only a failed write of the answer is a stdout error; the command's own OSError is itself."""
+    from logitify_cli import info
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "x")
+
+    monkeypatch.setattr(info, "info", denied)
+    from click.testing import CliRunner
+
+    from logitify_cli.cli import main
+    r = CliRunner().invoke(main, ["info", str(tmp_path), "--verbose"])
+    assert isinstance(r.exception, PermissionError) and "standard output" not in r.output

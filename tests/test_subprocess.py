@@ -228,6 +228,18 @@ def test_an_answer_stdout_cannot_take_is_one_line_not_a_traceback(tmp_path):
                            stderr=subprocess.PIPE, text=True, env=ENV, timeout=120,
                            preexec_fn=lambda: os.close(1))
         assert r.returncode == 1 and "standard output is closed" in r.stderr, r.stderr
+    # A reader gone before the answer (| true): the end of a pipe, as SIGPIPE would make it; encode loads
+    # TensorFlow, whose fast exit flushes the streams again.
+    for args in (["info", str(tmp_path / "ds"), "--json"],
+                 ["encode", str(src), "-o", str(tmp_path / "again"), "--json"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            r = subprocess.run([sys.executable, "-m", "logitify_cli", *args], stdout=write, stderr=subprocess.PIPE,
+                               text=True, env=ENV, timeout=120)
+        finally:
+            os.close(write)
+        assert r.returncode == 141 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_command_run_in_process_puts_back_what_it_set(tmp_path):
