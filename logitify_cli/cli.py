@@ -42,12 +42,11 @@ def _split_name(value):
 
 
 def _dataset_name(ctx, param, value):
-    """--name starts every shard's file name, so it must stay one plain name inside the output folder."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
-        raise click.BadParameter(f"{value!r}: a dataset name is letters, digits, _, - and . (at most 64, "
-                                 "not starting with . or -)")
+    """--name starts every TFRecord shard's file name: it must stay one name inside the output folder."""
+    if (not value or value.startswith(".") or any(c in value for c in "/\\") or not value.isprintable()
+            or len(value.encode("utf-8", "surrogatepass")) > 128):
+        raise click.BadParameter(f"{value!r}: a dataset name is one file name: no / or \\, no control "
+                                 "characters, not starting with '.', at most 128 bytes")
     return value
 
 

@@ -334,7 +334,7 @@ def test_a_failed_decode_leaves_no_empty_folder_behind(cli, image_folder, tmp_pa
     assert r.exit_code == 1 and (tmp_path / "mine").is_dir()
 
 
-@pytest.mark.parametrize("name", ["../escaped", "/abs/name", "sub/x", ".hidden", "", "x" * 65])
+@pytest.mark.parametrize("name", ["../escaped", "/abs/name", "sub/x", "a\\b", ".hidden", "", "x" * 129, "a\nb"])
 def test_a_dataset_name_stays_inside_the_output_folder(cli, image_folder, tmp_path, name):
     """--name starts every shard's file name: a path there would write outside -o."""
     src, _ = image_folder
@@ -473,3 +473,12 @@ def test_verbose_shows_a_commands_own_oserror_as_a_traceback(cli, tmp_path, monk
     from logitify_cli.cli import main
     r = CliRunner().invoke(main, ["info", str(tmp_path), "--verbose"])
     assert isinstance(r.exception, PermissionError) and "standard output" not in r.output
+
+
+@pytest.mark.parametrize("name", ["CelebA HQ", "café", "celeba-64.v2"])
+def test_a_dataset_name_may_be_any_one_file_name(cli, image_folder, tmp_path, name):
+    src, _ = image_folder
+    r = cli("encode", src, "-o", tmp_path / "o", "-f", "tfrecord", "--name", name)
+    assert r.exit_code == 0, r.stderr
+    assert all(p.parent == tmp_path / "o" for p in (tmp_path / "o").glob("*tfrecord*"))
+    assert len(list((tmp_path / "o").glob(f"{name}-train.tfrecord-*"))) == 1
