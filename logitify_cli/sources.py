@@ -693,23 +693,33 @@ class BucketPrefix:
 
 
 def _refuse_nested(kinds: dict) -> None:
-    """A source inside a folder that is also a source would give its images twice, under two keys each."""
-    folders = {os.path.realpath(p): p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m)}
+    """A source the walk of a folder source would also take gives its images twice, under two keys each.
+
+    Seen as the walk sees it: through links to folders (paths as given), and
+    leaving out hidden entries and files without an image name, which it
+    never takes. Folders are also compared by their real paths.
+    """
+    folders = [p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m)]
     if not folders or len(kinds) < 2:
         return
+    roots = [(f, {os.path.abspath(f), os.path.realpath(f)}) for f in folders]
     for path, mode in kinds.items():
         if not isinstance(mode, int):
             continue
-        real = os.path.realpath(path)
-        parent = os.path.dirname(real)
-        while True:
-            if parent in folders and folders[parent] != path:
-                raise UsageError(f"{short(path)} lies inside {short(folders[parent])}, also a source: its images "
-                                 "would be encoded twice, under two keys")
-            up = os.path.dirname(parent)
-            if up == parent:
-                break
-            parent = up
+        is_dir = stat.S_ISDIR(mode)
+        if not is_dir and not is_image_name(os.path.basename(path)):
+            continue
+        spellings = {os.path.abspath(path)} | ({os.path.realpath(path)} if is_dir else set())
+        for folder, views in roots:
+            if folder == path:
+                continue
+            for root in views:
+                for spelling in spellings:
+                    rel = os.path.relpath(spelling, root)
+                    parts = rel.split(os.sep)
+                    if rel != "." and parts[0] != ".." and not any(is_hidden(x) for x in parts):
+                        raise UsageError(f"{short(path)} lies inside {short(folder)}, also a source: its images "
+                                         "would be encoded twice, under two keys")
 
 
 def discover(paths, compression: str | None = None, *, tfds_split: str | None = None,

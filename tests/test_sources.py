@@ -162,3 +162,14 @@ def test_a_source_inside_another_source_is_refused(tmp_path, rng):
         with pytest.raises(UsageError, match="inside"):
             discover([str(p) for p in paths])
     assert len(discover([str(inner), str(outer / "top.png")]).items) == 4  # side by side: each once
+    # What the walk never takes may be named beside its folder: hidden entries, files without an image name.
+    save(str(outer / ".extra" / "b.png"), photo(rng, 4, 4))
+    (outer / "notes.raw").write_bytes(b"x")
+    assert len(discover([str(outer), str(outer / ".extra" / "b.png")]).items) == 5
+    discover([str(outer), str(outer / "notes.raw")])
+    # A link to a folder is walked: a source reached through it is inside too.
+    elsewhere = tmp_path / "elsewhere"
+    save(str(elsewhere / "x.png"), photo(rng, 4, 4))
+    os.symlink(elsewhere, outer / "link")
+    with pytest.raises(UsageError, match="inside"):
+        discover([str(outer), str(outer / "link" / "x.png")])
