@@ -108,6 +108,7 @@ class ShardTask:
     shape: tuple
     channels: int
     first_key: str
+    classes: int | None = None  # how many classes the dataset names; None where it names none
 
     @property
     def expect(self):
@@ -177,7 +178,8 @@ class RunPlan:
         return sorted(hits)
 
     def task(self, spec: ShardSpec) -> ShardTask:
-        return ShardTask(spec, self.items_of(spec), self.options, tuple(self.shape), self.channels, self.first_key)
+        return ShardTask(spec, self.items_of(spec), self.options, tuple(self.shape), self.channels, self.first_key,
+                         len(self.classes) if self.classes else None)
 
     def shards_of(self, keys) -> dict:
         """{key: shard index} for those of `keys` that are inputs (one pass over the inputs)."""

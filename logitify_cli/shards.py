@@ -132,6 +132,11 @@ class Collector:
                 f"{shape[1]} wide and {shape[0]} high (set by {self.task.first_key}); pass --size "
                 f"{shape[0]}x{shape[1]} (height x width) to resize all images to that"
             )
+        classes = self.task.classes
+        if arr is not None and classes is not None and not -1 <= label < classes:
+            # A record's own label beside class folders: it numbers something else, and would be
+            # shown and trained on as a class the dataset does not have (verify refuses it too).
+            arr, reason = None, f"its label {label} names none of the dataset's {classes} classes"
         if arr is None:
             if self.task.options.on_error == "fail":
                 raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")

@@ -344,3 +344,23 @@ def test_examples_are_protobufs_deterministic_bytes(key, label, logdet, size, da
 def test_example_writer_refuses_logits_of_the_wrong_size():
     with pytest.raises(ValueError, match="expected 12"):
         ExampleWriter(12).serialize(b"k", 0, b"\0\0\0\0", b"\0" * 8)
+
+
+def test_record_labels_beside_class_folders_stay_inside_the_classes(cli, tmp_path, rng):
+    """Class folders number the classes; a record's own label past them is skipped, so verify holds."""
+    import tensorflow as tf
+
+    from conftest import save
+
+    for cls in ("cat", "dog"):
+        save(str(tmp_path / "cls" / cls / "0.png"), photo(rng, 8, 8))
+    with tf.io.TFRecordWriter(str(tmp_path / "l.tfrecord")) as w:
+        for label in (0, 1, 7, -5):
+            w.write(example(tf, png_bytes(photo(rng, 8, 8)), label))
+    r = cli("encode", tmp_path / "cls", tmp_path / "l.tfrecord", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["classes"] == ["cat", "dog"] and m["num_examples"] == 4
+    assert sorted(s["source"] for s in m["skipped"]) == ["l.tfrecord:2", "l.tfrecord:3"]
+    assert "names none of the dataset's 2 classes" in r.stderr
+    assert cli("verify", tmp_path / "o").exit_code == 0
