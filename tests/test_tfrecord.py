@@ -364,3 +364,18 @@ def test_record_labels_beside_class_folders_stay_inside_the_classes(cli, tmp_pat
     assert sorted(s["source"] for s in m["skipped"]) == ["l.tfrecord:2", "l.tfrecord:3"]
     assert "names none of the dataset's 2 classes" in r.stderr
     assert cli("verify", tmp_path / "o").exit_code == 0
+
+
+def test_a_huge_promised_count_behind_a_damaged_header_is_one_entry(cli, tmp_path):
+    """shardLengths comes from a stranger: 10**12 lost records are one range, not a list of 10**12."""
+    os.chdir(tmp_path)
+    data, head = tfds_folder(tmp_path / "tiny", [7, 10**12])
+    records_file(data, 7)
+    _, head_offsets = records_file(head, 7, seed=1)
+    flip(head, head_offsets[3] + 2)
+    r = cli("encode", "tiny", "-o", "out")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    lost = [s for s in m["skipped"] if s["source"].startswith(head.name)]
+    assert [s["source"] for s in lost] == [f"{head.name}:3", f"{head.name}:4..{10**12 - 1}"]
+    assert "999999999996 records" in lost[1]["reason"]
