@@ -439,6 +439,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         raise UsageError("no input paths (stdin was empty)")
     try:  # what click's ranges let through (nan, inf, values float32 cannot carry) is a usage error too
         params = TransformParams(alpha=alpha, corruption_level=corruption_level, noise=noise, bits=bits, seed=seed)
+        params.check_float32()
     except ValueError as e:
         raise UsageError(f"{e} (--alpha, --corruption-level)") from None
     opts = EncodeOptions(

@@ -47,18 +47,27 @@ class TransformParams:
     seed: int = 0
 
     def __post_init__(self):
-        # float32 carries the transform: values past these bounds give infinities there.
-        if not (isinstance(self.alpha, (int, float)) and TINY <= self.alpha < 1.0):
-            raise ValueError(f"alpha must lie between {TINY:g} and 1 (not 1), got {self.alpha!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
+            raise ValueError(f"alpha must lie strictly between 0 and 1, got {self.alpha!r}")
         c = self.corruption_level
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and TINY <= c <= HUGE):
-            raise ValueError(f"corruption_level must be a number from {TINY:g} to {HUGE:g}, got {c!r}")
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0.0):
+            raise ValueError(f"corruption_level must be a finite number > 0, got {c!r}")
         if self.noise not in NOISES:
             raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
             raise ValueError(f"bits must be an integer from 1 to 8, got {self.bits!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def check_float32(self) -> None:
+        """For a new encode: float32 carries the transform, and values past these bounds give infinities there.
+
+        Not applied when a manifest is read: a dataset made before the bounds stays readable.
+        """
+        if self.alpha < TINY:
+            raise ValueError(f"alpha must be at least {TINY:g}, got {self.alpha!r}")
+        if not TINY <= self.corruption_level <= HUGE:
+            raise ValueError(f"corruption_level must be from {TINY:g} to {HUGE:g}, got {self.corruption_level!r}")
 
     @property
     def levels(self) -> int:

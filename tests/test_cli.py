@@ -482,3 +482,15 @@ def test_a_dataset_name_may_be_any_one_file_name(cli, image_folder, tmp_path, na
     assert r.exit_code == 0, r.stderr
     assert all(p.parent == tmp_path / "o" for p in (tmp_path / "o").glob("*tfrecord*"))
     assert len(list((tmp_path / "o").glob(f"{name}-train.tfrecord-*"))) == 1
+
+
+def test_a_manifest_with_an_alpha_past_todays_encode_bounds_still_reads(cli, dataset):
+    """The float32 bounds are for new encodes: a dataset made before them opens as it did."""
+    import json
+
+    _, _, ds = dataset
+    m = json.loads((ds / "manifest.json").read_text())
+    m["transform"]["alpha"] = 1e-35
+    (ds / "manifest.json").write_text(json.dumps(m))
+    r = cli("info", ds)
+    assert r.exit_code == 0, r.stderr
