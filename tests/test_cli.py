@@ -491,6 +491,7 @@ def test_a_manifest_with_an_alpha_past_todays_encode_bounds_still_reads(cli, dat
     _, _, ds = dataset
     m = json.loads((ds / "manifest.json").read_text())
     m["transform"]["alpha"] = 1e-35
+    m["alpha_conventions"] = {"tfgenzoo": 1e-35, "realnvp": 1e-35 / 2}
     (ds / "manifest.json").write_text(json.dumps(m))
     r = cli("info", ds)
     assert r.exit_code == 0, r.stderr
