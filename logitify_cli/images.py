@@ -259,22 +259,33 @@ def _opened(source, max_pixels: int):
 _LIFTED = threading.Lock()
 
 
-def _open(fp, max_pixels: int, path=None):
-    """Open lazily (header only) and refuse bombs before decoding; `path` names fp for reasons."""
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Pillow's own bomb checks (Image.open, crop) as errors, or lifted where --max-pixels allows more.
+
+    Pillow's limit is a module global: lifted, it is None only for the call
+    inside, under a lock, and put back after; our own check is the limit then.
+    """
     limit = Image.MAX_IMAGE_PIXELS
-    lift = limit is not None and max_pixels > limit  # --max-pixels above Pillow's own: ours is the limit
+    lift = limit is not None and max_pixels > limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if lift else "error", Image.DecompressionBombWarning)
+        if not lift:
+            yield
+            return
+        with _LIFTED:
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open(fp, max_pixels: int, path=None):
+    """Open lazily (header only) and refuse bombs before decoding; `path` names fp for reasons."""
+    with _pillow_limit(max_pixels):
         try:
-            if lift:
-                with _LIFTED:  # Pillow's limit is a module global: lifted for this header read only
-                    Image.MAX_IMAGE_PIXELS = None
-                    try:
-                        img = Image.open(fp)
-                    finally:
-                        Image.MAX_IMAGE_PIXELS = limit
-            else:
-                img = Image.open(fp)
+            img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageReadError(f"decompression bomb: {e}") from None
         except (UnidentifiedImageError, OSError) as e:
@@ -411,7 +422,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
             img = _convert(img, channels)
             if geometry is not None:
-                img = geometry.apply(img)
+                with _pillow_limit(max_pixels):  # Pillow checks a crop's size as it checks an image's
+                    img = geometry.apply(img)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageReadError:
         raise

@@ -120,8 +120,12 @@ def test_max_pixels_may_go_above_pillows_own_limit(tmp_path, rng, monkeypatch, s
     path = str(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    from logitify_cli.images import Geometry
+
     for fast in (True, False):
         assert read_image(path, 3, max_pixels=side * side, fast=fast).shape == (side, side, 3)
+        crop = Geometry(crop=(0, 0, side - 1, side - 1))  # Pillow checks a crop's size too
+        assert read_image(path, 3, crop, max_pixels=side * side, fast=fast).shape == (side - 1, side - 1, 3)
         with pytest.raises(ImageReadError, match="decompression bomb"):
             read_image(path, 3, max_pixels=1000, fast=fast)
     assert Image.MAX_IMAGE_PIXELS == 1000  # lifted only while a header was read
