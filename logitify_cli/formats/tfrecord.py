@@ -278,13 +278,18 @@ class TfrecordFormat(ShardFormat):
         return [f for f in TFDS_FILES if f != "label.labels.txt" or manifest.classes]
 
     def check_classes(self, classes) -> None:
-        """label.labels.txt holds one name a line: a name with a line break would shift every class after it."""
+        """label.labels.txt holds one name a line, which TFDS strips and skips when blank.
+
+        A name with a line break, a blank one, or one with spaces at its ends
+        would be read back as other names, or shift every class after it.
+        """
         from ..report import printable
 
         for name in classes or ():
-            if any(c in name for c in "\n\r"):
-                raise LogitifyError(f"class {printable(name)} has a line break, which TFDS's label.labels.txt "
-                                    "(one name a line) cannot hold; rename it, or write -f npz")
+            if "\n" in name or not name.strip() or name.strip() != name:
+                raise LogitifyError(f"class {printable(name)!r} cannot be written to TFDS's label.labels.txt (one "
+                                    "name a line, stripped of spaces at its ends, blank lines skipped): rename "
+                                    "it, or write -f npz")
 
     def write_metadata(self, out_dir, manifest):
         if manifest.compressed:
