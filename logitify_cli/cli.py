@@ -125,6 +125,19 @@ class BeamArgsCommand(JsonCommand):
         return super().parse_args(ctx, args)
 
 
+def _source_paths(given, null_sep: bool) -> list:
+    """Source paths as given, '-' standing for the paths listed on stdin (one a line, or NUL-separated)."""
+    from .sources import read_path_list
+
+    paths = []
+    for s in given:
+        if s == "-":
+            paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
+        else:
+            paths.append(_named_source(s))
+    return paths
+
+
 def _named_source(path: str) -> str:
     """A source path as given, refused at once if it names nothing: else every key it held reads as missing."""
     from .errors import UsageError
@@ -392,7 +405,6 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     """
     from .errors import UsageError
     from .planner import EncodeOptions
-    from .sources import read_path_list
     from .transform import TransformParams
 
     if resume and overwrite:
@@ -429,12 +441,7 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     from .conventions import tool_alpha
 
     alpha = tool_alpha(alpha, alpha_convention)
-    paths = []
-    for s in sources:
-        if s == "-":
-            paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
-        else:
-            paths.append(_named_source(s))
+    paths = _source_paths(sources, null_sep)
     if not paths:
         raise UsageError("no input paths (stdin was empty)")
     try:  # what click's ranges let through (nan, inf, values float32 cannot carry) is a usage error too
@@ -556,9 +563,10 @@ def info(dataset, plot_path, split, report):
               help="Also decode and compare with these sources (files, folders, TFRecords) bit for bit "
                    "(a lossy dataset: their shapes, and their pixels with its fingerprint).")
 @click.option("--split", default=None, help="Verify this split only [every split; --against needs one].")
+@click.option("--null", "null_sep", is_flag=True, help="With --against -: paths on stdin are NUL-separated.")
 @stream_options
 @run_command
-def verify(dataset, more_sources, against, split, report):
+def verify(dataset, more_sources, against, split, null_sep, report):
     """Check an encoded DATASET: shards, sha256, counts, shapes, finite logits, log-dets, labels.
 
     With --against, every image is decoded and compared with its source.
@@ -574,7 +582,9 @@ def verify(dataset, more_sources, against, split, report):
 
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
-    sources = [_named_source(s) for s in list(against) + list(more_sources)]
+    sources = _source_paths(list(against) + list(more_sources), null_sep)
+    if (against or more_sources) and not sources:
+        raise UsageError("no source paths (stdin was empty)")
     return run_verify(dataset, against=sources, report=report, split=split)
 
 

@@ -219,3 +219,11 @@ def test_manifest_lying_about_shape_of_shard(cli, dataset):
     (out / "manifest.json").write_text(json.dumps(m))
     r = cli("verify", out)
     assert r.exit_code == 1 and "expected float32 [n, 32, 24, 3]" in r.stderr
+
+
+def test_verify_against_reads_source_paths_from_stdin(cli, dataset):
+    """As encode does: '-' stands for the paths listed on stdin."""
+    src, truth, ds = dataset
+    listed = "\n".join(str(src / k) for k in sorted(truth))
+    r = cli("verify", ds, "--against", "-", input=listed + "\n")
+    assert r.exit_code == 0, r.stderr
