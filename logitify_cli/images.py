@@ -465,9 +465,9 @@ def _shortcut(source, max_pixels: int, channels: int, expect_size, geometry):
 def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geometry):
     """A plain JPEG decoded by libjpeg-turbo with Pillow's settings and turned by its orientation, or None.
 
-    See jpeg.py for which files qualify. Its header tells size and
-    orientation, so one other than expect_size raises ImageSizeMismatch
-    before any pixel is decoded, as Pillow's road does.
+    See jpeg.py for which files qualify. A size other than expect_size
+    goes to Pillow's road, which refuses it from Pillow's own reading of the
+    header, before any pixel is decoded.
     """
     from . import jpeg
 
@@ -497,7 +497,9 @@ def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geomet
     if expect_size is not None:
         final = (w, h) if orientation in _SWAPS else (h, w)
         if final != tuple(expect_size):
-            raise ImageSizeMismatch((*final, channels), expect_size)
+            # Pillow's road names the size from its own reading of the header, or refuses a header
+            # it cannot read (a short DQT, a DHP marker): its verdict, not this walk's.
+            return None
     draft = geometry.draft_size(orientation) if geometry is not None else None
     img = jpeg.decode(data, (w, h, comps), draft)
     if img is None:

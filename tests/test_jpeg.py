@@ -286,3 +286,22 @@ def test_draft_scale_ignores_an_orientation_that_is_not_applied(rng):
     assert isinstance(slow, np.ndarray) and slow.shape == (64, 32, 3)
     assert same(fast, slow)
     assert not same(slow, outcome(data, 3, False, Geometry(size=(64, 32), filter="box", exif=False)))
+
+
+def test_a_size_refusal_is_pillows_reading_of_the_header(rng):
+    """With an expected size, a header Pillow reads otherwise (or refuses) gives Pillow's verdict on both roads."""
+    import struct
+
+    data = jpeg_bytes(photo(rng, 16, 24))
+    q, f = data.index(b"\xff\xdb"), data.index(b"\xff\xc0")
+    n = struct.unpack(">H", data[f + 2:f + 4])[0]
+    sof = data[f + 4:f + 2 + n]
+    cases = {
+        "short DQT": (data[:q] + segment(0xDB, b"\x03" + bytes(10)) + data[q:], (8, 8)),
+        "SOF with stray bytes": (data[:f] + segment(0xC0, sof + b"\1\1") + data[f + 2 + n:], (8, 8)),
+        "DHP after SOF": (data[:f + 2 + n] + segment(0xDE, b"\x08" + struct.pack(">HH", 40, 50) + sof[5:])
+                          + data[f + 2 + n:], (24, 16)),
+        "JPG0 holding an Exif segment": (data[:2] + segment(0xF0, segment(0xE1, exif_bytes(6))) + data[2:], (24, 16)),
+    }
+    for name, (bad, want) in cases.items():
+        assert same(outcome(bad, 3, True, expect_size=want), outcome(bad, 3, False, expect_size=want)), name
