@@ -280,10 +280,11 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     problem = Problems(report)
     checked = found = shards = 0
     fingerprints = {}
+    elsewhere = _other_splits_keys(path, names, held) if against else None
     for name in names:
         ds = LogitDataset(path, name)
         problem.prefix = f"{name}: " if len(names) > 1 else ""
-        c, k, fp = _verify_split(ds, against, report, problem, held)
+        c, k, fp = _verify_split(ds, against, report, problem, held, elsewhere)
         checked, found, shards = checked + c, found + k, shards + len(ds.shards)
         fingerprints[name] = fp
     lossless = ds.params.lossless  # one transform for every split
@@ -302,7 +303,27 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     return result
 
 
-def _verify_split(ds, against, report, problem, held: list):
+def _other_splits_keys(path: str, names: list, held: list) -> "KeyedDigests":
+    """The keys of the dataset's other splits: sources of theirs (--holdout's share, say) are not missing.
+
+    A shard of theirs that cannot be read adds no keys; verifying that split says what is wrong with it.
+    """
+    keys = KeyedDigests()
+    held.append(keys)
+    for name in split_names(path):
+        if name in names:
+            continue
+        ds = LogitDataset(path, name)
+        for shard in ds.shards:
+            try:
+                for chunk in ds.iter_chunks(shard, check=True):
+                    keys.update((str(k), b"") for k in chunk["keys"])
+            except LogitifyError:
+                continue
+    return keys
+
+
+def _verify_split(ds, against, report, problem, held: list, elsewhere=None):
     """(examples checked, sources found, recomputed fingerprint) of one split; problems go to `problem`."""
     params = ds.params
     checked = 0
@@ -358,7 +379,7 @@ def _verify_split(ds, against, report, problem, held: list):
         _name_repeats(ds, keys_seen, repeated, repeats, problem)
     source_digests = DigestSet() if want_fp is not None else None
     held += [source_digests] if source_digests is not None else []
-    found = _compare_sources(ds, against, decoded, problem, source_digests) if against else 0
+    found = _compare_sources(ds, against, decoded, problem, source_digests, elsewhere) if against else 0
     fingerprint = None
     if want_fp is not None and not shard_failed:
         fingerprint = _check_fingerprint(want_fp, fp_keys, pixel_digests, source_digests if against else None,
@@ -412,7 +433,7 @@ def _check_fingerprint(want, keys, decoded_digests, source_digests, count, probl
     return out
 
 
-def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
+def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None) -> int:
     """Read the sources as encode did (same geometry, channels, keys) and compare digests; returns how many were found.
 
     A lossy dataset's decoded images are not its pixels, so there only the
@@ -451,7 +472,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None) -> int:
                                               expect=opts.expect_size(ds.shape)):
             got = decoded.pop(it.key)
             if got is None:
-                if it.key not in skipped:
+                if it.key not in skipped and (elsewhere is None or elsewhere.pop(it.key) is None):
                     problem(it.key, "in the sources but not in the dataset")
                 continue
             if isinstance(reason, ImageSizeMismatch):

@@ -227,3 +227,19 @@ def test_verify_against_reads_source_paths_from_stdin(cli, dataset):
     listed = "\n".join(str(src / k) for k in sorted(truth))
     r = cli("verify", ds, "--against", "-", input=listed + "\n")
     assert r.exit_code == 0, r.stderr
+
+
+def test_verify_against_one_split_of_a_holdout_dataset(cli, image_folder, tmp_path, rng):
+    """The other split's share of the sources is not missing from the dataset; a source in no split still is."""
+    from conftest import photo, save
+
+    src, _ = image_folder
+    ds = tmp_path / "held"
+    assert cli("encode", src, "-o", ds, "--holdout", "0.3:test").exit_code == 0
+    for split in ("train", "test"):
+        r = cli("verify", ds, "--split", split, "--against", src)
+        assert r.exit_code == 0, r.stderr
+    save(str(src / "cats" / "zz_new.png"), photo(rng, 24, 32))
+    r = cli("verify", ds, "--split", "test", "--against", src)
+    assert r.exit_code == 1 and "cats/zz_new.png: in the sources but not in the dataset" in r.stderr
+    assert r.stderr.count("in the sources but not in the dataset") == 1
