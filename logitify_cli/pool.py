@@ -55,9 +55,11 @@ class OrderedPool:
         workers = min(workers, PER_CORE * default_workers())
         self.workers = workers
         self.pool = None
+        self._spawning = False  # spawned workers start as they are first needed, in submit()
         self._closing = threading.Lock()
         if workers > 1:
             fork = can_fork()
+            self._spawning = not fork
             ctx = multiprocessing.get_context("fork" if fork else "spawn")
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                             initargs=(os.getpid() if fork else None,))
@@ -97,7 +99,7 @@ class OrderedPool:
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((meta, pool.submit(fn, args)))
+                pending.append((meta, self._submit(pool, fn, args)))
             if not pending:
                 return
             meta, fut = pending.popleft()
@@ -106,6 +108,23 @@ class OrderedPool:
             except BrokenProcessPool:
                 raise LogitifyError(f"a worker process died while working on {describe(meta)}") from None
             yield meta, result
+
+    def _submit(self, pool, fn, args):
+        """pool.submit, with Ctrl-C and SIGTERM held where it may spawn a worker.
+
+        A spawned worker inherits the mask through its exec and keeps both held
+        while its interpreter starts, until _worker_init: a Ctrl-C meanwhile
+        would print each one's KeyboardInterrupt traceback. Here it waits for
+        the mask to be put back, and is raised then.
+        """
+        if not self._spawning or not _CAN_HOLD:
+            return pool.submit(fn, args)
+        held = _mask(signal.SIG_BLOCK, ())
+        try:
+            _mask(signal.SIG_BLOCK, _STOPS)
+            return pool.submit(fn, args)
+        finally:
+            _mask(signal.SIG_SETMASK, held)
 
     def close(self, cancel=False):
         """Wait for the workers; with `cancel`, drop queued work and stop them now."""

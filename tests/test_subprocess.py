@@ -271,3 +271,24 @@ def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
         assert r.returncode == 0, r.stderr
         digests.append(r.stdout.split()[-1])
     assert digests[0] == digests[1]
+
+
+SPAWN_MASK_CODE = """
+import functools, signal
+import tensorflow  # once TensorFlow is loaded, workers are spawned, not forked
+from logitify_cli.pool import OrderedPool
+with OrderedPool(2) as pool:
+    assert pool._spawning
+    masks = [r for _, r in pool.imap(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK),
+                                     [(None, []) for _ in range(4)])]
+    handlers = [r for _, r in pool.imap(signal.getsignal, [(None, signal.SIGINT) for _ in range(4)])]
+assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), 'the caller mask is back'
+print(all(m == set() for m in masks), all(h == signal.SIG_IGN for h in handlers))
+"""
+
+
+@LINUX_ONLY
+def test_spawned_workers_start_with_stops_held_until_their_init():
+    """Spawned after TensorFlow, a worker's start is shielded from Ctrl-C; its init lets the signals through."""
+    out = run_code(SPAWN_MASK_CODE, timeout=180)
+    assert out.strip().splitlines()[-1] == "True True", out
