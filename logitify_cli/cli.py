@@ -220,8 +220,17 @@ def _write_out(text: str) -> None:
         raise _StdoutLost() from e
 
 
+_CONSOLE = False  # set by entry(): the console script owns its process, and so its stdout
+
+
 def _quiet_stdout() -> None:
-    """What is still buffered for a stdout that failed goes nowhere, so the exit flush cannot fail again."""
+    """What is still buffered for a stdout that failed goes nowhere, so the exit flush cannot fail again.
+
+    Only for the console script: a program running a command in its own
+    process keeps its file descriptor 1 as it is.
+    """
+    if not _CONSOLE:
+        return
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # None, or not a file (in-process runners): nothing to flush
@@ -600,6 +609,8 @@ def entry(argv=None):
     # (logitify computes nothing with BLAS). One thread has none to spin.
     # Set before NumPy loads; a user's own setting is kept.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    global _CONSOLE
+    _CONSOLE = True
     try:
         main(args=argv, prog_name="logitify")
         code = 0

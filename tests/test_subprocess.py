@@ -249,6 +249,14 @@ def test_a_command_run_in_process_puts_back_what_it_set(tmp_path):
             f"try:\n    main(['info', {str(tmp_path / 'missing')!r}])\nexcept SystemExit as e:\n    assert e.code == 1\n"
             "assert signal.getsignal(signal.SIGTERM) is mine and not _tf.own_process\nprint('ok')\n")
     assert run_code(code, timeout=120).strip().endswith("ok")
+    if os.path.exists("/dev/full"):  # a stdout that failed is reported, and the host's fd 1 is left as it was
+        code = (f"import os, sys\nfrom logitify_cli.cli import main\nfull = os.open('/dev/full', os.O_WRONLY)\n"
+                "os.dup2(full, 1)\n"
+                f"try:\n    main(['info', {str(tmp_path / 'missing')!r}, '--json'])\nexcept SystemExit as e:\n"
+                "    assert e.code == 1, e.code\n"
+                "assert os.readlink('/proc/self/fd/1') == '/dev/full'\nprint('kept', file=sys.stderr)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+        assert "kept" in r.stderr and "cannot write to standard output" in r.stderr, r.stderr
 
 
 def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
