@@ -125,14 +125,19 @@ class BeamArgsCommand(JsonCommand):
         return super().parse_args(ctx, args)
 
 
-def _source_paths(given, null_sep: bool) -> list:
-    """Source paths as given, '-' standing for the paths listed on stdin (one a line, or NUL-separated)."""
+def _source_paths(given, null_sep: bool, listed_must_exist: bool = False) -> list:
+    """Source paths as given, '-' standing for the paths listed on stdin (one a line, or NUL-separated).
+
+    Encode skips a listed path that has gone, with its reason (a list from
+    find may go stale); verify refuses it, or every key it held reads as missing.
+    """
     from .sources import read_path_list
 
     paths = []
     for s in given:
         if s == "-":
-            paths.extend(read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep))
+            listed = read_path_list(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, null_sep)
+            paths.extend(map(_named_source, listed) if listed_must_exist else listed)
         else:
             paths.append(_named_source(s))
     return paths
@@ -591,7 +596,7 @@ def verify(dataset, more_sources, against, split, null_sep, report):
 
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
-    sources = _source_paths(list(against) + list(more_sources), null_sep)
+    sources = _source_paths(list(against) + list(more_sources), null_sep, listed_must_exist=True)
     if (against or more_sources) and not sources:
         raise UsageError("no source paths (stdin was empty)")
     return run_verify(dataset, against=sources, report=report, split=split)

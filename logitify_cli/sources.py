@@ -703,31 +703,40 @@ class BucketPrefix:
 def _refuse_nested(kinds: dict) -> None:
     """A source the walk of a folder source would also take gives its images twice, under two keys each.
 
-    Seen as the walk sees it: through links to folders (paths as given), and
-    leaving out hidden entries and files without an image name, which it
-    never takes. Folders are also compared by their real paths.
+    Seen as the walk sees it: through links to folders, and leaving out
+    hidden entries and files without an image name, which it never takes.
+    Each path is looked for by its parents (as given, and with links to
+    folders resolved) among the folders' own spellings.
     """
-    folders = [p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m)]
-    if not folders or len(kinds) < 2:
+    roots = {}
+    for p, m in kinds.items():
+        if isinstance(m, int) and stat.S_ISDIR(m):
+            for spelling in (os.path.abspath(p), os.path.realpath(p)):
+                roots.setdefault(spelling, p)
+    if not roots or len(kinds) < 2:
         return
-    roots = [(f, {os.path.abspath(f), os.path.realpath(f)}) for f in folders]
     for path, mode in kinds.items():
         if not isinstance(mode, int):
             continue
-        is_dir = stat.S_ISDIR(mode)
-        if not is_dir and not is_image_name(os.path.basename(path)):
+        given = os.path.abspath(path)
+        if stat.S_ISDIR(mode):
+            spellings = {given, os.path.realpath(path)}
+        elif is_image_name(os.path.basename(path)):
+            spellings = {given, os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))}
+        else:
             continue
-        spellings = {os.path.abspath(path)} | ({os.path.realpath(path)} if is_dir else set())
-        for folder, views in roots:
-            if folder == path:
-                continue
-            for root in views:
-                for spelling in spellings:
-                    rel = os.path.relpath(spelling, root)
-                    parts = rel.split(os.sep)
-                    if rel != "." and parts[0] != ".." and not any(is_hidden(x) for x in parts):
-                        raise UsageError(f"{short(path)} lies inside {short(folder)}, also a source: its images "
-                                         "would be encoded twice, under two keys")
+        for spelling in spellings:
+            cur, hidden = spelling, False
+            while True:
+                parent = os.path.dirname(cur)
+                if parent == cur:
+                    break
+                hidden = hidden or is_hidden(os.path.basename(cur))
+                folder = roots.get(parent)
+                if folder is not None and folder != path and not hidden:
+                    raise UsageError(f"{short(path)} lies inside {short(folder)}, also a source: its images "
+                                     "would be encoded twice, under two keys")
+                cur = parent
 
 
 def discover(paths, compression: str | None = None, *, tfds_split: str | None = None,

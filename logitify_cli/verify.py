@@ -280,7 +280,7 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     problem = Problems(report)
     checked = found = shards = 0
     fingerprints = {}
-    elsewhere = _other_splits_keys(path, names, held) if against else None
+    elsewhere = _OtherSplits(path, names, held) if against else None
     for name in names:
         ds = LogitDataset(path, name)
         problem.prefix = f"{name}: " if len(names) > 1 else ""
@@ -303,24 +303,34 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     return result
 
 
-def _other_splits_keys(path: str, names: list, held: list) -> "KeyedDigests":
-    """The keys of the dataset's other splits: sources of theirs (--holdout's share, say) are not missing.
+class _OtherSplits:
+    """The keys of the dataset's other splits, read at the first source this split lacks.
 
-    A shard of theirs that cannot be read adds no keys; verifying that split says what is wrong with it.
+    Sources of theirs (--holdout's share, say) are not missing from the
+    dataset. Where every source is in the split, nothing more is read; a
+    shard of theirs that cannot be read adds no keys (verifying that split
+    says what is wrong with it).
     """
-    keys = KeyedDigests()
-    held.append(keys)
-    for name in split_names(path):
-        if name in names:
-            continue
-        ds = LogitDataset(path, name)
+
+    def __init__(self, path: str, names: list, held: list):
+        self.path, self.names, self.held, self.keys = path, names, held, None
+
+    def pop(self, key: str):
+        if self.keys is None:
+            self.keys = KeyedDigests()
+            self.held.append(self.keys)
+            for name in split_names(self.path):
+                if name not in self.names:
+                    self._add(LogitDataset(self.path, name))
+        return self.keys.pop(key)
+
+    def _add(self, ds) -> None:
         for shard in ds.shards:
             try:
                 for chunk in ds.iter_chunks(shard, check=True):
-                    keys.update((str(k), b"") for k in chunk["keys"])
+                    self.keys.update((str(k), b"") for k in chunk["keys"])
             except LogitifyError:
                 continue
-    return keys
 
 
 def _verify_split(ds, against, report, problem, held: list, elsewhere=None):

@@ -243,3 +243,9 @@ def test_verify_against_one_split_of_a_holdout_dataset(cli, image_folder, tmp_pa
     r = cli("verify", ds, "--split", "test", "--against", src)
     assert r.exit_code == 1 and "cats/zz_new.png: in the sources but not in the dataset" in r.stderr
     assert r.stderr.count("in the sources but not in the dataset") == 1
+
+
+def test_verify_against_refuses_a_listed_source_that_names_nothing(cli, dataset):
+    _, _, ds = dataset
+    r = cli("verify", ds, "--against", "-", input="nosuch\n")
+    assert r.exit_code == 2 and "no such file or directory: nosuch" in r.stderr

@@ -173,3 +173,7 @@ def test_a_source_inside_another_source_is_refused(tmp_path, rng):
     os.symlink(elsewhere, outer / "link")
     with pytest.raises(UsageError, match="inside"):
         discover([str(outer), str(outer / "link" / "x.png")])
+    # And a file named through a link to the folder itself.
+    os.symlink(outer, tmp_path / "alias")
+    with pytest.raises(UsageError, match="inside"):
+        discover([str(outer), str(tmp_path / "alias" / "top.png")])
