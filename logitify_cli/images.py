@@ -486,7 +486,7 @@ def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geomet
     orientation = 1
     if not settled:  # Pillow's parser reads segments of this header: its verdict, and its orientation
         try:
-            with Image.open(io.BytesIO(data)) as opened:
+            with _opened(data, max_pixels) as opened:
                 if opened.size != (w, h) or opened.mode != ("L" if comps == 1 else "RGB"):
                     return None
                 orientation = _orientation(opened)
