@@ -265,12 +265,11 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                 _run(*args, verbose=verbose, **kwargs)
             except _StdoutLost as lost:
                 e = lost.__cause__
-                if isinstance(e, BrokenPipeError):  # `logitify info ... | head`: the reader has gone, as with SIGPIPE
-                    _quiet_stdout()
-                    sys.exit(141)
-                click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
+                gone = isinstance(e, BrokenPipeError)  # `logitify info ... | head`: the reader left, as with SIGPIPE
+                if not gone:
+                    click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
                 _quiet_stdout()
-                sys.exit(1)
+                sys.exit(141 if gone else 1)
 
     def _run(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
         from .errors import LogitifyError
