@@ -12,10 +12,12 @@ at a closed temporary file for the rest of the run.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
 import threading
+import types
 
 _tf = None
 verbose = False
@@ -30,7 +32,17 @@ verbose = False
 # that TensorFlow exports and crashed the process.
 own_process = False
 _KERAS_EAGER = "keras.src.optimizers"
+# TensorFlow's __init__ runs all 45 packages of its public API (tf.compat,
+# tf.nn, tf.train, tf.saved_model, ...), which import some 850 modules the
+# CLI never touches: 0.5-0.9 s of CPU on every run. For the CLI, packages
+# not named here are put in sys.modules as stand-ins whose body runs at their
+# first attribute lookup, so `tf` is still whole. Those named are what
+# logitify itself uses (and bitwise, which TensorFlow's __init__ reads): they
+# load as usual, so no deferred body runs in our own threads.
+_EAGER_API = frozenset({"bitwise", "config", "data", "dtypes", "errors", "image", "io", "math", "random"})
 _lock = threading.RLock()
+_api_lock = threading.RLock()
+_loading: set = set()
 
 
 def loaded() -> bool:
@@ -84,6 +96,7 @@ def _import():
     paused = ours and gc.isenabled()
     if paused:
         gc.disable()
+    stand_ins = _defer_api() if ours else []
     try:
         if verbose:
             import tensorflow as module
@@ -93,6 +106,10 @@ def _import():
         if paused:
             gc.freeze()
             gc.enable()
+        if "tensorflow" not in sys.modules:  # the import failed: a later one starts clean
+            for name, stand_in in stand_ins:
+                if sys.modules.get(name) is stand_in:
+                    del sys.modules[name]
         if blocked and sys.modules.get(_KERAS_EAGER, 0) is None:
             del sys.modules[_KERAS_EAGER]
         if user_level is None:
@@ -107,6 +124,67 @@ def _import():
     module.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     _tf = module
     return module
+
+
+class _Deferred(types.ModuleType):
+    """A package of TensorFlow's API whose body runs at its first attribute lookup, once, in any thread."""
+
+    def __getattr__(self, attr):
+        _Deferred._load(self)  # not self._load: another thread may have made this a plain module meanwhile
+        if type(self) is _Deferred:  # looked up by its own body as it runs, as a half-imported module would be
+            raise AttributeError(f"partially initialized module {self.__name__!r} has no attribute {attr!r}")
+        return getattr(self, attr)
+
+    def __dir__(self):
+        _Deferred._load(self)
+        return sorted(self.__dict__)
+
+    def _load(self):
+        with _api_lock:
+            if type(self) is _Deferred and id(self) not in _loading:
+                _loading.add(id(self))
+                try:
+                    self.__spec__.loader.exec_module(self)
+                    self.__class__ = types.ModuleType
+                finally:
+                    _loading.discard(id(self))
+
+
+def _defer_api() -> list:
+    """[(name, stand-in)] put in sys.modules for TensorFlow's API packages outside _EAGER_API.
+
+    Found from TensorFlow's install without importing it; an install laid
+    out otherwise gets no stand-ins, and so the usual import.
+    """
+    found = importlib.util.find_spec("tensorflow")
+    if found is None or not found.submodule_search_locations:
+        return []
+    root = list(found.submodule_search_locations)[0]
+    api = os.path.join(root, "_api", "v2")
+    try:
+        entries = sorted(os.listdir(api))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        name = f"tensorflow._api.v2.{entry}"
+        folder = os.path.join(api, entry)
+        init = os.path.join(folder, "__init__.py")
+        if entry in _EAGER_API or not entry.isidentifier() or name in sys.modules or not os.path.isfile(init):
+            continue
+        if any(os.path.exists(os.path.join(root, entry + end)) for end in ("", ".py")):
+            # tf.distribute is also a folder of TensorFlow's own, whose code imports tensorflow.distribute.*
+            # (which binds that folder as tf.distribute, until the API package is bound over it) and
+            # reads it back as an attribute of tf: such a package is imported as TensorFlow orders it.
+            continue
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = _Deferred
+        sys.modules[name] = module
+        out.append((name, module))
+    return out
 
 
 def _quiet_import():

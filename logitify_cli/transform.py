@@ -318,7 +318,7 @@ class LogitTransform:
         """TFGENZOO's forward log-det, recomputed from stored logits (float64)."""
         tf = self.tf
         y = tf.cast(tf.reshape(logits, [-1, self.dims]), tf.float64)
-        terms = tf.nn.softplus(y) + tf.nn.softplus(-y)
+        terms = tf.math.softplus(y) + tf.math.softplus(-y)
         return tf.reduce_sum(terms, axis=1) + self.dims * math.log1p(-self.params.alpha)
 
     def inverse_log_det_jacobian(self, logits):

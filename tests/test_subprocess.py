@@ -281,6 +281,49 @@ def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
     assert digests[0] == digests[1]
 
 
+API_CODE = """
+import hashlib, sys, threading
+from logitify_cli import _tf
+_tf.own_process = sys.argv[1] == 'cli'
+tf = _tf.tf()
+names = sorted(n for n in dir(tf) if not n.startswith('_') and type(getattr(type(tf), n, None)) is not property)
+packages = [n for n in names if type(tf.__dict__.get(n)).__name__ in ('module', '_Deferred')]
+deferred = sorted(n for n in packages if type(tf.__dict__[n]).__name__ == '_Deferred')
+# Many threads ask for the same deferred packages at once: each must see them whole.
+seen, errors = [], []
+def look():
+    try:
+        seen.append((tf.nn.softplus is tf.math.softplus, tf.compat.v1.placeholder.__name__,
+                     tf.distribute.MirroredStrategy.__name__, tf.train.Example.__name__))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=look) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors and len(set(seen)) == 1, (errors, set(seen))
+h = hashlib.sha256()
+for n in packages:
+    dir(getattr(tf, n))  # loads them all before any is listed, as a plain import does
+for n in packages:
+    h.update(n.encode() + b'=' + ','.join(sorted(d for d in dir(getattr(tf, n)) if not d.startswith('_'))).encode() + b';')
+print(len(deferred), len(packages), h.hexdigest())
+"""
+
+
+def test_the_command_lines_import_defers_unused_api_packages_and_each_is_whole_when_used():
+    """The CLI puts off TensorFlow's API packages it does not use; looked up (from 8 threads at once), each
+    holds the same names as after a plain import, and tf itself lists the same packages."""
+    out = {}
+    for mode in ("cli", "library"):
+        r = subprocess.run([sys.executable, "-c", API_CODE, mode], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        out[mode] = r.stdout.split()
+    deferred, packages, digest = out["cli"]
+    assert int(deferred) >= 20 and out["library"][0] == "0"
+    assert (packages, digest) == tuple(out["library"][1:])
+
+
 SPAWN_MASK_CODE = """
 import functools, signal
 import tensorflow  # once TensorFlow is loaded, workers are spawned, not forked
