@@ -443,7 +443,7 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | No
     fp = None
     if pixels is not None:
         gone = {s["source"] for s in skipped}
-        fp = fingerprint(pixels, (it.key for it in plan.items if it.key not in gone))
+        fp = fingerprint(pixels, (k for k in plan.items.keys() if k not in gone))  # keys only: no Item per input
     record = SplitRecord(
         shards=list(shards), skipped=sorted(skipped, key=lambda s: s["source"]), fingerprint=fp,
         stats={**stats, "fingerprint": plan.fingerprint},

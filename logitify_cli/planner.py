@@ -403,7 +403,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
     if not opts.holdout:
         return part(inv.items, opts.split, list(inv.skipped), notes)
     fraction, name = opts.holdout
-    held = holdout_mask(opts.params.seed, (it.key for it in inv.items), fraction)
+    held = holdout_mask(opts.params.seed, inv.items.keys(), fraction)
     main = part(inv.items.select(np.flatnonzero(~held)), opts.split, list(inv.skipped), notes)
     main.holdout = part(inv.items.select(np.flatnonzero(held)), name, [], [])
     return main
