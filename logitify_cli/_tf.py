@@ -32,13 +32,17 @@ verbose = False
 # that TensorFlow exports and crashed the process.
 own_process = False
 _KERAS_EAGER = "keras.src.optimizers"
-# TensorFlow's __init__ runs all 45 packages of its public API (tf.compat,
+# TensorFlow's __init__ runs all 44 packages of its public API (tf.compat,
 # tf.nn, tf.train, tf.saved_model, ...), which import some 850 modules the
-# CLI never touches: 0.5-0.9 s of CPU on every run. For the CLI, packages
-# not named here are put in sys.modules as stand-ins whose body runs at their
+# command never touches: 0.5-1.4 s of CPU on every run. Set by the console
+# script, whose process runs nothing else after the command: packages not
+# named here are put in sys.modules as stand-ins whose body runs at their
 # first attribute lookup, so `tf` is still whole. Those named are what
-# logitify itself uses (and bitwise, which TensorFlow's __init__ reads): they
-# load as usual, so no deferred body runs in our own threads.
+# logitify uses (and bitwise, which TensorFlow's __init__ reads): they load
+# as usual, so no deferred body runs in our own threads. A program that runs
+# a command in its own process gets TensorFlow's API whole at import.
+defer_api = False
+
 _EAGER_API = frozenset({"bitwise", "config", "data", "dtypes", "errors", "image", "io", "math", "random"})
 _lock = threading.RLock()
 _api_lock = threading.RLock()
@@ -96,8 +100,10 @@ def _import():
     paused = ours and gc.isenabled()
     if paused:
         gc.disable()
-    stand_ins = _defer_api() if ours else []
+    stand_ins = []
     try:
+        if ours and defer_api:
+            _defer_api(stand_ins)
         if verbose:
             import tensorflow as module
         else:
@@ -146,26 +152,28 @@ class _Deferred(types.ModuleType):
                 try:
                     self.__spec__.loader.exec_module(self)
                     self.__class__ = types.ModuleType
+                    parent = sys.modules.get(self.__name__.rpartition(".")[0])
+                    if parent is not None:  # as an import binds a package in its parent
+                        setattr(parent, self.__name__.rpartition(".")[2], self)
                 finally:
                     _loading.discard(id(self))
 
 
-def _defer_api() -> list:
-    """[(name, stand-in)] put in sys.modules for TensorFlow's API packages outside _EAGER_API.
+def _defer_api(out: list) -> None:
+    """Put stand-ins in sys.modules for TensorFlow's API packages outside _EAGER_API; each (name, stand-in) into `out`.
 
     Found from TensorFlow's install without importing it; an install laid
     out otherwise gets no stand-ins, and so the usual import.
     """
     found = importlib.util.find_spec("tensorflow")
     if found is None or not found.submodule_search_locations:
-        return []
+        return
     root = list(found.submodule_search_locations)[0]
     api = os.path.join(root, "_api", "v2")
     try:
         entries = sorted(os.listdir(api))
     except OSError:
-        return []
-    out = []
+        return
     for entry in entries:
         name = f"tensorflow._api.v2.{entry}"
         folder = os.path.join(api, entry)
@@ -184,7 +192,6 @@ def _defer_api() -> list:
         module.__class__ = _Deferred
         sys.modules[name] = module
         out.append((name, module))
-    return out
 
 
 def _quiet_import():

@@ -615,13 +615,14 @@ def entry(argv=None):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     global _CONSOLE
     _CONSOLE = True
+    from . import _tf
+
+    _tf.defer_api = True  # nothing runs after the command here: the API packages it does not use can wait
     try:
         main(args=argv, prog_name="logitify")
         code = 0
     except SystemExit as e:
         code = e.code
-    from . import _tf
-
     if not _tf.loaded():
         sys.exit(code)
     if code is not None and not isinstance(code, int):

@@ -521,9 +521,11 @@ class RecordReader:
 
 def parse_example(record: bytes, image_key: str, label_key: str):
     """(encoded image bytes, label or -1) from a serialized tf.train.Example."""
-    tf = _tf()
+    _tf()  # imported as the command line imports it, before its proto module below
+    from tensorflow.core.example.example_pb2 import Example  # tf.train.Example itself, without tf.train
+
     try:
-        example = tf.train.Example.FromString(record)
+        example = Example.FromString(record)
     except Exception as e:  # protobuf's DecodeError and friends
         raise ValueError(f"not a tf.train.Example: {e}") from None
     feats = example.features.feature

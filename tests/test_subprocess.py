@@ -244,10 +244,17 @@ def test_an_answer_stdout_cannot_take_is_one_line_not_a_traceback(tmp_path):
 
 def test_a_command_run_in_process_puts_back_what_it_set(tmp_path):
     """SIGTERM's handler and the TensorFlow import mode belong to the host program again after a command."""
-    code = (f"import signal\nfrom logitify_cli import _tf\nfrom logitify_cli.cli import main\n"
+    (tmp_path / "in").mkdir()
+    save(tmp_path / "in" / "a.png", photo(np.random.default_rng(0), 8, 8))
+    code = (f"import signal, sys\nfrom logitify_cli import _tf\nfrom logitify_cli.cli import main\n"
             "mine = lambda s, f: None\nsignal.signal(signal.SIGTERM, mine)\n"
             f"try:\n    main(['info', {str(tmp_path / 'missing')!r}])\nexcept SystemExit as e:\n    assert e.code == 1\n"
-            "assert signal.getsignal(signal.SIGTERM) is mine and not _tf.own_process\nprint('ok')\n")
+            "assert signal.getsignal(signal.SIGTERM) is mine and not _tf.own_process\n"
+            # The host's TensorFlow, imported by a command, has its API whole (the console script's defers some).
+            f"try:\n    main(['encode', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / 'out')!r}, '-q'])\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'tensorflow' in sys.modules\n"
+            "assert not [n for n, m in sys.modules.items() if type(m).__name__ == '_Deferred']\nprint('ok')\n")
     assert run_code(code, timeout=120).strip().endswith("ok")
     if os.path.exists("/dev/full"):  # a stdout that failed is reported, and the host's fd 1 is left as it was
         code = (f"import os, sys\nfrom logitify_cli.cli import main\nfull = os.open('/dev/full', os.O_WRONLY)\n"
@@ -263,7 +270,7 @@ def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
     """The command line imports TensorFlow with oneDNN and Grappler's arithmetic rewrites off, a library
     caller with their own settings (here both on): the same logits, log-dets and inverse, bit for bit."""
     code = ("import hashlib, sys\nimport numpy as np\nfrom logitify_cli import _tf\n"
-            "_tf.own_process = sys.argv[1] == 'cli'\ntf = _tf.tf()\n"
+            "_tf.own_process = _tf.defer_api = sys.argv[1] == 'cli'\ntf = _tf.tf()\n"
             "from logitify_cli.transform import LogitTransform, TransformParams, image_seeds\n"
             "images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)\n"
             "seeds, h = image_seeds(0, [str(i) for i in range(32)]), hashlib.sha256()\n"
@@ -284,35 +291,39 @@ def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
 API_CODE = """
 import hashlib, sys, threading
 from logitify_cli import _tf
-_tf.own_process = sys.argv[1] == 'cli'
+_tf.own_process = _tf.defer_api = sys.argv[1] == 'cli'
 tf = _tf.tf()
-names = sorted(n for n in dir(tf) if not n.startswith('_') and type(getattr(type(tf), n, None)) is not property)
-packages = [n for n in names if type(tf.__dict__.get(n)).__name__ in ('module', '_Deferred')]
+def public(module):
+    return sorted(n for n in dir(module) if not n.startswith('_'))
+packages = [n for n in sorted(tf.__dict__) if type(tf.__dict__[n]).__name__ in ('module', '_Deferred')]
 deferred = sorted(n for n in packages if type(tf.__dict__[n]).__name__ == '_Deferred')
 # Many threads ask for the same deferred packages at once: each must see them whole.
 seen, errors = [], []
 def look():
     try:
+        from tensorflow.core.example.example_pb2 import Example  # what records.parse_example reads with
         seen.append((tf.nn.softplus is tf.math.softplus, tf.compat.v1.placeholder.__name__,
-                     tf.distribute.MirroredStrategy.__name__, tf.train.Example.__name__))
+                     tf.distribute.MirroredStrategy.__name__, tf.train.Example is Example))
     except Exception as e:
         errors.append(repr(e))
 threads = [threading.Thread(target=look) for _ in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
 assert not errors and len(set(seen)) == 1, (errors, set(seen))
-h = hashlib.sha256()
 for n in packages:
     dir(getattr(tf, n))  # loads them all before any is listed, as a plain import does
+api = sys.modules['tensorflow._api.v2']
+assert all(getattr(api, n) is getattr(tf, n) for n in deferred), 'a loaded package is bound in its parent'
+h = hashlib.sha256(','.join(public(tf)).encode())
 for n in packages:
-    h.update(n.encode() + b'=' + ','.join(sorted(d for d in dir(getattr(tf, n)) if not d.startswith('_'))).encode() + b';')
+    h.update(n.encode() + b'=' + ','.join(public(getattr(tf, n))).encode() + b';')
 print(len(deferred), len(packages), h.hexdigest())
 """
 
 
 def test_the_command_lines_import_defers_unused_api_packages_and_each_is_whole_when_used():
-    """The CLI puts off TensorFlow's API packages it does not use; looked up (from 8 threads at once), each
-    holds the same names as after a plain import, and tf itself lists the same packages."""
+    """The console script puts off TensorFlow's API packages it does not use; looked up (from 8 threads at
+    once), each holds the same names as after a plain import, and tf itself lists the same names."""
     out = {}
     for mode in ("cli", "library"):
         r = subprocess.run([sys.executable, "-c", API_CODE, mode], capture_output=True, text=True, env=ENV,
