@@ -26,6 +26,7 @@ from .errors import LogitifyError, write_error
 from .formats import get as get_format
 from .images import ImageSizeMismatch
 from .manifest import ShardEntry
+from .splits import outside_classes
 from .transform import image_seeds
 
 
@@ -133,7 +134,7 @@ class Collector:
                 f"{shape[0]}x{shape[1]} (height x width) to resize all images to that"
             )
         classes = self.task.classes
-        if arr is not None and classes is not None and not -1 <= label < classes:
+        if arr is not None and classes is not None and outside_classes(label, classes):
             # A record's own label beside class folders: it numbers something else, and would be
             # shown and trained on as a class the dataset does not have (verify refuses it too).
             arr, reason = None, f"its label {label} names none of the dataset's {classes} classes"

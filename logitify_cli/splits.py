@@ -30,6 +30,15 @@ def holdout_mask(seed: int, keys, fraction: float) -> np.ndarray:
     return np.fromiter((holdout_share(seed, k) < fraction for k in keys), bool)
 
 
+def outside_classes(labels, classes: int):
+    """Where a label names none of `classes` classes (encode writes a class's index, or -1 for none).
+
+    One label gives a bool, an array of them a mask: encode checks each
+    record's own label, verify each slice of a shard, by this one rule.
+    """
+    return (labels < -1) | (labels >= classes)
+
+
 def parse_holdout(text: str) -> tuple:
     """'FRACTION:NAME' -> (fraction, name), or UsageError."""
     from .manifest import SPLIT_NAME

@@ -19,6 +19,7 @@ from .dataset import LogitDataset, split_names
 from .fingerprint import DigestSet, KeySet
 from .images import ImageSizeMismatch
 from .spill import SpillBuckets
+from .splits import outside_classes
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
@@ -219,7 +220,7 @@ class BadLabels:
         self.values, self.more, self.count = set(), False, 0
 
     def add(self, labels) -> None:
-        bad = labels[(labels < -1) | (labels >= self.classes)]
+        bad = labels[outside_classes(labels, self.classes)]
         if not len(bad):
             return
         self.count += len(bad)
