@@ -7,6 +7,7 @@ spawned otherwise; they die with the run, and a dead worker is a clear error.
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -68,14 +69,8 @@ class OrderedPool:
                 # stopped while starting would run the CLI's handler, whose KeyboardInterrupt Python
                 # may just print and go on from, and then wait forever on the queue's lock. The
                 # executor's thread, started here too, keeps them held: they go to this thread.
-                # Through the C call (_mask): signal.py's wrapper may run a pending handler first,
-                # and a KeyboardInterrupt there would leave both signals held for good.
-                held = _mask(signal.SIG_BLOCK, ())
-                try:
-                    _mask(signal.SIG_BLOCK, _STOPS)
+                with _stops_held():
                     self.pool.submit(int)  # forks every worker now, before this process starts a thread
-                finally:
-                    _mask(signal.SIG_SETMASK, held)
 
     def imap(self, fn, jobs, window=None, describe=lambda meta: ""):
         """(meta, fn(args)) for each (meta, args) in jobs, in order.
@@ -119,12 +114,8 @@ class OrderedPool:
         """
         if not self._spawning or not _CAN_HOLD:
             return pool.submit(fn, args)
-        held = _mask(signal.SIG_BLOCK, ())
-        try:
-            _mask(signal.SIG_BLOCK, _STOPS)
+        with _stops_held():
             return pool.submit(fn, args)
-        finally:
-            _mask(signal.SIG_SETMASK, held)
 
     def close(self, cancel=False):
         """Wait for the workers; with `cancel`, drop queued work and stop them now."""
@@ -185,6 +176,22 @@ _CAN_HOLD = hasattr(signal, "pthread_sigmask")
 _mask = getattr(__import__("_signal"), "pthread_sigmask", None)
 
 
+@contextlib.contextmanager
+def _stops_held():
+    """Ctrl-C and SIGTERM held for the block; the mask as it was after, where a stop that came meanwhile acts.
+
+    Through the C call (_mask): signal.py's wrapper may run a pending
+    handler first, and a KeyboardInterrupt there, as the mask is put back,
+    would leave both signals held for good.
+    """
+    held = _mask(signal.SIG_BLOCK, ())  # the mask as it is (a Ctrl-C here changes nothing)
+    try:
+        _mask(signal.SIG_BLOCK, _STOPS)
+        yield
+    finally:
+        _mask(signal.SIG_SETMASK, held)
+
+
 def undoable(start, undo):
     """start(), with what it made undone by undo(made) should the run be stopped before settled().
 
@@ -229,13 +236,11 @@ def settled(finish=None):
     if finish is None or not _CAN_HOLD:
         _undo = None
         return None if finish is None else finish()
-    held = _mask(signal.SIG_BLOCK, ())
-    try:
-        _mask(signal.SIG_BLOCK, _STOPS)
-        return finish()
-    finally:
-        _undo = None
-        _mask(signal.SIG_SETMASK, held)
+    with _stops_held():
+        try:
+            return finish()
+        finally:
+            _undo = None
 
 
 def _stopped(signum, frame):
