@@ -131,6 +131,7 @@ def _source_paths(given, null_sep: bool, listed_must_exist: bool = False) -> lis
     Encode skips a listed path that has gone, with its reason (a list from
     find may go stale); verify refuses it, or every key it held reads as missing.
     """
+    from .errors import UsageError
     from .sources import read_path_list
 
     paths = []
@@ -140,6 +141,8 @@ def _source_paths(given, null_sep: bool, listed_must_exist: bool = False) -> lis
             paths.extend(map(_named_source, listed) if listed_must_exist else listed)
         else:
             paths.append(_named_source(s))
+    if given and not paths:
+        raise UsageError("no source paths (stdin was empty)")
     return paths
 
 
@@ -455,8 +458,6 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 
     alpha = tool_alpha(alpha, alpha_convention)
     paths = _source_paths(sources, null_sep)
-    if not paths:
-        raise UsageError("no input paths (stdin was empty)")
     try:  # what click's ranges let through (nan, inf, values float32 cannot carry) is a usage error too
         params = TransformParams(alpha=alpha, corruption_level=corruption_level, noise=noise, bits=bits, seed=seed)
         params.check_float32()
@@ -596,8 +597,6 @@ def verify(dataset, more_sources, against, split, null_sep, report):
     if more_sources and not against:
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
     sources = _source_paths(list(against) + list(more_sources), null_sep, listed_must_exist=True)
-    if (against or more_sources) and not sources:
-        raise UsageError("no source paths (stdin was empty)")
     return run_verify(dataset, against=sources, report=report, split=split)
 
 

@@ -501,7 +501,7 @@ def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geomet
             # it cannot read (a short DQT, a DHP marker): its verdict, not this walk's.
             return None
     draft = geometry.draft_size(orientation) if geometry is not None else None
-    img = jpeg.decode(data, (w, h, comps), draft)
+    img = jpeg.decode(data, info, draft)
     if img is None:
         return None
     try:
