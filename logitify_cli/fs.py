@@ -252,6 +252,21 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
         return f.read() if limit is None else f.read(limit)
 
 
+def create_new(tmp: str) -> int:
+    """A write descriptor of a new, empty local file at this temporary name of ours, made here.
+
+    What is at the name already (a leftover of a killed process that had our
+    pid, or a link someone put there) is removed, never followed; the file
+    is then made with O_EXCL and O_NOFOLLOW, so nothing is written through a
+    link that appears meanwhile.
+    """
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole small file; locally through a temporary name and a rename."""
     if is_remote(path):
@@ -263,12 +278,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        try:
-            os.unlink(tmp)  # a leftover of a killed process that had our pid (a link is removed, not followed)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(create_new(tmp), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -20,7 +20,7 @@ def test_hashes_and_writes_the_same_bytes_in_order(tmp_path_factory, sizes, seed
     rng = np.random.default_rng(seed)
     chunks = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
     path = tmp_path_factory.mktemp("w") / "f.bin"
-    w = HashingWriter(str(path))
+    w = HashingWriter(os.open(path, os.O_WRONLY | os.O_CREAT))
     for i, c in enumerate(chunks):  # numpy buffers and bytes, as zipfile hands them over
         assert w.write(c.data if i % 2 else c.tobytes()) == c.size
     assert w.tell() == sum(sizes)
@@ -33,7 +33,7 @@ def test_hashes_and_writes_the_same_bytes_in_order(tmp_path_factory, sizes, seed
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("size", [100, 2 * BIG])
 def test_a_failed_write_raises(size):
-    w = HashingWriter("/dev/full")
+    w = HashingWriter(os.open("/dev/full", os.O_WRONLY))
     with pytest.raises(OSError) as e:
         w.write(b"x" * size)
         w.flush()
@@ -59,3 +59,35 @@ def test_decode_pngs_read_back_as_their_pixels(h, w, c, seed):
     assert img.mode == {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
     back = np.asarray(img)
     assert np.array_equal(back.reshape(h, w, c), arr)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "tfrecord"])
+def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path, fmt):
+    """Someone who can write the output folder puts a link at a run's temporary shard name, before the
+    writer opens it or while it writes: the file outside stays as it was, and no link becomes a shard."""
+    from logitify_cli.errors import LogitifyError
+    from logitify_cli.formats import get
+    from logitify_cli.formats.base import temp_name
+
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"someone's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    f = get(fmt)
+    name = f.shard_file("d", "train", 0, 1)
+    logits = np.ones((2, 4, 4, 3), np.float32)
+
+    os.symlink(victim, temp_name(str(out / name)))
+    w = f.writer(str(out), name, (4, 4, 3), 2, False)
+    w.add(["a", "b"], [-1, -1], logits, np.zeros(2, np.float32))
+    w.close()
+    assert victim.read_bytes() == b"someone's file"
+    assert os.path.isfile(out / name) and not os.path.islink(out / name)
+
+    w = f.writer(str(out), name, (4, 4, 3), 2, False)
+    os.unlink(w.tmp)
+    os.symlink(victim, w.tmp)
+    w.add(["a", "b"], [-1, -1], logits, np.zeros(2, np.float32))
+    with pytest.raises(LogitifyError, match="replaced while it was written"):
+        w.close()
+    assert victim.read_bytes() == b"someone's file" and not os.path.lexists(w.tmp)

@@ -34,13 +34,6 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fsync_rename(tmp: str, final: str, synced: bool = False) -> None:
-    if not synced:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def chunk_rows(shape, chunk_bytes: int | None = None, extra: int = 0) -> int:
     """Examples per chunk for logits of this shape (and `extra` bytes more per example).
 
@@ -83,9 +76,16 @@ class ShardWriter:
     A file under a final name is therefore always complete. Bytes depend only
     on the examples given: no timestamps, fixed field order, and not on the
     count the shard was opened for (`count`, the most it may hold).
+
+    The temporary file is made here, new (fs.create_new: a link at its name
+    is removed, not written through), and `fd` held open: a format writes
+    through it (take_fd), or its library opens the name itself. Either way
+    the name must still be that file when it is renamed into place.
     """
 
     def __init__(self, fmt: "ShardFormat", out_dir: str, file: str, shape, count: int, compress: bool):
+        from ..fs import create_new
+
         self.format = fmt
         self.out_dir = out_dir
         self.shape = tuple(shape)
@@ -95,6 +95,14 @@ class ShardWriter:
         self.tmp = temp_name(self.path)
         self.expected = count
         self.count = 0
+        self.fd = create_new(self.tmp)
+        made = os.fstat(self.fd)
+        self._made = (made.st_dev, made.st_ino)
+
+    def take_fd(self) -> int:
+        """The temporary file's descriptor, for a writer that then owns (and closes) it."""
+        fd, self.fd = self.fd, None
+        return fd
 
     def add(self, keys, labels, logits, logdet) -> None:
         raise NotImplementedError
@@ -110,13 +118,25 @@ class ShardWriter:
             if self.count > self.expected:
                 raise ValueError(f"shard opened for {self.expected} examples got {self.count}")
             digest = self._finish()
-            fsync_rename(self.tmp, self.path, synced=digest is not None)
+            now = os.lstat(self.tmp)
+            if (now.st_dev, now.st_ino) != self._made:  # a link or file put at the name: never renamed into place
+                raise LogitifyError(f"{self.tmp}: the temporary shard was replaced while it was written")
+            if digest is None:  # a library wrote by the name: synced through the descriptor held since
+                os.fsync(self.fd)
+            os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._close_fd()
         return {"file": self.file, "num_examples": self.count, "sha256": digest or file_sha256(self.path)}
 
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.take_fd())
+
     def abort(self) -> None:
+        self._close_fd()
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:

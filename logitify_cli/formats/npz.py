@@ -43,8 +43,8 @@ class HashingWriter:
 
     PARALLEL_BYTES = WRITE_PIECE  # a full piece is written by a helper thread while this one hashes it
 
-    def __init__(self, path):
-        self._f = open(path, "wb")
+    def __init__(self, fd: int):
+        self._f = os.fdopen(fd, "wb")
         self.sha256 = hashlib.sha256()
         self._pos = 0
         self._io = None
@@ -104,7 +104,7 @@ class NpzShardWriter(ShardWriter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._logdet, self._keys, self._labels = [], [], []
-        self._raw = HashingWriter(self.tmp)
+        self._raw = HashingWriter(self.take_fd())
         self._zip = zipfile.ZipFile(self._raw, "w")
         self._entry = self._open_entry("logits.npy")
         header = {"descr": "<f4", "fortran_order": False, "shape": (self.expected,) + self.shape}
@@ -185,7 +185,9 @@ class NpzShardWriter(ShardWriter):
                         left -= len(piece)
                 fresh._logdet, fresh._keys, fresh._labels = self._logdet, self._keys, self._labels
                 fresh.count = self.count
-                return fresh._finish()
+                digest = fresh._finish()
+                self._made = fresh._made  # the temporary name now holds the fresh writer's file
+                return digest
             except BaseException:
                 fresh.abort()
                 raise
