@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
 
 import click
@@ -187,17 +188,22 @@ def _private_temp():
         shutil.rmtree(root, ignore_errors=True)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same cleanup runs;
+    the exit status still says which signal stopped the run (143, not 130)."""
+
+    signum = int(signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _command_owns_process(verbose: bool):
     """For the command's run: SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C,
     and TensorFlow is imported as the command line's own. Both are put back
     after, for a program that runs a command in its own process."""
-    import signal
-
     from . import _tf
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise _Terminated()
 
     before = (_tf.verbose, _tf.own_process)
     _tf.verbose, _tf.own_process = verbose, True
@@ -295,9 +301,9 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                     out["ok"] = False
                 _write_out(json.dumps(out, default=str))
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo(f"logitify: {interrupted}", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", int(signal.SIGINT)))  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
