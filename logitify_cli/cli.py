@@ -628,18 +628,33 @@ def entry(argv=None):
         code = 0
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt as e:  # a second stop while the first one's exit unwound: its line is already out
+        code = 128 + getattr(e, "signum", int(signal.SIGINT))
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+
+    def settled(signum, frame):
+        # The run is over and its status decided: a stop during the interpreter's teardown
+        # (joining threads, atexit) ends the exit at once, instead of a traceback and another status.
+        _flush_streams()
+        os._exit(status)
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, settled)
     if not _tf.loaded():
         sys.exit(code)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
-        code = 1
+    _flush_streams()
+    os._exit(status)
+
+
+def _flush_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # None: closed by the caller
                 stream.flush()
-        except (OSError, ValueError):  # a closed pipe downstream: nothing more to say
+        except (OSError, ValueError, RuntimeError):  # a closed pipe downstream; a flush it interrupted
             pass
-    os._exit(code or 0)
 
 
 if __name__ == "__main__":

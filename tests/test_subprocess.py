@@ -354,3 +354,29 @@ def test_spawned_workers_start_with_stops_held_until_their_init():
     """Spawned after TensorFlow, a worker's start is shielded from Ctrl-C; its init lets the signals through."""
     out = run_code(SPAWN_MASK_CODE, timeout=180)
     assert out.strip().splitlines()[-1] == "True True", out
+
+
+LATE_STOP = """
+import os, signal, sys, threading, time
+from logitify_cli.cli import entry
+STOP = getattr(signal, sys.argv.pop(1))
+
+def late():  # a thread still running when the command is done: the teardown waits for it
+    while threading.main_thread().is_alive():
+        time.sleep(0.002)
+    os.kill(os.getpid(), STOP)  # the stop lands as the interpreter tears down
+    time.sleep(2)
+
+threading.Thread(target=late).start()
+entry(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("args, status", [(["--version"], 0), (["decode", "/no/such/dataset", "-o", "x"], 1)])
+def test_a_stop_after_the_command_is_done_keeps_its_status_and_says_nothing(stop, args, status):
+    """Ctrl-C or SIGTERM while the process exits: the command's own status, no 'Exception ignored' lines."""
+    r = subprocess.run([sys.executable, "-c", LATE_STOP, stop, *args], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert "Exception" not in r.stderr and "Traceback" not in r.stderr, r.stderr
