@@ -289,41 +289,59 @@ def test_the_transforms_bits_do_not_depend_on_how_tensorflow_was_imported():
 
 
 API_CODE = """
-import hashlib, sys, threading
+import hashlib, os, sys, threading, types
 from logitify_cli import _tf
 _tf.own_process = _tf.defer_api = sys.argv[1] == 'cli'
 tf = _tf.tf()
-def public(module):
-    return sorted(n for n in dir(module) if not n.startswith('_'))
-packages = [n for n in sorted(tf.__dict__) if type(tf.__dict__[n]).__name__ in ('module', '_Deferred')]
-deferred = sorted(n for n in packages if type(tf.__dict__[n]).__name__ == '_Deferred')
+deferred = sorted(n for n, m in sys.modules.items() if type(m).__name__ == '_Deferred')
 # Many threads ask for the same deferred packages at once: each must see them whole.
 seen, errors = [], []
 def look():
     try:
         from tensorflow.core.example.example_pb2 import Example  # what records.parse_example reads with
         seen.append((tf.nn.softplus is tf.math.softplus, tf.compat.v1.placeholder.__name__,
-                     tf.distribute.MirroredStrategy.__name__, tf.train.Example is Example))
+                     tf.distribute.MirroredStrategy.__name__, tf.train.Example is Example,
+                     tf.distribute.experimental.MultiWorkerMirroredStrategy.__name__,
+                     tf.lite.experimental.Analyzer.__name__))
     except Exception as e:
         errors.append(repr(e))
 threads = [threading.Thread(target=look) for _ in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
 assert not errors and len(set(seen)) == 1, (errors, set(seen))
-for n in packages:
-    dir(getattr(tf, n))  # loads them all before any is listed, as a plain import does
-api = sys.modules['tensorflow._api.v2']
-assert all(getattr(api, n) is getattr(tf, n) for n in deferred), 'a loaded package is bound in its parent'
-h = hashlib.sha256(','.join(public(tf)).encode())
-for n in packages:
-    h.update(n.encode() + b'=' + ','.join(public(getattr(tf, n))).encode() + b';')
-print(len(deferred), len(packages), h.hexdigest())
+def walk():
+    # Every API package reachable from tf (tf.distribute.experimental, tf.compat.v1.nn, ...), once, by path.
+    found, todo, out = set(), [('tf', tf)], []
+    while todo:
+        path, m = todo.pop()
+        if id(m) in found:
+            continue
+        found.add(id(m))
+        names = sorted(dir(m))  # dir() loads a deferred package
+        out.append((path, m, [n for n in names if not n.startswith('_')]))
+        for n in names:  # tf.__internal__ too
+            v = getattr(m, n, None)
+            # tf.experimental is tensorflow.experimental once Keras has imported it so: by its file, not name
+            if isinstance(v, types.ModuleType) and os.path.join('_api', 'v2', '') in str(vars(v).get('__file__')):
+                todo.append((path + '.' + n, v))
+    return sorted(out, key=lambda x: x[0])
+walk()  # loads them all before any is listed, as a plain import does
+listed = walk()
+left = [n for n, m in sys.modules.items() if type(m).__name__ == '_Deferred']
+assert not left, left
+for name in deferred:  # a loaded package is bound in its parent, as an import binds it
+    parent, _, attr = name.rpartition('.')
+    assert getattr(sys.modules[parent], attr) is sys.modules[name], name
+h = hashlib.sha256()
+for path, m, names in listed:
+    h.update(path.encode() + b'=' + ','.join(names).encode() + b';')
+print(len(deferred), len(listed), h.hexdigest())
 """
 
 
 def test_the_command_lines_import_defers_unused_api_packages_and_each_is_whole_when_used():
     """The console script puts off TensorFlow's API packages it does not use; looked up (from 8 threads at
-    once), each holds the same names as after a plain import, and tf itself lists the same names."""
+    once), each holds the same names as after a plain import, down to the nested ones (tf.compat.v1.nn)."""
     out = {}
     for mode in ("cli", "library"):
         r = subprocess.run([sys.executable, "-c", API_CODE, mode], capture_output=True, text=True, env=ENV,
