@@ -267,6 +267,21 @@ def create_new(tmp: str) -> int:
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
 
 
+def fd_path(fd: int, path: str) -> str:
+    """A name that opens the file behind fd, for a library that opens files only by name.
+
+    On Linux, /proc/self/fd/N: the file we made, whatever has been put at its
+    name since (a link there is not followed). Elsewhere the name itself.
+    """
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        if os.path.samestat(os.stat(proc), os.fstat(fd)):
+            return proc
+    except OSError:
+        pass
+    return path
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole small file; locally through a temporary name and a rename."""
     if is_remote(path):

@@ -62,9 +62,10 @@ def test_decode_pngs_read_back_as_their_pixels(h, w, c, seed):
 
 
 @pytest.mark.parametrize("fmt", ["npz", "tfrecord"])
-def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path, fmt):
+def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path, fmt, monkeypatch):
     """Someone who can write the output folder puts a link at a run's temporary shard name, before the
     writer opens it or while it writes: the file outside stays as it was, and no link becomes a shard."""
+    from logitify_cli import fs
     from logitify_cli.errors import LogitifyError
     from logitify_cli.formats import get
     from logitify_cli.formats.base import temp_name
@@ -87,6 +88,23 @@ def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path,
     w = f.writer(str(out), name, (4, 4, 3), 2, False)
     os.unlink(w.tmp)
     os.symlink(victim, w.tmp)
+    w.add(["a", "b"], [-1, -1], logits, np.zeros(2, np.float32))
+    with pytest.raises(LogitifyError, match="replaced while it was written"):
+        w.close()
+    assert victim.read_bytes() == b"someone's file" and not os.path.lexists(w.tmp)
+
+    # The link appears between the file's making and its opening by the format's library (TensorFlow's
+    # TFRecordWriter opens by name): the library writes the file that was made, not the link.
+    real = fs.create_new
+
+    def create_then_swap(tmp):
+        fd = real(tmp)
+        os.unlink(tmp)
+        os.symlink(victim, tmp)
+        return fd
+
+    monkeypatch.setattr(fs, "create_new", create_then_swap)
+    w = f.writer(str(out), name, (4, 4, 3), 2, False)
     w.add(["a", "b"], [-1, -1], logits, np.zeros(2, np.float32))
     with pytest.raises(LogitifyError, match="replaced while it was written"):
         w.close()

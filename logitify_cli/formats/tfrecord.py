@@ -14,6 +14,7 @@ import struct
 import numpy as np
 
 from ..errors import LogitifyError
+from ..fs import fd_path
 from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
 from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
@@ -136,7 +137,8 @@ class TfrecordShardWriter(ShardWriter):
 
         self.tf = tf()
         options = self.tf.io.TFRecordOptions(compression_type="GZIP" if self.compress else "")
-        self._writer = self.tf.io.TFRecordWriter(self.tmp, options)
+        # TensorFlow opens files by name only: it is given the one made for it, not what is at its name now.
+        self._writer = self.tf.io.TFRecordWriter(fd_path(self.fd, self.tmp), options)
         self._examples = ExampleWriter(int(np.prod(self.shape)) * 4)
 
     def add(self, keys, labels, logits, logdet):
