@@ -9,6 +9,7 @@ one up to LABELS_COUNTED: memory stays flat whatever the dataset claims.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -357,7 +358,10 @@ def plot(ds: LogitDataset, summary: dict, samples: dict, hist: np.ndarray, logde
             _histogram(ax2, logdets, min(60, max(10, len(logdets) // 4)), "#c8553d")
             ax2.set_title(f"log-det per image (TFGENZOO convention, D = {summary['dims']})", fontsize=10, **plain)
             ax2.set_xlabel("logdet (nats)")
-            fig.savefig(path, format=PLOT_FORMATS[os.path.splitext(path)[1].lower()])
+            image = io.BytesIO()
+            fig.savefig(image, format=PLOT_FORMATS[os.path.splitext(path)[1].lower()])
+            # Through a temporary name and a rename: a link at `path` is replaced, not written through.
+            fs.write_bytes(path, image.getvalue())
         except OSError as e:
             raise LogitifyError(f"cannot write {path}: {e.strerror or e}") from None
         finally:

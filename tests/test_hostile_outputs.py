@@ -984,3 +984,21 @@ def test_a_plot_name_that_is_a_folder_is_a_usage_error(cli, pics, tmp_path):
     (tmp_path / "p.png").mkdir()
     with pytest.raises(UsageError, match="is a folder"):
         info(str(ds), str(tmp_path / "p.png"))
+
+
+def test_a_plot_is_never_written_through_a_link_at_its_name(cli, pics, tmp_path):
+    """--plot at a link (to someone's file, or dangling): the link is replaced by the plot, nothing outside changes."""
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"someone's file")
+    for target in (victim, tmp_path / "nowhere.txt"):
+        link = tmp_path / "link.png"
+        if os.path.lexists(link):
+            link.unlink()
+        os.symlink(target, link)
+        r = cli("info", ds, "--plot", link)
+        assert r.exit_code == 0, r.output
+        assert not os.path.islink(link) and Image.open(link).size[0] > 100
+    assert victim.read_bytes() == b"someone's file" and not (tmp_path / "nowhere.txt").exists()
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
