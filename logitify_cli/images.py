@@ -327,16 +327,25 @@ def is_grayscale_mode(mode: str) -> bool:
 
 
 def _high_bytes(img) -> Image.Image:
-    """16- and 32-bit integer images to 8 bits by keeping the high byte."""
+    """16-bit images to 8 bits by keeping the high byte (scaled, not clipped as Pillow's convert would)."""
     arr = np.asarray(img)
     if arr.dtype.byteorder not in ("=", "|"):
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise ImageReadError(f"negative pixel values in a {img.mode} image")
-    peak = int(arr.max()) if arr.size else 0
-    shift = 8 if peak < 65536 else peak.bit_length() - 8
-    return Image.fromarray((arr >> shift).astype(np.uint8), mode="L")
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ImageReadError("pixel values outside 0-65535 in a 16-bit image")
+    return Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+
+
+def _sixteen_bits(img) -> bool:
+    """Whether a mode "I" image holds 16-bit samples (PNG and PNM never hold more; TIFF says so).
+
+    Mode "I" alone does not say: it is also Pillow's mode for 32-bit
+    integer samples, whose range no rule of ours could know.
+    """
+    if img.format in ("PNG", "PPM"):
+        return True
+    bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None
+    return bits in (16, (16,))
 
 
 _SWAPS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
@@ -650,8 +659,11 @@ def _inflate(mode: str, size, idat: list):
 
 def _convert(img, channels: int):
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
+    if mode.startswith("I;16") or (mode == "I" and _sixteen_bits(img)):
         img = _high_bytes(img)
+    elif mode == "I":
+        raise ImageReadError("32-bit integer images are not supported (their range is unknown): "
+                             "convert them to 8 or 16 bits")
     elif mode == "F":
         raise ImageReadError("floating-point images are not supported")
     elif mode in ("P", "PA"):

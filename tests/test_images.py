@@ -54,6 +54,23 @@ def test_16_bit_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(out, (vals >> 8).astype(np.uint8))
 
 
+def test_16_bit_pnm_is_scaled_and_32_bit_integers_are_refused_not_zeroed(tmp_path):
+    """Pillow opens 16-bit PGM and 32-bit integer TIFF both as mode "I": the first keeps its high byte like
+    any 16-bit image, the second (any range at all) is refused with a reason, never read as black."""
+    vals = np.array([[0, 255, 256, 40000], [65535, 1000, 30000, 511]], np.uint16)
+    (tmp_path / "g16.pgm").write_bytes(b"P5 4 2 65535\n" + vals.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "g16.pgm").mode == "I"
+    np.testing.assert_array_equal(read_image(str(tmp_path / "g16.pgm"), 1)[:, :, 0], (vals >> 8).astype(np.uint8))
+    Image.fromarray(vals.astype(np.uint16)).save(tmp_path / "g16.tif")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "g16.tif"), 1)[:, :, 0], (vals >> 8).astype(np.uint8))
+    for top in (255, 70000):
+        wide = np.arange(8, dtype=np.int32).reshape(2, 4) * (top // 7)
+        Image.fromarray(wide).save(tmp_path / f"i32-{top}.tif")
+        assert Image.open(tmp_path / f"i32-{top}.tif").mode == "I"
+        with pytest.raises(ImageReadError, match="32-bit integer images are not supported"):
+            read_image(str(tmp_path / f"i32-{top}.tif"), 1)
+
+
 def test_first_frame_of_gif_and_tiff(tmp_path, rng):
     frames = [Image.fromarray(photo(rng, 8, 8)).convert("P") for _ in range(3)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
