@@ -62,12 +62,25 @@ def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, dev
         output.protect = dataset_files(ds)
     output.begin_shard(index, shard.num_examples, ds.shape)
     for chunk in ds.iter_chunks(shard):
+        refuse_non_finite(shard.file, chunk)
         images = ds.inverse(chunk["logits"], device, batch_size)
         keys, labels = chunk["keys"], chunk["labels"]
         del chunk  # the logits: before the next slice is read
         yield from output.add(index, keys, labels, images)
         del images, keys, labels
     yield from output.end_shard(index)
+
+
+def refuse_non_finite(file: str, chunk) -> None:
+    """A NaN or infinite logit has no level: the image would come back with made-up pixels, so decode stops."""
+    logits = chunk["logits"]
+    if np.isfinite(np.sum(logits, dtype=np.float64)):  # one pass, no copy; float64 cannot overflow here
+        return
+    bad = [i for i in range(len(logits)) if not np.isfinite(logits[i]).all()]
+    if bad:
+        keys = ", ".join(repr(str(chunk["keys"][i])) for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise LogitifyError(f"{file}: the logits of {keys} are not finite numbers, so no pixels can be given "
+                            "back for them; the dataset is damaged (logitify verify lists every such image)")
 
 
 WINDOW_BYTES = 64 << 20  # pixels in flight to the workers, at the most (but a job per worker)

@@ -47,6 +47,7 @@ class _Running:
 
     def __init__(self):
         self.n, self.s, self.ss = 0, 0.0, 0.0
+        self.non_finite = 0
         self.lo, self.hi = math.inf, -math.inf
         self._carry = np.zeros(0, np.float64)
 
@@ -65,6 +66,7 @@ class _Running:
                 self.lo = min(self.lo, float(part.min()))
                 self.hi = max(self.hi, float(part.max()))
             self.n += good
+            self.non_finite += part.size - good
             p64 = part.astype(np.float64)
             if self._carry.size:
                 p64 = np.concatenate([self._carry, p64])
@@ -82,10 +84,11 @@ class _Running:
             self._fold(self._carry)
             self._carry = np.zeros(0, np.float64)
         if not self.n:
-            return {"count": 0, "min": None, "max": None, "mean": None, "std": None}
+            return {"count": 0, "min": None, "max": None, "mean": None, "std": None, "non_finite": self.non_finite}
         mean = self.s / self.n
         var = max(0.0, self.ss / self.n - mean * mean)
-        return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var)}
+        return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var),
+                "non_finite": self.non_finite}
 
 
 class _Sampler:
@@ -171,6 +174,11 @@ def gather(path: str, want_samples: bool = False, check: bool = True, report=QUI
         class_counts[OTHER_LABELS] = other
     dims = m.dims
     ld = logdet_stats.result()
+    bad = [f"{x.non_finite} {what}" for x, what in ((logits_stats, "logit value(s)"), (logdet_stats, "log-det(s)"))
+           if x.non_finite]
+    if bad:
+        report.warn(f"{' and '.join(bad)} are not finite numbers and are left out of these statistics: the "
+                    "dataset is damaged (logitify verify names the images)")
     summary = {
         "command": "info",
         "dataset": path,

@@ -775,7 +775,13 @@ def test_nan_logits_plot_and_bad_plot_names(cli, keyed, tmp_path):
     r = cli("info", ds, "--plot", tmp_path / "p.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "p.png").size[0] > 100
+    assert "193 logit value(s) and 3 log-det(s) are not finite" in r.stderr
+    got = json.loads(cli("info", ds, "--json").stdout)
+    assert got["logits"]["non_finite"] == 193 and got["logits"]["count"] == 3 * 192 - 193
     assert "a.png" in one_clear_error(cli("verify", ds))
+    # decode gives back no made-up pixels: it names the images and fails
+    err = one_clear_error(cli("decode", ds, "-o", tmp_path / "back"))
+    assert "'a.png', 'b.png'" in err and "not finite" in err and "'c.png'" not in err
     assert ".xyz" in one_clear_error(cli("info", ds, "--plot", tmp_path / "x.xyz"), code=2)
     assert "cannot write" in one_clear_error(cli("info", ds, "--plot", tmp_path / "no" / "such" / "p.png"))
 
@@ -841,17 +847,18 @@ def test_encode_skip_warnings_escape_file_names(cli, pics, tmp_path):
 
 
 def test_decode_refusals_and_verify_problems_escape_keys(cli, keyed, tmp_path):
-    logits = np.zeros((3, 8, 8, 3), np.float32)
-    logits[0] = np.nan
-    ds = keyed([f"../up{FORGED}.png", f"nan{FORGED}.png", "fine.png"], logits=logits)
-    r = cli("decode", ds, "-o", tmp_path / "out")
+    keys = [f"../up{FORGED}.png", f"nan{FORGED}.png", "fine.png"]
+    r = cli("decode", keyed(keys), "-o", tmp_path / "out")
     assert len(refusal_lines(r.stderr)) == 1
     one_clear_error(r)
     no_forgery(r)
-    r = cli("verify", ds)
-    one_clear_error(r)
-    no_forgery(r)
-    assert "nan\\nlogitify" in r.stderr
+    logits = np.zeros((3, 8, 8, 3), np.float32)
+    logits[1] = np.nan
+    ds = keyed(keys, logits=logits)
+    for r in (cli("verify", ds), cli("decode", ds, "-o", tmp_path / "out2")):
+        one_clear_error(r)
+        no_forgery(r)
+        assert "nan\\nlogitify" in r.stderr
 
 
 def test_info_escapes_what_the_manifest_says(cli, pics, tmp_path):
