@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LOGITIFY", "max_content_width": 100}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _size(ctx, param, value):
@@ -604,6 +604,33 @@ def verify(dataset, more_sources, against, split, null_sep, report):
         raise UsageError(f"unexpected argument {more_sources[0]!r} (sources to compare go after --against)")
     sources = _source_paths(list(against) + list(more_sources), null_sep, listed_must_exist=True)
     return run_verify(dataset, against=sources, report=report, split=split)
+
+
+# Options whose meaning differs between commands (encode's --format is a shard format, decode's an image
+# format): from the environment only under the command's own name, never one name for all.
+PER_COMMAND_ENV = frozenset({"output", "format", "batch_size"})
+
+
+def _environment_names(group) -> None:
+    """Each option from the environment: LOGITIFY_<COMMAND>_<OPTION>, or LOGITIFY_<OPTION> for any command.
+
+    Named after the long flag (--shard-size: LOGITIFY_SHARD_SIZE), not
+    click's parameter name (which is not what the help shows); the
+    command's own name wins, and the command line wins over both.
+    """
+    for cmd in set(group.commands.values()):
+        for param in cmd.params:
+            longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
+            if not longs:
+                continue
+            option = longs[0][2:].replace("-", "_").upper()
+            names = [f"LOGITIFY_{cmd.name.upper()}_{option}"]
+            if option.lower() not in PER_COMMAND_ENV:
+                names.append(f"LOGITIFY_{option}")
+            param.envvar = names
+
+
+_environment_names(main)
 
 
 def entry(argv=None):

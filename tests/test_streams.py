@@ -46,6 +46,27 @@ def test_options_from_environment(cli, image_folder, tmp_path, monkeypatch):
     assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
 
 
+def test_environment_names_follow_the_flags_and_the_command(cli, image_folder, tmp_path, monkeypatch):
+    """LOGITIFY_<OPTION> as --help spells the option; LOGITIFY_<COMMAND>_<OPTION> wins; --output, --format and
+    --batch-size, which mean other things in other commands, only under the command's name."""
+    src, _ = image_folder
+    for name, value in {"LOGITIFY_ALPHA": "0.2", "LOGITIFY_ENCODE_ALPHA": "0.3", "LOGITIFY_FILTER": "box",
+                        "LOGITIFY_SIZE": "8x8", "LOGITIFY_JSON": "1", "LOGITIFY_ENCODE_FORMAT": "tfrecord",
+                        "LOGITIFY_ENCODE_OUTPUT": str(tmp_path / "o"), "LOGITIFY_FORMAT": "nonsense",
+                        "LOGITIFY_OUTPUT": str(tmp_path / "nowhere")}.items():
+        monkeypatch.setenv(name, value)
+    r = cli("encode", src)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["format"] == "tfrecord"
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["transform"]["alpha"] == 0.3 and m["source"]["filter"] == "box" and m["shape"][:2] == [8, 8]
+    r = cli("decode", tmp_path / "o", "-o", tmp_path / "back")  # encode's format and output are not decode's
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["format"] == "png" and not (tmp_path / "nowhere").exists()
+    monkeypatch.setenv("LOGITIFY_DECODE_FORMAT", "npz")
+    assert json.loads(cli("invert", tmp_path / "o", "-o", tmp_path / "back2").stdout)["format"] == "npz"
+
+
 @pytest.mark.parametrize("cmd", ["encode", "decode", "invert", "info", "verify"])
 def test_every_command_has_help_with_an_example(cli, cmd):
     r = cli(cmd, "--help")
