@@ -75,6 +75,16 @@ def key_relpath(key: str) -> str:
     return "/".join(parts)
 
 
+def class_folder(name: str) -> str:
+    """The folder decode puts a class's images in: the name as a relative path (TFDS's '/a/abbey' is a/abbey).
+
+    ValueError where the name cannot be one ('..', NUL, too long): encode
+    refuses such classes, so what it accepts decodes.
+    """
+    folder = name.lstrip("/")
+    return key_relpath(folder) if folder else ""
+
+
 def png_relpath(key: str, replace_suffix: bool = True) -> str:
     """The key's PNG file: its image suffix replaced by '.png' (or, without replace_suffix, '.png' added)."""
     rel = key_relpath(key)
@@ -358,7 +368,7 @@ class PngOutput(ImageOutput):
 
     def _target(self, key: str, label: int = -1) -> str:
         if 0 <= label < len(self.classes):
-            folder = self.classes[label].lstrip("/")  # TFDS's own names can be paths: '/a/abbey'
+            folder = class_folder(self.classes[label])
             if folder and not key.startswith(folder + "/"):
                 key = folder + "/" + key
         rel = png_relpath(key)

@@ -19,8 +19,9 @@ import numpy as np
 from . import images as images_mod
 from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
+from .outputs import class_folder
 from .pool import OrderedPool
-from .report import listing, short
+from .report import listing, printable, short
 from .sources import ItemList
 from .transform import TransformParams
 
@@ -372,6 +373,12 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
             inv.items.relabel(mapping)
         run_classes = base.classes
     fmt.check_classes(run_classes)
+    for name in run_classes or ():
+        try:
+            class_folder(name)
+        except ValueError as e:
+            raise LogitifyError(f"class {printable(name)!r} cannot name the folder its images decode into "
+                                f"({str(e).replace('key', 'the name', 1)}): rename it in the source") from None
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.

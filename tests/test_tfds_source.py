@@ -361,3 +361,19 @@ def test_metadata_of_older_tfds_versions_reads_the_same(cli, prepared, tmp_path)
     assert "5 examples found, dataset_info.json promises 6" in r.stderr
     a, b = manifest(tmp_path / "new"), manifest(tmp_path / "o")
     assert a["shards"] == b["shards"] and b["classes"] == RGB_CLASSES
+
+
+@pytest.mark.parametrize("bad", ["../../up", "a/../../b", "."])
+def test_class_names_decode_cannot_use_as_folders_are_refused_at_encode(cli, prepared, tmp_path, bad):
+    """Whatever encode takes, decode gives back: a class named '../../up' would be refused by decode (its
+    images would land outside the folder), so encode refuses it first, by name, writing nothing."""
+    copy = tmp_path / "copy" / "1.0.0"
+    shutil.copytree(prepared["TinyPhotos"], copy)
+    (copy / "label.labels.txt").write_text("\n".join([bad] + RGB_CLASSES[1:]) + "\n")
+    r = cli("encode", copy, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and repr(bad) in r.stderr and "cannot name the folder" in r.stderr, r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    (copy / "label.labels.txt").write_text("\n".join(["/abs/ok"] + RGB_CLASSES[1:]) + "\n")
+    assert cli("encode", copy, "-o", tmp_path / "o", "--tfds-split", "train").exit_code == 0
+    assert cli("decode", tmp_path / "o", "-o", tmp_path / "back").exit_code == 0
+    assert (tmp_path / "back" / "abs" / "ok").is_dir()
