@@ -354,7 +354,7 @@ def _verify_split(ds, against, report, problem, held: list, elsewhere=None):
             for shard in ds.shards:
                 labels = BadLabels(len(ds.classes)) if ds.classes is not None else None  # none: labels are free
                 try:
-                    for chunk in ds.iter_chunks(shard, check=True, rows=rows):
+                    for chunk in ds.iter_chunks(shard, check=True, rows=rows, records=True):
                         keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
                         if labels is not None:
                             labels.add(chunk["labels"])

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -550,6 +551,7 @@ def gzip_record_bomb(folder, shape, compressed=True):
     import gzip
     import struct
 
+    from logitify_cli.records import _mask, crc32c_many, masked_crc32c
     from logitify_cli.tfrecord_io import ExampleWriter, _field, _map_entry, _uvarint
 
     os.makedirs(folder)
@@ -561,12 +563,13 @@ def gzip_record_bomb(folder, shape, compressed=True):
     logits_head = ExampleWriter(nbytes)._logits_head
     prefix = b"\x0a" + _uvarint(len(head) + len(logits_head) + nbytes) + head + logits_head
     zeros = bytes(8 << 20)
+    length = struct.pack("<Q", len(prefix) + nbytes)
     with (gzip.open(path, "wb", compresslevel=1) if compressed else open(path, "wb")) as f:
-        f.write(struct.pack("<Q", len(prefix) + nbytes) + bytes(4) + prefix)
-        if compressed:
+        f.write(length + struct.pack("<I", masked_crc32c(length)) + prefix)
+        if compressed:  # a whole record, with its true checksums
             for a in range(0, nbytes, len(zeros)):
                 f.write(zeros[:min(len(zeros), nbytes - a)])
-            f.write(bytes(4))
+            f.write(struct.pack("<I", int(_mask(crc32c_many([prefix + bytes(nbytes)]))[0])))
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(bomb_manifest("tfrecord", shape, path, 1, compressed), f)
 
@@ -1009,3 +1012,28 @@ def test_a_plot_is_never_written_through_a_link_at_its_name(cli, pics, tmp_path)
         assert not os.path.islink(link) and Image.open(link).size[0] > 100
     assert victim.read_bytes() == b"someone's file" and not (tmp_path / "nowhere.txt").exists()
     assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("where", ["logits", "key", "header"])
+def test_verify_checks_each_tfrecord_records_checksums(cli, pics, tmp_path, compress, where):
+    """A TFRecord shard changed inside a record, with its sha256 in the manifest changed to match: the
+    file's hash cannot tell, the record's own CRC32C can (as TensorFlow's reader, which would fail later)."""
+    import gzip
+
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds, "-f", "tfrecord", *(["--compress"] if compress else [])).exit_code == 0
+    assert cli("verify", ds).exit_code == 0
+    m = json.loads((ds / "manifest.json").read_text())
+    shard = ds / m["shards"][0]["file"]
+    data = bytearray(gzip.decompress(shard.read_bytes()) if compress else shard.read_bytes())
+    (n,) = struct.unpack_from("<Q", data, 0)
+    first = 16 + n  # the second record starts here
+    at = {"logits": first + 12 + n // 2, "key": first + 12 + n - 20, "header": first + 2}[where]
+    data[at] ^= 0x40
+    shard.write_bytes(gzip.compress(bytes(data)) if compress else bytes(data))
+    m["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (ds / "manifest.json").write_text(json.dumps(m))
+    r = cli("verify", ds)
+    one_clear_error(r)
+    assert "record 1" in r.stderr and "fails its checksum" in r.stderr, r.stderr

@@ -151,6 +151,7 @@ class ShardFormat:
     glob: str = ""  # fnmatch pattern every shard file name of this format matches
     metadata_names: tuple = ()  # every name write_metadata() may ever write
     description: str = ""
+    record_checksums: bool = False  # checksums per record, beyond the file's sha256 (read_chunks' `records`)
 
     def shard_file(self, name: str, split: str, index: int, count: int) -> str:
         return self.template.format(name=name, split=split, index=index, count=count)
@@ -172,6 +173,8 @@ class ShardFormat:
 
         Never holds more than one chunk, and never reads more than `count`
         examples of `shape` promise: a shard that says otherwise is refused.
+        A format with record_checksums also takes `records=True` (verify's):
+        check the checksums it keeps per record too.
         """
         raise NotImplementedError
 
