@@ -651,10 +651,21 @@ def entry(argv=None):
 
     _tf.defer_api = True  # nothing runs after the command here: the API packages it does not use can wait
     try:
-        main(args=argv, prog_name="logitify")
-        code = 0
+        rv = main(args=argv, prog_name="logitify", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0  # --help and --version: click's Exit
     except SystemExit as e:
         code = e.code
+    except click.exceptions.Abort as e:  # a stop before the command's own handling began (click's parsing)
+        stop = e.__cause__
+        if isinstance(stop, KeyboardInterrupt):
+            click.echo("logitify: interrupted", err=True)
+            code = 128 + getattr(stop, "signum", int(signal.SIGINT))
+        else:  # end of input at a prompt: click's own word
+            click.echo("Aborted!", err=True)
+            code = 1
+    except click.ClickException as e:  # a usage error
+        e.show()
+        code = e.exit_code
     except KeyboardInterrupt as e:  # a second stop while the first one's exit unwound: its line is already out
         code = 128 + getattr(e, "signum", int(signal.SIGINT))
     status = code if isinstance(code, int) else (0 if code is None else 1)

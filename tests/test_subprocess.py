@@ -398,3 +398,26 @@ def test_a_stop_after_the_command_is_done_keeps_its_status_and_says_nothing(stop
                        timeout=60)
     assert r.returncode == status, (r.returncode, r.stderr)
     assert "Exception" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+EARLY_STOP = """
+import os, signal, sys
+import click
+from logitify_cli import cli
+
+real = click.Group.make_context
+
+def stopped_while_parsing(self, *args, **kwargs):  # Ctrl-C lands while click reads the arguments
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(self, *args, **kwargs)
+
+click.Group.make_context = stopped_while_parsing
+cli.entry(sys.argv[1:])
+"""
+
+
+def test_a_ctrl_c_while_the_arguments_are_read_is_an_interruption_not_an_abort():
+    """click turns a Ctrl-C during its own parsing into 'Aborted!' and exit 1; the CLI says it was stopped."""
+    r = subprocess.run([sys.executable, "-c", EARLY_STOP, "info", "/no/such/dataset"], capture_output=True,
+                       text=True, env=ENV, timeout=60)
+    assert r.returncode == 130 and r.stderr.strip() == "logitify: interrupted", (r.returncode, r.stderr)
