@@ -533,11 +533,24 @@ def parse_example(record: bytes, image_key: str, label_key: str):
     data = None
     for k in keys:
         if k in feats and feats[k].bytes_list.value:
-            data = feats[k].bytes_list.value[0]
+            values = feats[k].bytes_list.value
+            if len(values) != 1:  # which one is the image? Not ours to guess
+                raise ValueError(f"its image feature {k!r} holds {len(values)} images, not one")
+            data = values[0]
             break
     if data is None:
         raise ValueError(f"record has no bytes feature {image_key!r}")
     label = -1
-    if label_key in feats and feats[label_key].int64_list.value:
-        label = int(feats[label_key].int64_list.value[0])
+    if label_key in feats:
+        feat = feats[label_key]
+        kind = feat.WhichOneof("kind")
+        count = len(getattr(feat, kind).value) if kind else 0
+        if count and kind != "int64_list":
+            raise ValueError(f"its label {label_key!r} is a {kind.replace('_list', '')} list, not an int64")
+        if count > 1:
+            raise ValueError(f"its label {label_key!r} holds {count} values, not one")
+        if count:
+            label = int(feat.int64_list.value[0])
+            if label < -1:  # -1 is "no label"; any other negative number numbers nothing
+                raise ValueError(f"its label {label} is negative")
     return data, label

@@ -379,3 +379,31 @@ def test_a_huge_promised_count_behind_a_damaged_header_is_one_entry(cli, tmp_pat
     lost = [s for s in m["skipped"] if s["source"].startswith(head.name)]
     assert [s["source"] for s in lost] == [f"{head.name}:3", f"{head.name}:4..{10**12 - 1}"]
     assert "999999999996 records" in lost[1]["reason"]
+
+
+def test_records_whose_image_or_label_is_not_one_value_are_skipped_with_the_reason(cli, tmp_path):
+    """Two images, a label list, a label of bytes or floats, a negative label: no guess, each skipped by name."""
+    import tensorflow as tf
+
+    img = png_bytes(photo(np.random.default_rng(0), 12, 10))
+
+    def ex(images=(img,), **label):
+        f = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=list(images)))}
+        f.update({"label": tf.train.Feature(**label)} if label else {})
+        return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+
+    path = tmp_path / "odd.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for rec in (ex(int64_list=tf.train.Int64List(value=[3])), ex(images=(img, img)),
+                    ex(int64_list=tf.train.Int64List(value=[1, 2])), ex(bytes_list=tf.train.BytesList(value=[b"cat"])),
+                    ex(float_list=tf.train.FloatList(value=[1.0])), ex(int64_list=tf.train.Int64List(value=[-5])),
+                    ex(int64_list=tf.train.Int64List(value=[])), ex()):
+            w.write(rec)
+    r = cli("encode", path, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m, a = load_all(tmp_path / "o")
+    reasons = {s["source"].rsplit(":", 1)[-1]: s["reason"] for s in m["skipped"]}
+    assert sorted(reasons) == ["1", "2", "3", "4", "5"], reasons
+    assert "2 images, not one" in reasons["1"] and "holds 2 values" in reasons["2"]
+    assert "bytes list, not an int64" in reasons["3"] and "float list" in reasons["4"] and "-5 is negative" in reasons["5"]
+    assert sorted(zip((k.rsplit(":", 1)[-1] for k in a["keys"]), a["labels"].tolist())) == [("0", 3), ("6", -1), ("7", -1)]
