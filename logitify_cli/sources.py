@@ -688,6 +688,11 @@ class BucketPrefix:
             else:
                 continue
             name = rel.rsplit("/", 1)[-1]
+            if any(part in (".", "..") for part in rel.split("/")) and (is_image_name(name) or is_tfrecord_name(name)):
+                # An object store's key may hold what no folder can: said, not passed over as hidden.
+                skipped.append({"source": rel, "reason": "its name has a '.' or '..' part, which no file path "
+                                                          "inside a folder can have"})
+                continue
             if not name or any(is_hidden(part) for part in rel.split("/")):
                 continue
             top = rel.split("/", 1)[0] if "/" in rel and path != self.path else None

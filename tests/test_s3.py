@@ -228,3 +228,17 @@ def test_threads_reading_through_the_kept_client_each_get_their_own_bytes():
     for t in threads:
         t.join()
     assert not wrong and not errors, (len(wrong), errors[:3])
+
+
+def test_object_keys_no_folder_could_hold_are_skipped_by_name(tmp_path, rng, s3_server, s3_bucket, beam_s3):
+    """An object store's keys may hold '..' or '.' parts: such an image is listed as skipped, not passed over."""
+    from logitify_cli.sources import discover
+
+    buf = io.BytesIO()
+    Image.fromarray(photo(rng, 8, 8)).save(buf, "PNG")
+    for key in ("odd/a/b.png", "odd/a/../escape.png", "odd/a/./here.png", "odd/.hidden.png"):
+        s3_server.write(s3_bucket, key, buf.getvalue())
+    inv = discover([f"s3://{s3_bucket}/odd"])
+    assert [it.key for it in inv.items] == ["a/b.png"]
+    assert sorted(s["source"] for s in inv.skipped) == ["a/../escape.png", "a/./here.png"]
+    assert all("'..' part" in s["reason"] for s in inv.skipped)
