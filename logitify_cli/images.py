@@ -287,7 +287,11 @@ def _open(fp, max_pixels: int, path=None):
         try:
             img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageReadError(f"decompression bomb: {e}") from None
+            # Pillow's text names its own limit (twice ours, where it raises rather than warns): say ours.
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1))} pixels" if found else "its size"
+            raise ImageReadError(f"decompression bomb: {size} exceeds the limit of {max_pixels} "
+                                 "(--max-pixels)") from None
         except (UnidentifiedImageError, OSError) as e:
             if path is not None:
                 raise ImageReadError(_why_unreadable(path, e)) from None
@@ -298,7 +302,7 @@ def _open(fp, max_pixels: int, path=None):
     if w * h > max_pixels:
         img.close()
         raise ImageReadError(
-            f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+            f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (--max-pixels)"
         )
     if w < 1 or h < 1:
         img.close()
