@@ -336,8 +336,8 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     seconds = time.time() - t0
     total = sum(s.num_examples for shards, _, _ in book for s in shards)
     if total == 0:
-        raise LogitifyError(f"none of the {sum(len(x.plan.items) for x in started.parts)} inputs could be read "
-                            "as an image")
+        raise LogitifyError(f"none of the {sum(len(x.plan.items) for x in started.parts)} inputs gave an image "
+                            "(every one was skipped, each with its reason)")
     rate = round(made / seconds, 1) if seconds else None
     m = started.base
     for part, (shards, digests, skipped) in zip(started.parts, book):
