@@ -223,7 +223,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                 m = manifest_mod.for_run(part, shards, skipped, {"seconds": round(seconds, 3), "runner": "beam"},
                                          pixels=pixels, base=m)
         if total == 0:
-            raise LogitifyError(f"none of the {sum(len(x.items) for x in p.parts)} inputs gave an image (every one was skipped, each with its reason)")
+            raise LogitifyError(f"none of the {sum(len(x.items) for x in p.parts)} inputs gave an image (every "
+                                "one was skipped, each with its reason)")
         rate = round(total / seconds, 1) if seconds else None
         for n in counts:
             m.splits[n].stats["images_per_second"] = rate

@@ -385,7 +385,8 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         with OrderedPool(1) as pool:
             for it, _, _, reason in PixelStream(inv.items, opts, opts.channels or 3, pool, 1):
                 notes.append(f"skipped {it.key}: {reason}")
-        raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each with its reason)", notes=notes)
+        raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
+                            "with its reason)", notes=notes)
     if opts.preset:
         from .presets import check_first_image
 
