@@ -161,7 +161,9 @@ def stream_options(f):
     f = click.option("--verbose", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")(f)
     f = click.option("--progress/--no-progress", default=None,
                      help="Force the progress bar on stderr on or off [shown when stderr is a terminal].")(f)
-    f = click.option("-q", "--quiet", is_flag=True, help="Print nothing on success: no progress, no warnings.")(f)
+    f = click.option("-q", "--quiet", is_flag=True,
+                     help="Nothing on stderr on success: no progress, no warnings, no closing line (what a "
+                          "command answers on stdout, as info's summary, still comes).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout, nothing else.")(f)
     return f
 
