@@ -250,6 +250,10 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
     started = _start_while_tf_imports(opts)  # a failure's notes (skipped inputs) travel on the error
     try:
         return _run(started, opts, fmt, report, t0)
+    except LogitifyError:  # a run that failed before its first shard leaves no journal to stand in the next one's way
+        for part in started.parts:
+            part.folder.journal.drop_if_empty()
+        raise
     finally:
         started.folder.lock.release()
 

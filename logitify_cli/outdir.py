@@ -82,6 +82,7 @@ class Journal:
 
     def __init__(self, folder: str, split: str = "train"):
         self.path = os.path.join(folder, manifest_mod.journal_name(split))
+        self.started, self.appended = False, 0  # by this process: a new journal, and shards added to it
 
     def start(self, header: dict) -> None:
         """A new journal: whatever held the name before (a link included) is unlinked, not written through."""
@@ -93,6 +94,7 @@ class Journal:
             raise LogitifyError(f"{printable(self.path)} is not a plain file, not logitify's journal; "
                                 "remove it and run again")
         self._write(os.O_WRONLY | os.O_CREAT | os.O_EXCL, {"header": header})
+        self.started = True
 
     def append(self, entry) -> None:
         """One finished shard: its entry as a dict, its JSON text, or that text in pieces (ShardResult.json_pieces)."""
@@ -100,6 +102,12 @@ class Journal:
             entry = json.dumps(entry)
         pieces = [entry] if isinstance(entry, str) else entry
         self._write(os.O_WRONLY | os.O_APPEND, itertools.chain(['{"shard": '], pieces, ["}"]))
+        self.appended += 1
+
+    def drop_if_empty(self) -> None:
+        """The journal this process started, if it never recorded a shard: it holds nothing to resume."""
+        if self.started and not self.appended:
+            self.remove()
 
     def _write(self, flags: int, record) -> None:
         """One line: a dict, or the pieces of its text (a line cut short by a kill is ignored on reading)."""

@@ -496,3 +496,20 @@ def test_a_manifest_with_an_alpha_past_todays_encode_bounds_still_reads(cli, dat
     (ds / "manifest.json").write_text(json.dumps(m))
     r = cli("info", ds)
     assert r.exit_code == 0, r.stderr
+
+
+def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, tmp_path, rng):
+    """Images of two sizes without --size: the run fails at once, and leaves no journal behind, so the same
+    command with --size needs no --overwrite. A run that made shards keeps its journal for --resume."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8 if i < 5 else 9))
+    out = tmp_path / "o"
+    r = cli("encode", src, "-o", out)
+    assert r.exit_code == 1 and "--size" in r.stderr
+    assert sorted(os.listdir(out)) == []
+    r = cli("encode", src, "-o", out, "--size", "8x8")
+    assert r.exit_code == 0, r.output
+    r = cli("encode", src, "-o", tmp_path / "p", "--shard-size", "2", "--batch-size", "1")
+    assert r.exit_code == 1 and [n for n in os.listdir(tmp_path / "p") if "journal" in n]
