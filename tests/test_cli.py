@@ -513,3 +513,22 @@ def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, 
     assert r.exit_code == 0, r.output
     r = cli("encode", src, "-o", tmp_path / "p", "--shard-size", "2", "--batch-size", "1")
     assert r.exit_code == 1 and [n for n in os.listdir(tmp_path / "p") if "journal" in n]
+
+
+def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
+    """--resume with other options on a dataset already whole: the difference is named, as for an unfinished run."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    out = tmp_path / "o"
+    assert cli("encode", src, "-o", out).exit_code == 0
+    assert cli("encode", src, "-o", out, "--resume").exit_code == 0  # the same run: nothing to redo
+    for args, said in ((["--alpha", "0.1", "--seed", "3"], "alpha: was 0.05, now 0.1; seed: was 0, now 3"),
+                       (["-f", "tfrecord"], "format: was 'npz', now 'tfrecord'"),
+                       (["--size", "4x4", "--filter", "box"], "filter: was None, now 'box'")):
+        r = cli("encode", src, "-o", out, "--resume", *args)
+        assert r.exit_code == 1 and said in r.stderr, r.stderr
+    (src / "3.png").rename(src / "9.png")
+    r = cli("encode", src, "-o", out, "--resume")
+    assert r.exit_code == 1 and "the inputs, or an option the manifest does not record" in r.stderr, r.stderr
