@@ -78,7 +78,9 @@ class LogitDataset:
         """Presence and sha256 of a local shard, or a LogitifyError naming it."""
         path = self.shard_path(shard)
         if not os.path.isfile(path):
-            raise LogitifyError(f"shard {shard.file} is missing")
+            what = "missing" if not os.path.lexists(path) else (
+                "a folder, not a file" if os.path.isdir(path) else "not a regular file (a pipe, device or dead link)")
+            raise LogitifyError(f"shard {shard.file} is {what}")
         try:
             size = os.path.getsize(path)
             if size > self.format.max_bytes(self.shape, shard.num_examples):

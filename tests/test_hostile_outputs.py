@@ -749,7 +749,11 @@ def test_a_manifest_that_is_a_folder_and_missing_or_unreadable_shards(cli, pics,
     shard = next(ds.glob("*.npz"))
     shard.unlink()
     for r in four_commands(cli, ds, tmp_path):
-        assert shard.name in one_clear_error(r)
+        assert shard.name in one_clear_error(r) and "missing" in r.stderr
+    os.mkfifo(shard)  # never opened, and not called missing
+    for r in four_commands(cli, ds, tmp_path):
+        assert shard.name in one_clear_error(r) and "not a regular file" in r.stderr
+    shard.unlink()
     if os.geteuid() == 0:  # root reads any file: a file whose every read fails instead
         if not os.path.exists("/proc/self/mem"):
             pytest.skip("no file that fails to read")
