@@ -429,11 +429,14 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
                 if geometry is not None and geometry.jpeg_draft:  # a no-op but for JPEGs
                     img.draft(img.mode, geometry.draft_size(_orientation(img) if orient else 1))
                 img.load()
+                sixteen = img.mode == "I" and _sixteen_bits(img)  # asked of the file: a turned image has no format
                 if orient:
                     img = _turn(img, _orientation(img))
+            else:
+                sixteen = False
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
-            img = _convert(img, channels)
+            img = _convert(img, channels, sixteen)
             if geometry is not None:
                 with _pillow_limit(max_pixels):  # Pillow checks a crop's size as it checks an image's
                     img = geometry.apply(img)
@@ -661,9 +664,10 @@ def _inflate(mode: str, size, idat: list):
         decoder.cleanup()
 
 
-def _convert(img, channels: int):
+def _convert(img, channels: int, sixteen: bool = False):
+    """The image in the mode of `channels`; `sixteen`: a mode "I" image the file says holds 16-bit samples."""
     mode = img.mode
-    if mode.startswith("I;16") or (mode == "I" and _sixteen_bits(img)):
+    if mode.startswith("I;16") or (mode == "I" and sixteen):
         img = _high_bytes(img)
     elif mode == "I":
         raise ImageReadError("32-bit integer images are not supported (their range is unknown): "

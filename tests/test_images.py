@@ -71,6 +71,23 @@ def test_16_bit_pnm_is_scaled_and_32_bit_integers_are_refused_not_zeroed(tmp_pat
             read_image(str(tmp_path / f"i32-{top}.tif"), 1)
 
 
+def test_a_turned_16_bit_image_in_mode_i_keeps_its_high_byte(tmp_path, monkeypatch):
+    """Pillow before 10.3 opened 16-bit grey PNGs as mode "I": the bit depth is read from the file before an
+    EXIF turn (whose result has no format), so a turned one is not taken for 32-bit."""
+    from PIL import PngImagePlugin
+
+    if (16, 0) not in getattr(PngImagePlugin, "_MODES", {}):
+        pytest.skip("this Pillow lays out its PNG modes otherwise")
+    vals = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter
+    Image.fromarray(vals).save(tmp_path / "g16.png", exif=exif)
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    assert Image.open(tmp_path / "g16.png").mode == "I"
+    out = read_image(str(tmp_path / "g16.png"), 1)[:, :, 0]
+    np.testing.assert_array_equal(out, np.rot90(vals >> 8, -1).astype(np.uint8))
+
+
 def test_first_frame_of_gif_and_tiff(tmp_path, rng):
     frames = [Image.fromarray(photo(rng, 8, 8)).convert("P") for _ in range(3)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
