@@ -289,6 +289,8 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
             from .report import Reporter, printable  # NumPy and Pillow: a Ctrl-C may land here too
 
             report = Reporter(quiet=quiet, progress=progress)
+            for note in unread_environment():
+                report.warn(note)
             result = fn(*args, report=report, **kwargs)
         except LogitifyError as e:
             from .report import Reporter, printable
@@ -610,7 +612,8 @@ def verify(dataset, more_sources, against, split, null_sep, report):
 
 # Options whose meaning differs between commands (encode's --format is a shard format, decode's an image
 # format): from the environment only under the command's own name, never one name for all.
-PER_COMMAND_ENV = frozenset({"output", "format", "batch_size"})
+PER_COMMAND_ENV = frozenset({"output", "format"})
+ENV_NAMES: set = set()  # every name an option is read from, filled by _environment_names
 
 
 def _environment_names(group) -> None:
@@ -630,9 +633,29 @@ def _environment_names(group) -> None:
             if option.lower() not in PER_COMMAND_ENV:
                 names.append(f"LOGITIFY_{option}")
             param.envvar = names
+            ENV_NAMES.update(names)
 
 
 _environment_names(main)
+
+
+def unread_environment() -> list:
+    """A line for each LOGITIFY_ variable that names no option: set, it would be ignored without a word."""
+    # The names options were read from before they followed the flags.
+    renamed = {"OUT": "OUTPUT", "FMT": "FORMAT", "AS_JSON": "JSON", "NULL_SEP": "NULL", "RESAMPLE": "FILTER",
+               "PLOT_PATH": "PLOT"}
+    notes = []
+    for name in sorted(k for k in os.environ if k.startswith("LOGITIFY_") and k not in ENV_NAMES):
+        option = name[len("LOGITIFY_"):]
+        for command in ("ENCODE_", "DECODE_", "INVERT_", "INFO_", "VERIFY_"):
+            option = option[len(command):] if option.startswith(command) else option
+        option = renamed.get(option, option)
+        instead = [f"LOGITIFY_{option}"] if f"LOGITIFY_{option}" in ENV_NAMES else sorted(
+            n for n in ENV_NAMES if n.endswith(f"_{option}") and n.count("_") == option.count("_") + 2)
+        notes.append(f"environment variable {name} names no option and is not read"
+                     + (f"; use {' or '.join(instead)}" if instead else
+                        " (names follow the long flags: LOGITIFY_<OPTION> or LOGITIFY_<COMMAND>_<OPTION>)"))
+    return notes
 
 
 def entry(argv=None):

@@ -106,3 +106,15 @@ def test_a_pool_starts_at_most_a_few_workers_per_core():
     with OrderedPool(1000) as pool:
         assert pool.workers == min(1000, PER_CORE * default_workers())
         assert [r for _, r in pool.imap(abs, [(None, -i) for i in range(20)])] == list(range(20))
+
+
+def test_a_logitify_variable_that_names_no_option_is_said_not_ignored(cli, image_folder, tmp_path, monkeypatch):
+    src, _ = image_folder
+    monkeypatch.setenv("LOGITIFY_FMT", "tfrecord")  # the name click once took from the parameter
+    r = cli("encode", src, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "LOGITIFY_FMT names no option and is not read; use LOGITIFY_DECODE_FORMAT or LOGITIFY_ENCODE_FORMAT" \
+        in r.stderr
+    monkeypatch.delenv("LOGITIFY_FMT")
+    monkeypatch.setenv("LOGITIFY_BATCH_SIZE", "abc")  # --batch-size is one name for every command
+    assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
