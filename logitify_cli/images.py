@@ -281,17 +281,20 @@ def _pillow_limit(max_pixels: int):
                 Image.MAX_IMAGE_PIXELS = limit
 
 
+def _bomb(e: Exception, max_pixels: int) -> ImageReadError:
+    """Pillow's bomb error in our words: its text names its own limit (twice ours, where it raises)."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1))} pixels" if found else "its size"
+    return ImageReadError(f"decompression bomb: {size} exceeds the limit of {max_pixels} (--max-pixels)")
+
+
 def _open(fp, max_pixels: int, path=None):
     """Open lazily (header only) and refuse bombs before decoding; `path` names fp for reasons."""
     with _pillow_limit(max_pixels):
         try:
             img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            # Pillow's text names its own limit (twice ours, where it raises rather than warns): say ours.
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            size = f"{int(found.group(1))} pixels" if found else "its size"
-            raise ImageReadError(f"decompression bomb: {size} exceeds the limit of {max_pixels} "
-                                 "(--max-pixels)") from None
+            raise _bomb(e, max_pixels) from None
         except (UnidentifiedImageError, OSError) as e:
             if path is not None:
                 raise ImageReadError(_why_unreadable(path, e)) from None
@@ -444,7 +447,7 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"decompression bomb: {e}") from None
+        raise _bomb(e, max_pixels) from None
     except MemoryError:
         raise ImageReadError("out of memory while decoding") from None
     except Exception as e:  # whatever Pillow's parsers raise on a stranger's file is that file's fault

@@ -82,7 +82,10 @@ def class_folder(name: str) -> str:
     refuses such classes, so what it accepts decodes.
     """
     folder = name.lstrip("/")
-    return key_relpath(folder) if folder else ""
+    try:
+        return key_relpath(folder) if folder else ""
+    except ValueError as e:  # the key's reasons, said of a folder
+        raise ValueError(str(e).replace("key ", "it ", 1).replace("not a file in it", "not a folder in it")) from None
 
 
 def png_relpath(key: str, replace_suffix: bool = True) -> str:

@@ -378,7 +378,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
             class_folder(name)
         except ValueError as e:
             raise LogitifyError(f"class {printable(name)!r} cannot name the folder its images decode into "
-                                f"({str(e).replace('key', 'the name', 1)}): rename it in the source") from None
+                                f"({e}): rename it in the source") from None
     shape, channels, first = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.

@@ -80,6 +80,18 @@ def _records(path: str, compressed: bool, max_length: int, stored: list | None =
             index += 1
 
 
+def _first_failing(records: list, stored: list) -> int | None:
+    """The index of the first record whose data fails its stored (masked) CRC32C, or None."""
+    from ..records import _mask, crc32c_many
+
+    bad = np.flatnonzero(_mask(crc32c_many(records)) != np.array(stored, np.uint32))
+    return int(bad[0]) if len(bad) else None
+
+
+def _changed(name: str, index: int) -> LogitifyError:
+    return LogitifyError(f"shard {name}: record {index} fails its checksum (CRC32C): its bytes were changed")
+
+
 def _features(record) -> dict:
     """{name: Feature message view} of a serialized tf.train.Example."""
     out = {}
@@ -205,12 +217,9 @@ class TfrecordFormat(ShardFormat):
 
         def chunk():
             if stored is not None:
-                from ..records import _mask, crc32c_many
-
-                bad = np.flatnonzero(_mask(crc32c_many(whole)) != np.array(stored, np.uint32))
-                if len(bad):
-                    raise LogitifyError(f"shard {name}: record {seen - len(whole) + int(bad[0])} fails its "
-                                        "checksum (CRC32C): its bytes were changed")
+                bad = _first_failing(whole, stored)
+                if bad is not None:
+                    raise _changed(name, seen - len(whole) + bad)
                 stored.clear()
                 whole.clear()
             if len(raw) == 1:  # one large record: its logits are used where they lie in its buffer
@@ -262,12 +271,9 @@ class TfrecordFormat(ShardFormat):
         except (LogitifyError, ValueError, OSError, EOFError, UnicodeDecodeError, TypeError, OverflowError,
                 MemoryError) as e:
             if current is not None:  # a record that cannot be parsed: if its checksum fails, that is why
-                from ..records import _mask, crc32c_many
-
                 i, rec, want = current
-                if int(_mask(crc32c_many([rec]))[0]) != want:
-                    raise LogitifyError(f"shard {name}: record {i} fails its checksum (CRC32C): its bytes were "
-                                        "changed") from None
+                if _first_failing([rec], [want]) is not None:
+                    raise _changed(name, i) from None
             if isinstance(e, LogitifyError):
                 raise
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
