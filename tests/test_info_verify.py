@@ -97,7 +97,7 @@ def test_verify_refuses_a_resized_source_from_its_header(cli, dataset, rng, monk
     save(str(src / "dogs" / "dog_02.png"), photo(rng, 240, 320))
     decoded = []
     real = images._convert
-    monkeypatch.setattr(images, "_convert", lambda img, channels: decoded.append(img.size) or real(img, channels))
+    monkeypatch.setattr(images, "_convert", lambda img, *rest: decoded.append(img.size) or real(img, *rest))
     r = cli("verify", out, "--against", src)
     assert r.exit_code == 1
     assert "dogs/dog_02.png: the source gives shape [240, 320, 3], the dataset [24, 32, 3]" in r.stderr, r.stderr
