@@ -1,9 +1,16 @@
 import os
+import signal
 import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+# A suite started in the background (`cmd &` in a script, nohup) inherits Ctrl-C ignored, and so would
+# every command-line process the tests stop with SIGINT. A handled signal is reset to the default in
+# the processes this one starts, which then take Ctrl-C as a user's terminal would give it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, os.path.dirname(__file__))
 
