@@ -307,7 +307,8 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo(f"logitify: {interrupted}", err=True)
-            sys.exit(128 + getattr(e, "signum", int(signal.SIGINT)))  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+            # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+            sys.exit(128 + getattr(e, "signum", int(signal.SIGINT)))
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
