@@ -110,9 +110,17 @@ class JsonCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            if "--json" in ours:
+            if "--json" in ours or self._json_from_environment():
                 click.echo(json.dumps({"ok": False, "error": e.format_message()}))
             raise
+
+    def _json_from_environment(self) -> bool:
+        """--json given as LOGITIFY_JSON or LOGITIFY_<COMMAND>_JSON, as click reads a flag's variable."""
+        for name in (f"LOGITIFY_{(self.name or '').upper()}_JSON", "LOGITIFY_JSON"):
+            value = os.environ.get(name, "").strip().lower()
+            if value:
+                return value in ("1", "true", "t", "yes", "y", "on")
+        return False
 
 
 class BeamArgsCommand(JsonCommand):

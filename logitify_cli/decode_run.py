@@ -74,8 +74,9 @@ def shard_jobs(ds: LogitDataset, output, index: int, shard, batch_size: int, dev
 def refuse_non_finite(file: str, chunk) -> None:
     """A NaN or infinite logit has no level: the image would come back with made-up pixels, so decode stops."""
     logits = chunk["logits"]
-    if np.isfinite(np.sum(logits, dtype=np.float64)):  # one pass, no copy; float64 cannot overflow here
-        return
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: the answer sought, not a warning
+        if np.isfinite(np.sum(logits, dtype=np.float64)):  # one pass, no copy; float64 cannot overflow here
+            return
     bad = [i for i in range(len(logits)) if not np.isfinite(logits[i]).all()]
     if bad:
         keys = ", ".join(repr(str(chunk["keys"][i])) for i in bad[:3]) + (" ..." if len(bad) > 3 else "")

@@ -529,7 +529,9 @@ def parse_example(record: bytes, image_key: str, label_key: str):
     except Exception as e:  # protobuf's DecodeError and friends
         raise ValueError(f"not a tf.train.Example: {e}") from None
     feats = example.features.feature
-    keys = [image_key] + [k for k in IMAGE_KEY_FALLBACKS if k != image_key]
+    # The usual names stand in for each other; a key the user named is the only one read.
+    keys = [image_key] + ([k for k in IMAGE_KEY_FALLBACKS if k != image_key] if image_key in IMAGE_KEY_FALLBACKS
+                          else [])
     data = None
     for k in keys:
         if k in feats and feats[k].bytes_list.value:

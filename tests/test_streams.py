@@ -118,3 +118,11 @@ def test_a_logitify_variable_that_names_no_option_is_said_not_ignored(cli, image
     monkeypatch.delenv("LOGITIFY_FMT")
     monkeypatch.setenv("LOGITIFY_BATCH_SIZE", "abc")  # --batch-size is one name for every command
     assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
+
+
+def test_json_from_the_environment_also_answers_a_usage_error_on_stdout(cli, image_folder, tmp_path, monkeypatch):
+    src, _ = image_folder
+    monkeypatch.setenv("LOGITIFY_JSON", "1")
+    r = cli("encode", src, "-o", tmp_path / "o", "--bogus")
+    got = json.loads(r.stdout)
+    assert r.exit_code == 2 and got["ok"] is False and "--bogus" in got["error"], r.stdout

@@ -409,3 +409,6 @@ def test_records_whose_image_or_label_is_not_one_value_are_skipped_with_the_reas
     # a label feature of bytes or floats numbers no class: no label, as with none at all
     assert sorted(zip((k.rsplit(":", 1)[-1] for k in a["keys"]), a["labels"].tolist())) == \
         [("0", 3), ("3", -1), ("4", -1), ("6", -1), ("7", -1)]
+    # An image key the user named is the only one read: no other feature stands in for it
+    r = cli("encode", path, "-o", tmp_path / "p", "--image-key", "nosuch")
+    assert r.exit_code == 1 and "no bytes feature 'nosuch'" in r.stderr, r.stderr
