@@ -655,12 +655,17 @@ def unread_environment() -> list:
                "PLOT_PATH": "PLOT"}
     notes = []
     for name in sorted(k for k in os.environ if k.startswith("LOGITIFY_") and k not in ENV_NAMES):
-        option = name[len("LOGITIFY_"):]
+        option, named = name[len("LOGITIFY_"):], None
         for command in ("ENCODE_", "DECODE_", "INVERT_", "INFO_", "VERIFY_"):
-            option = option[len(command):] if option.startswith(command) else option
+            if option.startswith(command):
+                option, named = option[len(command):], command.replace("INVERT_", "DECODE_")
         option = renamed.get(option, option)
-        instead = [f"LOGITIFY_{option}"] if f"LOGITIFY_{option}" in ENV_NAMES else sorted(
-            n for n in ENV_NAMES if n.endswith(f"_{option}") and n.count("_") == option.count("_") + 2)
+        if named and f"LOGITIFY_{named}{option}" in ENV_NAMES:  # invert reads decode's names
+            instead = [f"LOGITIFY_{named}{option}"]
+        elif f"LOGITIFY_{option}" in ENV_NAMES:
+            instead = [f"LOGITIFY_{option}"]
+        else:
+            instead = sorted(n for n in ENV_NAMES if n.endswith(f"_{option}") and n.count("_") == option.count("_") + 2)
         notes.append(f"environment variable {name} names no option and is not read"
                      + (f"; use {' or '.join(instead)}" if instead else
                         " (names follow the long flags: LOGITIFY_<OPTION> or LOGITIFY_<COMMAND>_<OPTION>)"))

@@ -115,6 +115,10 @@ def test_a_logitify_variable_that_names_no_option_is_said_not_ignored(cli, image
     assert r.exit_code == 0, r.output
     assert "LOGITIFY_FMT names no option and is not read; use LOGITIFY_DECODE_FORMAT or LOGITIFY_ENCODE_FORMAT" \
         in r.stderr
+    monkeypatch.setenv("LOGITIFY_INVERT_FORMAT", "npz")  # invert reads decode's names
+    assert "LOGITIFY_INVERT_FORMAT names no option and is not read; use LOGITIFY_DECODE_FORMAT\n" in \
+        cli("info", tmp_path / "o").stderr.replace("logitify: ", "")
+    monkeypatch.delenv("LOGITIFY_INVERT_FORMAT")
     monkeypatch.delenv("LOGITIFY_FMT")
     monkeypatch.setenv("LOGITIFY_BATCH_SIZE", "abc")  # --batch-size is one name for every command
     assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
