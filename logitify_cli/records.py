@@ -51,10 +51,11 @@ class RecordError(ValueError):
     Given in a record's place by read_records, only that record is lost.
     """
 
-    def __init__(self, index: int, reason: str):
+    def __init__(self, index: int, reason: str, checksum: bool = False):
         super().__init__(f"record {index}: {reason}")
         self.index = index
         self.reason = reason
+        self.checksum = checksum  # its bytes fail a checksum (header or data), as bytes changed do
 
 
 def unreachable(index: int, reason: str) -> str:
@@ -367,7 +368,8 @@ def _frames(stream, max_record_bytes: int):
             raise RecordError(index, f"the file ends inside the record header at {at} (truncated)")
         n, stored = struct.unpack("<QI", head)
         if _masked_length_crc(head) != stored:
-            raise RecordError(index, f"damaged record header at {at} (length checksum mismatch){lost()}")
+            raise RecordError(index, f"damaged record header at {at} (length checksum mismatch){lost()}",
+                              checksum=True)
         left = stream.left
         if left is not None and n + 4 > left:
             raise RecordError(index, f"the header at {at} claims {n} bytes but the file holds only "
@@ -429,7 +431,7 @@ def read_records(path: str, compression_type: str = "", check_data: bool = True,
                 want = np.frombuffer(b"".join(crcs), "<u4")
                 for i in np.flatnonzero(_mask(crc32c_many(batch)) != want).tolist():
                     batch[i] = RecordError(done + i, f"damaged record at {_at(stream, offsets[i])} "
-                                                     "(data checksum mismatch)")
+                                                     "(data checksum mismatch)", checksum=True)
                 yield from batch
                 done += len(batch)
                 batch, crcs, offsets, size = [], [], [], 0

@@ -33,16 +33,8 @@ READ_PIECE = 8 << 20  # a record is read into its buffer this much at a time
 # are never copied out of it: protobuf objects, or slicing bytes at each
 # level of an Example, held five copies of a record's logits at once.
 
-def _records(path: str, compressed: bool, max_length: int, stored: list | None = None):
-    """Memoryviews of the records of a TFRecord file, each checked to fit before it is read.
-
-    With `stored` (a list), each header's own checksum is checked and each
-    record's data checksum appended to it, for the caller to check in bulk.
-    """
-    from ..records import _masked_length_crc, _word_tables
-
-    if stored is not None:
-        _word_tables()
+def _records(path: str, compressed: bool, max_length: int):
+    """Memoryviews of the records of a TFRecord file, each checked to fit before it is read."""
     opener = gzip.open if compressed else open
     with opener(path, "rb") as f:
         left = None if compressed else os.fstat(f.fileno()).st_size
@@ -54,8 +46,6 @@ def _records(path: str, compressed: bool, max_length: int, stored: list | None =
             if len(head) < 12:
                 raise ValueError(f"record {index}: truncated header")
             (n,) = struct.unpack("<Q", head[:8])
-            if stored is not None and struct.unpack_from("<I", head, 8)[0] != _masked_length_crc(head):
-                raise ValueError(f"record {index}: its header fails its checksum")
             if n > max_length:
                 raise ValueError(f"record {index}: length {n} is more than a record here can hold ({max_length})")
             if left is not None:
@@ -70,26 +60,25 @@ def _records(path: str, compressed: bool, max_length: int, stored: list | None =
                 if not k:
                     raise ValueError(f"record {index}: truncated")
                 got += k
-            tail = f.read(4)
-            if len(tail) < 4:
+            if len(f.read(4)) < 4:
                 raise ValueError(f"record {index}: truncated")
-            if stored is not None:
-                stored.append(struct.unpack("<I", tail)[0])
             yield view
             del view  # before the next record's buffer is made: one at a time
             index += 1
 
 
-def _first_failing(records: list, stored: list) -> int | None:
-    """The index of the first record whose data fails its stored (masked) CRC32C, or None."""
-    from ..records import _mask, crc32c_many
+def _checked_records(path: str, compressed: bool, max_length: int):
+    """The records with every header and data checksum checked, as inputs are read (records.read_records).
 
-    bad = np.flatnonzero(_mask(crc32c_many(records)) != np.array(stored, np.uint32))
-    return int(bad[0]) if len(bad) else None
+    A shard already matched its sha256: its size is bounded by refuse_expanding
+    and max_length, so the inflation bound for strangers' inputs is off.
+    """
+    from ..records import RecordError, read_records
 
-
-def _changed(name: str, index: int) -> LogitifyError:
-    return LogitifyError(f"shard {name}: record {index} fails its checksum (CRC32C): its bytes were changed")
+    for rec in read_records(path, "GZIP" if compressed else "", max_record_bytes=max_length, bound_inflated=False):
+        if isinstance(rec, RecordError):  # raised too, where the framing itself fails
+            raise rec
+        yield rec
 
 
 def _features(record) -> dict:
@@ -211,17 +200,9 @@ class TfrecordFormat(ShardFormat):
         step = chunk_rows(shape, extra=KEY_BYTES_MAX // 16)
         step = min(step, rows) if rows else step
         keys, labels, logdet, raw = [], [], [], []
-        stored, whole = ([], []) if records else (None, None)
-        current = None  # (index, record, its stored checksum) being parsed, with `records`
         seen = 0
 
         def chunk():
-            if stored is not None:
-                bad = _first_failing(whole, stored)
-                if bad is not None:
-                    raise _changed(name, seen - len(whole) + bad)
-                stored.clear()
-                whole.clear()
             if len(raw) == 1:  # one large record: its logits are used where they lie in its buffer
                 logits = np.frombuffer(raw[0], dtype="<f4").reshape((1,) + shape)
             else:
@@ -237,10 +218,8 @@ class TfrecordFormat(ShardFormat):
             return check_chunk(name, out, shape)
 
         try:
-            for i, rec in enumerate(_records(path, compressed, max_length=nbytes + KEY_BYTES_MAX, stored=stored)):
-                if whole is not None:
-                    whole.append(rec)
-                    current = (i, rec, stored[-1])
+            reader = _checked_records if records else _records
+            for i, rec in enumerate(reader(path, compressed, max_length=nbytes + KEY_BYTES_MAX)):
                 if i >= count:
                     raise LogitifyError(f"shard {name}: holds more than the {count} examples the manifest says")
                 feats = _features(rec)
@@ -268,14 +247,12 @@ class TfrecordFormat(ShardFormat):
                 if len(raw) == step:
                     yield chunk()
                     keys, labels, logdet, raw = [], [], [], []
-        except (LogitifyError, ValueError, OSError, EOFError, UnicodeDecodeError, TypeError, OverflowError,
-                MemoryError) as e:
-            if current is not None:  # a record that cannot be parsed: if its checksum fails, that is why
-                i, rec, want = current
-                if _first_failing([rec], [want]) is not None:
-                    raise _changed(name, i) from None
-            if isinstance(e, LogitifyError):
-                raise
+        except LogitifyError:
+            raise
+        except (ValueError, OSError, EOFError, UnicodeDecodeError, TypeError, OverflowError, MemoryError) as e:
+            if getattr(e, "checksum", False):  # records.RecordError: checked before the record is parsed
+                raise LogitifyError(f"shard {name}: record {e.index} fails its checksum (CRC32C): its bytes "
+                                    f"were changed ({e.reason})") from None
             raise LogitifyError(f"shard {name}: unreadable ({e})") from None
         if seen != count:
             raise LogitifyError(f"shard {name}: holds {seen} examples, manifest says {count}")
