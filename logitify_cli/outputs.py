@@ -370,6 +370,7 @@ class PngOutput(ImageOutput):
         self._taken = set()
 
     def _target(self, key: str, label: int = -1) -> str:
+        key_relpath(key)  # the key's own rules first: a class folder before '/abs' must not make it relative
         if 0 <= label < len(self.classes):
             folder = class_folder(self.classes[label])
             if folder and not key.startswith(folder + "/"):

@@ -1041,3 +1041,14 @@ def test_verify_checks_each_tfrecord_records_checksums(cli, pics, tmp_path, comp
     r = cli("verify", ds)
     one_clear_error(r)
     assert "record 1" in r.stderr and "fails its checksum" in r.stderr, r.stderr
+
+
+def test_a_class_folder_does_not_make_a_bad_key_good(cli, keyed, tmp_path):
+    """With classes, images go into class folders: an absolute or climbing key is still refused, not joined."""
+    ds = keyed(["/abs/x.png", "../up.png", "fine.png"], labels=[0, 0, 0])
+    fake_manifest(ds, classes=["cat"])
+    out = tmp_path / "sandbox" / "out"
+    r = cli("decode", ds, "-o", out)
+    assert r.exit_code == 1 and len(refusal_lines(r.stderr)) == 2, r.output
+    fine = snapshot(out)["cat/fine.png"]
+    assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/cat": "/", "out/cat/fine.png": fine}
