@@ -365,7 +365,7 @@ class OutputFolder:
             if there:  # a dataset of other splits too: only the named ones would be replaced
                 raise LogitifyError(f"{self.path} already holds the split {there[0]!r}; pass --overwrite to "
                                     "replace only that split, or --resume to finish it")
-        if overwrite:
+        if overwrite or resume:  # a resume with nothing of logitify's to finish would write beside a user's files
             self._refuse_foreign(names, self.owned())
 
     def create(self) -> None:
@@ -427,7 +427,8 @@ class OutputFolder:
         if foreign:
             raise ForeignFile(
                 f"output folder {self.path} holds {printable(foreign[0])}, which logitify did not write; "
-                "--overwrite replaces only logitify's own files: move it away or choose another folder",
+                "--overwrite and --resume touch only a folder of logitify's own files: move it away or choose "
+                "another folder",
                 folder=self.path, file=foreign[0])
 
     def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False,

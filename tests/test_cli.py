@@ -532,3 +532,19 @@ def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
     (src / "3.png").rename(src / "9.png")
     r = cli("encode", src, "-o", out, "--resume")
     assert r.exit_code == 1 and "the inputs, or an option the manifest does not record" in r.stderr, r.stderr
+
+
+def test_resume_into_a_folder_of_someone_elses_files_is_refused(cli, tmp_path, rng):
+    """--resume with no run of logitify's to finish there: refused by name, as --overwrite is, nothing written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "thesis.txt").write_text("mine")
+    for args in (["-o", out], ["-o", src]):
+        r = cli("encode", src, *args, "--resume")
+        assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.output
+    assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
+    assert sorted(os.listdir(src)) == ["0.png", "1.png", "2.png"]
