@@ -117,9 +117,12 @@ class JsonCommand(click.Command):
     def _json_from_environment(self) -> bool:
         """--json given as LOGITIFY_JSON or LOGITIFY_<COMMAND>_JSON, as click reads a flag's variable."""
         for name in (f"LOGITIFY_{(self.name or '').upper()}_JSON", "LOGITIFY_JSON"):
-            value = os.environ.get(name, "").strip().lower()
+            value = os.environ.get(name, "").strip()
             if value:
-                return value in ("1", "true", "t", "yes", "y", "on")
+                try:
+                    return click.BOOL.convert(value, None, None)
+                except click.BadParameter:  # click says so itself, as the usage error being answered
+                    return False
         return False
 
 
@@ -656,9 +659,9 @@ def unread_environment() -> list:
     notes = []
     for name in sorted(k for k in os.environ if k.startswith("LOGITIFY_") and k not in ENV_NAMES):
         option, named = name[len("LOGITIFY_"):], None
-        for command in ("ENCODE_", "DECODE_", "INVERT_", "INFO_", "VERIFY_"):
+        for command in (f"{c.upper()}_" for c in main.commands):
             if option.startswith(command):
-                option, named = option[len(command):], command.replace("INVERT_", "DECODE_")
+                option, named = option[len(command):], f"{main.commands[command[:-1].lower()].name.upper()}_"
         option = renamed.get(option, option)
         if named and f"LOGITIFY_{named}{option}" in ENV_NAMES:  # invert reads decode's names
             instead = [f"LOGITIFY_{named}{option}"]
