@@ -1,9 +1,11 @@
 """The plain-PNG shortcut must give exactly what Pillow's full road gives.
 
-read_image(fast=True) may skip Image.open for plain PNGs; on every file, valid,
-odd or damaged, it must return the same pixels or fail with the same reason
-as read_image(fast=False).
+read_image(fast=True) may skip Image.open for plain PNGs and decode them with
+libspng, or with Pillow's own decoder where libspng is missing or objects; on
+every file, valid, odd or damaged, either way must return the same pixels or
+fail with the same reason as read_image(fast=False).
 """
+import contextlib
 import io
 import struct
 import zlib
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from conftest import damage, photo
+from logitify_cli import images
 from logitify_cli.images import ImageReadError, _plain_png, read_image
 
 
@@ -23,6 +26,23 @@ def outcome(source, channels, fast, size=None):
         return read_image(source, channels, size, fast=fast)
     except ImageReadError as e:
         return str(e)
+
+
+@contextlib.contextmanager
+def spng(on: bool):
+    """The shortcut with libspng (as installed) or with Pillow's decoder alone."""
+    images._spng_samples(b"")  # settles whether libspng is there
+    saved = images._spng
+    images._spng = saved if on else False
+    try:
+        yield
+    finally:
+        images._spng = saved
+
+
+def spng_installed() -> bool:
+    images._spng_samples(b"")
+    return bool(images._spng)
 
 
 def same(a, b):
@@ -89,10 +109,11 @@ def pngs(draw):
     return png_bytes(arr, mode, **kw)
 
 
-@given(data=pngs(), channels=st.sampled_from([1, 3, 4]), resize=st.booleans())
-def test_shortcut_equals_pillow_on_valid_pngs(data, channels, resize):
+@given(data=pngs(), channels=st.sampled_from([1, 3, 4]), resize=st.booleans(), libspng=st.booleans())
+def test_shortcut_equals_pillow_on_valid_pngs(data, channels, resize, libspng):
     size = (7, 9) if resize else None
-    assert same(outcome(data, channels, True, size), outcome(data, channels, False, size))
+    with spng(libspng):
+        assert same(outcome(data, channels, True, size), outcome(data, channels, False, size))
 
 
 @settings(max_examples=400)
@@ -104,17 +125,94 @@ def test_shortcut_equals_pillow_on_damaged_pngs(data, channels, at, byte, how):
     assert same(outcome(bad, channels, True), outcome(bad, channels, False))
 
 
-def test_shortcut_is_taken_for_plain_pngs_and_paths(tmp_path, rng):
+@st.composite
+def restreamed_pngs(draw):
+    """A plain PNG whose zlib stream is damaged, cut, padded or split anew, every chunk CRC valid.
+
+    Damage that breaks a CRC never reaches a decoder (the shortcut declines
+    the file); this reaches both, where they could disagree on what to make
+    of a stream with bytes past its last row, a wrong checksum or a bad code.
+    """
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    h, w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    mode = draw(st.sampled_from(["L", "RGB", "RGBA"]))
+    data = png_bytes(photo(rng, h, w, 4), mode, compress_level=draw(st.integers(0, 9)))
+    parts = chunks(data)
+    z = b"".join(b for c, b in parts if c == b"IDAT")
+    raw = zlib.decompress(z)
+    how = draw(st.sampled_from(["flip", "cut", "extend", "tail", "rows", "sync"]))
+    at = draw(st.integers(0, len(z) - 1))
+    if how == "flip":
+        z = z[:at] + bytes([z[at] ^ draw(st.integers(1, 255))]) + z[at + 1:]
+    elif how == "cut":
+        z = z[:at]
+    elif how == "extend":
+        z += draw(st.binary(min_size=1, max_size=8))
+    elif how == "tail":  # the last rows end a block that is not final, then something else follows
+        co = zlib.compressobj()
+        z = co.compress(raw) + co.flush(zlib.Z_SYNC_FLUSH) + draw(st.binary(max_size=8))
+    elif how == "rows":  # more rows than the header says, or fewer
+        cut = draw(st.integers(-len(raw), len(raw)))
+        z = zlib.compress(raw + raw[:cut] if cut > 0 else raw[:len(raw) + cut])
+    else:  # a good stream, every byte in place, for the splits alone
+        pass
+    cuts = sorted(draw(st.lists(st.integers(0, len(z)), max_size=4)))
+    pieces = [z[a:b] for a, b in zip([0, *cuts], [*cuts, len(z)])]
+    return assemble([parts[0], *((b"IDAT", p) for p in pieces), (b"IEND", b"")])
+
+
+@settings(max_examples=300)
+@given(data=restreamed_pngs(), channels=st.sampled_from([1, 3]), libspng=st.booleans())
+def test_shortcut_equals_pillow_on_damaged_streams(data, channels, libspng):
+    with spng(libspng):
+        assert same(outcome(data, channels, True), outcome(data, channels, False))
+
+
+@pytest.mark.skipif(not spng_installed(), reason="imagecodecs (libspng) is not installed")
+def test_libspng_decides_for_streams_it_can_read(rng):
+    """Stream damage where libspng itself gives the pixels, and where it leaves the verdict to Pillow."""
+    data = png_bytes(photo(rng, 16, 16), "RGB")
+    parts = chunks(data)
+    z = b"".join(b for c, b in parts if c == b"IDAT")
+    raw = zlib.decompress(z)
+    co = zlib.compressobj()
+    synced = co.compress(raw) + co.flush(zlib.Z_SYNC_FLUSH)
+    cases = {  # stream: does libspng give pixels?
+        z: True,
+        z[:-4]: True,  # no checksum: every row is there
+        synced + b"\x07\x00": False,  # an invalid block straight after the rows: Pillow's zlib sees it too
+        z[:-1] + bytes([z[-1] ^ 1]): False,  # a wrong checksum in the same chunk as the rows
+        zlib.compress(raw[:-3]): False,  # a row short
+    }
+    for stream, gives in cases.items():
+        png = assemble([parts[0], (b"IDAT", stream), (b"IEND", b"")])
+        assert (images._spng_samples(png) is not None) == gives
+        assert same(outcome(png, 3, True), outcome(png, 3, False))
+    # The same wrong checksum in a chunk of its own: neither decoder reads it once the rows are out.
+    png = assemble([parts[0], (b"IDAT", z[:-4]), (b"IDAT", z[-4:-1] + bytes([z[-1] ^ 1])), (b"IEND", b"")])
+    assert images._spng_samples(png) is not None
+    assert same(outcome(png, 3, True), read_image(data, 3, fast=False))
+
+
+@pytest.mark.parametrize("libspng", [True, False])
+def test_shortcut_is_taken_for_plain_pngs_and_paths(tmp_path, rng, libspng):
     # The property tests above would pass vacuously if the shortcut never ran.
-    for mode in ("L", "LA", "RGB", "RGBA"):
-        data = png_bytes(photo(rng, 12, 10, 4), mode, pnginfo=None, dpi=(300, 300))
-        img = _plain_png(data, 10**9)
-        assert img is not None and img.mode == mode
-        path = tmp_path / f"{mode}.png"
-        path.write_bytes(data)
-        assert _plain_png(str(path), 10**9) is not None
-        for channels in (1, 3, 4):
-            assert same(read_image(str(path), channels), read_image(data, channels, fast=False))
+    if libspng and not spng_installed():
+        pytest.skip("imagecodecs (libspng) is not installed")
+    with spng(libspng):
+        for mode in ("L", "LA", "RGB", "RGBA"):
+            data = png_bytes(photo(rng, 12, 10, 4), mode, pnginfo=None, dpi=(300, 300))
+            img = _plain_png(data, 10**9)
+            if libspng and mode != "LA":  # libspng's samples, in the file's own layout
+                assert isinstance(img, np.ndarray) and img.shape == ((12, 10) if mode == "L" else (12, 10, len(mode)))
+            else:
+                assert img.mode == mode
+            path = tmp_path / f"{mode}.png"
+            path.write_bytes(data)
+            assert _plain_png(str(path), 10**9) is not None
+            for channels in (1, 3, 4):
+                for size in (None, (5, 7)):
+                    assert same(read_image(str(path), channels, size), read_image(data, channels, size, fast=False))
 
 
 def test_shortcut_declines_what_could_change_pixels(rng):
