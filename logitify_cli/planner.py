@@ -233,6 +233,29 @@ def probe(items, opts: EncodeOptions):
     return None, None, None
 
 
+def _label_key_notes(first, opts: EncodeOptions) -> list:
+    """A warning when the record read first has no int64 feature under the --label-key the user named.
+
+    Records without that feature give images without labels, which is
+    right for some files but, at the first record, more likely a mistyped
+    name: the warning lists the names the record does hold.
+    """
+    from .records import RecordReader, feature_kinds
+    from .sources import TfrecordFile
+
+    try:
+        reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+        kinds = feature_kinds(reader.read(first.path, first.index))
+    except (ValueError, OSError):
+        return []  # it was read a moment ago; if not now, the run says why
+    if kinds.get(opts.label_key) == "int64_list":
+        return []
+    ints = [printable(k) for k, kind in kinds.items() if kind == "int64_list"]
+    return [f"--label-key {short(opts.label_key)}: the first record ({printable(first.key)}) has no int64 "
+            "feature of that name, and records without one give images without labels"
+            + (f"; its int64 features: {listing(ints)}" if ints else "; it has no int64 feature")]
+
+
 def fingerprint(header: dict) -> str:
     """What a resume compares, and the manifest records: a hash of the run header."""
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
@@ -355,6 +378,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
                    image_key=opts.image_key, label_key=opts.label_key)
     if opts.tfds_split is not None and inv.tfds is None:
         raise UsageError("--tfds-split names a split of a prepared TFDS folder, and no source is one")
+    named_label_key = opts.label_key
     opts = resolved(opts, inv)
     notes = list(inv.notes) + [f"skipped {s['source']}: {s['reason']}" for s in inv.skipped]
     if inv.skipped and opts.on_error == "fail":  # found unreadable before any pixel: the same rule as later
@@ -387,6 +411,8 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
                 notes.append(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
                             "with its reason)", notes=notes)
+    if named_label_key is not None and inv.tfds is None and first.index >= 0:
+        notes.extend(_label_key_notes(first, opts))
     if opts.preset:
         from .presets import check_first_image
 

@@ -521,6 +521,18 @@ class RecordReader:
         raise self._refuse(index)
 
 
+def feature_kinds(record: bytes) -> dict:
+    """{feature name: "bytes_list", "float_list" or "int64_list"} of a serialized tf.train.Example."""
+    _tf()
+    from tensorflow.core.example.example_pb2 import Example
+
+    try:
+        feats = Example.FromString(record).features.feature
+    except Exception as e:
+        raise ValueError(f"not a tf.train.Example: {e}") from None
+    return {name: feats[name].WhichOneof("kind") for name in sorted(feats)}
+
+
 def parse_example(record: bytes, image_key: str, label_key: str):
     """(encoded image bytes, label or -1) from a serialized tf.train.Example."""
     _tf()  # imported as the command line imports it, before its proto module below

@@ -671,6 +671,19 @@ def test_on_error_fail_stops_at_a_record_that_lies_about_its_length(cli, tmp_pat
     assert r.exit_code == 0 and "skipped" in r.stderr and "lies.tfrecord:1" in r.stderr, r.stderr
 
 
+def test_a_label_key_the_first_record_lacks_is_named_with_those_it_has(cli, tmp_path, rng):
+    """A mistyped --label-key would give an unlabelled dataset without a word: the warning lists the names."""
+    path = tmp_path / "labelled.tfrecord"
+    path.write_bytes(b"".join(record(example(png(photo(rng, 8, 8)), label=i)) for i in range(3)))
+    r = cli("encode", path, "-o", tmp_path / "typo", "--label-key", "lable")
+    assert r.exit_code == 0, r.output
+    assert "--label-key 'lable': the first record (labelled.tfrecord:0) has no int64 feature" in r.stderr, r.stderr
+    assert "its int64 features: label" in r.stderr
+    for argv in (["--label-key", "label"], []):  # the right name, or none named: nothing to say
+        r = cli("encode", path, "-o", tmp_path / f"ok{len(argv)}", *argv)
+        assert r.exit_code == 0 and "--label-key" not in r.stderr, r.stderr
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), channels=st.sampled_from([1, 3]), how=st.sampled_from(["intact", "flip", "cut"]))
 def test_both_roads_refuse_the_same_sizes(data, channels, how):
