@@ -446,7 +446,15 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     from .transform import TransformParams
 
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
+        # One set for every run in the environment, the other given here: the command line wins.
+        source = click.get_current_context().get_parameter_source
+        from_env = {n for n in ("resume", "overwrite") if source(n) == click.core.ParameterSource.ENVIRONMENT}
+        if from_env == {"resume"}:
+            resume = False
+        elif from_env == {"overwrite"}:
+            overwrite = False
+        else:
+            raise UsageError("--resume and --overwrite exclude each other")
     if holdout is not None:
         from .splits import parse_holdout
 

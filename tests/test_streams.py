@@ -67,6 +67,26 @@ def test_environment_names_follow_the_flags_and_the_command(cli, image_folder, t
     assert json.loads(cli("invert", tmp_path / "o", "-o", tmp_path / "back2").stdout)["format"] == "npz"
 
 
+def test_a_flag_on_the_command_line_wins_over_its_opposite_from_the_environment(cli, image_folder, tmp_path,
+                                                                                monkeypatch):
+    """LOGITIFY_RESUME=1 for a whole job, and one run told --overwrite: neither flag has a --no- form to undo it."""
+    src, _ = image_folder
+    out = tmp_path / "o"
+    assert cli("encode", src, "-o", out, "--shard-size", "4").exit_code == 0
+    monkeypatch.setenv("LOGITIFY_RESUME", "1")
+    r = cli("encode", src, "-o", out, "--overwrite", "--json")  # a fresh run, which resume would refuse
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 0, r.output
+    r = cli("encode", src, "-o", out, "--resume", "--overwrite")
+    assert r.exit_code == 2 and "exclude each other" in r.stderr
+    monkeypatch.delenv("LOGITIFY_RESUME")
+    monkeypatch.setenv("LOGITIFY_OVERWRITE", "1")
+    r = cli("encode", src, "-o", out, "--resume", "--json")  # a finished run: every shard kept, nothing rewritten
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["resumed_shards"] == json.loads(r.stdout)["num_shards"] == 1
+    monkeypatch.setenv("LOGITIFY_RESUME", "1")
+    assert cli("encode", src, "-o", out).exit_code == 2  # both from the environment: no way to tell
+
+
 @pytest.mark.parametrize("cmd", ["encode", "decode", "invert", "info", "verify"])
 def test_every_command_has_help_with_an_example(cli, cmd):
     r = cli(cmd, "--help")
