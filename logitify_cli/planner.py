@@ -217,8 +217,8 @@ def _all_grayscale(items, opts) -> bool:
 
 
 def probe(items, opts: EncodeOptions):
-    """(shape, channels, item) of the first readable input in order, or (None, None, None)."""
-    for it, payload, _ in payloads(items, opts):
+    """(shape, channels, item, label) of the first readable input in order, or (None, None, None, None)."""
+    for it, payload, label in payloads(items, opts):
         if isinstance(payload, BaseException):
             continue
         try:
@@ -227,18 +227,19 @@ def probe(items, opts: EncodeOptions):
                 mode = images_mod.peek_mode(payload, opts.max_pixels)
                 channels = 1 if images_mod.is_grayscale_mode(mode) and _all_grayscale(items, opts) else 3
             arr = images_mod.read_image(payload, channels, opts.geometry, opts.max_pixels)
-            return arr.shape, channels, it
+            return arr.shape, channels, it, label
         except images_mod.ImageReadError:
             continue
-    return None, None, None
+    return None, None, None, None
 
 
 def _label_key_notes(first, opts: EncodeOptions) -> list:
-    """A warning when the record read first has no int64 feature under the --label-key the user named.
+    """A warning when the first readable record has no int64 feature under the --label-key the user named.
 
     Records without that feature give images without labels, which is
     right for some files but, at the first record, more likely a mistyped
-    name: the warning lists the names the record does hold.
+    name: the warning lists the names the record does hold. Called only
+    where that record gave no label, so a labelled run reads nothing twice.
     """
     from .records import RecordReader, feature_kinds
     from .sources import TfrecordFile
@@ -246,13 +247,15 @@ def _label_key_notes(first, opts: EncodeOptions) -> list:
     try:
         reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
         kinds = feature_kinds(reader.read(first.path, first.index))
-    except (ValueError, OSError):
-        return []  # it was read a moment ago; if not now, the run says why
-    if kinds.get(opts.label_key) == "int64_list":
+    except Exception:  # it was read a moment ago; if not now, the run itself says why, not a warning
+        return []
+    kind = kinds.get(opts.label_key)
+    if kind == "int64_list":  # it holds -1 or nothing: "no label", said on purpose
         return []
     ints = [printable(k) for k, kind in kinds.items() if kind == "int64_list"]
-    return [f"--label-key {short(opts.label_key)}: the first record ({printable(first.key)}) has no int64 "
-            "feature of that name, and records without one give images without labels"
+    held = f"holds {kind.split('_')[0]} under that name, not an int64" if kind else "has no feature of that name"
+    return [f"--label-key {short(opts.label_key)}: the first readable record ({printable(first.key)}) {held}, "
+            "and records without one give images without labels"
             + (f"; its int64 features: {listing(ints)}" if ints else "; it has no int64 feature")]
 
 
@@ -403,7 +406,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         except ValueError as e:
             raise LogitifyError(f"class {printable(name)!r} cannot name the folder its images decode into "
                                 f"({e}): rename it in the source") from None
-    shape, channels, first = probe(inv.items, opts)
+    shape, channels, first, first_label = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.
         with OrderedPool(1) as pool:
@@ -411,7 +414,7 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
                 notes.append(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
                             "with its reason)", notes=notes)
-    if named_label_key is not None and inv.tfds is None and first.index >= 0:
+    if named_label_key is not None and inv.tfds is None and first.index >= 0 and first_label < 0:
         notes.extend(_label_key_notes(first, opts))
     if opts.preset:
         from .presets import check_first_image

@@ -677,8 +677,11 @@ def test_a_label_key_the_first_record_lacks_is_named_with_those_it_has(cli, tmp_
     path.write_bytes(b"".join(record(example(png(photo(rng, 8, 8)), label=i)) for i in range(3)))
     r = cli("encode", path, "-o", tmp_path / "typo", "--label-key", "lable")
     assert r.exit_code == 0, r.output
-    assert "--label-key 'lable': the first record (labelled.tfrecord:0) has no int64 feature" in r.stderr, r.stderr
+    assert "--label-key 'lable': the first readable record (labelled.tfrecord:0) has no feature of that name" \
+        in r.stderr, r.stderr
     assert "its int64 features: label" in r.stderr
+    r = cli("encode", path, "-o", tmp_path / "bytes", "--label-key", "image", "--json")
+    assert r.exit_code == 0 and "holds bytes under that name, not an int64" in json.loads(r.stdout)["warnings"][0]
     for argv in (["--label-key", "label"], []):  # the right name, or none named: nothing to say
         r = cli("encode", path, "-o", tmp_path / f"ok{len(argv)}", *argv)
         assert r.exit_code == 0 and "--label-key" not in r.stderr, r.stderr
