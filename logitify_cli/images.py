@@ -403,8 +403,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     `size` is None, (H, W) (stretched with bicubic) or a Geometry, applied
     after EXIF orientation (which a Geometry with exif=False leaves out)
     and the conversion to `channels`.
-    `fast` lets plain PNGs skip Pillow's per-file Python parsing (libspng
-    or Pillow's own decoder, same pixels; see _plain_png) and plain JPEGs go to
+    `fast` lets plain PNGs skip Pillow's per-file Python parsing (same
+    decoder, same pixels; see _plain_png) and plain JPEGs go to
     libjpeg-turbo directly (same library and settings, same pixels; see
     jpeg.py). `expect_size` (h, w), used only
     when nothing crops or resizes: an image of any other size (after EXIF
@@ -418,12 +418,6 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     orient = geometry is None or geometry.exif
     try:
         img = _shortcut(source, max_pixels, channels, expect_size, geometry) if fast else None
-        if isinstance(img, np.ndarray):  # libspng's samples of a plain PNG: L, RGB or RGBA by their shape
-            if geometry is None and _ARRAY_MODES.get(img.shape[2:]) == MODES[channels]:
-                if expect_size is not None and img.shape[:2] != tuple(expect_size):
-                    raise ImageSizeMismatch((*img.shape[:2], channels), expect_size)
-                return img if channels != 1 else img[:, :, np.newaxis]
-            img = Image.fromarray(img)  # L, RGB or RGBA, by its shape
         plain = img is not None
         if not plain:
             img = _opened(source, max_pixels)
@@ -570,14 +564,13 @@ def _read_small(path):
 
 
 def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
-    """Decode a plain PNG without Image.open: libspng's samples (an ndarray) or a Pillow image; or None.
+    """Decode a plain PNG with Pillow's own zlib/unfilter decoder, or None.
 
     Image.open spends most of a small PNG's time parsing chunks in Python.
     A PNG that is 8-bit grey/RGB(A), not interlaced, has valid CRCs, only
     chunks that cannot change its pixels (no tRNS, PLTE, eXIf, iCCP,
-    compressed text, animation) and ends IDAT... IEND is decoded by
-    libspng (see _spng_samples), or fed straight to the same decoder
-    Pillow's PNG plugin uses where libspng is missing or objects. Anything else, and any
+    compressed text, animation) and ends IDAT... IEND is fed straight to
+    the same decoder Pillow's PNG plugin uses. Anything else, and any
     failure, returns None so the caller takes Pillow's full road, which
     then gives Pillow's verdict. tests/test_plain_png.py checks both roads
     agree on valid, odd and damaged files. A plain PNG has no EXIF, so its
@@ -641,44 +634,9 @@ def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
         # (turned a quarter, it would fit: Pillow's road cannot rule out a late
         # eXIf before decoding, so neither does this one; decode checks after)
         raise ImageSizeMismatch((h, w, channels), expect_size)
-    if mode != "LA":  # libspng has no output format for grey with alpha
-        arr = _spng_samples(data)
-        if arr is not None:
-            return arr
     try:
         return _inflate(mode, (w, h), idat)
     except Exception:  # Pillow's road gives its own verdict
-        return None
-
-
-_ARRAY_MODES = {(): "L", (3,): "RGB", (4,): "RGBA"}
-_spng = None
-
-
-def _spng_samples(data: bytes):
-    """The PNG's own samples decoded by libspng (imagecodecs), or None where it is missing or objects.
-
-    Only for the plain PNGs _plain_png lets through: 8-bit, not
-    interlaced, valid CRCs and no chunk that changes pixels, so there is
-    nothing left to interpret. The samples of such a file are fixed by the
-    zlib stream and the row filters, which libspng and Pillow undo alike;
-    libspng does it in half the time (unfiltering with SIMD, no Python).
-    Where libspng refuses the file (a broken stream, a missing row, data
-    past the image), Pillow's own decoder then gives its verdict, so a file
-    Pillow refuses is still refused in its words.
-    """
-    global _spng
-    if _spng is None:
-        try:
-            from imagecodecs import _spng as module
-        except ImportError:  # an optional speed-up: without it, Pillow's decoder does the work
-            module = False
-        _spng = module
-    if not _spng:
-        return None
-    try:
-        return _spng.spng_decode(data)
-    except Exception:
         return None
 
 
