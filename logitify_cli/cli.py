@@ -453,6 +453,9 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
             resume = False
         elif from_env == {"overwrite"}:
             overwrite = False
+        elif from_env:
+            raise UsageError("--resume and --overwrite exclude each other, and both are set in the environment "
+                             f"({', '.join(sorted(_set_variables('resume', 'overwrite')))}): unset one")
         else:
             raise UsageError("--resume and --overwrite exclude each other")
     if holdout is not None:
@@ -657,6 +660,15 @@ def _environment_names(group) -> None:
 
 
 _environment_names(main)
+
+
+def _set_variables(*names) -> list:
+    """The environment variables the running command took these options from (click reads the first set)."""
+    out = []
+    for param in click.get_current_context().command.params:
+        if param.name in names:
+            out += [v for v in (param.envvar or ()) if os.environ.get(v)][:1]
+    return out
 
 
 def unread_environment() -> list:

@@ -74,7 +74,7 @@ def test_a_flag_on_the_command_line_wins_over_its_opposite_from_the_environment(
     out = tmp_path / "o"
     assert cli("encode", src, "-o", out, "--shard-size", "4").exit_code == 0
     monkeypatch.setenv("LOGITIFY_RESUME", "1")
-    r = cli("encode", src, "-o", out, "--overwrite", "--json")  # a fresh run, which resume would refuse
+    r = cli("encode", src, "-o", out, "--overwrite", "--json")  # a fresh run: resume would keep every shard
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 0, r.output
     r = cli("encode", src, "-o", out, "--resume", "--overwrite")
     assert r.exit_code == 2 and "exclude each other" in r.stderr
@@ -83,8 +83,9 @@ def test_a_flag_on_the_command_line_wins_over_its_opposite_from_the_environment(
     r = cli("encode", src, "-o", out, "--resume", "--json")  # a finished run: every shard kept, nothing rewritten
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["resumed_shards"] == json.loads(r.stdout)["num_shards"] == 1
-    monkeypatch.setenv("LOGITIFY_RESUME", "1")
-    assert cli("encode", src, "-o", out).exit_code == 2  # both from the environment: no way to tell
+    monkeypatch.setenv("LOGITIFY_ENCODE_RESUME", "1")
+    r = cli("encode", src, "-o", out)  # both from the environment: no way to tell which is meant
+    assert r.exit_code == 2 and "(LOGITIFY_ENCODE_RESUME, LOGITIFY_OVERWRITE): unset one" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("cmd", ["encode", "decode", "invert", "info", "verify"])
