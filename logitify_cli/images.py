@@ -649,7 +649,7 @@ def _inflate(mode: str, size, idat: list):
     depend on where the chunks split a short zlib stream. Fed the same
     pieces, the same decoder gives the same verdict.
     """
-    img = Image.new(mode, size)
+    img = Image.new(mode, size, None)  # not filled: every row is written before the decoder says done
     decoder = Image._getdecoder(mode, "zip", mode)
     try:
         decoder.setimage(img.im, (0, 0) + size)

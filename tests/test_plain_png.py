@@ -5,7 +5,11 @@ odd or damaged, it must return the same pixels or fail with the same reason
 as read_image(fast=False).
 """
 import io
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import numpy as np
@@ -275,3 +279,27 @@ def test_a_short_stream_split_across_chunks(rng):
         assert same(outcome(data, 3, True), outcome(data, 3, False)), [len(b) for _, b in parts]
     split = assemble([ihdr, (b"IDAT", z[:-4]), (b"IDAT", z[-4:]), (b"IEND", b"")])
     assert isinstance(outcome(split, 3, False), str)  # the case that differed: Pillow refuses it
+
+
+def test_a_huge_header_over_a_tiny_stream_touches_no_memory():
+    """A 9000x9000 RGBA header over 100 bytes of rows is refused as truncated: the shortcut must not
+    fill 324 MB of image first (Pillow's own road never touches the pages it was given)."""
+    code = textwrap.dedent('''
+        import resource, struct, zlib
+        from logitify_cli.images import ImageReadError, read_image
+        def chunk(c, b):
+            return struct.pack(">I", len(b)) + c + b + struct.pack(">I", zlib.crc32(b, zlib.crc32(c)))
+        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 6, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_image(png, 3)
+        except ImageReadError as e:
+            print(e)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    ''')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
+    message, grown = r.stdout.splitlines()
+    assert "truncated" in message, r.stdout + r.stderr
+    assert int(grown) < 64, f"{grown} MB more at the peak"
