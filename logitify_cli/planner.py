@@ -414,8 +414,12 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
                 notes.append(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
                             "with its reason)", notes=notes)
-    if named_label_key is not None and inv.tfds is None and first.index >= 0 and first_label < 0:
-        notes.extend(_label_key_notes(first, opts))
+    if named_label_key is not None and inv.tfds is None:
+        record, label = first, first_label
+        if record.index < 0:  # an image file came first: the records, if any, have not been read yet
+            record, label = inv.items.first_record(), -1
+        if record is not None and label < 0:
+            notes.extend(_label_key_notes(record, opts))
     if opts.preset:
         from .presets import check_first_image
 

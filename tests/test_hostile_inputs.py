@@ -682,6 +682,10 @@ def test_a_label_key_the_first_record_lacks_is_named_with_those_it_has(cli, tmp_
     assert "its int64 features: label" in r.stderr
     r = cli("encode", path, "-o", tmp_path / "bytes", "--label-key", "image", "--json")
     assert r.exit_code == 0 and "holds bytes under that name, not an int64" in json.loads(r.stdout)["warnings"][0]
+    save(str(tmp_path / "a.png"), photo(rng, 8, 8))  # an image file, first in key order: read first
+    r = cli("encode", tmp_path / "a.png", path, "-o", tmp_path / "mixed", "--label-key", "lable", "--json")
+    assert json.loads(r.stdout)["num_examples"] == 4
+    assert r.exit_code == 0 and "first readable record (labelled.tfrecord:0) has no feature" in r.stderr, r.stderr
     for argv in (["--label-key", "label"], []):  # the right name, or none named: nothing to say
         r = cli("encode", path, "-o", tmp_path / f"ok{len(argv)}", *argv)
         assert r.exit_code == 0 and "--label-key" not in r.stderr, r.stderr
