@@ -649,7 +649,10 @@ def _inflate(mode: str, size, idat: list):
     depend on where the chunks split a short zlib stream. Fed the same
     pieces, the same decoder gives the same verdict.
     """
-    img = Image.new(mode, size, None)  # not filled: every row is written before the decoder says done
+    # Made as Pillow's own road makes it (ImagingNew: zeroed, by calloc where new, so untouched pages
+    # cost nothing), not filled by Image.new's colour: a stream that ends early on a row boundary is
+    # "done" for the decoder, and the rows it never wrote stay zero on both roads.
+    img = Image.new(mode, size, None)
     decoder = Image._getdecoder(mode, "zip", mode)
     try:
         decoder.setimage(img.im, (0, 0) + size)
