@@ -233,29 +233,41 @@ def probe(items, opts: EncodeOptions):
     return None, None, None, None
 
 
-def _label_key_notes(first, opts: EncodeOptions) -> list:
-    """A warning when the first readable record has no int64 feature under the --label-key the user named.
+def _label_key_notes(records, opts: EncodeOptions) -> list:
+    """A warning when the first record that parses has no int64 feature under the --label-key the user named.
 
     Records without that feature give images without labels, which is
     right for some files but, at the first record, more likely a mistyped
-    name: the warning lists the names the record does hold. Called only
-    where that record gave no label, so a labelled run reads nothing twice.
+    name: the warning lists the names the record does hold. `records` are
+    the candidates in order (a few: this is a warning, not a census);
+    called only where the probe got no label from a record, so a
+    labelled run reads nothing twice. Nothing here can fail a run.
     """
     from .records import RecordReader, feature_kinds
     from .sources import TfrecordFile
 
-    try:
-        reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
-        kinds = feature_kinds(reader.read(first.path, first.index))
-    except Exception:  # it was read a moment ago; if not now, the run itself says why, not a warning
+    reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+    for it in records:
+        try:
+            kinds = feature_kinds(reader.read(it.path, it.index))
+        except Exception:  # damaged or not an Example: the run itself says so, by its key
+            continue
+        break
+    else:
         return []
-    kind = kinds.get(opts.label_key)
+    key = opts.label_key
+    kind = kinds.get(key)
     if kind == "int64_list":  # it holds -1 or nothing: "no label", said on purpose
         return []
     ints = [printable(k) for k, kind in kinds.items() if kind == "int64_list"]
-    held = f"holds {kind.split('_')[0]} under that name, not an int64" if kind else "has no feature of that name"
-    return [f"--label-key {short(opts.label_key)}: the first readable record ({printable(first.key)}) {held}, "
-            "and records without one give images without labels"
+    if key not in kinds:
+        held = "has no feature of that name"
+    elif kind is None:
+        held = "holds an empty feature under that name"
+    else:
+        held = f"holds {kind.split('_')[0]} under that name, not an int64"
+    return [f"--label-key {short(key)}: record {printable(it.key)} {held}, and records without an int64 "
+            "label give images without labels"
             + (f"; its int64 features: {listing(ints)}" if ints else "; it has no int64 feature")]
 
 
@@ -415,11 +427,11 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
                             "with its reason)", notes=notes)
     if named_label_key is not None and inv.tfds is None:
-        record, label = first, first_label
-        if record.index < 0:  # an image file came first: the records, if any, have not been read yet
-            record, label = inv.items.first_record(), -1
-        if record is not None and label < 0:
-            notes.extend(_label_key_notes(record, opts))
+        if first.index >= 0:  # the probe read a record: look again only if it gave no label
+            if first_label < 0:
+                notes.extend(_label_key_notes([first], opts))
+        else:  # an image file came first: the records, if any, have not been read yet
+            notes.extend(_label_key_notes(inv.items.first_records(16), opts))
     if opts.preset:
         from .presets import check_first_image
 

@@ -150,10 +150,9 @@ class ItemList(Sequence):
             for s, e in zip(self._starts[a:a + 4096].tolist(), self._ends[a:a + 4096].tolist()):
                 yield keys[s:e]
 
-    def first_record(self):
-        """The first item that is a TFRecord record, or None."""
-        at = np.flatnonzero(self._index >= 0)
-        return self[int(at[0])] if len(at) else None
+    def first_records(self, n: int) -> list:
+        """The first n items, in order, that are TFRecord records."""
+        return [self[i] for i in np.flatnonzero(self._index >= 0)[:n].tolist()]
 
     def class_names(self) -> list:
         """The class names the items carry, sorted."""

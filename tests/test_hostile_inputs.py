@@ -673,19 +673,28 @@ def test_on_error_fail_stops_at_a_record_that_lies_about_its_length(cli, tmp_pat
 
 def test_a_label_key_the_first_record_lacks_is_named_with_those_it_has(cli, tmp_path, rng):
     """A mistyped --label-key would give an unlabelled dataset without a word: the warning lists the names."""
+    from tensorflow.core.example.example_pb2 import Example
+
     path = tmp_path / "labelled.tfrecord"
     path.write_bytes(b"".join(record(example(png(photo(rng, 8, 8)), label=i)) for i in range(3)))
     r = cli("encode", path, "-o", tmp_path / "typo", "--label-key", "lable")
     assert r.exit_code == 0, r.output
-    assert "--label-key 'lable': the first readable record (labelled.tfrecord:0) has no feature of that name" \
-        in r.stderr, r.stderr
+    assert "--label-key 'lable': record labelled.tfrecord:0 has no feature of that name" in r.stderr, r.stderr
     assert "its int64 features: label" in r.stderr
     r = cli("encode", path, "-o", tmp_path / "bytes", "--label-key", "image", "--json")
     assert r.exit_code == 0 and "holds bytes under that name, not an int64" in json.loads(r.stdout)["warnings"][0]
-    save(str(tmp_path / "a.png"), photo(rng, 8, 8))  # an image file, first in key order: read first
-    r = cli("encode", tmp_path / "a.png", path, "-o", tmp_path / "mixed", "--label-key", "lable", "--json")
-    assert json.loads(r.stdout)["num_examples"] == 4
-    assert r.exit_code == 0 and "first readable record (labelled.tfrecord:0) has no feature" in r.stderr, r.stderr
+    empty = Example.FromString(example(png(photo(rng, 8, 8))))
+    empty.features.feature["cls"].SetInParent()  # the name is there, with no value
+    (tmp_path / "empty.tfrecord").write_bytes(record(empty.SerializeToString()))
+    r = cli("encode", tmp_path / "empty.tfrecord", "-o", tmp_path / "empty", "--label-key", "cls")
+    assert r.exit_code == 0 and "record empty.tfrecord:0 holds an empty feature under that name" in r.stderr
+    # An image file first in key order, then records whose first is no Example: the first that parses is named.
+    save(str(tmp_path / "a.png"), photo(rng, 8, 8))
+    junk = tmp_path / "junk.tfrecord"
+    junk.write_bytes(record(b"\xff\xff\xff garbage") + path.read_bytes())
+    r = cli("encode", tmp_path / "a.png", junk, "-o", tmp_path / "mixed", "--label-key", "lable", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_examples"] == 4, r.output
+    assert "record junk.tfrecord:1 has no feature of that name" in r.stderr, r.stderr
     for argv in (["--label-key", "label"], []):  # the right name, or none named: nothing to say
         r = cli("encode", path, "-o", tmp_path / f"ok{len(argv)}", *argv)
         assert r.exit_code == 0 and "--label-key" not in r.stderr, r.stderr
