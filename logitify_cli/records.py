@@ -522,7 +522,7 @@ class RecordReader:
 
 
 def feature_kinds(record: bytes) -> dict:
-    """{feature name: "bytes_list", "float_list" or "int64_list"} of a serialized tf.train.Example."""
+    """{feature name: "bytes_list", "float_list", "int64_list", or None for an empty one} of a tf.train.Example."""
     _tf()
     from tensorflow.core.example.example_pb2 import Example
 
