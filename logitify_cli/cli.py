@@ -112,6 +112,10 @@ class JsonCommand(click.Command):
         except click.UsageError as e:
             if "--json" in ours or self._json_from_environment():
                 click.echo(json.dumps({"ok": False, "error": e.format_message()}))
+            from .report import printable
+
+            for note in unread_environment():  # a variable meant for this run may be why it failed
+                click.echo(f"logitify: {printable(note)}", err=True)
             raise
 
     def _json_from_environment(self) -> bool:

@@ -140,6 +140,8 @@ def test_a_logitify_variable_that_names_no_option_is_said_not_ignored(cli, image
     assert "LOGITIFY_INVERT_FORMAT names no option and is not read; use LOGITIFY_DECODE_FORMAT\n" in \
         cli("info", tmp_path / "o").stderr.replace("logitify: ", "")
     monkeypatch.delenv("LOGITIFY_INVERT_FORMAT")
+    r = cli("encode", src)  # no -o: a usage error, perhaps because the variable was meant to give it
+    assert r.exit_code == 2 and "LOGITIFY_FMT names no option" in r.stderr and "--output" in r.stderr, r.stderr
     monkeypatch.delenv("LOGITIFY_FMT")
     monkeypatch.setenv("LOGITIFY_BATCH_SIZE", "abc")  # --batch-size is one name for every command
     assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
