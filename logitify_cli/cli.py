@@ -643,6 +643,17 @@ PER_COMMAND_ENV = frozenset({"output", "format"})
 ENV_NAMES: set = set()  # every name an option is read from, filled by _environment_names
 
 
+class _Switch(click.types.BoolParamType):
+    """A flag's value from the environment, with a message that lists what it takes (click's begins ', 0')."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a valid boolean: use 1 or 0, true or false, yes or no, on or off "
+                      "(empty is off)", param, ctx)
+
+
 def _environment_names(group) -> None:
     """Each option from the environment: LOGITIFY_<COMMAND>_<OPTION>, or LOGITIFY_<OPTION> for any command.
 
@@ -661,6 +672,8 @@ def _environment_names(group) -> None:
                 names.append(f"LOGITIFY_{option}")
             param.envvar = names
             ENV_NAMES.update(names)
+            if getattr(param, "is_flag", False) and isinstance(param.type, click.types.BoolParamType):
+                param.type = _Switch()
 
 
 _environment_names(main)

@@ -145,6 +145,14 @@ def test_a_logitify_variable_that_names_no_option_is_said_not_ignored(cli, image
     monkeypatch.delenv("LOGITIFY_FMT")
     monkeypatch.setenv("LOGITIFY_BATCH_SIZE", "abc")  # --batch-size is one name for every command
     assert cli("encode", src, "-o", tmp_path / "p").exit_code == 2
+    monkeypatch.delenv("LOGITIFY_BATCH_SIZE")
+    monkeypatch.setenv("LOGITIFY_JSON", "maybe")
+    r = cli("info", tmp_path / "o")
+    assert r.exit_code == 2 and "'maybe' is not a valid boolean: use 1 or 0, true or false" in r.stderr, r.stderr
+    for value, as_json in (("yes", True), ("off", False), ("", False)):
+        monkeypatch.setenv("LOGITIFY_JSON", value)
+        r = cli("info", tmp_path / "o")
+        assert r.exit_code == 0 and r.stdout.startswith("{") == as_json, (value, r.output)
 
 
 def test_json_from_the_environment_also_answers_a_usage_error_on_stdout(cli, image_folder, tmp_path, monkeypatch):
