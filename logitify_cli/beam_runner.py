@@ -21,7 +21,7 @@ from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
 from .outdir import RECEIPT
-from .report import Reporter
+from .report import Reporter, skipped_order
 from .presets import count_notes
 from .results import DecodeResult, EncodeResult
 
@@ -245,7 +245,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total,
                         num_shards=sum(x.n_shards for x in p.parts),
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
-                        classes=m.classes, skipped=sorted(skipped_all, key=lambda s: s["source"]),
+                        classes=m.classes, skipped=sorted(skipped_all, key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
                         split=p.split, splits=counts, warnings=list(p.notes))
 

@@ -28,7 +28,7 @@ from .pixels import PixelStream
 from .planner import EncodeOptions, RunPlan, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
-from .report import Reporter
+from .report import Reporter, skipped_order
 from .results import EncodeResult
 from .shards import ShardFeed, ShardGone, ShardResult, build_transform, make_shard, packed_digests
 from .splits import refuse_mismatch
@@ -363,7 +363,7 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     return EncodeResult(output=opts.out, format=opts.format, num_examples=sum(counts.values()),
                         num_shards=sum(x.plan.n_shards for x in started.parts),
                         shards=[s.file for shards, _, _ in book for s in shards], shape=list(p.shape),
-                        classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=lambda s: s["source"]),
+                        classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
                         resumed_shards=sum(len(x.done) for x in started.parts),
                         split=p.split, splits=counts, warnings=list(p.notes))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from . import __version__
 from .errors import LogitifyError
-from .report import short
+from .report import short, skipped_order
 from .transform import TransformParams
 
 FORMAT_VERSION = 1  # a folder of one split: the layout every earlier logitify wrote
@@ -445,7 +445,7 @@ def for_run(plan, shards, skipped, stats: dict, pixels=None, base: Manifest | No
         gone = {s["source"] for s in skipped}
         fp = fingerprint(pixels, (k for k in plan.items.keys() if k not in gone))  # keys only: no Item per input
     record = SplitRecord(
-        shards=list(shards), skipped=sorted(skipped, key=lambda s: s["source"]), fingerprint=fp,
+        shards=list(shards), skipped=sorted(skipped, key=skipped_order), fingerprint=fp,
         stats={**stats, "fingerprint": plan.fingerprint},
         source={"size": list(opts.size) if opts.size else None, "channels": plan.channels,
                 "max_pixels": opts.max_pixels, "image_key": opts.image_key, "label_key": opts.label_key,

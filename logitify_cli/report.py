@@ -6,6 +6,7 @@ line, and a manifest must not send escape codes to the user's terminal.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
@@ -33,6 +34,19 @@ def printable(text) -> str:
         else:
             out.append(f"\\U{ord(ch):08x}")
     return "".join(out)
+
+
+_RECORD_KEY = re.compile(r"(.*):(\d{1,18})", re.S)
+
+
+def skipped_order(entry) -> tuple:
+    """Where a skipped input is listed: by key, a record's by its file and then its number (:2 before :10).
+
+    The order inputs themselves take; no image key ends in ':digits' (it
+    ends in its extension), so the pattern names records only.
+    """
+    m = _RECORD_KEY.fullmatch(entry["source"])
+    return (m.group(1), int(m.group(2))) if m else (entry["source"], -1)
 
 
 def short(value, limit: int = 80) -> str:

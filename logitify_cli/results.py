@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .report import skipped_order
+
 
 @dataclass
 class Result:
@@ -55,7 +57,7 @@ class EncodeResult(Result):
         return cls(output=last.output, format=last.format, num_examples=sum(r.num_examples for r in results),
                    num_shards=sum(r.num_shards for r in results), shards=[f for r in results for f in r.shards],
                    shape=last.shape, classes=last.classes,
-                   skipped=sorted((s for r in results for s in r.skipped), key=lambda s: s["source"]),
+                   skipped=sorted((s for r in results for s in r.skipped), key=skipped_order),
                    metadata_files=last.metadata_files, seconds=round(sum(r.seconds for r in results), 3),
                    images_per_second=(round(sum(r.num_examples for r in results) / sum(r.seconds for r in results), 1)
                                       if sum(r.seconds for r in results) else None),

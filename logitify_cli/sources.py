@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import LogitifyError, UsageError
 from .images import file_kind, is_image_name
-from .report import listing, short
+from .report import listing, short, skipped_order
 
 TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -788,14 +788,14 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
         found, bad = source.items()
         items.extend(found)
         skipped.extend(bad)
-    skipped.sort(key=lambda s: s["source"])
+    skipped.sort(key=skipped_order)
     return inventory(items, skipped)
 
 
 def tfds_inventory(source: TfdsDataset) -> Inventory:
     """A TFDS split's inventory: its records, the ClassLabel's names (labels come from the records)."""
     items, skipped = source.items()
-    skipped.sort(key=lambda s: s["source"])
+    skipped.sort(key=skipped_order)
     inv = inventory(items, skipped)
     inv.classes = source.choice.classes
     inv.notes, inv.tfds, inv.channels = source.notes, source.record, source.channels

@@ -671,6 +671,20 @@ def test_on_error_fail_stops_at_a_record_that_lies_about_its_length(cli, tmp_pat
     assert r.exit_code == 0 and "skipped" in r.stderr and "lies.tfrecord:1" in r.stderr, r.stderr
 
 
+def test_skipped_records_are_listed_in_their_files_order(cli, tmp_path, rng):
+    """Records 2 and 10 of a file skipped: listed :2 then :10, as the records themselves are ordered."""
+    good = record(example(png(photo(rng, 8, 8))))
+    path = tmp_path / "r.tfrecord"
+    path.write_bytes(b"".join(record(b"\xff not an example") if i in (2, 10) else good for i in range(12)))
+    (tmp_path / "r.tfrecord.png").write_bytes(b"not a png either")  # a file key between the two by name
+    r = cli("encode", path, tmp_path / "r.tfrecord.png", "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    want = ["r.tfrecord:2", "r.tfrecord:10", "r.tfrecord.png"]
+    assert [s["source"].rsplit("/", 1)[-1] for s in json.loads(r.stdout)["skipped"]] == want
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [s["source"].rsplit("/", 1)[-1] for s in m["skipped"]] == want
+
+
 def test_a_label_key_the_first_record_lacks_is_named_with_those_it_has(cli, tmp_path, rng):
     """A mistyped --label-key would give an unlabelled dataset without a word: the warning lists the names."""
     from tensorflow.core.example.example_pb2 import Example
