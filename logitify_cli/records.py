@@ -521,28 +521,26 @@ class RecordReader:
         raise self._refuse(index)
 
 
-def feature_kinds(record: bytes) -> dict:
-    """{feature name: "bytes_list", "float_list", "int64_list", or None for an empty one} of a tf.train.Example."""
-    _tf()
-    from tensorflow.core.example.example_pb2 import Example
+def _features(record: bytes):
+    """The feature map of a serialized tf.train.Example; ValueError if it is not one."""
+    _tf()  # imported as the command line imports it, before its proto module below
+    from tensorflow.core.example.example_pb2 import Example  # tf.train.Example itself, without tf.train
 
     try:
-        feats = Example.FromString(record).features.feature
-    except Exception as e:
+        return Example.FromString(record).features.feature
+    except Exception as e:  # protobuf's DecodeError and friends
         raise ValueError(f"not a tf.train.Example: {e}") from None
+
+
+def feature_kinds(record: bytes) -> dict:
+    """{feature name: "bytes_list", "float_list", "int64_list", or None for an empty one} of a tf.train.Example."""
+    feats = _features(record)
     return {name: feats[name].WhichOneof("kind") for name in sorted(feats)}
 
 
 def parse_example(record: bytes, image_key: str, label_key: str):
     """(encoded image bytes, label or -1) from a serialized tf.train.Example."""
-    _tf()  # imported as the command line imports it, before its proto module below
-    from tensorflow.core.example.example_pb2 import Example  # tf.train.Example itself, without tf.train
-
-    try:
-        example = Example.FromString(record)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise ValueError(f"not a tf.train.Example: {e}") from None
-    feats = example.features.feature
+    feats = _features(record)
     # The usual names stand in for each other; a key the user named is the only one read.
     keys = [image_key] + ([k for k in IMAGE_KEY_FALLBACKS if k != image_key] if image_key in IMAGE_KEY_FALLBACKS
                           else [])
