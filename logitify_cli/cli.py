@@ -119,14 +119,16 @@ class JsonCommand(click.Command):
             raise
 
     def _json_from_environment(self) -> bool:
-        """--json given as LOGITIFY_JSON or LOGITIFY_<COMMAND>_JSON, as click reads a flag's variable."""
-        for name in (f"LOGITIFY_{(self.name or '').upper()}_JSON", "LOGITIFY_JSON"):
-            value = os.environ.get(name, "").strip()
-            if value:
-                try:
-                    return click.BOOL.convert(value, None, None)
-                except click.BadParameter:  # click says so itself, as the usage error being answered
-                    return False
+        """--json given in the environment, read from the variables click reads it from, in their order."""
+        for param in self.params:
+            if param.name == "as_json":
+                for name in param.envvar or ():
+                    value = os.environ.get(name, "").strip()
+                    if value:
+                        try:
+                            return click.BOOL.convert(value, None, None)
+                        except click.BadParameter:  # click says so itself, as the usage error being answered
+                            return False
         return False
 
 
@@ -696,9 +698,9 @@ def unread_environment() -> list:
     notes = []
     for name in sorted(k for k in os.environ if k.startswith("LOGITIFY_") and k not in ENV_NAMES):
         option, named = name[len("LOGITIFY_"):], None
-        for command in (f"{c.upper()}_" for c in main.commands):
-            if option.startswith(command):
-                option, named = option[len(command):], f"{main.commands[command[:-1].lower()].name.upper()}_"
+        for alias, command in main.commands.items():  # invert is decode's alias: decode's names
+            if option.startswith(f"{alias.upper()}_"):
+                option, named = option[len(alias) + 1:], f"{command.name.upper()}_"
         option = renamed.get(option, option)
         if named and f"LOGITIFY_{named}{option}" in ENV_NAMES:  # invert reads decode's names
             instead = [f"LOGITIFY_{named}{option}"]
