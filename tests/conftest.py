@@ -46,6 +46,13 @@ def save(path, arr, **kw):
     return path
 
 
+def small_pngs(folder, rng, n: int):
+    """`folder` holding n photo-like 8x8 PNGs named 0.png, 1.png, ...; returns it."""
+    for i in range(n):
+        save(str(folder / f"{i}.png"), photo(rng, 8, 8))
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path, rng):
     """Two class folders of 32x24 RGB PNGs; returns (folder, {key: array})."""

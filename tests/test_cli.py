@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import reference as ref
-from conftest import photo, save
+from conftest import photo, save, small_pngs
 
 
 def shard_hashes(out):
@@ -501,10 +501,8 @@ def test_a_manifest_with_an_alpha_past_todays_encode_bounds_still_reads(cli, dat
 def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, tmp_path, rng):
     """Images of two sizes without --size: the run fails at once, and leaves no journal behind, so the same
     command with --size needs no --overwrite. A run that made shards keeps its journal for --resume."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        save(str(src / f"{i}.png"), photo(rng, 8, 8 if i < 5 else 9))
+    src = small_pngs(tmp_path / "src", rng, 5)
+    save(str(src / "5.png"), photo(rng, 8, 9))
     out = tmp_path / "o"
     r = cli("encode", src, "-o", out)
     assert r.exit_code == 1 and "--size" in r.stderr
@@ -517,10 +515,7 @@ def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, 
 
 def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
     """--resume with other options on a dataset already whole: the difference is named, as for an unfinished run."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    src = small_pngs(tmp_path / "src", rng, 4)
     out = tmp_path / "o"
     assert cli("encode", src, "-o", out).exit_code == 0
     assert cli("encode", src, "-o", out, "--resume").exit_code == 0  # the same run: nothing to redo
@@ -536,10 +531,7 @@ def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
 
 def test_resume_into_a_folder_of_someone_elses_files_is_refused(cli, tmp_path, rng):
     """--resume with no run of logitify's to finish there: refused by name, as --overwrite is, nothing written."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    src = small_pngs(tmp_path / "src", rng, 3)
     out = tmp_path / "o"
     out.mkdir()
     (out / "thesis.txt").write_text("mine")
