@@ -691,15 +691,16 @@ class BucketPrefix:
                 rel = path[len(base):]
             else:
                 continue
-            name = rel.rsplit("/", 1)[-1]
-            if any(part in (".", "..") for part in rel.split("/")) and (is_image_name(name) or is_tfrecord_name(name)):
+            parts = rel.split("/")
+            name = parts[-1]
+            if any(part in (".", "..") for part in parts) and (is_image_name(name) or is_tfrecord_name(name)):
                 # An object store's key may hold what no folder can: said, not passed over as hidden.
                 skipped.append({"source": rel, "reason": "its name has a '.' or '..' part, which no file path "
                                                           "inside a folder can have"})
                 continue
-            if not name or any(is_hidden(part) for part in rel.split("/")):
+            if not name or any(is_hidden(part) for part in parts):
                 continue
-            top = rel.split("/", 1)[0] if "/" in rel and path != self.path else None
+            top = parts[0] if len(parts) > 1 and path != self.path else None
             if is_tfrecord_name(name):
                 found, bad = TfrecordFile(path, self.compression, rel).items()
                 items.extend(found)
