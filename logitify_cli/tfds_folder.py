@@ -116,6 +116,18 @@ def _read_json(path: str):
         raise TfdsError(path, f"not valid JSON ({e})") from None
 
 
+# More shards than any prepared TFDS split has (ImageNet's train split has 1,024; the encode journal
+# allows 100,000): a claim beyond it would have a name made for each before one is looked for.
+SHARDS_MAX = 100_000
+
+
+def _shard_count(count: int, name: str, where: str) -> int:
+    if count > SHARDS_MAX:
+        raise TfdsError(where, f"split {short(name)} claims {count} shards, more than the {SHARDS_MAX:,} "
+                               "any prepared TFDS split has")
+    return count
+
+
 def _count(value, what: str, where: str) -> int:
     """A non-negative integer that TFDS writes as a JSON string (int64 in proto JSON) or a number."""
     if isinstance(value, str) and value.isdigit() and len(value) < 19:
@@ -164,12 +176,13 @@ def _splits(info: dict, dataset: str, where: str) -> dict:
         if "shardLengths" in s:
             if not isinstance(s["shardLengths"], list):
                 raise TfdsError(where, f"split {short(name)}: shardLengths is not a list")
+            _shard_count(len(s["shardLengths"]), name, where)
             lengths = tuple(_count(v, f"split {short(name)}: a shard length", where) for v in s["shardLengths"])
             count = len(lengths)
             promised = sum(lengths)
         elif "numShards" in s:  # metadata of TFDS before 3.0: how many shards, no length each
             lengths = None
-            count = _count(s["numShards"], f"split {short(name)}: numShards", where)
+            count = _shard_count(_count(s["numShards"], f"split {short(name)}: numShards", where), name, where)
         else:
             raise TfdsError(where, f"split {short(name)} has neither shardLengths nor numShards")
         out[name] = Split(name, _shard_files(template, dataset, name, count, where), lengths, promised)

@@ -296,6 +296,22 @@ def test_what_cannot_be_read_is_refused_with_its_reason(cli, prepared, tmp_path)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize("claim", ["numShards", "numShards as a number", "shardLengths"])
+def test_a_shard_count_no_tfds_split_has_is_refused_before_a_name_is_made(cli, prepared, tmp_path, claim):
+    """A few bytes of dataset_info.json claiming a trillion shards made a name for each (memory without
+    bound, no end): refused at once."""
+    def many(info):
+        train = next(s for s in info["splits"] if s["name"] == "train")
+        lengths = train.pop("shardLengths")
+        if claim == "shardLengths":
+            train["shardLengths"] = lengths + ["1"] * 100_000
+        else:
+            train["numShards"] = "1000000000000" if claim == "numShards" else 10**12
+
+    r = cli("encode", _tampered(prepared["TinyPhotos"], tmp_path, many), "-o", tmp_path / "o")
+    assert r.exit_code != 0 and "more than the 100,000 any prepared TFDS split has" in r.stderr, r.output
+
+
 @pytest.mark.parametrize("field", ["a shard length", "split name", "filepathTemplate", "filepathTemplate format"])
 def test_huge_values_in_dataset_info_are_refused_in_one_short_line(cli, prepared, tmp_path, field):
     """A stranger's dataset_info.json is quoted cut short, never whole."""
