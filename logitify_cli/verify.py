@@ -260,6 +260,18 @@ class Problems:
         return len(self.listed) >= PROBLEMS_LISTED
 
 
+def _check_class_folders(classes, problem) -> None:
+    """Each class must name a folder decode can put its images in: the rule encode applies (outputs.class_folder)."""
+    from .outputs import class_folder
+    from .report import printable
+
+    for name in classes or ():
+        try:
+            class_folder(name)
+        except ValueError as e:
+            problem("classes", f"class {printable(name)!r} cannot name the folder its images decode into ({e})")
+
+
 def verify(path: str, against=None, report=QUIET, split: str | None = None) -> VerifyResult:
     """Every split (or the one named); --against compares one split with its sources, so it needs the split named."""
     held = []  # digest and key sets, whose files on disk go however verify ends
@@ -282,8 +294,10 @@ def _verify(path: str, against, report, split, held: list) -> VerifyResult:
     checked = found = shards = 0
     fingerprints = {}
     elsewhere = _OtherSplits(path, names, held) if against else None
-    for name in names:
+    for i, name in enumerate(names):
         ds = LogitDataset(path, name)
+        if i == 0:  # the classes are the dataset's, one list for every split
+            _check_class_folders(ds.classes, problem)
         problem.prefix = f"{name}: " if len(names) > 1 else ""
         c, k, fp = _verify_split(ds, against, report, problem, held, elsewhere)
         checked, found, shards = checked + c, found + k, shards + len(ds.shards)

@@ -1043,6 +1043,17 @@ def test_verify_checks_each_tfrecord_records_checksums(cli, pics, tmp_path, comp
     assert "record 1" in r.stderr and "fails its checksum" in r.stderr, r.stderr
 
 
+def test_verify_names_a_class_that_decode_cannot_make_a_folder_of(cli, keyed, tmp_path):
+    """A manifest whose class climbs out ('../../x'): decode refuses its images, so verify must not pass it."""
+    ds = keyed(["a.png", "b.png"], labels=[0, 1])
+    fake_manifest(ds, classes=["../../x", "fine"])
+    r = cli("verify", ds)
+    assert r.exit_code == 1 and "classes: class '../../x' cannot name the folder its images decode into" in r.stderr, \
+        r.output
+    fake_manifest(ds, classes=["cat", "/a/abbey"])  # TFDS's own names can be paths: they decode into a/abbey
+    assert cli("verify", ds).exit_code == 0
+
+
 def test_a_class_folder_does_not_make_a_bad_key_good(cli, keyed, tmp_path):
     """With classes, images go into class folders: an absolute or climbing key is still refused, not joined."""
     ds = keyed(["/abs/x.png", "../up.png", "fine.png"], labels=[0, 0, 0])
