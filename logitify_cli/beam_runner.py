@@ -269,24 +269,65 @@ def _decode_shard_fn():
             self.ds = LogitDataset(self.dataset, self.split)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
-        def process(self, index):
+        def process(self, index, settled=None):
             from .decode_run import shard_jobs
             from .outputs import IMAGE_OUTPUTS
 
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
-                                             classes=self.ds.classes)
+                                             classes=self.ds.classes, settled=settled)
             written, failed = 0, []
-            for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size, self.tf_device):
-                done = output.write(job)
-                failed += [p for p in done["problems"] if not p["refused"]]
-                output.refused += [{"key": p["key"], "reason": p["reason"]} for p in done["problems"] if p["refused"]]
-                written += done["images"] - len(done["problems"])
+            try:
+                for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
+                                      self.tf_device):
+                    done = output.write(job)
+                    failed += [p["reason"] for p in done["problems"] if not p["refused"]]
+                    for p in done["problems"]:
+                        if p["refused"]:
+                            output.refuse(p["key"], p["reason"])
+                    written += done["images"] - len(done["problems"])
+            finally:
+                output.close()  # what a failed shard left half made
             receipt = {"index": index, "written": written, "refused": output.refused,
-                       "failed": [p["reason"] for p in failed]}
+                       "num_refused": output.num_refused, "failed": failed}
             fs.write_bytes(_receipt_path(self.out, f"restore-{index:05d}"), json.dumps(receipt).encode())
             yield index
 
     return DecodeShard
+
+
+def _name_claims_fn():
+    beam, _ = _beam()
+
+    class NameClaims(beam.DoFn):
+        """(file, (shard, position, key, label)) for the files each key of a shard may decode to."""
+
+        def __init__(self, dataset, beam_args, split):
+            self.dataset, self.split, self.beam_args = dataset, split, list(beam_args)
+
+        def setup(self):
+            from .dataset import LogitDataset
+
+            _worker_filesystems(self.beam_args)
+            self.ds = LogitDataset(self.dataset, self.split)
+
+        def process(self, index):
+            from .outputs import name_claims
+
+            at = 0
+            for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False):  # decode checks it
+                keys, labels = chunk["keys"], chunk["labels"]
+                del chunk
+                yield from name_claims(self.ds.classes, index, at, keys, labels)
+                at += len(keys)
+
+    return NameClaims
+
+
+def _clashing(claim):
+    """The claimants of a file, when more than one key claims it."""
+    _, who = claim
+    who = list(who)
+    return who if len({(shard, position) for shard, position, _, _ in who}) > 1 else []
 
 
 def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=False, report: Reporter | None = None,
@@ -312,6 +353,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
     from .dataset import LogitDataset
     from .decode_run import finish, prepare_folder
     from .outdir import FolderLock
+    from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED, settle_names
 
     t0 = time.time()
     options = _options(beam_args)
@@ -328,11 +370,22 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         beam, _ = _beam()
         make = _decode_shard_fn()
         n = len(ds.shards)
-        _run(lambda pl: (pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False)
-                         | "Spread" >> beam.Reshuffle()
-                         | "DecodeShard" >> beam.ParDo(make(dataset, out, fmt, batch_size, device, overwrite,
-                                                            beam_args, ds.split))),
-             options)
+        decode_shard = make(dataset, out, fmt, batch_size, device, overwrite, beam_args, ds.split)
+
+        def pipeline(pl):
+            shards = pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False) | "Spread" >> beam.Reshuffle()
+            if not IMAGE_OUTPUTS[fmt].names_span_shards:
+                return shards | "DecodeShard" >> beam.ParDo(decode_shard)
+            # A key's file depends on the keys before it (a.jpg, then a.png): the few keys that
+            # compete for a file are settled in key order first, as the local runner takes them.
+            settled = (shards | "Names" >> beam.ParDo(_name_claims_fn()(dataset, beam_args, ds.split))
+                       | "ByFile" >> beam.GroupByKey()
+                       | "Clashing" >> beam.FlatMap(_clashing)
+                       | "Together" >> beam.combiners.ToList()
+                       | "Settle" >> beam.Map(settle_names, ds.classes))
+            return shards | "DecodeShard" >> beam.ParDo(decode_shard, beam.pvalue.AsSingleton(settled))
+
+        _run(pipeline, options)
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
         results = [_read_json(r) for r in receipts]
         fs.delete(receipts)
@@ -345,6 +398,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
     written = sum(r["written"] for r in results)
     seconds = time.time() - t0
     result = DecodeResult(dataset=dataset, output=out, format=fmt, num_images=written,
-                          refused=[x for r in results for x in r["refused"]], seconds=round(seconds, 3),
+                          refused=[x for r in results for x in r["refused"]][:REFUSED_LISTED],
+                          num_refused=sum(r["num_refused"] for r in results), seconds=round(seconds, 3),
                           images_per_second=round(written / seconds, 1) if seconds else None, runner="beam")
     return finish(result, out, report or Reporter(quiet=True))

@@ -323,7 +323,11 @@ class ImageOutput:
 
     name = ""
 
-    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None, classes=None):
+    # Whether a key's file name depends on the keys of earlier shards: a runner that makes shards
+    # apart (Beam) settles those names for the whole dataset first (settle_names) and passes them in.
+    names_span_shards = False
+
+    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None, classes=None, settled=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
         self.protect = None if protect is None else frozenset(protect)  # see _create
         self.classes = list(classes) if classes else []  # the dataset's class names, by label
@@ -355,6 +359,82 @@ class ImageOutput:
         raise NotImplementedError
 
 
+class PngNames:
+    """The PNG each key decodes to, taken in key order.
+
+    A key's file is the key with '.png' for its image suffix; when an
+    earlier key took that name (a.jpg before a.png), the key with '.png'
+    added; when that is taken too, the key is refused.
+    """
+
+    def __init__(self, classes=None):
+        self.classes = list(classes or ())
+        self.taken = set()
+
+    def claims(self, key: str, label: int = -1):
+        """(file, second file) the key may take; ValueError for a key no file can be made for.
+
+        The second is the ValueError itself when '.png' added makes too long a name.
+        """
+        key_relpath(key)  # the key's own rules first: a class folder before '/abs' must not make it relative
+        if 0 <= label < len(self.classes):
+            folder = class_folder(self.classes[label])
+            if folder and not key.startswith(folder + "/"):
+                key = folder + "/" + key
+        first = png_relpath(key)
+        try:
+            second = png_relpath(key, replace_suffix=False)
+        except ValueError as e:  # too long with '.png' added: it can only have its first name
+            second = e
+        return first, second
+
+    def take(self, key: str, label: int = -1) -> str:
+        """The file of the next key in order (ValueError if it can have none)."""
+        first, second = self.claims(key, label)
+        rel = first
+        if rel in self.taken:  # e.g. a.jpg and a.png both in the input
+            if isinstance(second, ValueError):
+                raise second
+            rel = second
+            if rel in self.taken:
+                raise ValueError(f"two keys map to the same file {rel!r}")
+        self.taken.add(rel)
+        return rel
+
+
+def name_claims(classes, shard: int, start: int, keys, labels):
+    """(file, (shard, position, key, label)) for each file each key may take: settle_names' input."""
+    names = PngNames(classes)
+    for i, (key, label) in enumerate(zip(keys, labels)):
+        key, label = str(key), int(label)
+        try:
+            first, second = names.claims(key, label)
+        except ValueError:  # refused whatever the other keys are
+            continue
+        who = (shard, start + i, key, label)
+        yield first, who
+        if isinstance(second, str) and second != first:
+            yield second, who
+
+
+def settle_names(clashing, classes) -> dict:
+    """{(shard, position): (file, None) or (None, reason)} for keys whose files other keys claim too.
+
+    `clashing` holds (shard, position, key, label) of every key that claims
+    a file another key claims as well. Taking those keys alone in key order
+    gives each the file taking every key would: a key no other key competes
+    with has its first name whatever comes before it.
+    """
+    names = PngNames(classes)
+    out = {}
+    for shard, position, key, label in sorted(set(clashing)):
+        try:
+            out[(shard, position)] = (names.take(key, label), None)
+        except ValueError as e:
+            out[(shard, position)] = (None, str(e))
+    return out
+
+
 class PngOutput(ImageOutput):
     """Lossless PNGs at each key, '.png' for the extension, in their class's folder.
 
@@ -364,33 +444,38 @@ class PngOutput(ImageOutput):
     """
 
     name = "png"
+    names_span_shards = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, settled=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._taken = set()
+        self._names = PngNames(self.classes)
+        # {(shard, position): (file, None) or (None, reason)} for the keys that share a name with
+        # another key, settled for the whole dataset beforehand; None: settled here, in key order.
+        self._settled = settled
+        self._at = (0, 0)  # (shard, position) of the next key
 
     def _target(self, key: str, label: int = -1) -> str:
-        key_relpath(key)  # the key's own rules first: a class folder before '/abs' must not make it relative
-        if 0 <= label < len(self.classes):
-            folder = class_folder(self.classes[label])
-            if folder and not key.startswith(folder + "/"):
-                key = folder + "/" + key
-        rel = png_relpath(key)
-        if rel in self._taken:  # e.g. a.jpg and a.png both in the input
-            rel = png_relpath(key, replace_suffix=False)
-            if rel in self._taken:
-                raise ValueError(f"two keys map to the same file {rel!r}")
-        self._taken.add(rel)
+        if self._settled is None:
+            return self._names.take(key, label)
+        settled = self._settled.get(self._at)
+        if settled is None:  # no other key claims its names: its own
+            return self._names.claims(key, label)[0]
+        rel, reason = settled
+        if reason is not None:
+            raise ValueError(reason)
         return rel
 
     def add(self, shard, keys, labels, images):
         batch = []
+        if self._at[0] != shard:
+            self._at = (shard, 0)
         for key, label, img in zip(keys, labels, images):
             key = str(key)
             try:
                 batch.append((key, self._target(key, int(label)), img))
             except ValueError as e:
                 self.refuse(key, str(e))
+            self._at = (shard, self._at[1] + 1)
         per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB
         protect = self.protect or frozenset()
         return [(self.root, self.overwrite, batch[a:a + per_job], protect) for a in range(0, len(batch), per_job)]

@@ -65,6 +65,31 @@ def test_beam_encode_equals_local_and_decodes_exactly(cli, image_folder, tmp_pat
     assert not list(system_tmp.iterdir())
 
 
+def test_beam_decode_names_files_as_the_local_runner(cli, tmp_path, rng):
+    """Keys that compete for one PNG (a.bmp, a.jpg, a.png) in shards of one: each Beam worker names
+    its shard's files knowing the keys of the others, so both runners make the same files, and a
+    second run with --overwrite replaces each with its own image, never one image with another."""
+    src = tmp_path / "src"
+    for name in ("a.bmp", "a.jpg", "a.png", "a.png.png", "b.bmp"):
+        save(str(src / name), photo(rng, 6, 6), **({"quality": 95} if name.endswith(".jpg") else {}))
+    enc = tmp_path / "enc"
+    assert cli("encode", src, "-o", enc, "--shard-size", "1").exit_code == 0
+
+    def tree(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    assert cli("decode", enc, "-o", local).exit_code == 0
+    assert sorted(tree(local)) == ["a.jpg.png", "a.png", "a.png.png", "a.png.png.png", "b.png"]
+    for extra in (BEAM, ["--overwrite", *BEAM_HERE]):
+        r = cli("decode", enc, "-o", beam, *extra)
+        assert r.exit_code == 0, r.output
+        assert tree(beam) == tree(local)
+    for key in ("a.bmp", "a.png"):  # and each file holds its own key's image
+        back = np.asarray(Image.open(local / ("a.png" if key == "a.bmp" else "a.png.png")))
+        np.testing.assert_array_equal(back, np.asarray(Image.open(src / key)))
+
+
 def test_beam_tfrecord_source(cli, tmp_path, rng):
     import io
 

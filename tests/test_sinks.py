@@ -109,3 +109,60 @@ def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path,
     with pytest.raises(LogitifyError, match="replaced while it was written"):
         w.close()
     assert victim.read_bytes() == b"someone's file" and not os.path.lexists(w.tmp)
+
+
+# Keys from a few stems and suffixes, so that many compete for one PNG name (a.jpg, a.png, a.png.png).
+_KEY = st.builds(lambda folder, stem, ends: folder + stem + "".join(ends),
+                 st.sampled_from(["", "cats/", "dogs/"]), st.sampled_from(["a", "b", "a.png"]),
+                 st.lists(st.sampled_from([".png", ".jpg", ".PNG", ".bmp", ""]), max_size=2))
+
+
+def _names_taken(output, shards, settled_first=False):
+    """{(shard, position): file or 'refused'} as output (made per shard by a callable, or one) names them."""
+    got = {}
+    for s, rows in enumerate(shards):
+        out = output(s) if callable(output) else output
+        out.begin_shard(s, len(rows), (1, 1, 1))
+        jobs = out.add(s, [k for k, _ in rows], [label for _, label in rows], np.zeros((len(rows), 1, 1, 1), np.uint8))
+        named = {key: rel for job in jobs for key, rel, _ in job[2]}
+        refused = {x["key"] for x in out.refused}
+        for i, (key, _) in enumerate(rows):
+            got[(s, i)] = "refused" if key in refused else named[key]
+        out.refused.clear()
+    return got
+
+
+@given(st.lists(st.tuples(_KEY, st.integers(-1, 2)), max_size=24, unique_by=lambda kl: kl[0]),
+       st.lists(st.integers(0, 24), max_size=4), st.sampled_from([[], ["cats", "dogs", "/x/birds"]]))
+@settings(max_examples=300, deadline=None)
+def test_names_settled_per_shard_are_those_taken_in_key_order(keyed, cuts, classes):
+    """Beam names each shard apart from the others: the keys that compete for a file are settled
+    first (settle_names), and every key gets the file the local runner's one pass gives it."""
+    from logitify_cli.beam_runner import _clashing
+    from logitify_cli.outputs import PngOutput, name_claims, settle_names
+
+    bounds = sorted({0, len(keyed), *(c for c in cuts if c <= len(keyed))})
+    shards = [keyed[a:b] for a, b in zip(bounds, bounds[1:])]
+    local = _names_taken(PngOutput("out", len(shards), False, classes=classes), shards)
+
+    by_file = {}
+    for s, rows in enumerate(shards):
+        for name, who in name_claims(classes, s, 0, [k for k, _ in rows], [label for _, label in rows]):
+            by_file.setdefault(name, []).append(who)
+    clashing = [who for claim in by_file.items() for who in _clashing(claim)]
+    settled = settle_names(clashing, classes)
+    apart = _names_taken(lambda s: PngOutput("out", len(shards), False, classes=classes, settled=settled), shards)
+    assert apart == local
+    made = [rel for rel in local.values() if rel != "refused"]
+    assert len(made) == len(set(made))  # no two keys ever share a file
+
+
+def test_a_key_whose_names_are_both_taken_is_refused():
+    from logitify_cli.outputs import PngNames
+
+    names = PngNames()
+    assert [names.take(k) for k in ("a.png", "a.jpg", "a.png.png")] == ["a.png", "a.jpg.png", "a.png.png"]
+    names = PngNames()
+    assert [names.take(k) for k in ("a.png", "a.jpg.png")] == ["a.png", "a.jpg.png"]
+    with pytest.raises(ValueError, match="two keys map to the same file 'a.jpg.png'"):
+        names.take("a.jpg")  # a.png and a.jpg.png are both taken
