@@ -216,16 +216,17 @@ class _Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _command_owns_process(verbose: bool):
-    """For the command's run: SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C,
-    and TensorFlow is imported as the command line's own. Both are put back
-    after, for a program that runs a command in its own process."""
+    """For the command's run: SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C, and
+    --verbose reaches TensorFlow's import. Both are put back after, for a program that runs a
+    command in its own process; that program's TensorFlow is imported as its own import would
+    be (only the console script, entry(), imports it as the command line's)."""
     from . import _tf
 
     def handler(signum, frame):
         raise _Terminated()
 
-    before = (_tf.verbose, _tf.own_process)
-    _tf.verbose, _tf.own_process = verbose, True
+    before = _tf.verbose
+    _tf.verbose = verbose
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. embedded use)
@@ -233,7 +234,7 @@ def _command_owns_process(verbose: bool):
     try:
         yield
     finally:
-        _tf.verbose, _tf.own_process = before
+        _tf.verbose = before
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -730,7 +731,9 @@ def entry(argv=None):
     _CONSOLE = True
     from . import _tf
 
-    _tf.defer_api = True  # nothing runs after the command here: the API packages it does not use can wait
+    # This process runs nothing else after the command: TensorFlow is imported quietly, its heap frozen
+    # out of later collections, and the API packages the command does not use can wait (see _tf).
+    _tf.own_process = _tf.defer_api = True
     try:
         rv = main(args=argv, prog_name="logitify", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0  # --help and --version: click's Exit

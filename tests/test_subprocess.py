@@ -57,17 +57,18 @@ def test_the_command_line_freezes_what_tensorflow_built_and_collects_after(tmp_p
     for i in range(3):
         save(tmp_path / "in" / f"{i}.png", photo(np.random.default_rng(i), 8, 8))
 
-    def encode_then_count(out, before=""):
+    def encode_then_count(out, before="", own=True, after=""):
         # Every library is loaded with symbols bound at once: lazily bound,
         # an extension module first loaded during TensorFlow's import took
         # TensorFlow's BoringSSL for its OpenSSL and crashed the process.
         code = (f"import gc, os, sys\n{before}from logitify_cli.cli import main\nflags = sys.getdlopenflags()\n"
+                f"from logitify_cli import _tf\n_tf.own_process = {own}  # as the console script sets it\n"
                 "seen = []\nset_flags = sys.setdlopenflags\n"
                 "sys.setdlopenflags = lambda f: (seen.append(f), set_flags(f))\n"
                 f"try:\n    main(['encode', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / out)!r}, '-q'])\n"
                 "except SystemExit as e:\n    assert not e.code, e.code\n"
                 "assert gc.isenabled() and sys.getdlopenflags() == flags\n"
-                "assert all(f & os.RTLD_NOW for f in seen), seen\nprint(gc.get_freeze_count())\n")
+                f"assert all(f & os.RTLD_NOW for f in seen), seen\n{after}print(gc.get_freeze_count())\n")
         frozen = int(run_code(code, timeout=120).split()[-1])
         assert (tmp_path / out / "manifest.json").exists()
         return frozen
@@ -75,6 +76,10 @@ def test_the_command_line_freezes_what_tensorflow_built_and_collects_after(tmp_p
     assert encode_then_count("out") > 100_000  # TensorFlow's own objects, out of every later collection
     # A program that loaded TensorFlow itself and then runs a command keeps its heap as it was.
     assert encode_then_count("out2", before="import tensorflow\n") == 0
+    # main() called by a program of its own leaves the program's collector alone (the console script
+    # alone says the process is the command's), and so its TensorFlow options and environment.
+    env = "assert 'TF_ENABLE_ONEDNN_OPTS' not in os.environ\n"
+    assert encode_then_count("out3", own=False, after=env) == 0
 
 
 POOL_CODE = """
