@@ -294,10 +294,19 @@ class Manifest:
                                        and all(isinstance(d, dict) for d in preset.get("deviations", []))
                                        and isinstance(preset.get("split_sizes", {}), dict)):
             fail("preset is not {name, recipe, sources, deviations, ...}")
-        version = m.get("tool_version")
+        if type(m.get("compressed", False)) is not bool:
+            fail(f"compressed {short(m.get('compressed'))} is not true or false")
+        tool = m.get("tool_version")
         out = cls(format=m["format"], name=name, shape=tuple(shape), params=params, classes=classes, splits=splits,
-                  compressed=bool(m.get("compressed", False)), files=files, preset=preset,
-                  tool_version=version if isinstance(version, str) else "unknown")
+                  compressed=m.get("compressed", False), files=files, preset=preset,
+                  tool_version=tool if isinstance(tool, str) else "unknown")
+        for n, r in splits.items():  # what the images were made to is what the logits hold
+            where = f"split {n}: " if version != FORMAT_VERSION else ""
+            size, channels = r.source.get("size"), r.source.get("channels")
+            if size is not None and tuple(size) != tuple(shape[:2]):
+                fail(f"{where}source: size {short(size)} but the logits are {shape[0]}x{shape[1]}")
+            if channels is not None and channels != shape[2]:
+                fail(f"{where}source: channels {short(channels)} but the logits have {shape[2]}")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out
@@ -351,10 +360,19 @@ def _geometry_problem(source: dict) -> str | None:
     from .images import FILTERS, RESIZE_MODES
 
     mode, crop, filt = source.get("resize_mode"), source.get("crop"), source.get("filter")
-    if mode is not None and mode not in RESIZE_MODES:
-        return f"resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}"
-    if filt is not None and filt not in FILTERS:
-        return f"filter {filt!r} is not one of {', '.join(FILTERS)}"
+    if mode is not None and not (isinstance(mode, str) and mode in RESIZE_MODES):
+        return f"resize_mode {short(mode)} is not one of {', '.join(RESIZE_MODES)}"
+    if filt is not None and not (isinstance(filt, str) and filt in FILTERS):
+        return f"filter {short(filt)} is not one of {', '.join(FILTERS)}"
+    size = source.get("size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(type(v) is int and 0 < v < 1 << 20 for v in size)):
+        return f"size {short(size)} is not [height, width] of positive integers"
+    channels = source.get("channels")
+    if channels is not None and channels not in (1, 3, 4):  # True == 1: a boolean is refused below
+        return f"channels {short(channels)} is not 1, 3 or 4"
+    if type(channels) not in (int, type(None)):
+        return f"channels {short(channels)} is not 1, 3 or 4"
     if source.get("exif_orientation", True) is not True and source.get("exif_orientation") is not False:
         return f"exif_orientation {source.get('exif_orientation')!r} is not true or false"
     if crop is not None and not (isinstance(crop, list) and len(crop) == 4

@@ -710,6 +710,13 @@ MANIFEST_EDITS = {
     "100 MB": lambda t: json.dumps({**json.loads(t), "stats": {"pad": "x" * (100 << 20)}}),
     "deeply nested": lambda t: "[" * 200_000 + "]" * 200_000,
     "not UTF-8": lambda t: b"\xff\xfe{",
+    # The source's geometry is read back by verify --against (which makes every source that size)
+    # and shown by info: a size other than the logits' own, or no pair at all, is refused at once.
+    **{f"source {field} {value}": (lambda field, value: lambda t: json.dumps(
+        {**json.loads(t), "source": {**json.loads(t)["source"], field: value}}))(field, value)
+       for field, value in (("size", [8000, 8000]), ("size", [-1, 8]), ("size", [8, 8, 3]), ("size", "x"),
+                            ("filter", ["box"]), ("resize_mode", {"a": 1}), ("channels", 1), ("channels", True))},
+    "compressed a string": lambda t: json.dumps({**json.loads(t), "compressed": "false"}),
 }
 
 
