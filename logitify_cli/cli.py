@@ -239,6 +239,14 @@ def _command_owns_process(verbose: bool):
             signal.signal(signal.SIGTERM, previous)
 
 
+def _answer_anyway(answer: dict) -> None:
+    """--json's object for a run that ends without a result; a stdout that cannot take it changes no exit code."""
+    try:
+        _write_out(json.dumps(answer))
+    except _StdoutLost:
+        _quiet_stdout()
+
+
 class _StdoutLost(Exception):
     """The command's answer could not be written (its cause says why); raised only by _write_out."""
 
@@ -325,8 +333,11 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo(f"logitify: {interrupted}", err=True)
+            signum = getattr(e, "signum", int(signal.SIGINT))
+            if as_json:  # a pipeline reading the answer gets one, stopped or not
+                _answer_anyway({"ok": False, "error": interrupted, "signal": signal.Signals(signum).name})
             # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-            sys.exit(128 + getattr(e, "signum", int(signal.SIGINT)))
+            sys.exit(128 + signum)
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
@@ -334,8 +345,10 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                 raise
             from .report import printable
 
-            click.echo(f"logitify: error: {type(e).__name__}: {printable(e)} (run with --verbose for details)",
-                       err=True)
+            line = f"{type(e).__name__}: {printable(e)}"
+            click.echo(f"logitify: error: {line} (run with --verbose for details)", err=True)
+            if as_json:
+                _answer_anyway({"ok": False, "error": line})
             sys.exit(1)
         if as_json:
             _write_out(json.dumps({"ok": result.exit_code == 0, **result.to_dict()}, default=str))

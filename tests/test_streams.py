@@ -118,6 +118,18 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
     assert r.exit_code == 130 and "any images already written are kept" in r.stderr and "--resume" not in r.stderr
     r = cli("verify", out)
     assert r.exit_code == 130 and r.stderr.strip() == "logitify: interrupted"
+    # A pipeline reading --json gets its one object, stopped or not (SIGTERM arrives as _Terminated).
+    from logitify_cli.cli import _Terminated
+
+    r = cli("encode", src, "-o", tmp_path / "e", "--json")
+    assert r.exit_code == 130 and json.loads(r.stdout) == {
+        "ok": False, "signal": "SIGINT", "error": "interrupted; whole shards are kept, run again with --resume to finish"}
+    monkeypatch.setattr(verify, "verify", lambda *a, **k: (_ for _ in ()).throw(_Terminated()))
+    r = cli("verify", out, "--json")
+    assert r.exit_code == 143 and json.loads(r.stdout) == {"ok": False, "signal": "SIGTERM", "error": "interrupted"}
+    monkeypatch.setattr(verify, "verify", lambda *a, **k: 1 / 0)
+    r = cli("verify", out, "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout) == {"ok": False, "error": "ZeroDivisionError: division by zero"}
 
 
 def test_a_pool_starts_at_most_a_few_workers_per_core():
