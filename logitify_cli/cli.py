@@ -553,9 +553,13 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the images.")
 @click.option("-f", "--format", "fmt", type=RegistryChoice(_image_outputs), default="png", show_default=True,
               help="Lossless PNGs at each key, or uint8 npz arrays per shard.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per TensorFlow batch.")
-@click.option("--workers", type=click.IntRange(1), default=None, help="PNG-writing processes [all cores; at most 4 a core].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Images per TensorFlow batch with --device gpu (the CPU's inverse works a slice of a shard at a time).")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Processes writing the images [all cores; at most 4 a core].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="gpu: the inverse runs in TensorFlow on the GPU. auto and cpu: in NumPy on the CPU "
+                   "(the same bytes, without TensorFlow's start-up).")
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")

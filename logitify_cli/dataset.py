@@ -182,11 +182,11 @@ class LogitDataset:
             if held:
                 yield shard, _split(parts, held)[0]
 
-    def transform(self, device=None):
+    def transform(self, device=None, batch_size: int = 256):
         from .transform import LogitTransform
 
         if self._transform is None:
-            self._transform = LogitTransform(self.params, self.shape, device)
+            self._transform = LogitTransform(self.params, self.shape, device, batch_size)
         return self._transform
 
     def inverse(self, logits, device=None, batch_size: int = 256) -> np.ndarray:
@@ -199,7 +199,7 @@ class LogitDataset:
         """
         logits = np.asarray(logits, np.float32)
         if device is not None:
-            return np.asarray(self.transform(device).inverse(logits))
+            return np.asarray(self.transform(device, batch_size).inverse(logits))
         from .transform import inverse_numpy
 
         with np.errstate(invalid="ignore"):  # a non-finite logit has no level; verify names it

@@ -285,6 +285,11 @@ def test_tfrecord_output_equals_npz_and_loads_everywhere(cli, image_folder, tmp_
         assert sum(len(s["keys"]) for s in shards) == len(truth)
         ds = lg.LogitDataset(str(tmp_path / fmt))
         np.testing.assert_array_equal(ds.inverse(shards[0]["logits"]), np.stack([truth[k] for k in shards[0]["keys"]]))
+    # In TensorFlow on a device (--device gpu's road, here on the CPU), in batches of the size asked for.
+    ds = lg.LogitDataset(str(tmp_path / "t"))
+    np.testing.assert_array_equal(ds.inverse(shards[0]["logits"], "/CPU:0", batch_size=3),
+                                  np.stack([truth[k] for k in shards[0]["keys"]]))
+    assert ds.transform().batch_size == 3
     r = cli("decode", tmp_path / "t", "-o", tmp_path / "back")
     assert r.exit_code == 0
     for key, arr in truth.items():
