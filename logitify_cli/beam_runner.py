@@ -132,8 +132,13 @@ def _make_shard_fn():
     return MakeShard
 
 
-def _prepare_remote_output(out: str, overwrite: bool) -> None:
-    """A bucket prefix: empty, or (with --overwrite) holding only what a logitify manifest there names."""
+def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
+    """A bucket prefix: empty, or (with --overwrite) holding only what a logitify manifest there names.
+
+    A dataset there with splits other than `made` (this run's) is refused:
+    in a bucket a run replaces a whole dataset, and must not drop the splits
+    a run in a folder would keep.
+    """
     found = [p for p, _ in fs.listing(out)]
     if not found:
         return
@@ -141,11 +146,17 @@ def _prepare_remote_output(out: str, overwrite: bool) -> None:
         raise LogitifyError(f"output {out} is not empty; pass --overwrite to replace what logitify wrote there")
     owned = set()
     try:
-        owned.update(fs.join(out, f) for f in manifest_mod.parse(
-            fs.read_bytes(fs.join(out, manifest_mod.MANIFEST), manifest_mod.MANIFEST_MAX_BYTES),
-            out).owned_files())
+        there = manifest_mod.parse(fs.read_bytes(fs.join(out, manifest_mod.MANIFEST), manifest_mod.MANIFEST_MAX_BYTES),
+                                   out)
     except (OSError, LogitifyError):
-        pass
+        there = None
+    if there is not None:
+        others = sorted(set(there.splits) - set(made))
+        if others:
+            raise LogitifyError(f"output {out} holds a dataset with the split(s) {', '.join(others)}, which this run "
+                                "does not make: in a bucket a run replaces the whole dataset, so add a split in a "
+                                "local folder (then copy it up), or write to an empty prefix")
+        owned.update(fs.join(out, f) for f in there.owned_files())
     prefix = out.rstrip("/") + "/"
     foreign = sorted(p for p in found if p not in owned and not
                      (p.startswith(prefix) and p[len(prefix):].startswith(".") and p.endswith(".receipt.json")))
@@ -162,6 +173,10 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     from .planner import plan, split_runs
 
     runs = split_runs(opts)
+    if len(runs) > 1 and fs.is_remote(opts.out):
+        # Each split's run would find the one before it there (a bucket dataset is written whole).
+        raise UsageError(f"{opts.out}: a TFDS folder's splits ({', '.join(o.split for o in runs)}) go into a "
+                         "folder, one run adding each; into a bucket, choose one with --tfds-split per prefix")
     if len(runs) > 1:  # a TFDS folder's splits, one pipeline each, into one dataset
         return EncodeResult.of_splits([encode_beam(o, report, beam_args) for o in runs])
     opts = runs[0]
@@ -190,7 +205,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
             for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
                 OutputFolder(opts.out, part.split).journal.start(part.header)
         else:
-            _prepare_remote_output(opts.out, opts.overwrite)
+            _prepare_remote_output(opts.out, opts.overwrite, [part.split for part in p.parts])
         tasks = [part.task(spec) for part in p.parts for spec in part.shards]
         make = _make_shard_fn()
         beam, _ = _beam()

@@ -242,3 +242,19 @@ def test_object_keys_no_folder_could_hold_are_skipped_by_name(tmp_path, rng, s3_
     assert [it.key for it in inv.items] == ["a/b.png"]
     assert sorted(s["source"] for s in inv.skipped) == ["a/../escape.png", "a/./here.png"]
     assert all("'..' part" in s["reason"] for s in inv.skipped)
+
+
+def test_a_bucket_dataset_with_other_splits_is_never_replaced(cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3):
+    """In a bucket a run writes a whole dataset: with --overwrite it would drop the splits a run in a
+    folder keeps, so a dataset there holding a split this run does not make is refused, untouched."""
+    src, _ = image_folder
+    two = tmp_path / "two"
+    assert cli("encode", src, "-o", two, "--shard-size", "8").exit_code == 0
+    assert cli("encode", src, "-o", two, "--split", "test", "--shard-size", "8").exit_code == 0
+    s3_server.upload_folder(two, s3_bucket, "two")
+    before = {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, "two/")}
+    for split in ("train", "test"):
+        r = cli("encode", src, "-o", f"s3://{s3_bucket}/two", "--split", split, "--overwrite", *beam(s3_server))
+        other = "test" if split == "train" else "train"
+        assert r.exit_code == 1 and f"split(s) {other}, which this run does not make" in r.stderr, r.output
+    assert {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, "two/")} == before

@@ -179,6 +179,13 @@ def test_a_version_folder_encodes_every_split_with_class_names_and_decodes_bit_f
     assert r.exit_code == 2 and "--tfds-split" in r.stderr and "train, test" in r.stderr
 
 
+def test_a_tfds_folders_splits_into_a_bucket_are_refused_before_anything_runs(cli, prepared):
+    """Each split's run would find the one before it in the bucket (written whole): one per prefix."""
+    pytest.importorskip("apache_beam")
+    r = cli("encode", prepared["TinyPhotos"], "-o", "s3://nowhere/x", "--runner", "beam")
+    assert r.exit_code == 2 and "splits (train, test) go into a folder" in r.stderr and "--tfds-split" in r.stderr
+
+
 def test_keys_survive_a_move_and_the_dataset_folder_picks_the_newest_version(cli, prepared, tmp_path):
     src = prepared["TinyPhotos"]
     assert cli("encode", src, "-o", tmp_path / "a", "--tfds-split", "train").exit_code == 0
