@@ -124,8 +124,8 @@ def _make_shard_fn():
             from .pixels import read_in_process
             from .shards import make_shard
 
-            result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect),
-                                self.transform)
+            result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect,
+                                                      task.guessed_grey), self.transform)
             fs.write_bytes(_receipt_path(task.options.out, result.file), result.to_json().encode())
             yield result.file
 
@@ -213,10 +213,11 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                          | "Spread" >> beam.Reshuffle()
                          | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
         from .fingerprint import DigestSet
-        from .shards import packed_digests
+        from .shards import made_grey_note, packed_digests
 
         seconds = time.time() - t0
         m, receipts, total, counts, skipped_all = base, [], 0, {}, []
+        grey_keys, grey = [], 0
         for part in p.parts:
             shards, skipped = [], list(part.skipped)
             with DigestSet() as pixels:  # its temporary files go even if a receipt is refused
@@ -232,6 +233,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                     for s in receipt["skipped"]:
                         report.warn(f"skipped {s['source']}: {s['reason']}")
                     skipped.extend(receipt["skipped"])
+                    grey_keys.extend(receipt.get("made_grey", [])[:3])
+                    grey += receipt.get("num_made_grey", 0)
                 counts[part.split] = sum(s.num_examples for s in shards)
                 total += counts[part.split]
                 skipped_all += skipped
@@ -247,7 +250,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                                                                     "fingerprint")}
         extra = fmt.write_metadata(opts.out, m)
         manifest_mod.write(opts.out, m)
-        for note in count_notes(m, counts):
+        grey_note = made_grey_note(grey_keys, grey)
+        for note in ([grey_note] if grey_note else []) + count_notes(m, counts):
             report.warn(note)
         fs.delete(receipts)
         if folder is not None:
@@ -262,7 +266,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
                         classes=m.classes, skipped=sorted(skipped_all, key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
-                        split=p.split, splits=counts, warnings=list(p.notes))
+                        split=p.split, splits=counts, warnings=list(p.notes) + ([grey_note] if grey_note else []))
 
 
 # -- decode ---------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from .fingerprint import DigestSet
 from .formats import get as get_format
 from .outdir import OutputFolder, header_files
 from .pixels import PixelStream
-from .planner import EncodeOptions, RunPlan, plan, split_runs
+from .planner import EncodeOptions, RunPlan, guessed_grey, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
 from .report import Reporter, skipped_order
 from .results import EncodeResult
-from .shards import ShardFeed, ShardGone, ShardResult, build_transform, make_shard, packed_digests
+from .shards import (ShardFeed, ShardGone, ShardResult, build_transform, made_grey_note, make_shard,
+                     packed_digests)
 from .splits import refuse_mismatch
 
 # Pixels the workers may read ahead while TensorFlow starts (seconds in which
@@ -137,7 +138,8 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     try:
         dims = int(np.prod(p.shape))
         stream = PixelStream(items, p.options, p.channels, pool, dims, ahead_bytes=STARTUP_AHEAD,
-                             ahead_images=STARTUP_IMAGES, expect=opts.expect_size(p.shape))
+                             ahead_images=STARTUP_IMAGES, expect=opts.expect_size(p.shape),
+                             note_colour=guessed_grey(p.options, p.channels))
         if len(items):
             stream.start()  # the workers read while TensorFlow starts up
     except BaseException:  # a reader that died at once, say: the folder is free again
@@ -282,11 +284,14 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     """Make the shards still to make, then write the manifest."""
     p = started.plan
     made = 0
+    grey_keys, grey = [], 0  # colour images made grey (see planner.guessed_grey)
 
     def finish(future, k):
-        nonlocal made
+        nonlocal made, grey
         result: ShardResult = future.result()
         made += result.num_examples
+        grey_keys.extend(result.made_grey[:3])
+        grey += result.num_made_grey
         shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
         skipped.extend(result.skipped)
@@ -358,7 +363,8 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     for part in started.parts:
         part.folder.journal.remove()
     counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
-    for note in count_notes(m, counts):
+    grey_note = made_grey_note(grey_keys, grey)
+    for note in ([grey_note] if grey_note else []) + count_notes(m, counts):
         report.warn(note)
     return EncodeResult(output=opts.out, format=opts.format, num_examples=sum(counts.values()),
                         num_shards=sum(x.plan.n_shards for x in started.parts),
@@ -366,4 +372,4 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                         classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
                         resumed_shards=sum(len(x.done) for x in started.parts),
-                        split=p.split, splits=counts, warnings=list(p.notes))
+                        split=p.split, splits=counts, warnings=list(p.notes) + ([grey_note] if grey_note else []))

@@ -397,7 +397,7 @@ def _check_header_size(img, channels: int, expect_size, orient: bool = True) -> 
 
 
 def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = True,
-           expect_size=None) -> np.ndarray:
+           expect_size=None, modes: list | None = None) -> np.ndarray:
     """uint8 [H, W, channels] from a path or encoded bytes; ImageReadError if not.
 
     `size` is None, (H, W) (stretched with bicubic) or a Geometry, applied
@@ -410,7 +410,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     when nothing crops or resizes: an image of any other size (after EXIF
     orientation) raises ImageSizeMismatch, before its pixels are decoded
     wherever its header tells, so a run of small images is not made to
-    decode a huge stray one only to refuse it.
+    decode a huge stray one only to refuse it. `modes`, a list, is given
+    the image's own mode (before the conversion to `channels`).
     """
     geometry = as_geometry(size)
     if geometry is not None and geometry.out_size is not None:
@@ -439,6 +440,8 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
                 sixteen = False
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
+            if modes is not None:
+                modes.append(img.mode)
             img = _convert(img, channels, sixteen)
             if geometry is not None:
                 with _pillow_limit(max_pixels):  # Pillow checks a crop's size as it checks an image's
@@ -692,13 +695,26 @@ def _convert(img, channels: int, sixteen: bool = False):
     return img
 
 
-def read_many(payloads, channels, size, max_pixels, expect_size=None):
+# The note beside a grey image read from a colour one, in a run whose channels were guessed
+# from a sample (see planner.guessed_grey): the run names such images when it ends.
+MADE_GREY = "a colour image, made grey"
+
+
+def read_noting(source, channels, size, max_pixels, expect_size=None, note_colour: bool = False):
+    """(read_image(...), MADE_GREY or None): with note_colour, whether a colour image was made grey."""
+    modes = [] if note_colour and channels == 1 else None
+    arr = read_image(source, channels, size, max_pixels, expect_size=expect_size, modes=modes)
+    return arr, (MADE_GREY if modes and not is_grayscale_mode(modes[0]) else None)
+
+
+def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colour: bool = False):
     """Worker entry point: (stacked arrays, shapes, reasons) for a chunk.
 
     Images of the chunk's common shape travel as one array (one buffer to
     pickle, not dozens); the odd ones out, and failures, ride alongside.
     Unpack with unpack_many(). With expect_size (h, w), an image of another
-    size has the ImageSizeMismatch itself as its reason, not a string.
+    size has the ImageSizeMismatch itself as its reason, not a string. An
+    image read has a note as its reason, or None (see read_noting).
     """
     arrays, reasons = [], []
     for p in payloads:
@@ -707,8 +723,9 @@ def read_many(payloads, channels, size, max_pixels, expect_size=None):
             reasons.append(str(p))
             continue
         try:
-            arrays.append(read_image(p, channels, size, max_pixels, expect_size=expect_size))
-            reasons.append(None)
+            arr, note = read_noting(p, channels, size, max_pixels, expect_size, note_colour)
+            arrays.append(arr)
+            reasons.append(note)
         except ImageSizeMismatch as e:
             arrays.append(None)
             reasons.append(e)
@@ -724,9 +741,9 @@ def read_many(payloads, channels, size, max_pixels, expect_size=None):
 
 
 def unpack_many(result):
-    """[(array or None, reason or None)] from read_many()'s result."""
+    """[(array or None, reason or note or None)] from read_many()'s result."""
     stack, same, odd, reasons = result
     out = [(odd.get(i), r) for i, r in enumerate(reasons)]
     for j, i in enumerate(same):
-        out[i] = (stack[j], None)
+        out[i] = (stack[j], reasons[i])
     return out

@@ -84,35 +84,37 @@ def _length(items):
 class ReadTask:
     """A picklable chunk task for the pool: payloads in, packed pixels or reasons out."""
 
-    def __init__(self, channels, size, max_pixels, expect=None):
+    def __init__(self, channels, size, max_pixels, expect=None, note_colour=False):
         self.channels, self.size, self.max_pixels, self.expect = channels, size, max_pixels, expect
+        self.note_colour = note_colour
 
     def __call__(self, payloads):
-        return images_mod.read_many(payloads, self.channels, self.size, self.max_pixels, expect_size=self.expect)
+        return images_mod.read_many(payloads, self.channels, self.size, self.max_pixels, expect_size=self.expect,
+                                    note_colour=self.note_colour)
 
 
-def read_one(payload, channels, size, max_pixels, expect=None):
-    """(array or None, reason or None) for one payload, in this process."""
+def read_one(payload, channels, size, max_pixels, expect=None, note_colour=False):
+    """(array or None, reason or note or None) for one payload, in this process."""
     if isinstance(payload, BaseException):
         return None, str(payload)
     try:
-        return images_mod.read_image(payload, channels, size, max_pixels, expect_size=expect), None
+        return images_mod.read_noting(payload, channels, size, max_pixels, expect, note_colour)
     except images_mod.ImageSizeMismatch as e:
         return None, e
     except images_mod.ImageReadError as e:
         return None, str(e)
 
 
-def read_in_process(items, opts, channels, expect=None):
-    """(item, label, array or None, reason or None) for each item, read here (Beam workers)."""
+def read_in_process(items, opts, channels, expect=None, note_colour=False):
+    """(item, label, array or None, reason or note or None) for each item, read here (Beam workers)."""
     geometry = opts.geometry
     for it, payload, label in payloads(items, opts):
-        arr, reason = read_one(payload, channels, geometry, opts.max_pixels, expect)
+        arr, reason = read_one(payload, channels, geometry, opts.max_pixels, expect, note_colour)
         yield it, label, arr, reason
 
 
 class PixelStream:
-    """(item, label, uint8 array or None, reason or None), in item order.
+    """(item, label, uint8 array or None, reason or note or None), in item order.
 
     Reading runs ahead in the workers, up to `ahead_bytes` of pixels, so a
     run can import TensorFlow while the first images are being read.
@@ -131,8 +133,8 @@ class PixelStream:
     IN_FLIGHT_OVERHEAD = 512
 
     def __init__(self, items, opts, channels, pool: OrderedPool, image_bytes: int, ahead_bytes: int = 64 << 20,
-                 ahead_images: int | None = None, expect=None):
-        self.task = ReadTask(channels, opts.geometry, opts.max_pixels, expect)
+                 ahead_images: int | None = None, expect=None, note_colour=False):
+        self.task = ReadTask(channels, opts.geometry, opts.max_pixels, expect, note_colour)
         self.chunk = max(1, min(self.CHUNK_IMAGES, self.CHUNK_BYTES // max(1, image_bytes)))
         self.pool_workers = pool.workers
         self.image_bytes = max(1, image_bytes)

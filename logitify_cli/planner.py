@@ -10,6 +10,7 @@ resumed shard by shard.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -116,6 +117,19 @@ class ShardTask:
         """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
         return self.options.expect_size(self.shape)
 
+    @property
+    def guessed_grey(self) -> bool:
+        return guessed_grey(self.options, self.channels)
+
+
+def guessed_grey(options, channels) -> bool:
+    """Whether the run makes grey images because the first image and a sample were grey (no --channels).
+
+    Colour images the sample missed are then made grey: the readers note
+    each one (images.MADE_GREY), and the run names them as it ends.
+    """
+    return options.channels is None and channels == 1
+
 
 @dataclass
 class RunPlan:
@@ -194,18 +208,22 @@ CHANNEL_SAMPLE = 64  # image files, spread over the run, whose modes choose chan
 
 
 def _all_grayscale(items, opts) -> bool:
-    """Whether a sample of image files spread over the inputs are all grayscale, read from their headers.
+    """Whether a sample of the inputs are all grayscale, read from their headers.
 
     One grey image first in key order (ImageNet has some) would otherwise
-    make a whole colour dataset grey. Records and bucket objects are left
-    out: reaching a spread of them means reading most of what holds them.
+    make a whole colour dataset grey. The sample is image files spread
+    over the inputs and the first records in order: reaching a spread of
+    records, or of bucket objects, means reading most of what holds them.
+    A colour image the sample misses is still made grey, and named as the
+    run ends (guessed_grey).
     """
     files = np.flatnonzero(np.asarray([it.index < 0 and "://" not in it.path for it in items], bool)) \
         if len(items) <= CHANNEL_SAMPLE else None
     if files is None:
         at = np.unique(np.linspace(0, len(items) - 1, CHANNEL_SAMPLE).astype(np.int64))
         files = np.asarray([i for i in at if items[int(i)].index < 0 and "://" not in items[int(i)].path], np.int64)
-    for _, payload, _ in payloads(items.select(files), opts):
+    records = items.first_records(CHANNEL_SAMPLE) if hasattr(items, "first_records") else []
+    for _, payload, _ in itertools.chain(payloads(items.select(files), opts), payloads(records, opts)):
         if isinstance(payload, BaseException):
             continue
         try:

@@ -24,10 +24,13 @@ from . import fs
 from . import heap
 from .errors import LogitifyError, write_error
 from .formats import get as get_format
-from .images import ImageSizeMismatch
+from .images import MADE_GREY, ImageSizeMismatch
 from .manifest import ShardEntry
 from .splits import outside_classes
 from .transform import image_seeds
+
+
+MADE_GREY_LISTED = 100  # keys of colour images made grey a shard names; more are counted
 
 
 @dataclass
@@ -46,6 +49,8 @@ class ShardResult:
     sha256: str
     skipped: list = field(default_factory=list)
     pixels: bytes = b""
+    made_grey: list = field(default_factory=list)  # the first MADE_GREY_LISTED keys of colour images made grey
+    num_made_grey: int = 0
 
     def entry(self) -> ShardEntry:
         return ShardEntry(self.file, self.num_examples, self.sha256)
@@ -65,10 +70,22 @@ class ShardResult:
 
     def _head(self) -> dict:
         return {"index": self.index, "file": self.file, "num_examples": self.num_examples,
-                "sha256": self.sha256, "skipped": self.skipped}
+                "sha256": self.sha256, "skipped": self.skipped, "made_grey": self.made_grey,
+                "num_made_grey": self.num_made_grey}
 
     def _digests(self) -> list:
         return [self.pixels[a:a + 32] for a in range(0, len(self.pixels), 32)]
+
+
+def made_grey_note(keys, count: int) -> str | None:
+    """The warning that names colour images a run made grey (a shard's first keys, all shards' count)."""
+    if not count:
+        return None
+    from .report import printable
+
+    shown = ", ".join(printable(k) for k in keys[:3]) + (", ..." if count > 3 else "")
+    return (f"{count} colour image(s) were made grey ({shown}): without --channels the run took the channels of "
+            "its first image and a sample of the inputs, all grey; pass --channels 3 to keep their colour")
 
 
 def packed_digests(entry: dict) -> bytes | None:
@@ -119,6 +136,7 @@ class Collector:
         self.shape = tuple(task.shape)
         self.block = max(1, task.options.batch_size)
         self.skipped = []
+        self.made_grey, self.num_made_grey = [], 0  # see images.MADE_GREY
         self.emit = emit
         self._keys, self._labels, self._arrays = [], [], []
 
@@ -144,6 +162,10 @@ class Collector:
             self.skipped.append({"source": it.key, "reason": reason})
             self.warn(f"skipped {it.key}: {reason}")
             return
+        if reason == MADE_GREY:
+            self.num_made_grey += 1
+            if len(self.made_grey) < MADE_GREY_LISTED:
+                self.made_grey.append(it.key)
         self._keys.append(it.key)
         self._labels.append(label)
         self._arrays.append(arr)
@@ -274,8 +296,9 @@ def make_shard(task, pixels, transform, warn=lambda msg: None, tick=lambda n: No
                 shutil.rmtree(local, ignore_errors=True)
     finally:
         feed.stop()
+    seen = feed.collector
     return ShardResult(task.spec.index, info["file"], info["num_examples"], info["sha256"], list(feed.skipped),
-                       bytes(info["pixels"]))
+                       bytes(info["pixels"]), list(seen.made_grey), seen.num_made_grey)
 
 
 def write_shard(task, feed, transform, out_dir, cancel=None) -> dict:

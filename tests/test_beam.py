@@ -90,6 +90,17 @@ def test_beam_decode_names_files_as_the_local_runner(cli, tmp_path, rng):
         np.testing.assert_array_equal(back, np.asarray(Image.open(src / key)))
 
 
+def test_beam_names_colour_images_a_grey_guess_missed(cli, tmp_path, rng):
+    src = tmp_path / "grey"
+    for i in range(130):  # the spread sample misses the second input
+        save(str(src / f"g{i:03d}.png"), photo(rng, 4, 4)[:, :, 0])
+    save(str(src / "g000a.png"), photo(rng, 4, 4))
+    got = [json.loads(cli("encode", src, "-o", tmp_path / f"o{i}", "--shard-size", "50", "--json", *extra).stdout)
+           for i, extra in enumerate(([], BEAM_HERE))]
+    assert got[0]["warnings"] == got[1]["warnings"] and "1 colour image(s) were made grey (g000a.png)" in \
+        got[1]["warnings"][0]
+
+
 def test_beam_tfrecord_source(cli, tmp_path, rng):
     import io
 

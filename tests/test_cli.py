@@ -461,6 +461,45 @@ def test_one_grey_image_first_does_not_make_a_colour_dataset_grey(cli, tmp_path,
         assert json.loads((tmp_path / f"o-{src.name}" / "manifest.json").read_text())["shape"] == [8, 8, channels]
 
 
+def test_colour_images_a_grey_guess_missed_are_named(cli, tmp_path, rng):
+    """Channels guessed grey from a sample that missed a colour image: the image is made grey, as the
+    run decided, and the run names it (--json's warnings too); --channels says it on purpose, quietly."""
+    import io
+    import json
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from conftest import photo, save
+
+    src = tmp_path / "grey"
+    for i in range(130):  # the spread sample takes every other input: the second is not in it
+        save(str(src / f"g{i:03d}.png"), photo(rng, 4, 4)[:, :, 0])
+    save(str(src / "g000a.png"), photo(rng, 4, 4))
+    r = cli("encode", src, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["shape"] == [4, 4, 1]
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith("1 colour image(s) were made grey (g000a.png)")
+    assert "--channels 3" in res["warnings"][0] and res["warnings"][0] in r.stderr
+    r = cli("encode", src, "-o", tmp_path / "o1", "--channels", "1", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["warnings"] == [] and "made grey" not in r.stderr
+
+    # Records: the first ones in order are sampled too, so one grey record first leaves colour alone.
+    def record(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return tf.train.Example(features=tf.train.Features(feature={
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()]))})).SerializeToString()
+
+    with tf.io.TFRecordWriter(str(tmp_path / "r.tfrecord")) as w:
+        w.write(record(photo(rng, 4, 4)[:, :, 0]))
+        for _ in range(5):
+            w.write(record(photo(rng, 4, 4)))
+    r = cli("encode", tmp_path / "r.tfrecord", "-o", tmp_path / "o2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["shape"] == [4, 4, 3], r.output
+
+
 def test_verbose_shows_a_commands_own_oserror_as_a_traceback(cli, tmp_path, monkeypatch):
     """Only a failed write of the answer is a stdout error; the command's own OSError is itself."""
     from logitify_cli import info
