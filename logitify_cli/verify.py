@@ -265,11 +265,17 @@ def _check_class_folders(classes, problem) -> None:
     from .outputs import class_folder
     from .report import printable
 
-    for name in classes or ():
+    folders = {}
+    for label, name in enumerate(classes or ()):
         try:
-            class_folder(name)
+            folder = class_folder(name)
         except ValueError as e:
             problem("classes", f"class {printable(name)!r} cannot name the folder its images decode into ({e})")
+            continue
+        if folder in folders:  # two labels, one folder: decode would mix their images
+            problem("classes", f"classes {folders[folder]} and {label} both decode into the folder "
+                               f"{printable(folder or '.')!r}")
+        folders.setdefault(folder, label)
 
 
 def verify(path: str, against=None, report=QUIET, split: str | None = None) -> VerifyResult:

@@ -1059,6 +1059,10 @@ def test_verify_names_a_class_that_decode_cannot_make_a_folder_of(cli, keyed, tm
         r.output
     fake_manifest(ds, classes=["cat", "/a/abbey"])  # TFDS's own names can be paths: they decode into a/abbey
     assert cli("verify", ds).exit_code == 0
+    for classes, folder in ((["cat", "cat"], "cat"), (["cat", "/cat"], "cat"), (["", ""], ".")):
+        fake_manifest(ds, classes=classes)  # two labels, one folder: decode would mix their images
+        r = cli("verify", ds)
+        assert r.exit_code == 1 and f"classes 0 and 1 both decode into the folder '{folder}'" in r.stderr, r.output
 
 
 def test_a_class_folder_does_not_make_a_bad_key_good(cli, keyed, tmp_path):
