@@ -222,22 +222,9 @@ class LogitDataset:
         def pick(ex):
             return tuple(ex[f] for f in fields)
 
-        if takes_slices(self.format):
-            # Choosing the components costs one small step per slice, where it cost one per image.
-            ds = self.format.tf_dataset(files, self.shape, self.manifest.compressed, batched=True, fields=fields)
-            return ds.map(pick).prefetch(1).unbatch()
-        return self.format.tf_dataset(files, self.shape, self.manifest.compressed).map(pick)
-
-
-def takes_slices(fmt) -> bool:
-    """Whether a format's tf_dataset can hand over whole slices (batched=True, fields=..., rows=...)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fmt.tf_dataset).parameters
-    except (TypeError, ValueError):
-        return False
-    return {"batched", "fields", "rows"} <= set(params)
+        # Choosing the components costs one small step per slice, where it cost one per image.
+        ds = self.format.tf_slices(files, self.shape, self.manifest.compressed, fields)
+        return ds.map(pick).prefetch(1).unbatch()
 
 
 def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: str = "stored",

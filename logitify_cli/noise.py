@@ -57,32 +57,10 @@ def _select_shards(ds, shards):
     return out
 
 
-def _slices(ds, shards, tf, fields, rows):
-    """Dicts of [n, ...] tensors (n <= rows) with the given fields, from any format.
-
-    A format whose tf_dataset hands over slices (batched=True) is read that
-    way; any other is read with its read_chunks.
-    """
-    from .dataset import takes_slices
-
+def _slices(ds, shards, fields, rows):
+    """Dicts of [n, ...] tensors (n <= rows) with the given fields, as the dataset's format hands them over."""
     files = {ds.shard_path(s): s.num_examples for s in shards}
-    fmt, compressed = ds.format, ds.manifest.compressed
-    if takes_slices(fmt):
-        return fmt.tf_dataset(files, ds.shape, compressed, batched=True, fields=fields, rows=rows)
-    import numpy as np
-
-    h, w, c = ds.shape
-
-    def gen():
-        for path, count in files.items():
-            for d in fmt.read_chunks(path, ds.shape, count, compressed, rows=rows):
-                keys = d["keys"]
-                yield {"logits": d["logits"], "label": d["labels"],
-                       "key": np.char.encode(keys, "utf-8", "surrogatepass") if len(keys) else np.zeros(0, "S1")}
-
-    spec = {"logits": tf.TensorSpec([None, h, w, c], tf.float32), "key": tf.TensorSpec([None], tf.string),
-            "label": tf.TensorSpec([None], tf.int64)}
-    return tf.data.Dataset.from_generator(gen, output_signature=spec).map(lambda ex: {f: ex[f] for f in fields})
+    return ds.format.tf_slices(files, ds.shape, ds.manifest.compressed, fields, rows)
 
 
 _PROGRAMS = {}
@@ -134,7 +112,7 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
     fields = ("logits", "key") + (("label",) if with_labels else ())
     # Slices of at most `rows` examples, each padded to `rows` in the graph: one compiled
     # program, and no re-batching of single images before it.
-    source = _slices(ds, _select_shards(ds, shards), tf, fields, rows)
+    source = _slices(ds, _select_shards(ds, shards), fields, rows)
 
     def pick(ex, y, logdet):
         out = (y, logdet)

@@ -150,7 +150,6 @@ class ShardFormat:
     template: str = ""  # str.format with name, split, index, count
     glob: str = ""  # fnmatch pattern every shard file name of this format matches
     metadata_names: tuple = ()  # every name write_metadata() may ever write
-    description: str = ""
     record_checksums: bool = False  # checksums per record, beyond the file's sha256 (read_chunks' `records`)
 
     def shard_file(self, name: str, split: str, index: int, count: int) -> str:
@@ -181,6 +180,17 @@ class ShardFormat:
     def tf_dataset(self, files: list, shape, compressed: bool):
         """A tf.data.Dataset of dicts {logits, logdet, key, label}, one per example."""
         raise NotImplementedError
+
+    def tf_slices(self, files, shape, compressed: bool, fields, rows: int | None = None):
+        """A tf.data.Dataset of dicts of `fields`, each [n, ...] with n <= rows: examples a slice at a time.
+
+        For loaders that work on whole slices (fresh noise) and unbatch last.
+        This default batches tf_dataset's examples; a format that can hand
+        over slices as they lie in its shards says so here, faster.
+        """
+        fields = tuple(fields)
+        rows = rows or chunk_rows(shape)
+        return self.tf_dataset(files, shape, compressed).map(lambda ex: {f: ex[f] for f in fields}).batch(rows)
 
     def max_bytes(self, shape, count: int) -> int:
         """The most a shard of `count` examples of `shape` can take on disk.

@@ -315,7 +315,6 @@ class NpzFormat(ShardFormat):
     name = "npz"
     template = "{split}-{index:05d}-of-{count:05d}.npz"
     glob = "*-?????-of-?????.npz"
-    description = "NumPy zip files: np.load(f, allow_pickle=False)"
 
     def writer(self, out_dir, file, shape, count, compress):
         return NpzShardWriter(self, out_dir, file, shape, count, compress)
@@ -407,6 +406,9 @@ class NpzFormat(ShardFormat):
     def max_bytes(self, shape, count):
         per_example = 4 * int(np.prod(shape)) + 4 + 8 + 4 * KEY_CHARS_MAX
         return (1 << 20) + 4 * HEADER_MAX + count * per_example * 101 // 100  # deflate may add a little
+
+    def tf_slices(self, files, shape, compressed, fields, rows=None):
+        return self.tf_dataset(files, shape, compressed, batched=True, fields=fields, rows=rows)
 
     def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
         """Whole slices of each shard go into the graph, then are split into examples.

@@ -181,7 +181,6 @@ class TfrecordFormat(ShardFormat):
                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", "{index:05d}-of-{count:05d}"))
     glob = "*.tfrecord-?????-of-?????"
     metadata_names = TFDS_FILES
-    description = "TFRecord files of tf.train.Example, with TFDS metadata"
     record_checksums = True  # each record's CRC32C (verify checks them)
 
     def writer(self, out_dir, file, shape, count, compress):
@@ -262,6 +261,9 @@ class TfrecordFormat(ShardFormat):
     def max_bytes(self, shape, count):
         per_record = 16 + 4 * int(np.prod(shape)) + KEY_BYTES_MAX  # framing, logits, all the rest
         return (1 << 20) + count * per_record * 101 // 100  # GZIP may add a little
+
+    def tf_slices(self, files, shape, compressed, fields, rows=None):
+        return self.tf_dataset(files, shape, compressed, batched=True, fields=fields, rows=rows)
 
     def tf_dataset(self, files, shape, compressed, batched=False, fields=None, rows=None):
         """Records read by tf.data, parsed a batch at a time, then split into examples.
