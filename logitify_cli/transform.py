@@ -103,12 +103,7 @@ class TransformParams:
 
 def image_seeds(seed: int, keys) -> np.ndarray:
     """Two uint32 words per key: the only input of an image's noise."""
-    out = np.empty((len(keys), 2), dtype=np.uint32)
-    prefix = str(int(seed)).encode() + b"\0"
-    for i, key in enumerate(keys):
-        digest = hashlib.blake2b(prefix + key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        out[i] = np.frombuffer(digest, dtype="<u4")
-    return out
+    return key_seeds(seed, (key.encode("utf-8", "surrogatepass") for key in keys))
 
 
 def key_seeds(seed: int, keys) -> np.ndarray:
@@ -180,6 +175,36 @@ def rekey_seeds_tf(tf, seeds, n, domain: int):
     if domain == EPOCH_DOMAIN:
         out = tf.where(tf.equal(n, 0)[..., None], seeds, out)
     return out
+
+
+LOG_DET_BLOCK = 1 << 18  # logits at a time in forward_log_det_numpy: float64 temporaries of 2 MB
+
+
+def forward_log_det_numpy(logits, alpha: float, finite=None):
+    """(finite [n], forward log-det float64 [n]) of logits [n, ...], the float64 twin of forward_log_det_jacobian.
+
+    log|det| = D log(1 - alpha) + sum(softplus(y) + softplus(-y)) over the
+    D logits of an example, in blocks of LOG_DET_BLOCK logits, so a slice of
+    any size costs a few MB. An example is finite when `finite` (say its
+    stored log-det's) and every logit are; non-finite logits are left out
+    of the sum.
+    """
+    n = len(logits)
+    flat = logits.reshape(n, -1)
+    dims = flat.shape[1]
+    finite = np.ones(n, bool) if finite is None else np.array(finite, bool)
+    ref = np.full(n, dims * math.log1p(-alpha))
+    rows = max(1, LOG_DET_BLOCK // max(1, dims))
+    cols = max(1, min(dims, LOG_DET_BLOCK))
+    for r in range(0, n, rows):
+        block = flat[r:r + rows]
+        for c in range(0, dims, cols):
+            part = block[:, c:c + cols]
+            ok = np.isfinite(part)
+            finite[r:r + rows] &= ok.all(axis=1)
+            y = np.where(ok, part, 0).astype(np.float64)
+            ref[r:r + rows] += (np.logaddexp(0.0, y) + np.logaddexp(0.0, -y)).sum(axis=1)
+    return finite, ref
 
 
 def inverse_constants(p: TransformParams):
@@ -364,11 +389,7 @@ class LogitTransform:
         s1 = seeds[:, 1:2]
 
         def fmix(h):
-            h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-            h = h * tf.constant(0x85EBCA6B, u32)
-            h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
-            h = h * tf.constant(0xC2B2AE35, u32)
-            return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+            return _fmix_ops(h, tf.bitwise.bitwise_xor, tf.bitwise.right_shift, lambda v: tf.constant(v, u32))
 
         h = fmix(idx * tf.constant(0x9E3779B9, u32) + s0)
         h1 = fmix(tf.bitwise.bitwise_xor(h, s1))

@@ -1,7 +1,7 @@
 """`logitify verify`: trust nothing a dataset folder says until it is checked.
 
 Shards are read a slice at a time, and each slice is checked in blocks of
-BLOCK_VALUES logits, so memory follows the slice size whatever one image's
+BLOCK_VALUES values, so memory follows the slice size whatever one image's
 size is. Keys are remembered as 8-byte hashes (on disk past HASHES_HELD) to
 find duplicates; only the first PROBLEMS_LISTED problems are kept and
 printed one by one, the rest are counted. With --against, each decoded
@@ -9,7 +9,6 @@ image is kept only as a digest until its source is read.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -20,41 +19,18 @@ from .fingerprint import DigestSet, KeySet
 from .images import ImageSizeMismatch
 from .spill import SpillBuckets
 from .splits import outside_classes
+from .transform import forward_log_det_numpy
 from .formats.base import chunk_rows
 from .errors import LogitifyError
 from .report import QUIET
 from .results import VerifyResult
 
 LOGDET_RTOL = 1e-4
+BLOCK_VALUES = 1 << 18  # key characters hashed at a time (the logits' blocks: transform.LOG_DET_BLOCK)
 VERIFY_SLICE_BYTES = 8 << 20  # logits checked (and inverted) at a time
-BLOCK_VALUES = 1 << 18  # logits checked at a time: float64 temporaries of 2 MB
 PROBLEMS_LISTED = 1000  # problems kept and printed by name; more are counted
 HASHES_HELD = 1 << 22  # key hashes held in memory (32 MB) before they go to disk
 BUCKETS = 64
-
-
-def check_logits(logits, logdet, alpha):
-    """(finite [n], reference log-det float64 [n]) of a slice, in blocks of BLOCK_VALUES logits.
-
-    An example is finite when its log-det and every logit are; the reference
-    log-det leaves non-finite logits out.
-    """
-    n = len(logdet)
-    flat = logits.reshape(n, -1)
-    dims = flat.shape[1]
-    finite = np.isfinite(logdet)
-    ref = np.full(n, dims * math.log1p(-alpha))
-    rows = max(1, BLOCK_VALUES // max(1, dims))
-    cols = max(1, min(dims, BLOCK_VALUES))
-    for r in range(0, n, rows):
-        block = flat[r:r + rows]
-        for c in range(0, dims, cols):
-            part = block[:, c:c + cols]
-            ok = np.isfinite(part)
-            finite[r:r + rows] &= ok.all(axis=1)
-            y = np.where(ok, part, 0).astype(np.float64)
-            ref[r:r + rows] += (np.logaddexp(0.0, y) + np.logaddexp(0.0, -y)).sum(axis=1)
-    return finite, ref
 
 
 def _digest(img: np.ndarray) -> bytes:
@@ -378,7 +354,7 @@ def _verify_split(ds, against, report, problem, held: list, elsewhere=None):
                         keys, logits, logdet = chunk["keys"], chunk["logits"], chunk["logdet"]
                         if labels is not None:
                             labels.add(chunk["labels"])
-                        finite, ref = check_logits(logits, logdet, params.alpha)
+                        finite, ref = forward_log_det_numpy(logits, params.alpha, np.isfinite(logdet))
                         for k in keys[~finite]:
                             problem(str(k), "logits or log-det not finite")
                         off = np.abs(logdet.astype(np.float64) - ref) > LOGDET_RTOL * np.maximum(1.0, np.abs(ref))

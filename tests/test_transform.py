@@ -226,6 +226,32 @@ def test_bpd_offset_and_inverse_log_det(rng):
     np.testing.assert_array_equal(ildj, -fldj)
 
 
+@given(st.integers(1, 5), st.integers(1, 3000), st.floats(1e-6, 0.5),
+       st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([np.nan, np.inf, -np.inf])), max_size=3),
+       st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_the_float64_log_det_is_the_references_and_leaves_non_finite_examples_out(n, dims, alpha, bad, seed):
+    """verify's reference log-det (blocks of LOG_DET_BLOCK values) against the tests' own formula."""
+    from logitify_cli import transform
+    from reference import logdet_from_logits
+
+    r = np.random.default_rng(seed)
+    y = (r.standard_normal((n, dims)) * r.choice([0.1, 3.0, 40.0])).astype(np.float32)
+    for at, value in bad:
+        y.flat[at % y.size] = value
+    stored_finite = r.random(n) < 0.9
+    old = transform.LOG_DET_BLOCK
+    transform.LOG_DET_BLOCK = int(r.integers(1, 5000))  # blocks across and within examples
+    try:
+        finite, ref = transform.forward_log_det_numpy(y, alpha, stored_finite)
+    finally:
+        transform.LOG_DET_BLOCK = old
+    ok = np.isfinite(y).all(axis=1)
+    np.testing.assert_array_equal(finite, ok & stored_finite)
+    for i in np.flatnonzero(ok):
+        assert math.isclose(ref[i], logdet_from_logits(y[i], alpha), rel_tol=1e-12, abs_tol=1e-9)
+
+
 @pytest.mark.parametrize("alpha,c,bits", [(1e-8, 1.0, 8), (1e-9, 100.0, 8), (1e-7, 1e-6, 1), (3e-8, 1e6, 4)])
 def test_gaussian_noise_at_tiny_alpha_stays_finite(alpha, c, bits):
     """Where 1-alpha rounds to 1 in float32, an optimizer's refolding lost alpha's share and gave Q = 0."""
