@@ -449,7 +449,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
 
     SOURCES are image files, folders (searched recursively; sub-folders are
     classes), TFRecord files of tf.train.Example, a prepared TFDS dataset
-    folder, or '-' to read paths from stdin.
+    folder, bucket prefixes (gs://, s3://; as folders are), or '-' to read
+    paths from stdin.
 
     \b
     Examples:
@@ -609,7 +610,8 @@ main.add_command(invert, "invert")
 @main.command(cls=JsonCommand, context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Also draw decoded samples per class and histograms of logits and log-dets to this PNG.")
+              help="Also draw decoded samples per class and histograms of logits and log-dets to this file "
+                   "(.png, .pdf, .svg or .jpg).")
 @click.option("--split", default=None, help="Summarize this split only [every split].")
 @stream_options
 @run_command

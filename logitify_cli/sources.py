@@ -512,17 +512,6 @@ class TfrecordFile:
         return items, skipped, end
 
 
-def source_for(path: str, compression: str | None = None, key: str | None = None):
-    """The source class for one path named by the user (`key`: the single file's key)."""
-    if os.path.isdir(path):
-        return ImageFolder(path)
-    if is_tfrecord_name(os.path.basename(path)):
-        if not os.path.exists(path):
-            raise UsageError(f"no such file: {path}")
-        return TfrecordFile(path, compression, key)
-    return ImageFile(path, key)
-
-
 def _parts(path: str) -> list:
     seps = "/\\" if os.name == "nt" else "/"
     return re.split(f"[{re.escape(seps)}]", path)

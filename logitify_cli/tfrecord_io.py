@@ -6,14 +6,12 @@ ExampleWriter lays out the same bytes that
 Example.SerializeToString(deterministic=True) gives (tests/test_tfrecord.py
 checks this on generated examples), so the shards' sha256 is unchanged.
 
-Reading: parse_example is a small reader of the same wire format, a
-reference the tests read written examples back with (shards themselves are
-read by formats/tfrecord.py, in place, a record at a time). Anything
-malformed raises ValueError.
+Reading: wire_fields walks the same wire format, for formats/tfrecord.py,
+which reads shards in place, a record at a time. Anything malformed raises
+ValueError.
 """
 from __future__ import annotations
 
-import numpy as np
 
 _U64 = (1 << 64) - 1
 
@@ -100,49 +98,3 @@ def wire_fields(b):
         if i > n:
             raise ValueError("truncated field")
         yield field, wire, v
-
-
-def _feature(b: bytes):
-    for kind, _, lst in wire_fields(b):
-        if kind == 1:  # bytes_list
-            return [v for f, w, v in wire_fields(lst) if f == 1 and w == 2]
-        if kind == 2:  # float_list, packed or not
-            vals = []
-            for f, w, v in wire_fields(lst):
-                if f == 1:
-                    vals.extend(np.frombuffer(v, "<f4").tolist())
-            return vals
-        if kind == 3:  # int64_list, packed or not
-            vals = []
-            for f, w, v in wire_fields(lst):
-                if f != 1:
-                    continue
-                if w == 0:
-                    vals.append(v)
-                else:
-                    j = 0
-                    while j < len(v):
-                        x, j = read_varint(v, j)
-                        vals.append(x)
-            return [x - (1 << 64) if x >= 1 << 63 else x for x in vals]
-    return []
-
-
-def parse_example(record: bytes) -> dict:
-    """{name: list of values} of a serialized tf.train.Example."""
-    out = {}
-    for f, w, features in wire_fields(record):
-        if f != 1 or w != 2:
-            continue
-        for f2, w2, entry in wire_fields(features):
-            if f2 != 1 or w2 != 2:
-                continue
-            key, value = None, b""
-            for f3, _, v in wire_fields(entry):
-                if f3 == 1:
-                    key = v.decode("utf-8", "surrogatepass")
-                elif f3 == 2:
-                    value = v
-            if key is not None:
-                out[key] = _feature(value)
-    return out

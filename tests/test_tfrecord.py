@@ -316,7 +316,55 @@ def test_compress_writes_gzip(cli, image_folder, tmp_path):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from logitify_cli.tfrecord_io import ExampleWriter, parse_example  # noqa: E402
+from logitify_cli.tfrecord_io import ExampleWriter, read_varint, wire_fields  # noqa: E402
+
+
+# A reader of tf.train.Example's wire format, written apart from the writer it checks.
+def _feature(b: bytes):
+    for kind, _, lst in wire_fields(b):
+        if kind == 1:  # bytes_list
+            return [v for f, w, v in wire_fields(lst) if f == 1 and w == 2]
+        if kind == 2:  # float_list, packed or not
+            vals = []
+            for f, w, v in wire_fields(lst):
+                if f == 1:
+                    vals.extend(np.frombuffer(v, "<f4").tolist())
+            return vals
+        if kind == 3:  # int64_list, packed or not
+            vals = []
+            for f, w, v in wire_fields(lst):
+                if f != 1:
+                    continue
+                if w == 0:
+                    vals.append(v)
+                else:
+                    j = 0
+                    while j < len(v):
+                        x, j = read_varint(v, j)
+                        vals.append(x)
+            return [x - (1 << 64) if x >= 1 << 63 else x for x in vals]
+    return []
+
+
+def parse_example(record: bytes) -> dict:
+    """{name: list of values} of a serialized tf.train.Example."""
+    out = {}
+    for f, w, features in wire_fields(record):
+        if f != 1 or w != 2:
+            continue
+        for f2, w2, entry in wire_fields(features):
+            if f2 != 1 or w2 != 2:
+                continue
+            key, value = None, b""
+            for f3, _, v in wire_fields(entry):
+                if f3 == 1:
+                    key = v.decode("utf-8", "surrogatepass")
+                elif f3 == 2:
+                    value = v
+            if key is not None:
+                out[key] = _feature(value)
+    return out
+
 
 _keys = st.text(st.characters(codec="utf-8"), min_size=0, max_size=300).map(lambda s: s.encode("utf-8"))
 # logits sizes around the varint length boundaries of 2**7 and 2**14, and typical ones
