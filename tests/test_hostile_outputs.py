@@ -805,6 +805,8 @@ def test_constant_logits_and_a_single_example_plot(cli, keyed, tmp_path):
     ds = keyed(["only.png"], logits=np.zeros((1, 8, 8, 3), np.float32), logdet=np.full(1, 3.0e8, np.float32))
     r = cli("info", ds, "--plot", tmp_path / "p.png")
     assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "p.png") as im:  # a whole figure, not an empty file
+        assert im.format == "PNG" and min(im.size) > 100 and len(im.convert("L").getcolors(1 << 16)) > 2
 
 
 @pytest.mark.parametrize("label,ok", [([], True), ([1, 2], False), ("bytes", False), ("key-int", False)])

@@ -112,7 +112,6 @@ def _loading_tensorflow(pid) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/wchan"), reason="needs Linux's /proc/PID/wchan")
 def ctrl_c(p) -> str:
     """SIGINT to a running CLI process; its stderr once it has ended (a failure if it does not, within 60 s)."""
     p.send_signal(signal.SIGINT)
@@ -124,6 +123,7 @@ def ctrl_c(p) -> str:
         pytest.fail("the run did not stop after Ctrl-C")
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/wchan"), reason="needs Linux's /proc/PID/wchan")
 def test_ctrl_c_while_a_reader_is_halfway_through_sending_pixels(tmp_path):
     """A reader stopped in the middle of sending a result of several MB must not leave the run waiting.
 
