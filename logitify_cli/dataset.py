@@ -17,11 +17,20 @@ import numpy as np
 
 from . import fs
 from . import manifest as manifest_mod
-from .errors import LogitifyError
+from .errors import LogitifyError, ShardError
 from .formats.base import file_sha256
 
 INVERSE_VALUES = 1 << 18  # logits the NumPy inverse takes at a time: 2 MB per float64 temporary
 SLICE_BYTES = 64 << 20  # logits of one slice iter_numpy hands over, by default
+
+
+def _unreadable(shard, why) -> ShardError:
+    return ShardError(shard.file, f"cannot be read: {why}", f"shard {shard.file} cannot be read: {why}")
+
+
+def _too_big(shard, size: int, shape) -> ShardError:
+    what = f"{size} bytes, more than {shard.num_examples} examples of {'x'.join(map(str, shape))} can take"
+    return ShardError(shard.file, what, f"shard {shard.file} is {what}")
 
 
 def read_manifest(path: str):
@@ -80,22 +89,21 @@ class LogitDataset:
         if not os.path.isfile(path):
             what = "missing" if not os.path.lexists(path) else (
                 "a folder, not a file" if os.path.isdir(path) else "not a regular file (a pipe, device or dead link)")
-            raise LogitifyError(f"shard {shard.file} is {what}")
+            raise ShardError(shard.file, what, f"shard {shard.file} is {what}")
         try:
             size = os.path.getsize(path)
             if size > self.format.max_bytes(self.shape, shard.num_examples):
-                raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
-                                    f"of {'x'.join(map(str, self.shape))} can take")
+                raise _too_big(shard, size, self.shape)
             digest = file_sha256(path)
         except OSError as e:
-            raise LogitifyError(f"shard {shard.file} cannot be read: {e.strerror or e}") from None
+            raise _unreadable(shard, e.strerror or e) from None
         self._check_digest(shard, digest)
 
     @staticmethod
     def _check_digest(shard, digest):
         if digest != shard.sha256:
-            raise LogitifyError(f"shard {shard.file} is altered or truncated "
-                                f"(sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}...)")
+            what = f"altered or truncated (sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}...)"
+            raise ShardError(shard.file, what, f"shard {shard.file} is {what}")
 
     @contextlib.contextmanager
     def local_shard(self, shard, check: bool = True):
@@ -108,10 +116,9 @@ class LogitDataset:
         try:
             size = fs.size(self.shard_path(shard))
         except OSError as e:
-            raise LogitifyError(f"shard {shard.file} cannot be read: {e}") from None
+            raise _unreadable(shard, e) from None
         if size > self.format.max_bytes(self.shape, shard.num_examples):
-            raise LogitifyError(f"shard {shard.file} is {size} bytes, more than {shard.num_examples} examples "
-                                f"of {'x'.join(map(str, self.shape))} can take")
+            raise _too_big(shard, size, self.shape)
         tmp = tempfile.mkdtemp(prefix="logitify-read-")
         try:
             local = os.path.join(tmp, shard.file)
@@ -122,7 +129,7 @@ class LogitDataset:
                         h.update(block)
                         dst.write(block)
             except OSError as e:
-                raise LogitifyError(f"shard {shard.file} cannot be read: {e}") from None
+                raise _unreadable(shard, e) from None
             if check:
                 self._check_digest(shard, h.hexdigest())
             yield local

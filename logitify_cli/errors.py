@@ -88,14 +88,36 @@ class FeatureChoice(UsageError):
         self.features = list(features)
 
 
-def write_error(e: OSError, what: str) -> LogitifyError:
+class WriteError(LogitifyError):
+    """A write failed: `what` was being written, `errno` and `reason` say why (a full disk says so)."""
+
+    def __init__(self, what: str, errno: int | None, reason: str):
+        super().__init__(f"cannot write {what}: {reason}")
+        self.what, self.errno, self.reason = what, errno, reason
+
+    def __reduce__(self):  # from a worker process, with its fields
+        return WriteError, (self.what, self.errno, self.reason)
+
+
+def write_error(e: OSError, what: str) -> WriteError:
     """A failed write as one clear line (a full disk says so)."""
     import errno
 
     reason = e.strerror or str(e)
     if e.errno == errno.ENOSPC:
         reason = "no space left on device"
-    return LogitifyError(f"cannot write {what}: {reason}")
+    return WriteError(what, e.errno, reason)
+
+
+class ShardError(LogitifyError):
+    """A shard cannot be read as its manifest says: `file` names it, `problem` says what is wrong."""
+
+    def __init__(self, file: str, problem: str, message: str | None = None):
+        super().__init__(message or f"shard {file}: {problem}")
+        self.file, self.problem = file, problem
+
+    def __reduce__(self):
+        return ShardError, (self.file, self.problem, self.message)
 
 
 class SplitMismatch(LogitifyError):

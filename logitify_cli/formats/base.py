@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..errors import LogitifyError
+from ..errors import LogitifyError, ShardError
 
 # Examples a reader hands over at a time: whole shards can be gigabytes, so
 # readers work through them in slices of about this many bytes of logits.
@@ -62,11 +62,11 @@ def check_chunk(name: str, out: dict, shape) -> dict:
             f"expected float32 [n, {', '.join(map(str, shape))}]"
         )
     if out["logdet"].dtype != np.float32 or out["logdet"].shape != (n,):
-        raise LogitifyError(f"shard {name}: logdet is not float32 [{n}]")
+        raise ShardError(name, f"logdet is not float32 [{n}]")
     if out["keys"].dtype.kind != "U" or out["keys"].shape != (n,):
-        raise LogitifyError(f"shard {name}: keys are not strings [{n}]")
+        raise ShardError(name, f"keys are not strings [{n}]")
     if out["labels"].dtype != np.int64 or out["labels"].shape != (n,):
-        raise LogitifyError(f"shard {name}: labels are not int64 [{n}]")
+        raise ShardError(name, f"labels are not int64 [{n}]")
     return out
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import LogitifyError
+from ..errors import LogitifyError, ShardError
 from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -218,11 +218,11 @@ def _npy_header(f, name: str, member: str):
             raise ValueError(f"npy version {version}")
     except (ValueError, SyntaxError, EOFError, OSError, TypeError, RecursionError, tokenize.TokenError) as e:
         # NumPy parses the header dict with Python's tokenizer and literal_eval: a damaged one can fail in any of these
-        raise LogitifyError(f"shard {name}: {member} is not a NumPy array ({e})") from None
+        raise ShardError(name, f"{member} is not a NumPy array ({e})") from None
     if dtype.hasobject:
-        raise LogitifyError(f"shard {name}: holds object (pickled) arrays, refused")
+        raise ShardError(name, "holds object (pickled) arrays, refused")
     if fortran:
-        raise LogitifyError(f"shard {name}: {member} is in Fortran order")
+        raise ShardError(name, f"{member} is in Fortran order")
     return shape, dtype
 
 
@@ -237,7 +237,7 @@ def _read_exact(f, n: int, name: str, member: str) -> bytearray:
     while got < n:
         k = f.readinto(view[got:got + READ_PIECE])
         if not k:
-            raise LogitifyError(f"shard {name}: {member} is truncated")
+            raise ShardError(name, f"{member} is truncated")
         got += k
     return data
 
@@ -283,7 +283,7 @@ class StoredMember:
         while got < n:
             k = self._raw.readinto(view[got:got + READ_PIECE])
             if not k:
-                raise LogitifyError(f"shard {self.name}: {self.member} is truncated")
+                raise ShardError(self.name, f"{self.member} is truncated")
             got += k
         return buf
 
@@ -305,7 +305,7 @@ class StoredMember:
         if tail:
             self._crc = zlib.crc32(self._read(tail), self._crc)
         if self._crc != self.info.CRC:
-            raise LogitifyError(f"shard {self.name}: unreadable (Bad CRC-32 for file '{self.member}')")
+            raise ShardError(self.name, f"unreadable (Bad CRC-32 for file '{self.member}')")
 
     def close(self) -> None:
         self._raw.close()
@@ -340,14 +340,14 @@ class NpzFormat(ShardFormat):
                 members = {i.filename: i for i in z.infolist()}
                 missing = [f for f in FIELDS if f + ".npy" not in members]
                 if missing:
-                    raise LogitifyError(f"shard {name}: missing arrays {', '.join(missing)}")
+                    raise ShardError(name, f"missing arrays {', '.join(missing)}")
                 for field in FIELDS:
                     info = members[field + ".npy"]
                     if info.file_size > limits[field]:
-                        raise LogitifyError(f"shard {name}: {field} holds more than the manifest's "
+                        raise ShardError(name, f"{field} holds more than the manifest's "
                                             f"{count} examples of {list(shape)} allow")
                     if info.header_offset + info.compress_size > size:
-                        raise LogitifyError(f"shard {name}: {field} runs past the end of the file")
+                        raise ShardError(name, f"{field} runs past the end of the file")
                 if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count:
                     refuse_expanding(name, shape)
                 streams, dtypes, left = {}, {}, {}
@@ -362,11 +362,11 @@ class NpzFormat(ShardFormat):
                         ok = dtype == DTYPES[field]
                     if not ok or tuple(shp) != want:
                         if field == "logits" and ok and tuple(shp[1:]) == shape and len(shp) == 4:
-                            raise LogitifyError(f"shard {name}: holds {shp[0]} examples, manifest says {count}")
+                            raise ShardError(name, f"holds {shp[0]} examples, manifest says {count}")
                         if field == "logits":
-                            raise LogitifyError(f"shard {name}: logits are {dtype} {list(shp)}, "
+                            raise ShardError(name, f"logits are {dtype} {list(shp)}, "
                                                 f"expected float32 [n, {', '.join(map(str, shape))}]")
-                        raise LogitifyError(f"shard {name}: {field} is {dtype} {list(shp)}, "
+                        raise ShardError(name, f"{field} is {dtype} {list(shp)}, "
                                             f"not one per example ({count})")
                     dtypes[field] = dtype
                     left[field] = members[field + ".npy"].file_size - f.tell()
@@ -384,7 +384,7 @@ class NpzFormat(ShardFormat):
                         dtype = dtypes[field]
                         per = dtype.itemsize * (dims if field == "logits" else 1)
                         if n * per > left[field]:  # the member ends first: no buffer for what is not there
-                            raise LogitifyError(f"shard {name}: {field} is truncated")
+                            raise ShardError(name, f"{field} is truncated")
                         left[field] -= n * per
                         if field == "logits" and stored is not None:
                             data = stored.read(n * per)
@@ -401,7 +401,7 @@ class NpzFormat(ShardFormat):
             raise
         except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OverflowError,
                 MemoryError) as e:
-            raise LogitifyError(f"shard {name}: unreadable ({e})") from None
+            raise ShardError(name, f"unreadable ({e})") from None
 
     def max_bytes(self, shape, count):
         per_example = 4 * int(np.prod(shape)) + 4 + 8 + 4 * KEY_CHARS_MAX

@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from ..errors import LogitifyError
+from ..errors import LogitifyError, ShardError
 from ..fs import fd_path
 from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
 from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
@@ -220,22 +220,22 @@ class TfrecordFormat(ShardFormat):
             reader = _checked_records if records else _records
             for i, rec in enumerate(reader(path, compressed, max_length=nbytes + KEY_BYTES_MAX)):
                 if i >= count:
-                    raise LogitifyError(f"shard {name}: holds more than the {count} examples the manifest says")
+                    raise ShardError(name, f"holds more than the {count} examples the manifest says")
                 feats = _features(rec)
                 if not all(k in feats for k in (b"logits", b"logdet", b"key")):
-                    raise LogitifyError(f"shard {name}: record {i} lacks logits, logdet or key")
+                    raise ShardError(name, f"record {i} lacks logits, logdet or key")
                 kinds = {k: _first(feats[k]) for k in (b"logits", b"logdet", b"key")}
                 (yk, yn, y), (dk, dn, ld), (kk, kn, key) = kinds[b"logits"], kinds[b"logdet"], kinds[b"key"]
                 if (yk, yn, dk, dn, kk, kn) != (1, 1, 2, 1, 1, 1):
-                    raise LogitifyError(f"shard {name}: record {i} does not hold one logits bytes, one float "
+                    raise ShardError(name, f"record {i} does not hold one logits bytes, one float "
                                         "log-det and one bytes key")
                 if len(y) != nbytes:
-                    raise LogitifyError(f"shard {name}: record {i} has {len(y)} logit bytes, expected {nbytes}")
+                    raise ShardError(name, f"record {i} has {len(y)} logit bytes, expected {nbytes}")
                 lk, ln, lab = _first(feats[b"label"]) if b"label" in feats else (None, 0, None)
                 if ln == 0:
                     lab = -1  # an empty label list: no label
                 elif ln != 1 or lk != 3:
-                    raise LogitifyError(f"shard {name}: record {i} has {'two or more' if ln > 1 else 'a'} "
+                    raise ShardError(name, f"record {i} has {'two or more' if ln > 1 else 'a'} "
                                         f"{'labels' if ln > 1 else 'label that is not an int64'}, expected one int64")
                 raw.append(y)
                 del y, feats, kinds, rec
@@ -250,11 +250,11 @@ class TfrecordFormat(ShardFormat):
             raise
         except (ValueError, OSError, EOFError, UnicodeDecodeError, TypeError, OverflowError, MemoryError) as e:
             if getattr(e, "checksum", False):  # records.RecordError: checked before the record is parsed
-                raise LogitifyError(f"shard {name}: record {e.index} fails its checksum (CRC32C): its bytes "
+                raise ShardError(name, f"record {e.index} fails its checksum (CRC32C): its bytes "
                                     f"were changed ({e.reason})") from None
-            raise LogitifyError(f"shard {name}: unreadable ({e})") from None
+            raise ShardError(name, f"unreadable ({e})") from None
         if seen != count:
-            raise LogitifyError(f"shard {name}: holds {seen} examples, manifest says {count}")
+            raise ShardError(name, f"holds {seen} examples, manifest says {count}")
         if raw:
             yield chunk()
 
