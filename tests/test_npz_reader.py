@@ -91,8 +91,16 @@ def test_bytes_past_the_arrays_count_in_the_crc(tmp_path):
             at = logits_span(bytes(raw))[1] - 1
             raw[at] ^= 1
             path.write_bytes(bytes(raw))
-            with pytest.raises(LogitifyError, match="CRC"):
+            with pytest.raises(LogitifyError, match="CRC") as caught:
                 list(NpzFormat().read_chunks(str(path), shape, 3, False))
+            # Named fields, kept across a process boundary (a Beam worker's error reaches the launcher whole).
+            import pickle
+
+            from logitify_cli.errors import ShardError
+
+            back = pickle.loads(pickle.dumps(caught.value))
+            assert isinstance(back, ShardError) and (back.file, back.message) == (path.name, caught.value.message)
+            assert "CRC" in back.problem and back.message == f"shard {path.name}: {back.problem}"
         else:
             got = np.concatenate([c["logits"] for c in NpzFormat().read_chunks(str(path), shape, 3, False, rows=2)])
             assert np.array_equal(got, a["logits"])

@@ -323,6 +323,10 @@ def test_full_disk_ends_cleanly(cli, many_images, tmp_path, monkeypatch):
     assert r.stderr.strip().count("\n") == 0 and "no space left on device" in r.stderr
     assert not (out / "manifest.json").exists()
     assert not any(n.startswith(".") and n != ".logitify-journal.jsonl" for n in os.listdir(out)), "a temp file was left"
+    from logitify_cli.errors import WriteError, write_error
+
+    e = write_error(OSError(errno.ENOSPC, "No space left on device"), "x.npz")  # what the line is made of
+    assert isinstance(e, WriteError) and (e.what, e.errno, e.reason) == ("x.npz", errno.ENOSPC, "no space left on device")
     assert_shards_before_the_failure(out, 15)
     monkeypatch.setattr(NpzShardWriter, "_finish", real)
     assert cli("encode", many_images, "-o", out, "--shard-size", "100", "--resume").exit_code == 0
