@@ -204,9 +204,14 @@ def test_first_image_too_small_for_the_crop_does_not_set_the_shape(cli, tmp_path
 
 
 def test_options_are_checked(cli, image_folder, tmp_path):
-    from logitify_cli.cli import FILTER_NAMES, RESIZE_MODE_NAMES
+    from logitify_cli.cli import FILTER_NAMES, RESIZE_MODE_NAMES, main
+    from logitify_cli.conventions import CONVENTIONS
+    from logitify_cli.transform import NOISES
 
     assert sorted(FILTER_NAMES) == sorted(FILTERS) and tuple(RESIZE_MODE_NAMES) == RESIZE_MODES
+    # Choices --help lists without importing what holds them: the same names.
+    choices = {p.name: tuple(p.type.choices) for p in main.commands["encode"].params if hasattr(p.type, "choices")}
+    assert choices["alpha_convention"] == CONVENTIONS and choices["noise"] == NOISES
     src, _ = image_folder
     for bad in (["--filter", "box"], ["--resize-mode", "border"]):
         r = cli("encode", src, "-o", tmp_path / "o", *bad)
