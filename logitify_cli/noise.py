@@ -16,6 +16,8 @@ on batch size, shuffling, interleave order or which reader reads which shard.
 """
 from __future__ import annotations
 
+import functools
+
 from .errors import LogitifyError
 from .transform import DRAW_DOMAIN, EPOCH_DOMAIN, LogitTransform, key_seeds, rekey_seeds_tf
 
@@ -63,19 +65,19 @@ def _slices(ds, shards, fields, rows):
     return ds.format.tf_slices(files, ds.shape, ds.manifest.compressed, fields, rows)
 
 
-_PROGRAMS = {}
-
-
 def _programs(params, shape):
     """(forward, inverse) graph functions, one pair per (params, shape) in a process.
 
     Every epoch's dataset then calls the same functions, and XLA compiles
-    them once, not once per call of load().
+    them once, not once per call of load(). The last few pairs are kept,
+    so a process that loads many datasets does not hold every program.
     """
-    key = (params, tuple(shape))
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = LogitTransform(params, shape).graph_functions()
-    return _PROGRAMS[key]
+    return _kept_programs(params, tuple(shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _kept_programs(params, shape):
+    return LogitTransform(params, shape).graph_functions()
 
 
 def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | None = None,
