@@ -47,7 +47,7 @@ class ImageReadError(Exception):
 class ImageSizeMismatch(ImageReadError):
     """The image is not of the size the caller expects (read_image's expect_size).
 
-    `shape` is (h, w, channels) as decode would have returned it (after EXIF
+    `shape` is (h, w, channels) as read_image would have returned it (after EXIF
     orientation), `expected` the (h, w) asked for. Raised before any pixel is
     decoded whenever the header tells the size.
     """
@@ -58,7 +58,7 @@ class ImageSizeMismatch(ImageReadError):
         h, w = self.shape[:2]
         super().__init__(f"image is {w}x{h} but {self.expected[1]}x{self.expected[0]} was expected")
 
-    def __reduce__(self):  # travels back from the decode workers
+    def __reduce__(self):  # travels back from the reader processes
         return type(self), (self.shape, self.expected)
 
 
@@ -452,12 +452,12 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _bomb(e, max_pixels) from None
     except MemoryError:
-        raise ImageReadError("out of memory while decoding") from None
+        raise ImageReadError("out of memory while reading its pixels") from None
     except Exception as e:  # whatever Pillow's parsers raise on a stranger's file is that file's fault
         text = str(e) or type(e).__name__
         if "truncated" in text.lower():
             text = f"truncated image ({text})"
-        raise ImageReadError(f"cannot decode: {text}") from None
+        raise ImageReadError(f"unreadable image: {text}") from None
     if channels == 1:
         arr = arr[:, :, np.newaxis]
     return np.ascontiguousarray(arr)
@@ -523,7 +523,7 @@ def _plain_jpeg(data: bytes, max_pixels: int, channels: int, expect_size, geomet
             # it cannot read (a short DQT, a DHP marker): its verdict, not this walk's.
             return None
     draft = geometry.draft_size(orientation) if geometry is not None else None
-    img = jpeg.decode(data, info, draft)
+    img = jpeg.read_pixels(data, info, draft)
     if img is None:
         return None
     try:

@@ -117,7 +117,7 @@ def draft_scale(w: int, h: int, size) -> int:
     return 1
 
 
-def decode(data: bytes, info, draft=None):
+def read_pixels(data: bytes, info, draft=None):
     """A Pillow image of the JPEG's own mode (L or RGB), not yet turned by its orientation, or None.
 
     `info` is header(data). `draft` (w, h) in the file's orientation asks

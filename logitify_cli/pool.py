@@ -1,6 +1,6 @@
 """The worker pool: an ordered, bounded parallel map over processes.
 
-Decoders (files -> pixels) and PNG writers run here. Workers are forked
+Readers (files -> pixels) and image writers run here. Workers are forked
 where that is safe (fast start, NumPy and Pillow already imported) and
 spawned otherwise; they die with the run, and a dead worker is a clear error.
 """
@@ -76,7 +76,7 @@ class OrderedPool:
         """(meta, fn(args)) for each (meta, args) in jobs, in order.
 
         `window` is how many jobs may be in flight; a callable is asked
-        again each time, so a run can decode far ahead while it starts up.
+        again each time, so a run can read far ahead while it starts up.
         """
         pool = self.pool
         if pool is None:

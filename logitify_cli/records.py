@@ -14,7 +14,7 @@ data that breaks) ends the file's readable records, with a reason: nothing
 after it can be located.
 
 Records are read in the main process; only the encoded image bytes travel on
-to the decode workers.
+to the reader processes.
 """
 from __future__ import annotations
 
