@@ -707,6 +707,21 @@ def read_noting(source, channels, size, max_pixels, expect_size=None, note_colou
     return arr, (MADE_GREY if modes and not is_grayscale_mode(modes[0]) else None)
 
 
+def read_one(payload, channels, size, max_pixels, expect_size=None, note_colour: bool = False):
+    """(array, note or None), or (None, reason) for one payload: a path, bytes, or the error met fetching it.
+
+    The reason is a string, or the ImageSizeMismatch itself (see read_many).
+    """
+    if isinstance(payload, BaseException):
+        return None, str(payload)
+    try:
+        return read_noting(payload, channels, size, max_pixels, expect_size, note_colour)
+    except ImageSizeMismatch as e:
+        return None, e
+    except ImageReadError as e:
+        return None, str(e)
+
+
 def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colour: bool = False):
     """Worker entry point: (stacked arrays, shapes, reasons) for a chunk.
 
@@ -718,20 +733,9 @@ def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colou
     """
     arrays, reasons = [], []
     for p in payloads:
-        if isinstance(p, BaseException):
-            arrays.append(None)
-            reasons.append(str(p))
-            continue
-        try:
-            arr, note = read_noting(p, channels, size, max_pixels, expect_size, note_colour)
-            arrays.append(arr)
-            reasons.append(note)
-        except ImageSizeMismatch as e:
-            arrays.append(None)
-            reasons.append(e)
-        except ImageReadError as e:
-            arrays.append(None)
-            reasons.append(str(e))
+        arr, reason = read_one(p, channels, size, max_pixels, expect_size, note_colour)
+        arrays.append(arr)
+        reasons.append(reason)
     good = [a for a in arrays if a is not None]
     common = good[0].shape if good else None
     same = [i for i, a in enumerate(arrays) if a is not None and a.shape == common]

@@ -93,23 +93,11 @@ class ReadTask:
                                     note_colour=self.note_colour)
 
 
-def read_one(payload, channels, size, max_pixels, expect=None, note_colour=False):
-    """(array or None, reason or note or None) for one payload, in this process."""
-    if isinstance(payload, BaseException):
-        return None, str(payload)
-    try:
-        return images_mod.read_noting(payload, channels, size, max_pixels, expect, note_colour)
-    except images_mod.ImageSizeMismatch as e:
-        return None, e
-    except images_mod.ImageReadError as e:
-        return None, str(e)
-
-
 def read_in_process(items, opts, channels, expect=None, note_colour=False):
     """(item, label, array or None, reason or note or None) for each item, read here (Beam workers)."""
     geometry = opts.geometry
     for it, payload, label in payloads(items, opts):
-        arr, reason = read_one(payload, channels, geometry, opts.max_pixels, expect, note_colour)
+        arr, reason = images_mod.read_one(payload, channels, geometry, opts.max_pixels, expect, note_colour)
         yield it, label, arr, reason
 
 
