@@ -22,7 +22,6 @@ from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
 from .outdir import RECEIPT
 from .report import Reporter, skipped_order
-from .presets import count_notes
 from .results import DecodeResult, EncodeResult
 
 
@@ -183,7 +182,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
-    from .encode_run import existing, prepare_locked
+    from .encode_run import existing, prepare_locked, refuse_empty, write_dataset
 
     fmt = get_format(opts.format)
     options = _options(beam_args)
@@ -240,19 +239,13 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                 skipped_all += skipped
                 m = manifest_mod.for_run(part, shards, skipped, {"seconds": round(seconds, 3), "runner": "beam"},
                                          pixels=pixels, base=m)
-        if total == 0:
-            raise LogitifyError(f"none of the {sum(len(x.items) for x in p.parts)} inputs gave an image (every "
-                                "one was skipped, each with its reason)")
+        refuse_empty(total, sum(len(x.items) for x in p.parts))
         rate = round(total / seconds, 1) if seconds else None
         for n in counts:
             m.splits[n].stats["images_per_second"] = rate
             m.splits[n].stats = {k: m.splits[n].stats[k] for k in ("seconds", "images_per_second", "runner",
                                                                     "fingerprint")}
-        extra = fmt.write_metadata(opts.out, m)
-        manifest_mod.write(opts.out, m)
-        grey_note = made_grey_note(grey_keys, grey)
-        for note in ([grey_note] if grey_note else []) + count_notes(m, counts):
-            report.warn(note)
+        extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(grey_keys, grey), report)
         fs.delete(receipts)
         if folder is not None:
             folder.remove_stale([s.file for n in made if have and n in have.splits for s in have.splits[n].shards], m)
@@ -266,7 +259,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
                         classes=m.classes, skipped=sorted(skipped_all, key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
-                        split=p.split, splits=counts, warnings=list(p.notes) + ([grey_note] if grey_note else []))
+                        split=p.split, splits=counts, warnings=list(p.notes) + closing)
 
 
 # -- decode ---------------------------------------------------------------------------------

@@ -280,6 +280,26 @@ def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:
             digests.close()
 
 
+def refuse_empty(made: int, inputs: int) -> None:
+    """A run whose every input was skipped fails (each was named with its reason as it was met)."""
+    if made == 0:
+        raise LogitifyError(f"none of the {inputs} inputs gave an image (every one was skipped, each with its reason)")
+
+
+def write_dataset(out: str, fmt, m, counts: dict, grey_note: str | None, report) -> tuple:
+    """Write the format's metadata, then the manifest, last (it never names a shard that is not whole),
+    and say what the whole run showed; (metadata files, warnings the result carries). Both runners end here."""
+    try:
+        extra = fmt.write_metadata(out, m)
+        manifest_mod.write(out, m)
+    except OSError as e:
+        raise write_error(e, manifest_mod.MANIFEST) from None
+    closing = [grey_note] if grey_note else []
+    for note in closing + count_notes(m, counts):
+        report.warn(note)
+    return extra, closing
+
+
 def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     """Make the shards still to make, then write the manifest."""
     p = started.plan
@@ -343,10 +363,8 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
             raise
 
     seconds = time.time() - t0
-    total = sum(s.num_examples for shards, _, _ in book for s in shards)
-    if total == 0:
-        raise LogitifyError(f"none of the {sum(len(x.plan.items) for x in started.parts)} inputs gave an image "
-                            "(every one was skipped, each with its reason)")
+    refuse_empty(sum(s.num_examples for shards, _, _ in book for s in shards),
+                 sum(len(x.plan.items) for x in started.parts))
     rate = round(made / seconds, 1) if seconds else None
     m = started.base
     for part, (shards, digests, skipped) in zip(started.parts, book):
@@ -354,22 +372,18 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                                  pixels=None if part.fingerprint else digests, base=m)
         if part.fingerprint:
             m.fingerprint = part.fingerprint
+    counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
+    extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(grey_keys, grey), report)
     try:
-        extra = fmt.write_metadata(opts.out, m)
-        manifest_mod.write(opts.out, m)
         started.folder.remove_stale(started.replaced, m)
     except OSError as e:
         raise write_error(e, manifest_mod.MANIFEST) from None
     for part in started.parts:
         part.folder.journal.remove()
-    counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
-    grey_note = made_grey_note(grey_keys, grey)
-    for note in ([grey_note] if grey_note else []) + count_notes(m, counts):
-        report.warn(note)
     return EncodeResult(output=opts.out, format=opts.format, num_examples=sum(counts.values()),
                         num_shards=sum(x.plan.n_shards for x in started.parts),
                         shards=[s.file for shards, _, _ in book for s in shards], shape=list(p.shape),
                         classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
                         resumed_shards=sum(len(x.done) for x in started.parts),
-                        split=p.split, splits=counts, warnings=list(p.notes) + ([grey_note] if grey_note else []))
+                        split=p.split, splits=counts, warnings=list(p.notes) + closing)
