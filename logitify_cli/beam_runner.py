@@ -13,6 +13,7 @@ images through the same image outputs as the local runner.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -165,6 +166,16 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
     fs.delete(found)
 
 
+def _restoring_filesystems(run):
+    """The run's options go to Beam's FileSystems (process-wide), and the caller's are put back after."""
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        with fs.options_kept():
+            return run(*args, **kwargs)
+    return wrapper
+
+
+@_restoring_filesystems
 def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     """`logitify encode --runner beam [-- BEAM_OPTIONS...]`."""
     from .formats import get as get_format
@@ -342,6 +353,7 @@ def _clashing(claim):
     return who if len({(shard, position) for shard, position, _, _ in who}) > 1 else []
 
 
+@_restoring_filesystems
 def decode_beam(dataset, out, fmt, batch_size=256, device="auto", overwrite=False, report: Reporter | None = None,
                 beam_args=(), split=None) -> DecodeResult:
     """`logitify decode --runner beam`: a split (the only one, or the one named), or each into out/SPLIT/."""

@@ -7,6 +7,8 @@ The runners and sources call these functions and never branch on the scheme.
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 
@@ -213,6 +215,22 @@ def _require_s3_credentials(options) -> None:
             raise NoCredentials("s3", _first_line(e)) from None
         if found is None:
             raise NoCredentials("s3")
+
+
+@contextlib.contextmanager
+def options_kept():
+    """Beam's FileSystems options as they were before the block (None if Beam was not loaded yet)."""
+    import sys
+
+    loaded = "apache_beam.io.filesystems" in sys.modules
+    before = getattr(sys.modules["apache_beam.io.filesystems"].FileSystems, "_pipeline_options", None) \
+        if loaded else None
+    try:
+        yield
+    finally:
+        module = sys.modules.get("apache_beam.io.filesystems")
+        if module is not None:
+            module.FileSystems._pipeline_options = before  # set_options refuses None; the attribute is the state
 
 
 def configure(options) -> None:

@@ -101,6 +101,23 @@ def test_beam_names_colour_images_a_grey_guess_missed(cli, tmp_path, rng):
         got[1]["warnings"][0]
 
 
+def test_a_beam_run_puts_back_the_callers_filesystems_options(cli, tmp_path, rng):
+    """Beam's FileSystems options are process-wide: a run sets its own, and the caller's come back after."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    save(str(tmp_path / "src" / "a.png"), photo(rng, 4, 4))
+    mine = PipelineOptions(["--s3_endpoint_url=http://127.0.0.1:9"])
+    FileSystems.set_options(mine)
+    try:
+        assert cli("encode", tmp_path / "src", "-o", tmp_path / "o", *BEAM_HERE).exit_code == 0
+        assert FileSystems._pipeline_options is mine
+        assert cli("decode", tmp_path / "o", "-o", tmp_path / "back", *BEAM_HERE).exit_code == 0
+        assert FileSystems._pipeline_options is mine
+    finally:
+        FileSystems._pipeline_options = None
+
+
 def test_beam_tfrecord_source(cli, tmp_path, rng):
     import io
 
