@@ -412,3 +412,23 @@ def test_encode_decode_is_the_identity(cli, tmp_path_factory, files, channels, a
         got = np.asarray(Image.open(root / "back" / f"{i}.png"))
         got = got[:, :, None] if got.ndim == 2 else got
         np.testing.assert_array_equal(got, (want >> shift) << shift)
+
+
+def test_a_resume_names_the_colour_images_its_kept_shards_made_grey(cli, tmp_path, monkeypatch):
+    """The journal keeps each shard's colour images made grey: the resumed run names them all."""
+    from logitify_cli.formats.npz import NpzShardWriter
+
+    src = tmp_path / "grey"
+    rng = np.random.default_rng(3)
+    colour = {1, 3, 21, 33}  # shards 0 and 1 (kept), and 2 (made again); none in the channel sample
+    for i in range(130):
+        img = photo(rng, 4, 4)
+        save(str(src / f"g{i:03d}.png"), img if i in colour else img[:, :, 0])
+    out = tmp_path / "o"
+    real = fail_third_shard(monkeypatch, KeyboardInterrupt())
+    assert cli("encode", src, "-o", out, "--shard-size", "16").exit_code == 130
+    monkeypatch.setattr(NpzShardWriter, "_finish", real)
+    r = cli("encode", src, "-o", out, "--shard-size", "16", "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] >= 2, r.output
+    (note,) = json.loads(r.stdout)["warnings"]
+    assert note.startswith("4 colour image(s) were made grey (g001.png, g003.png, g021.png, ...)"), note
