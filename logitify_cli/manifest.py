@@ -300,13 +300,15 @@ class Manifest:
         out = cls(format=m["format"], name=name, shape=tuple(shape), params=params, classes=classes, splits=splits,
                   compressed=m.get("compressed", False), files=files, preset=preset,
                   tool_version=tool if isinstance(tool, str) else "unknown")
+        wide = m.get("source", {}) if version != FORMAT_VERSION else {}
         for n, r in splits.items():  # what the images were made to is what the logits hold
-            where = f"split {n}: " if version != FORMAT_VERSION else ""
             size, channels = r.source.get("size"), r.source.get("channels")
             if size is not None and tuple(size) != tuple(shape[:2]):
-                fail(f"{where}source: size {short(size)} but the logits are {shape[0]}x{shape[1]}")
+                own = "" if "size" in wide or version == FORMAT_VERSION else f"split {n}: "
+                fail(f"{own}source: size {short(size)} but the logits are {shape[0]}x{shape[1]}")
             if channels is not None and channels != shape[2]:
-                fail(f"{where}source: channels {short(channels)} but the logits have {shape[2]}")
+                own = "" if "channels" in wide or version == FORMAT_VERSION else f"split {n}: "
+                fail(f"{own}source: channels {short(channels)} but the logits have {shape[2]}")
         if "files" not in m:  # written before manifests listed them: the format's own metadata
             out.files = out.shard_format().metadata_files(out)
         return out

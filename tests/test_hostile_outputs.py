@@ -727,7 +727,7 @@ def test_broken_manifests_are_one_clear_line(cli, pics, tmp_path, edit):
     text = MANIFEST_EDITS[edit]((ds / "manifest.json").read_text())
     (ds / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     for r in four_commands(cli, ds, tmp_path):
-        assert "manifest" in one_clear_error(r)
+        assert f"{ds / 'manifest.json'}: " in one_clear_error(r)  # the file named, whatever is wrong in it
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
