@@ -441,7 +441,7 @@ def read_image(source, channels: int, size=None, max_pixels: int = DEFAULT_MAX_P
             if expect_size is not None and img.size != (expect_size[1], expect_size[0]):
                 raise ImageSizeMismatch((img.size[1], img.size[0], channels), expect_size)
             if modes is not None:
-                modes.append(img.mode)
+                modes.append(_own_mode(img))
             img = _convert(img, channels, sixteen)
             if geometry is not None:
                 with _pillow_limit(max_pixels):  # Pillow checks a crop's size as it checks an image's
@@ -698,6 +698,15 @@ def _convert(img, channels: int, sixteen: bool = False):
 # The note beside a grey image read from a colour one, in a run whose channels were guessed
 # from a sample (see planner.guessed_grey): the run names such images when it ends.
 MADE_GREY = "a colour image, made grey"
+
+
+def _own_mode(img) -> str:
+    """The image's mode, with a palette of greys only said as the grey mode it stands for."""
+    if img.mode in ("P", "PA"):
+        palette = img.getpalette() or []
+        if palette[0::3] == palette[1::3] == palette[2::3]:
+            return "L" if img.mode == "P" else "LA"
+    return img.mode
 
 
 def read_noting(source, channels, size, max_pixels, expect_size=None, note_colour: bool = False):

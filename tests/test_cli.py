@@ -476,6 +476,7 @@ def test_colour_images_a_grey_guess_missed_are_named(cli, tmp_path, rng):
     for i in range(130):  # the spread sample takes every other input: the second is not in it
         save(str(src / f"g{i:03d}.png"), photo(rng, 4, 4)[:, :, 0])
     save(str(src / "g000a.png"), photo(rng, 4, 4))
+    Image.fromarray(photo(rng, 4, 4)[:, :, 0]).convert("P").save(src / "g001a.png")  # greys in a palette: grey
     r = cli("encode", src, "-o", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
