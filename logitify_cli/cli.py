@@ -734,6 +734,22 @@ def unread_environment() -> list:
     return notes
 
 
+def _asked_for_json(args) -> bool:
+    """Whether a command line stopped before click had read it asked for --json (flag or variable)."""
+    ours = args[:args.index("--")] if "--" in args else list(args)
+    if "--json" in ours:
+        return True
+    names = ["LOGITIFY_JSON"] + [f"LOGITIFY_{main.commands[a].name.upper()}_JSON" for a in ours if a in main.commands]
+    for name in reversed(names):  # the command's own variable first
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return click.BOOL.convert(value, None, None)
+            except click.BadParameter:
+                return False
+    return False
+
+
 def entry(argv=None):
     """The console script: main(), then a fast exit once TensorFlow is loaded.
 
@@ -753,8 +769,14 @@ def entry(argv=None):
     # This process runs nothing else after the command: TensorFlow is imported quietly, its heap frozen
     # out of later collections, and the API packages the command does not use can wait (see _tf).
     _tf.own_process = _tf.defer_api = True
+
+    def terminated(signum, frame):  # from here on a scheduler's SIGTERM stops the run as Ctrl-C does
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = main(args=argv, prog_name="logitify", standalone_mode=False)
+        rv = main(args=list(args), prog_name="logitify", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0  # --help and --version: click's Exit
     except SystemExit as e:
         code = e.code
@@ -762,7 +784,10 @@ def entry(argv=None):
         stop = e.__cause__
         if isinstance(stop, KeyboardInterrupt):
             click.echo("logitify: interrupted", err=True)
-            code = 128 + getattr(stop, "signum", int(signal.SIGINT))
+            signum = getattr(stop, "signum", int(signal.SIGINT))
+            if _asked_for_json(args):
+                _answer_anyway({"ok": False, "error": "interrupted", "signal": signal.Signals(signum).name})
+            code = 128 + signum
         else:  # end of input at a prompt: click's own word
             click.echo("Aborted!", err=True)
             code = 1

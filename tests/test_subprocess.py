@@ -1,6 +1,7 @@
 """A few real processes: the installed entry points, streams, start-up cost."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -412,8 +413,8 @@ from logitify_cli import cli
 
 real = click.Group.make_context
 
-def stopped_while_parsing(self, *args, **kwargs):  # Ctrl-C lands while click reads the arguments
-    os.kill(os.getpid(), signal.SIGINT)
+def stopped_while_parsing(self, *args, **kwargs):  # Ctrl-C (or SIGTERM) lands while click reads the arguments
+    os.kill(os.getpid(), getattr(signal, os.environ.get("STOP", "SIGINT")))
     return real(self, *args, **kwargs)
 
 click.Group.make_context = stopped_while_parsing
@@ -426,3 +427,10 @@ def test_a_ctrl_c_while_the_arguments_are_read_is_an_interruption_not_an_abort()
     r = subprocess.run([sys.executable, "-c", EARLY_STOP, "info", "/no/such/dataset"], capture_output=True,
                        text=True, env=ENV, timeout=60)
     assert r.returncode == 130 and r.stderr.strip() == "logitify: interrupted", (r.returncode, r.stderr)
+    assert r.stdout == ""
+    # With --json (or its variable) the answer is still one object; SIGTERM is a stop too, with its status.
+    for extra, env, stop in ((["--json"], {}, "SIGTERM"), ([], {"LOGITIFY_INFO_JSON": "1"}, "SIGINT")):
+        r = subprocess.run([sys.executable, "-c", EARLY_STOP, "info", "/no/such/dataset", *extra], capture_output=True,
+                           text=True, env={**ENV, **env, "STOP": stop}, timeout=60)
+        assert r.returncode == 128 + getattr(signal, stop), (r.returncode, r.stderr)
+        assert json.loads(r.stdout) == {"ok": False, "error": "interrupted", "signal": stop}, r.stdout
