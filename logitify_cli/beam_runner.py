@@ -13,9 +13,12 @@ images through the same image outputs as the local runner.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 
 from . import fs
@@ -59,12 +62,23 @@ def _worker_filesystems(beam_args) -> None:
     fs.configure(options)
 
 
-def _run(pipeline_fn, options) -> None:
-    """Run a pipeline; a failure inside a worker comes back as its one useful line."""
+def _run(pipeline_fn, options, receipts=()) -> None:
+    """Run a pipeline; a failure inside a worker comes back as its one useful line.
+
+    `receipts` are the files its workers leave for the launcher: a run that
+    fails or is stopped removes those already written.
+    """
     beam, _ = _beam()
     try:
-        with _quiet_beam(), beam.Pipeline(options=options) as p:
-            pipeline_fn(p)
+        try:
+            with _quiet_beam(), _workers_stopped_first(), beam.Pipeline(options=options) as p:
+                pipeline_fn(p)
+        except BaseException:
+            try:
+                fs.delete(receipts)
+            except Exception:  # the failure being raised says more than this one
+                pass
+            raise
     except LogitifyError:
         raise
     except Exception as e:
@@ -73,6 +87,83 @@ def _run(pipeline_fn, options) -> None:
         line = (useful or lines or [type(e).__name__])[-1]
         line = line.split("LogitifyError: ", 1)[-1]
         raise LogitifyError(f"the Beam pipeline failed: {line}") from None
+
+
+STRAGGLERS_SECONDS = 1.0  # how long a stopped run keeps ending the workers its runner still starts
+
+
+def _children() -> set:
+    """This process's descendants (Linux; elsewhere none are known): Beam starts its workers through a shell."""
+    found, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            todo.extend(k for k in kids if k not in found)
+            found.update(kids)
+    return found
+
+
+@contextlib.contextmanager
+def _workers_stopped_first():
+    """Ctrl-C or SIGTERM during a pipeline first ends the worker processes the pipeline started.
+
+    Beam's DirectRunner, stopped while its worker processes run, waits for
+    them to end, and a stop sent to this process alone never reaches them:
+    the run waited forever. The stop then acts as it would have (the
+    caller's handlers are put back after).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = _children()
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    done = threading.Event()
+
+    def stop_workers():  # again and again: a worker the runner starts while it winds down waits for it too
+        while True:
+            for pid in _children() - before:  # started by this pipeline
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            if done.wait(0.2):
+                return
+
+    def handler(signum, frame):
+        if not getattr(handler, "stopping", False):
+            handler.stopping = True
+            threading.Thread(target=stop_workers, name="stop-beam-workers", daemon=True).start()
+        then = previous[signum]
+        if callable(then):
+            then(signum, frame)
+        elif then == signal.SIG_IGN:
+            return
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # the default action, now that the workers are told
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for s in stops:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        if getattr(handler, "stopping", False):
+            time.sleep(STRAGGLERS_SECONDS)  # workers whose start was under way when the run stopped are ended too
+        done.set()
+        for s in stops:
+            signal.signal(s, previous[s])
 
 
 class _quiet_beam:
@@ -221,7 +312,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         beam, _ = _beam()
         _run(lambda pl: (pl | "Shards" >> beam.Create(tasks, reshuffle=False)
                          | "Spread" >> beam.Reshuffle()
-                         | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options)
+                         | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options,
+             receipts=[_receipt_path(opts.out, t.spec.file) for t in tasks])
         from .fingerprint import DigestSet
         from .shards import made_grey_note, packed_digests
 
@@ -409,8 +501,8 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
                        | "Settle" >> beam.Map(settle_names, ds.classes))
             return shards | "DecodeShard" >> beam.ParDo(decode_shard, beam.pvalue.AsSingleton(settled))
 
-        _run(pipeline, options)
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]
+        _run(pipeline, options, receipts=receipts)
         results = [_read_json(r) for r in receipts]
         fs.delete(receipts)
     finally:

@@ -1,6 +1,11 @@
 """The Beam runner gives the very shards of the local runner (DirectRunner, 2 processes)."""
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -163,3 +168,57 @@ def test_bucket_listing_ends_like_local_discovery(tmp_path, rng):
     both = [x for folder in ("a", "b") for x in BucketPrefix(str(tmp_path / folder)).items()[0]]
     with pytest.raises(LogitifyError, match="share the key 'cats/1.png'"):
         inventory(both, [])
+
+
+def _descendants(pid):
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = {int(k) for k in f.read().split()} - found
+                found |= kids
+                todo.extend(kids)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
+def test_sigterm_to_the_launcher_alone_ends_a_run_with_worker_processes(tmp_path, rng):
+    """A scheduler stops the job's process, not its Beam workers: the run ends them and stops, where it
+    waited forever for workers that never heard of the stop (and they outlived it)."""
+    for i in range(300):
+        save(str(tmp_path / "src" / f"{i:03d}.png"), photo(rng, 8, 8))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(tmp_path / "src"), "-o",
+                          str(tmp_path / "o"), "--shard-size", "10", "--json", *BEAM], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=env)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and p.poll() is None and not workers:
+        workers = {w for w in _descendants(p.pid) if b"sdk_worker" in _cmdline(w)}
+        time.sleep(0.05)
+    if not workers:
+        p.kill()
+        p.communicate()
+        pytest.skip("the run ended before its worker processes were seen")
+    p.send_signal(signal.SIGTERM)
+    try:
+        out, _ = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(p.pid) | {p.pid}:
+            os.kill(pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the run did not end after SIGTERM")
+    assert p.returncode == 143 and json.loads(out)["signal"] == "SIGTERM", (p.returncode, out)
+    time.sleep(0.5)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and b"sdk_worker" in _cmdline(w)]
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
