@@ -112,14 +112,29 @@ def _children() -> set:
     return found
 
 
+def _beam_workers(pids) -> set:
+    """Those of `pids` that are Beam's SDK worker processes, or the shells Beam starts them through."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"apache_beam.runners.worker" in f.read():
+                    found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
 @contextlib.contextmanager
 def _workers_stopped_first():
-    """Ctrl-C or SIGTERM during a pipeline first ends the worker processes the pipeline started.
+    """Ctrl-C or SIGTERM during a pipeline first ends the Beam worker processes the pipeline started.
 
     Beam's DirectRunner, stopped while its worker processes run, waits for
     them to end, and a stop sent to this process alone never reaches them:
-    the run waited forever. The stop then acts as it would have (the
-    caller's handlers are put back after).
+    the run waited forever. Only a stop that stops the run acts so (an
+    ignored one, or a caller's handler that returns, changes nothing), and
+    only processes that are Beam workers and were not there before the run
+    are ended. The caller's handlers are put back after.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -128,42 +143,54 @@ def _workers_stopped_first():
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in stops}
     done = threading.Event()
+    stopping = []
 
-    def stop_workers():  # again and again: a worker the runner starts while it winds down waits for it too
-        while True:
-            for pid in _children() - before:  # started by this pipeline
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except OSError:
-                    pass
-            if done.wait(0.2):
-                return
+    def end_workers():
+        for pid in _beam_workers(_children() - before):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+    def keep_ending():  # a worker the runner starts while it winds down waits for it too
+        while not done.wait(0.2):
+            end_workers()
+
+    def stop():
+        end_workers()
+        if not stopping:
+            stopping.append(True)
+            threading.Thread(target=keep_ending, name="end-beam-workers", daemon=True).start()
 
     def handler(signum, frame):
-        if not getattr(handler, "stopping", False):
-            handler.stopping = True
-            threading.Thread(target=stop_workers, name="stop-beam-workers", daemon=True).start()
         then = previous[signum]
-        if callable(then):
-            then(signum, frame)
-        elif then == signal.SIG_IGN:
+        if then == signal.SIG_IGN:
             return
-        elif signum == signal.SIGINT:
+        if callable(then):
+            try:
+                then(signum, frame)
+            except BaseException:  # it stops the run: the workers first
+                stop()
+                raise
+            return
+        stop()  # the default action, once the workers are told
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        else:  # the default action, now that the workers are told
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     for s in stops:
         signal.signal(s, handler)
     try:
         yield
     finally:
-        if getattr(handler, "stopping", False):
-            time.sleep(STRAGGLERS_SECONDS)  # workers whose start was under way when the run stopped are ended too
-        done.set()
-        for s in stops:
-            signal.signal(s, previous[s])
+        try:
+            if stopping:
+                time.sleep(STRAGGLERS_SECONDS)  # workers whose start was under way when the run stopped
+        finally:
+            done.set()
+            for s in stops:
+                signal.signal(s, previous[s])
 
 
 class _quiet_beam:

@@ -217,9 +217,9 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _command_owns_process(verbose: bool):
     """For the command's run: SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C, and
-    --verbose reaches TensorFlow's import. Both are put back after, for a program that runs a
-    command in its own process; that program's TensorFlow is imported as its own import would
-    be (only the console script, entry(), imports it as the command line's)."""
+    --verbose shows TensorFlow's log lines where the console script imports it. Both are put
+    back after, for a program that runs a command in its own process; that program's
+    TensorFlow is imported as its own import would be (entry() alone imports it quietly)."""
     from . import _tf
 
     def handler(signum, frame):
@@ -251,8 +251,12 @@ class _StdoutLost(Exception):
     """The command's answer could not be written (its cause says why); raised only by _write_out."""
 
 
+_answered = []  # set once the command's answer went to stdout: a stop after it adds no second one
+
+
 def _write_out(text: str) -> None:
     """The command's answer on stdout; a stdout that cannot take it is an error, not a traceback."""
+    _answered.append(True)  # before it is written: a stop halfway through must not start another
     try:
         if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
             raise OSError(errno.EBADF, "standard output is closed")
@@ -341,14 +345,14 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug or an environment problem: one line, traceback on --verbose
-            if verbose:
-                raise
             from .report import printable
 
             line = f"{type(e).__name__}: {printable(e)}"
-            click.echo(f"logitify: error: {line} (run with --verbose for details)", err=True)
             if as_json:
                 _answer_anyway({"ok": False, "error": line})
+            if verbose:
+                raise
+            click.echo(f"logitify: error: {line} (run with --verbose for details)", err=True)
             sys.exit(1)
         if as_json:
             _write_out(json.dumps({"ok": result.exit_code == 0, **result.to_dict()}, default=str))
@@ -774,6 +778,7 @@ def entry(argv=None):
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, terminated)
+    _answered.clear()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = main(args=list(args), prog_name="logitify", standalone_mode=False)
@@ -785,7 +790,7 @@ def entry(argv=None):
         if isinstance(stop, KeyboardInterrupt):
             click.echo("logitify: interrupted", err=True)
             signum = getattr(stop, "signum", int(signal.SIGINT))
-            if _asked_for_json(args):
+            if _asked_for_json(args) and not _answered:
                 _answer_anyway({"ok": False, "error": "interrupted", "signal": signal.Signals(signum).name})
             code = 128 + signum
         else:  # end of input at a prompt: click's own word

@@ -306,7 +306,8 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     made = 0
     # Colour images made grey (see planner.guessed_grey), those of the shards a resume keeps included.
     kept = [e for part in started.parts for e in part.done.values()]
-    grey_keys = [k for e in kept for k in list(e.get("made_grey") or [])[:3] if isinstance(k, str)]
+    grey_keys = [k for e in kept if isinstance(e.get("made_grey"), list) for k in e["made_grey"][:3]
+                 if isinstance(k, str)]
     grey = sum(n for e in kept for n in [e.get("num_made_grey", 0)] if type(n) is int and n > 0)
 
     def finish(future, k):

@@ -88,6 +88,26 @@ def class_folder(name: str) -> str:
         raise ValueError(str(e).replace("key ", "it ", 1).replace("not a file in it", "not a folder in it")) from None
 
 
+def class_folder_problems(classes) -> list:
+    """Why each class that decode cannot give a folder of its own cannot: a name no folder can have
+    (see class_folder), or the folder of an earlier class ('cat' and '/cat'). Encode refuses such
+    classes before a pixel is read, and verify names them."""
+    from .report import printable
+
+    problems, folders = [], {}
+    for label, name in enumerate(classes or ()):
+        try:
+            folder = class_folder(name)
+        except ValueError as e:
+            problems.append(f"class {printable(name)!r} cannot name the folder its images decode into ({e})")
+            continue
+        if folder in folders:
+            problems.append(f"classes {folders[folder]} and {label} both decode into the folder "
+                            f"{printable(folder or '.')!r}")
+        folders.setdefault(folder, label)
+    return problems
+
+
 def png_relpath(key: str, replace_suffix: bool = True) -> str:
     """The key's PNG file: its image suffix replaced by '.png' (or, without replace_suffix, '.png' added)."""
     rel = key_relpath(key)

@@ -20,7 +20,7 @@ import numpy as np
 from . import images as images_mod
 from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
-from .outputs import class_folder
+from .outputs import class_folder_problems
 from .pool import OrderedPool
 from .report import listing, printable, short
 from .sources import ItemList
@@ -430,12 +430,8 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
             inv.items.relabel(mapping)
         run_classes = base.classes
     fmt.check_classes(run_classes)
-    for name in run_classes or ():
-        try:
-            class_folder(name)
-        except ValueError as e:
-            raise LogitifyError(f"class {printable(name)!r} cannot name the folder its images decode into "
-                                f"({e}): rename it in the source") from None
+    for reason in class_folder_problems(run_classes):
+        raise LogitifyError(f"{reason}: rename it in the source")
     shape, channels, first, first_label = probe(inv.items, opts)
     if shape is None:
         # Every input is bad: record why, one by one, then fail.

@@ -237,21 +237,11 @@ class Problems:
 
 
 def _check_class_folders(classes, problem) -> None:
-    """Each class must name a folder decode can put its images in: the rule encode applies (outputs.class_folder)."""
-    from .outputs import class_folder
-    from .report import printable
+    """Each class must name a folder of its own decode can put its images in: the rule encode applies."""
+    from .outputs import class_folder_problems
 
-    folders = {}
-    for label, name in enumerate(classes or ()):
-        try:
-            folder = class_folder(name)
-        except ValueError as e:
-            problem("classes", f"class {printable(name)!r} cannot name the folder its images decode into ({e})")
-            continue
-        if folder in folders:  # two labels, one folder: decode would mix their images
-            problem("classes", f"classes {folders[folder]} and {label} both decode into the folder "
-                               f"{printable(folder or '.')!r}")
-        folders.setdefault(folder, label)
+    for reason in class_folder_problems(classes):
+        problem("classes", reason)
 
 
 def verify(path: str, against=None, report=QUIET, split: str | None = None) -> VerifyResult:

@@ -222,3 +222,37 @@ def _cmdline(pid):
             return f.read()
     except OSError:
         return b""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
+def test_a_stop_ends_only_the_beam_workers_the_run_started_and_only_when_it_stops_the_run():
+    from logitify_cli.beam_runner import _workers_stopped_first
+
+    def start(*tag):
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *tag])
+
+    earlier = start("apache_beam.runners.worker")  # there before the run: not the run's
+    worker = other = started = earlier
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _workers_stopped_first():
+            worker, other = start("apache_beam.runners.worker"), start()
+            os.kill(os.getpid(), signal.SIGINT)  # ignored by the caller: the run goes on, nothing is ended
+            time.sleep(0.3)
+            assert worker.poll() is None and other.poll() is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt):
+            with _workers_stopped_first():
+                started = start("apache_beam.runners.worker")
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        assert started.wait(5) is not None  # this run's worker is ended; no other process is
+        assert worker.poll() is None and other.poll() is None and earlier.poll() is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+        for p in (earlier, worker, other, started):
+            p.kill()
+            p.wait()

@@ -400,3 +400,8 @@ def test_class_names_decode_cannot_use_as_folders_are_refused_at_encode(cli, pre
     assert cli("encode", copy, "-o", tmp_path / "o", "--tfds-split", "train").exit_code == 0
     assert cli("decode", tmp_path / "o", "-o", tmp_path / "back").exit_code == 0
     assert (tmp_path / "back" / "abs" / "ok").is_dir()
+    # Two names, one folder ('cat' and '/cat'): decode would mix their images, so encode refuses them too.
+    (copy / "label.labels.txt").write_text("\n".join(["/" + RGB_CLASSES[1]] + RGB_CLASSES[1:]) + "\n")
+    r = cli("encode", copy, "-o", tmp_path / "o2", "--tfds-split", "train")
+    assert r.exit_code == 1 and f"classes 0 and 1 both decode into the folder '{RGB_CLASSES[1]}'" in r.stderr, \
+        r.output
