@@ -21,7 +21,7 @@ import types
 
 _tf = None
 verbose = False
-# Set by the command line, which owns its process. TensorFlow's import makes
+# Set by the console script (cli.entry), which owns its process. TensorFlow's import makes
 # some 400,000 objects that live as long as the process; the cyclic garbage
 # collector walked them all four times during the import and again in later
 # collections, 0.3-0.45 s of CPU on every run. With this set, the import

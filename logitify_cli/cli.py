@@ -409,8 +409,8 @@ def main():
               help="Decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg (Pillow's draft) before the --size "
                    "resize: faster, other pixels; recorded in the manifest. Needs --size, not --crop.")
 @click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
-              help="Output channels [3, or 1 when the first image and 64 files spread over the inputs are "
-                   "grayscale].")
+              help="Output channels [3, or 1 when the first image, 64 files spread over the inputs and the "
+                   "first 64 records are grayscale; colour images that sample missed are then named].")
 @click.option("--preset", type=RegistryChoice(_preset_names), default=None,
               help="A standard set's published recipe: size, crop, filter, bits, channels, as its project's "
                    "code makes it (README: Presets). Options given as well win, with a warning, and the "

@@ -66,7 +66,7 @@ def _slices(ds, shards, fields, rows):
 
 
 def _programs(params, shape):
-    """(forward, inverse) graph functions, one pair per (params, shape) in a process.
+    """(forward, inverse) graph functions for (params, shape), made once while among the last used.
 
     Every epoch's dataset then calls the same functions, and XLA compiles
     them once, not once per call of load(). The last few pairs are kept,

@@ -1,8 +1,8 @@
 """`logitify verify`: trust nothing a dataset folder says until it is checked.
 
-Shards are read a slice at a time, and each slice is checked in blocks of
-BLOCK_VALUES values, so memory follows the slice size whatever one image's
-size is. Keys are remembered as 8-byte hashes (on disk past HASHES_HELD) to
+Shards are read a slice at a time, and each slice's logits are checked in
+blocks (transform.LOG_DET_BLOCK), so memory follows the slice size whatever
+one image's size is. Keys are remembered as 8-byte hashes (on disk past HASHES_HELD) to
 find duplicates; only the first PROBLEMS_LISTED problems are kept and
 printed one by one, the rest are counted. With --against, each decoded
 image is kept only as a digest until its source is read.

@@ -123,7 +123,11 @@ def _names_taken(output, shards, settled_first=False):
     for s, rows in enumerate(shards):
         out = output(s) if callable(output) else output
         out.begin_shard(s, len(rows), (1, 1, 1))
-        jobs = out.add(s, [k for k, _ in rows], [label for _, label in rows], np.zeros((len(rows), 1, 1, 1), np.uint8))
+        jobs = []
+        for a, b in ((0, len(rows) // 2), (len(rows) // 2, len(rows))):  # a shard comes in slices
+            part = rows[a:b]
+            jobs += out.add(s, [k for k, _ in part], [label for _, label in part],
+                            np.zeros((len(part), 1, 1, 1), np.uint8))
         named = {key: rel for job in jobs for key, rel, _ in job[2]}
         refused = {x["key"] for x in out.refused}
         for i, (key, _) in enumerate(rows):
@@ -147,8 +151,10 @@ def test_names_settled_per_shard_are_those_taken_in_key_order(keyed, cuts, class
 
     by_file = {}
     for s, rows in enumerate(shards):
-        for name, who in name_claims(classes, s, 0, [k for k, _ in rows], [label for _, label in rows]):
-            by_file.setdefault(name, []).append(who)
+        half = len(rows) // 2  # claimed a slice at a time, as the Beam stage reads a shard
+        for start, part in ((0, rows[:half]), (half, rows[half:])):
+            for name, who in name_claims(classes, s, start, [k for k, _ in part], [label for _, label in part]):
+                by_file.setdefault(name, []).append(who)
     clashing = [who for claim in by_file.items() for who in _clashing(claim)]
     settled = settle_names(clashing, classes)
     apart = _names_taken(lambda s: PngOutput("out", len(shards), False, classes=classes, settled=settled), shards)

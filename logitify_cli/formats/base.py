@@ -44,23 +44,21 @@ def chunk_rows(shape, chunk_bytes: int | None = None, extra: int = 0) -> int:
 
 
 def refuse_expanding(name: str, shape) -> None:
-    """LogitifyError if one example of this shape is more than a compressed shard may inflate to."""
+    """ShardError if one example of this shape is more than a compressed shard may inflate to."""
     nbytes = 4 * int(np.prod(shape))
     if nbytes > EXPANDING_EXAMPLE_MAX:
-        raise LogitifyError(
-            f"shard {name}: its examples would inflate to {nbytes / 1e6:.0f} MB of logits each "
+        raise ShardError(
+            name, f"its examples would inflate to {nbytes / 1e6:.0f} MB of logits each "
             f"({'x'.join(map(str, shape))}); logitify inflates at most {EXPANDING_EXAMPLE_MAX >> 20} MiB per "
             "example from a compressed shard")
 
 
 def check_chunk(name: str, out: dict, shape) -> dict:
-    """A chunk's arrays have the dtypes and shapes the manifest promises, or LogitifyError."""
+    """A chunk's arrays have the dtypes and shapes the manifest promises, or ShardError."""
     n = out["logits"].shape[0] if out["logits"].ndim else -1
     if out["logits"].dtype != np.float32 or out["logits"].shape[1:] != tuple(shape):
-        raise LogitifyError(
-            f"shard {name}: logits are {out['logits'].dtype} {list(out['logits'].shape)}, "
-            f"expected float32 [n, {', '.join(map(str, shape))}]"
-        )
+        raise ShardError(name, f"logits are {out['logits'].dtype} {list(out['logits'].shape)}, "
+                               f"expected float32 [n, {', '.join(map(str, shape))}]")
     if out["logdet"].dtype != np.float32 or out["logdet"].shape != (n,):
         raise ShardError(name, f"logdet is not float32 [{n}]")
     if out["keys"].dtype.kind != "U" or out["keys"].shape != (n,):
