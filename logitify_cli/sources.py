@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import LogitifyError, UsageError
 from .images import file_kind, is_image_name
-from .report import listing, short, skipped_order
+from .report import listing, printable, short, skipped_order
 
 TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -751,6 +751,9 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
 
     if not paths:
         raise UsageError("no sources given")
+    named = paths
+    paths = list(dict.fromkeys(paths))  # a path named twice (two lists joined) is one input
+    twice = [p for p in paths if named.count(p) > 1] if len(paths) < len(named) else []
     kinds = {path: _stat_mode(path) for path in paths if not fs.is_remote(path)}
     tfds = [p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m) and tfds_folder.locate(p)]
     if tfds:
@@ -779,7 +782,11 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
         items.extend(found)
         skipped.extend(bad)
     skipped.sort(key=skipped_order)
-    return inventory(items, skipped)
+    inv = inventory(items, skipped)
+    if twice:
+        inv.notes.append(f"{len(twice)} source(s) named more than once, each read once: "
+                         + ", ".join(printable(p) for p in twice[:3]) + (", ..." if len(twice) > 3 else ""))
+    return inv
 
 
 def tfds_inventory(source: TfdsDataset) -> Inventory:
@@ -806,6 +813,9 @@ def inventory(items, skipped: list) -> Inventory:
     dup = _first_duplicate_key(packed)
     if dup is not None:
         first, second = [it.path for it in packed if it.key == dup][:2]
+        if "://" not in first + second and os.path.realpath(first) == os.path.realpath(second):
+            raise LogitifyError(f"the input {first} is named twice, as {first} and {second} (the key "
+                                f"{dup!r} both times): name it once")
         raise LogitifyError(
             f"two inputs share the key {dup!r} ({first} and {second}); "
             "encode them in separate runs or name their common parent folder"

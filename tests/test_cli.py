@@ -270,6 +270,15 @@ def test_paths_on_stdin(cli, image_folder, tmp_path):
     assert set(a["keys"]) == {os.path.relpath(p, src).replace(os.sep, "/") for p in paths}
     r = cli("encode", "-", "--null", "-o", tmp_path / "o2", "--json", input="\0".join(paths[:3]) + "\0")
     assert json.loads(r.stdout)["num_examples"] == 3
+    # Two lists joined name some paths twice: each is one input, and the run says so.
+    r = cli("encode", "-", "-o", tmp_path / "o3", "--json", input="\n".join(paths + paths[:2]) + "\n")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 0 and res["num_examples"] == len(truth), r.output
+    assert res["warnings"] == [f"2 source(s) named more than once, each read once: {paths[0]}, {paths[1]}"]
+    # The same file spelled two ways is one key twice: refused, saying so.
+    other = os.path.join(os.path.dirname(paths[0]), ".", os.path.basename(paths[0]))
+    r = cli("encode", paths[0], other, "-o", tmp_path / "o4")
+    assert r.exit_code == 1 and f"the input {paths[0]} is named twice" in r.stderr and "name it once" in r.stderr
 
 
 def test_decode_refuses_keys_that_escape(cli, tmp_path, rng):
