@@ -319,7 +319,7 @@ from hypothesis import strategies as st  # noqa: E402
 from logitify_cli.tfrecord_io import ExampleWriter, read_varint, wire_fields  # noqa: E402
 
 
-# A reader of tf.train.Example's wire format, written apart from the writer it checks.
+# Examples read back as the shard reader walks them (formats/tfrecord._features), values decoded here.
 def _feature(b: bytes):
     for kind, _, lst in wire_fields(b):
         if kind == 1:  # bytes_list
@@ -347,23 +347,12 @@ def _feature(b: bytes):
 
 
 def parse_example(record: bytes) -> dict:
-    """{name: list of values} of a serialized tf.train.Example."""
-    out = {}
-    for f, w, features in wire_fields(record):
-        if f != 1 or w != 2:
-            continue
-        for f2, w2, entry in wire_fields(features):
-            if f2 != 1 or w2 != 2:
-                continue
-            key, value = None, b""
-            for f3, _, v in wire_fields(entry):
-                if f3 == 1:
-                    key = v.decode("utf-8", "surrogatepass")
-                elif f3 == 2:
-                    value = v
-            if key is not None:
-                out[key] = _feature(value)
-    return out
+    """{name: list of values} of a serialized tf.train.Example: the shard reader's walk of its map, each
+    feature's values read here."""
+    from logitify_cli.formats.tfrecord import _features
+
+    return {bytes(name).decode("utf-8", "surrogatepass"): _feature(bytes(value))
+            for name, value in _features(record).items()}
 
 
 _keys = st.text(st.characters(codec="utf-8"), min_size=0, max_size=300).map(lambda s: s.encode("utf-8"))
