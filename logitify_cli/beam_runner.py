@@ -342,11 +342,11 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                          | "MakeShard" >> beam.ParDo(make(opts, p.shape, beam_args))), options,
              receipts=[_receipt_path(opts.out, t.spec.file) for t in tasks])
         from .fingerprint import DigestSet
-        from .shards import made_grey_note, packed_digests
+        from .shards import made_grey_note, made_grey_of, packed_digests
 
         seconds = time.time() - t0
         m, receipts, total, counts, skipped_all = base, [], 0, {}, []
-        grey_keys, grey = [], 0
+        greys = []  # each shard's colour images made grey
         for part in p.parts:
             shards, skipped = [], list(part.skipped)
             with DigestSet() as pixels:  # its temporary files go even if a receipt is refused
@@ -362,8 +362,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                     for s in receipt["skipped"]:
                         report.warn(f"skipped {s['source']}: {s['reason']}")
                     skipped.extend(receipt["skipped"])
-                    grey_keys.extend(receipt.get("made_grey", [])[:3])
-                    grey += receipt.get("num_made_grey", 0)
+                    greys.append(made_grey_of(receipt))
                 counts[part.split] = sum(s.num_examples for s in shards)
                 total += counts[part.split]
                 skipped_all += skipped
@@ -375,7 +374,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
             m.splits[n].stats["images_per_second"] = rate
             m.splits[n].stats = {k: m.splits[n].stats[k] for k in ("seconds", "images_per_second", "runner",
                                                                     "fingerprint")}
-        extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(grey_keys, grey), report)
+        extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(greys), report)
         fs.delete(receipts)
         if folder is not None:
             folder.remove_stale([s.file for n in made if have and n in have.splits for s in have.splits[n].shards], m)

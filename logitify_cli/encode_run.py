@@ -30,8 +30,8 @@ from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
 from .report import Reporter, skipped_order
 from .results import EncodeResult
-from .shards import (ShardFeed, ShardGone, ShardResult, build_transform, made_grey_note, make_shard,
-                     packed_digests)
+from .shards import (ShardFeed, ShardGone, ShardResult, build_transform, made_grey_note, made_grey_of,
+                     make_shard, packed_digests)
 from .splits import refuse_mismatch
 
 # Pixels the workers may read ahead while TensorFlow starts (seconds in which
@@ -305,17 +305,13 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     p = started.plan
     made = 0
     # Colour images made grey (see planner.guessed_grey), those of the shards a resume keeps included.
-    kept = [e for part in started.parts for e in part.done.values()]
-    grey_keys = [k for e in kept if isinstance(e.get("made_grey"), list) for k in e["made_grey"][:3]
-                 if isinstance(k, str)]
-    grey = sum(n for e in kept for n in [e.get("num_made_grey", 0)] if type(n) is int and n > 0)
+    greys = [made_grey_of(e) for part in started.parts for e in part.done.values()]
 
     def finish(future, k):
-        nonlocal made, grey
+        nonlocal made
         result: ShardResult = future.result()
         made += result.num_examples
-        grey_keys.extend(result.made_grey[:3])
-        grey += result.num_made_grey
+        greys.append((result.made_grey, result.num_made_grey))
         shards, digests, skipped = book[k]
         shards[result.index] = result.entry()
         skipped.extend(result.skipped)
@@ -377,7 +373,7 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
         if part.fingerprint:
             m.fingerprint = part.fingerprint
     counts = {x.plan.split: m.splits[x.plan.split].num_examples for x in started.parts}
-    extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(grey_keys, grey), report)
+    extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(greys), report)
     try:
         started.folder.remove_stale(started.replaced, m)
     except OSError as e:

@@ -30,10 +30,7 @@ def payloads(items, opts):
             yield it, path, it.label
             continue
         if reader is None:
-            from .records import RecordReader
-            from .sources import TfrecordFile
-
-            reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+            reader = record_reader(opts.compression)
         from .records import parse_example
 
         try:
@@ -41,6 +38,14 @@ def payloads(items, opts):
             yield it, data, label
         except (ValueError, StopIteration, OSError) as e:
             yield it, ValueError(str(e) or "record missing"), -1
+
+
+def record_reader(compression):
+    """A RecordReader of the run's TFRecord inputs, each file's compression as --compression says or as found."""
+    from .records import RecordReader
+    from .sources import TfrecordFile
+
+    return RecordReader(lambda p: TfrecordFile(p, compression).compression_type())
 
 
 def chunks(iterable, n, total=None, tail=0, weight=None, max_weight=None):

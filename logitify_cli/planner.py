@@ -261,10 +261,10 @@ def _label_key_notes(records, opts: EncodeOptions) -> list:
     called only where the probe got no label from a record, so a
     labelled run reads nothing twice. Nothing here can fail a run.
     """
-    from .records import RecordReader, feature_kinds
-    from .sources import TfrecordFile
+    from .pixels import record_reader
+    from .records import feature_kinds
 
-    reader = RecordReader(lambda p: TfrecordFile(p, opts.compression).compression_type())
+    reader = record_reader(opts.compression)
     for it in records:
         try:
             kinds = feature_kinds(reader.read(it.path, it.index))

@@ -77,8 +77,17 @@ class ShardResult:
         return [self.pixels[a:a + 32] for a in range(0, len(self.pixels), 32)]
 
 
-def made_grey_note(keys, count: int) -> str | None:
-    """The warning that names colour images a run made grey (a shard's first keys, all shards' count)."""
+def made_grey_of(entry: dict) -> tuple:
+    """(first keys, count) of the colour images made grey that a journal entry or receipt records."""
+    keys, count = entry.get("made_grey"), entry.get("num_made_grey")
+    keys = [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+    return keys, count if type(count) is int and count > 0 else 0
+
+
+def made_grey_note(shards) -> str | None:
+    """The warning that names the colour images a run made grey, from each shard's (first keys, count)."""
+    keys = [k for first, _ in shards for k in first[:3]]
+    count = sum(n for _, n in shards)
     if not count:
         return None
     from .report import printable

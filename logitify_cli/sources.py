@@ -11,6 +11,7 @@ what it did not follow: broken links, link loops, unreadable folders.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import operator
 import os
@@ -738,6 +739,20 @@ def _refuse_nested(kinds: dict) -> None:
                 cur = parent
 
 
+def _named_once(paths) -> tuple:
+    """(the paths, each once, in order; those named more than once): two path lists joined are one input each.
+
+    A million paths from stdin are told apart by 64-bit hashes first (8 bytes
+    a path); only when one repeats are the strings counted.
+    """
+    paths = list(paths)
+    hashes = np.fromiter(map(hash, paths), np.int64, len(paths))
+    if len(np.unique(hashes)) == len(paths):
+        return paths, []
+    times = collections.Counter(paths)
+    return list(times), [p for p, n in times.items() if n > 1]
+
+
 def discover(paths, compression: str | None = None, *, tfds_split: str | None = None,
              image_key: str | None = None, label_key: str | None = None) -> Inventory:
     """Everything the user named, found and keyed; nothing is read or waited on.
@@ -751,9 +766,7 @@ def discover(paths, compression: str | None = None, *, tfds_split: str | None = 
 
     if not paths:
         raise UsageError("no sources given")
-    named = paths
-    paths = list(dict.fromkeys(paths))  # a path named twice (two lists joined) is one input
-    twice = [p for p in paths if named.count(p) > 1] if len(paths) < len(named) else []
+    paths, twice = _named_once(paths)
     kinds = {path: _stat_mode(path) for path in paths if not fs.is_remote(path)}
     tfds = [p for p, m in kinds.items() if isinstance(m, int) and stat.S_ISDIR(m) and tfds_folder.locate(p)]
     if tfds:
