@@ -28,9 +28,13 @@ def _unreadable(shard, why) -> ShardError:
     return ShardError(shard.file, f"cannot be read: {why}", f"shard {shard.file} cannot be read: {why}")
 
 
-def _too_big(shard, size: int, shape) -> ShardError:
-    what = f"{size} bytes, more than {shard.num_examples} examples of {'x'.join(map(str, shape))} can take"
+def _shard_is(shard, what: str) -> ShardError:
     return ShardError(shard.file, what, f"shard {shard.file} is {what}")
+
+
+def _too_big(shard, size: int, shape) -> ShardError:
+    return _shard_is(shard, f"{size} bytes, more than {shard.num_examples} examples of "
+                            f"{'x'.join(map(str, shape))} can take")
 
 
 def read_manifest(path: str):
@@ -89,7 +93,7 @@ class LogitDataset:
         if not os.path.isfile(path):
             what = "missing" if not os.path.lexists(path) else (
                 "a folder, not a file" if os.path.isdir(path) else "not a regular file (a pipe, device or dead link)")
-            raise ShardError(shard.file, what, f"shard {shard.file} is {what}")
+            raise _shard_is(shard, what)
         try:
             size = os.path.getsize(path)
             if size > self.format.max_bytes(self.shape, shard.num_examples):
@@ -102,8 +106,8 @@ class LogitDataset:
     @staticmethod
     def _check_digest(shard, digest):
         if digest != shard.sha256:
-            what = f"altered or truncated (sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}...)"
-            raise ShardError(shard.file, what, f"shard {shard.file} is {what}")
+            raise _shard_is(shard, f"altered or truncated (sha256 {digest[:12]}..., manifest says "
+                                   f"{shard.sha256[:12]}...)")
 
     @contextlib.contextmanager
     def local_shard(self, shard, check: bool = True):
