@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from . import __version__
 from .errors import LogitifyError
+from .images import DEFAULT_FILTER
 from .report import short, skipped_order
 from .transform import TransformParams
 
@@ -39,6 +40,10 @@ class ShardEntry:
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 # The `source` fields that say how pixels were made: one value for the whole dataset.
 PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter", "exif_orientation", "jpeg_draft")
+# The geometry fields of a `source` (and of a run's journal header) and the value each has when absent.
+# A run header holds only those that differ, so a run from before a field existed still resumes.
+GEOMETRY_DEFAULTS = {"resize_mode": "stretch", "crop": None, "filter": DEFAULT_FILTER, "exif_orientation": True,
+                     "jpeg_draft": False}
 
 
 def journal_name(split: str) -> str:
@@ -355,6 +360,20 @@ def _is_sha256(x) -> bool:
     from .fingerprint import is_digest
 
     return is_digest(x)
+
+
+def source_geometry(record: dict) -> dict:
+    """Every geometry field of a manifest's `source` or a run header, absent ones at their defaults.
+
+    resize_mode and filter are None without a size (nothing is resized).
+    The one form geometries are compared in and options are rebuilt from.
+    """
+    sized = record.get("size") is not None
+    return {"resize_mode": (record.get("resize_mode") or GEOMETRY_DEFAULTS["resize_mode"]) if sized else None,
+            "crop": list(record["crop"]) if record.get("crop") else None,
+            "filter": (record.get("filter") or GEOMETRY_DEFAULTS["filter"]) if sized else None,
+            "exif_orientation": record.get("exif_orientation") is not False,
+            "jpeg_draft": record.get("jpeg_draft") is True}
 
 
 def _geometry_problem(source: dict) -> str | None:

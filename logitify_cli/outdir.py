@@ -79,18 +79,13 @@ def describe_difference(old: dict, new: dict) -> str:
 
 def recorded_difference(m, header: dict) -> str:
     """What differs between a finished split's manifest and this run's header, as far as the manifest records it."""
-    from .images import DEFAULT_FILTER
-
     src = m.source if isinstance(m.source, dict) else {}
-    sized = src.get("size") is not None
     was = {"format": m.format, "name": m.name, "split": m.split, **m.params.to_dict(),
            "shape": list(m.shape), "compress": m.compressed,
            **{k: src.get(k) for k in ("size", "channels", "shard_size", "image_key", "label_key", "max_pixels")},
-           "crop": src.get("crop"), "resize_mode": src.get("resize_mode") if sized else None,
-           "filter": src.get("filter") if sized else None}
-    now = {**{k: header.get(k) for k in was}, **(header.get("transform") or {}), "crop": header.get("crop"),
-           "resize_mode": header.get("resize_mode", "stretch") if header.get("size") else None,
-           "filter": header.get("filter", DEFAULT_FILTER) if header.get("size") else None}
+           **manifest_mod.source_geometry(src)}
+    now = {**{k: header.get(k) for k in was}, **(header.get("transform") or {}),
+           **manifest_mod.source_geometry(header)}
     diffs = [f"{k}: was {short(was[k])}, now {short(now[k])}" for k in was if was[k] != now[k]]
     return "; ".join(diffs) or "the inputs, or an option the manifest does not record (--holdout, say)"
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import images as images_mod
+from . import manifest as manifest_mod
 from .errors import LogitifyError, SplitMismatch, UsageError
 from .pixels import PixelStream, payloads
 from .outputs import class_folder_problems
@@ -73,20 +74,31 @@ class EncodeOptions:
         """The (height, width) every input must have, read from headers, when nothing crops or resizes."""
         return None if (self.size or self.crop) else tuple(shape[:2])
 
+    def geometry_fields(self) -> dict:
+        """Every geometry field, named as a manifest's `source` names them (see manifest.source_geometry)."""
+        return {"resize_mode": self.resize_mode if self.size else None,
+                "crop": list(self.crop) if self.crop else None,
+                "filter": self.filter if self.size else None,
+                "exif_orientation": self.exif, "jpeg_draft": self.jpeg_draft}
+
     def geometry_record(self) -> dict:
         """The geometry as the manifest's `source` records it: resize_mode and filter only when --size resizes.
 
         `exif_orientation` and `jpeg_draft` are there only when they differ
         from the default, so every other run's manifest stays as it was.
         """
-        record = {"resize_mode": self.resize_mode if self.size else None,
-                  "crop": list(self.crop) if self.crop else None,
-                  "filter": self.filter if self.size else None}
-        if not self.exif:
-            record["exif_orientation"] = False
-        if self.jpeg_draft:
-            record["jpeg_draft"] = True
-        return record
+        g = self.geometry_fields()
+        return {k: v for k, v in g.items()
+                if k in ("resize_mode", "crop", "filter") or v != manifest_mod.GEOMETRY_DEFAULTS[k]}
+
+    @staticmethod
+    def geometry_options(record: dict) -> dict:
+        """The geometry keywords of EncodeOptions that a manifest's `source` (or a run header) records."""
+        g = manifest_mod.source_geometry(record)
+        return {"crop": tuple(g["crop"]) if g["crop"] else None,
+                "resize_mode": g["resize_mode"] or manifest_mod.GEOMETRY_DEFAULTS["resize_mode"],
+                "filter": g["filter"] or manifest_mod.GEOMETRY_DEFAULTS["filter"],
+                "exif": g["exif_orientation"], "jpeg_draft": g["jpeg_draft"]}
 
 
 @dataclass(frozen=True)
@@ -319,18 +331,10 @@ def run_header(opts: EncodeOptions, shape, channels, shard_size, n_shards, items
     # options existed, so the header (and the fingerprint in stats) of such
     # runs stays the same and they still resume; a resume with other
     # geometry still differs here and is refused.
-    if opts.crop:
-        header["crop"] = list(opts.crop)
-    if opts.size and opts.resize_mode != "stretch":
-        header["resize_mode"] = opts.resize_mode
-    if opts.size and opts.filter != images_mod.DEFAULT_FILTER:
-        header["filter"] = opts.filter
+    header.update({k: v for k, v in opts.geometry_fields().items()
+                   if v is not None and v != manifest_mod.GEOMETRY_DEFAULTS[k]})
     if opts.holdout:  # a resume with another share or split name would move images between splits
         header["holdout"] = [opts.holdout[0], opts.holdout[1]]
-    if not opts.exif:
-        header["exif_orientation"] = False
-    if opts.jpeg_draft:
-        header["jpeg_draft"] = True
     return header
 
 

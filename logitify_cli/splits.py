@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 
 from .errors import SplitMismatch, UsageError
+from .manifest import source_geometry
 from .report import short
 
 HOLDOUT_TAG = b"logitify-holdout\0"
@@ -89,18 +90,15 @@ def dataset_fields(m) -> dict:
     return {"format": m.format, "name": m.name, "compressed": bool(m.compressed), "shape": list(m.shape),
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": src.get("size"), "channels": src.get("channels", m.shape[2]),
-            "resize_mode": src.get("resize_mode"), "crop": src.get("crop"), "filter": src.get("filter"),
-            "exif_orientation": src.get("exif_orientation", True), "jpeg_draft": src.get("jpeg_draft", False)}
+            **source_geometry(src)}
 
 
 def run_fields(plan) -> dict:
     opts, t = plan.options, plan.options.params
-    geo = opts.geometry_record()
     return {"format": opts.format, "name": opts.name, "compressed": bool(opts.compress), "shape": list(plan.shape),
             "alpha": t.alpha, "corruption_level": t.corruption_level, "noise": t.noise, "bits": t.bits,
             "seed": t.seed, "size": list(opts.size) if opts.size else None, "channels": plan.channels,
-            "resize_mode": geo["resize_mode"], "crop": geo["crop"], "filter": geo["filter"],
-            "exif_orientation": geo.get("exif_orientation", True), "jpeg_draft": geo.get("jpeg_draft", False)}
+            **opts.geometry_fields()}
 
 
 def refuse_mismatch(base, plan, folder: str) -> None:

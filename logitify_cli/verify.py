@@ -451,9 +451,7 @@ def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None
     channels = src.get("channels") if src.get("channels") in (1, 3, 4) else ds.shape[2]
     opts = EncodeOptions(sources=list(sources), out="", image_key=str(src.get("image_key", "image")),
                          label_key=str(src.get("label_key", "label")), size=size, channels=channels,
-                         resize_mode=src.get("resize_mode") or "stretch", filter=src.get("filter") or "bicubic",
-                         crop=tuple(src["crop"]) if src.get("crop") else None,
-                         exif=src.get("exif_orientation") is not False, jpeg_draft=src.get("jpeg_draft") is True)
+                         **EncodeOptions.geometry_options(src))
     if type(src.get("max_pixels")) is int and src["max_pixels"] > 0:
         opts.max_pixels = src["max_pixels"]
     tfds = src.get("tfds") if isinstance(src.get("tfds"), dict) else {}

@@ -573,6 +573,12 @@ def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
                        (["--size", "4x4", "--filter", "box"], "filter: was None, now 'box'")):
         r = cli("encode", src, "-o", out, "--resume", *args)
         assert r.exit_code == 1 and said in r.stderr, r.stderr
+    sized = tmp_path / "s"
+    assert cli("encode", src, "-o", sized, "--size", "4x4").exit_code == 0
+    for args, said in ((["--jpeg-draft"], "jpeg_draft: was False, now True"),
+                       (["--preset", "imagenet32", "--alpha", "0.05"], "exif_orientation: was True, now False")):
+        r = cli("encode", src, "-o", sized, "--resume", "--size", "4x4", *args)
+        assert r.exit_code == 1 and said in r.stderr, r.stderr
     (src / "3.png").rename(src / "9.png")
     r = cli("encode", src, "-o", out, "--resume")
     assert r.exit_code == 1 and "the inputs, or an option the manifest does not record" in r.stderr, r.stderr
