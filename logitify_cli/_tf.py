@@ -64,8 +64,36 @@ def tf():
         return _import()
 
 
-def _import():
+def tf_quietly():
+    """tf(), with the import's start-up lines held back (unless verbose): for a Beam worker.
+
+    A worker runs logitify's shards only, and its stderr is often the
+    user's terminal: TensorFlow's C++ start-up lines from each worker were
+    all that a run without --verbose printed there. Nothing else about the
+    import changes (a worker is imported into as a library caller's is).
+    """
+    if _tf is not None or own_process or verbose:
+        return tf()
+    with _lock:
+        if _tf is not None:
+            return _tf
+        return _import(quiet=True)
+
+
+def _import(quiet: bool = False):
     global _tf
+    if quiet:
+        user_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        try:
+            module = _quiet_import()
+        finally:
+            if user_level is None:
+                os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+            else:
+                os.environ["TF_CPP_MIN_LOG_LEVEL"] = user_level
+        _tf = module
+        return module
     if not own_process:
         # A library caller's process: TensorFlow is imported as the caller's
         # own import would be, with their log level, oneDNN choice, Keras and

@@ -62,6 +62,21 @@ def _worker_filesystems(beam_args) -> None:
     fs.configure(options)
 
 
+def _launcher_quiet() -> bool:
+    """What a worker's TensorFlow import follows: the launcher's --verbose (see _tf.tf_quietly)."""
+    from . import _tf
+
+    return not _tf.verbose
+
+
+def _worker_tf(quiet: bool) -> None:
+    """A worker's TensorFlow, imported before anything else asks for it, quietly unless the run is verbose."""
+    if quiet:
+        from . import _tf
+
+        _tf.tf_quietly()
+
+
 def _run(pipeline_fn, options, receipts=()) -> None:
     """Run a pipeline; a failure inside a worker comes back as its one useful line.
 
@@ -231,11 +246,13 @@ def _make_shard_fn():
         def __init__(self, options, shape, beam_args):
             self.options, self.shape, self.beam_args = options, tuple(shape), list(beam_args)
             self.transform = None
+            self.quiet = _launcher_quiet()
 
         def setup(self):
             from .shards import build_transform
 
             _worker_filesystems(self.beam_args)
+            _worker_tf(self.quiet)
             self.transform = build_transform(self.options, self.shape)
 
         def process(self, task):
@@ -401,6 +418,7 @@ def _decode_shard_fn():
             self.dataset, self.out, self.fmt, self.split = dataset, out, fmt, split
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
+            self.quiet = _launcher_quiet()
 
         def setup(self):
             from .dataset import LogitDataset
@@ -408,6 +426,8 @@ def _decode_shard_fn():
 
             _worker_filesystems(self.beam_args)
             self.ds = LogitDataset(self.dataset, self.split)
+            if self.device == "gpu":
+                _worker_tf(self.quiet)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def process(self, index, settled=None):
