@@ -119,6 +119,9 @@ def _read_json(path: str):
 # More shards than any prepared TFDS split has (ImageNet's train split has 1,024; the encode journal
 # allows 100,000): a claim beyond it would have a name made for each before one is looked for.
 SHARDS_MAX = 100_000
+# More classes than any dataset names (ImageNet-21k has 21,841): a ClassLabel without a names file gets
+# '0', '1', ... made for it, and a claim of a trillion would have made each.
+CLASSES_MAX = 1_000_000
 
 
 def _shard_count(count: int, name: str, where: str) -> int:
@@ -300,6 +303,10 @@ def class_names(folder: str, feature: Feature) -> list:
     elif feature.names:
         names = list(feature.names)
     elif feature.num_classes:
+        if feature.num_classes > CLASSES_MAX:
+            raise TfdsError(os.path.join(folder, FEATURES_FILE),
+                            f"{short(feature.key)} claims {feature.num_classes} classes, more than the "
+                            f"{CLASSES_MAX:,} any dataset has")
         return [str(i) for i in range(feature.num_classes)]
     else:
         raise TfdsError(where, f"missing, and features.json gives no class count for {short(feature.key)}")

@@ -405,3 +405,17 @@ def test_class_names_decode_cannot_use_as_folders_are_refused_at_encode(cli, pre
     r = cli("encode", copy, "-o", tmp_path / "o2", "--tfds-split", "train")
     assert r.exit_code == 1 and f"classes 0 and 1 both decode into the folder '{RGB_CLASSES[1]}'" in r.stderr, \
         r.output
+
+
+def test_a_class_count_no_dataset_has_is_refused_without_naming_each_class(cli, prepared, tmp_path):
+    """features.json claiming a trillion classes, with no names file: refused at once, not '0' ... '999999999999'
+    made one string at a time."""
+    copy = tmp_path / "copy" / "1.0.0"
+    shutil.copytree(prepared["TinyPhotos"], copy)
+    os.remove(copy / "label.labels.txt")
+    doc = json.loads((copy / "features.json").read_text())
+    label = doc["featuresDict"]["features"]["label"]
+    label["classLabel"] = {"numClasses": "1000000000000"}
+    (copy / "features.json").write_text(json.dumps(doc))
+    r = cli("encode", copy, "-o", tmp_path / "o")
+    assert r.exit_code != 0 and "1000000000000 classes" in r.stderr and "Traceback" not in r.output, r.output
