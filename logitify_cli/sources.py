@@ -151,6 +151,16 @@ class ItemList(Sequence):
             for s, e in zip(self._starts[a:a + 4096].tolist(), self._ends[a:a + 4096].tolist()):
                 yield keys[s:e]
 
+    def without(self, rows) -> "ItemList":
+        """The list with these positions left out (the key text is shared, not copied)."""
+        keep = np.ones(len(self), bool)
+        keep[np.asarray(list(rows), np.int64)] = False
+        out = ItemList.__new__(ItemList)
+        out._keys, out._places, out._classes = self._keys, self._places, self._classes
+        for c in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
+            setattr(out, c, getattr(self, c)[keep])
+        return out
+
     def first_records(self, n: int) -> list:
         """The first n items, in order, that are TFRecord records."""
         return [self[i] for i in np.flatnonzero(self._index >= 0)[:n].tolist()]
@@ -823,12 +833,16 @@ def inventory(items, skipped: list) -> Inventory:
         runs.extend(items)
         items = runs
     packed = items.sorted()
+    notes = []
+    if _first_duplicate_key(packed) is not None:
+        packed, twice = _one_file_once(packed)
+        if twice:
+            notes.append(f"{len(twice)} input(s) named more than once, in other spellings, each read once: "
+                         + ", ".join(f"{printable(a)} as {printable(b)}" for a, b in twice[:3])
+                         + (", ..." if len(twice) > 3 else ""))
     dup = _first_duplicate_key(packed)
     if dup is not None:
         first, second = [it.path for it in packed if it.key == dup][:2]
-        if "://" not in first + second and os.path.realpath(first) == os.path.realpath(second):
-            raise LogitifyError(f"the input {first} is named twice, as {first} and {second} (the key "
-                                f"{dup!r} both times): name it once")
         raise LogitifyError(
             f"two inputs share the key {dup!r} ({first} and {second}); "
             "encode them in separate runs or name their common parent folder"
@@ -836,7 +850,50 @@ def inventory(items, skipped: list) -> Inventory:
     names = packed.class_names()
     if names:
         packed.label_by_class(names)
-    return Inventory(packed, names or None, skipped)
+    return Inventory(packed, names or None, skipped, notes)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two spellings name one file: one bucket path, or one local file (links followed)."""
+    if a == b:
+        return True
+    if "://" in a + b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _one_file_once(items: ItemList) -> tuple:
+    """(the items with a file met again under the same key and label dropped; [(kept path, dropped path)]).
+
+    A file named in two spellings (a/x.png and ./a/x.png, or a folder by a
+    relative and an absolute path) is one input, as a path named twice is.
+    Two different files under one key stay, for inventory to refuse.
+    """
+    keys = list(items.keys())
+    drop, twice = [], []
+    start = 0
+    while start < len(keys):
+        stop = start + 1
+        while stop < len(keys) and keys[stop] == keys[start]:
+            stop += 1
+        if stop - start > 1:
+            group = items[start:stop]
+            kept = []
+            for j, it in enumerate(group):
+                same = next((k for k in kept if k.label == it.label and k.class_name == it.class_name
+                             and k.index == it.index and _same_file(k.path, it.path)), None)
+                if same is None:
+                    kept.append(it)
+                else:
+                    drop.append(start + j)
+                    twice.append((same.path, it.path))
+        start = stop
+    if not drop:
+        return items, []
+    return items.without(drop), twice
 
 
 def _first_duplicate_key(items: ItemList):

@@ -275,10 +275,18 @@ def test_paths_on_stdin(cli, image_folder, tmp_path):
     res = json.loads(r.stdout)
     assert r.exit_code == 0 and res["num_examples"] == len(truth), r.output
     assert res["warnings"] == [f"2 source(s) named more than once, each read once: {paths[0]}, {paths[1]}"]
-    # The same file spelled two ways is one key twice: refused, saying so.
+    # The same file spelled two ways is one input too, and so is a folder named by two spellings.
     other = os.path.join(os.path.dirname(paths[0]), ".", os.path.basename(paths[0]))
-    r = cli("encode", paths[0], other, "-o", tmp_path / "o4")
-    assert r.exit_code == 1 and f"the input {paths[0]} is named twice" in r.stderr and "name it once" in r.stderr
+    r = cli("encode", paths[0], other, paths[1], "-o", tmp_path / "o4", "--json")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 0 and res["num_examples"] == 2, r.output
+    assert res["warnings"] == ["1 input(s) named more than once, in other spellings, each read once: "
+                               f"{paths[0]} as {other}"]
+    r = cli("encode", src, os.path.join(str(src), "..", src.name), "-o", tmp_path / "o5", "--json")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 0 and res["num_examples"] == len(truth), r.output
+    assert res["warnings"][0].startswith(f"{len(truth)} input(s) named more than once, in other spellings")
+    assert load_npz(tmp_path / "o5")[1]["keys"].tolist() == load_npz(tmp_path / "o")[1]["keys"].tolist()
 
 
 def test_decode_refuses_keys_that_escape(cli, tmp_path, rng):
