@@ -778,6 +778,7 @@ def entry(argv=None):
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # console.py's early handler ends here
     _answered.clear()
     args = list(sys.argv[1:] if argv is None else argv)
     try:

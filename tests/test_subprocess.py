@@ -434,3 +434,34 @@ def test_a_ctrl_c_while_the_arguments_are_read_is_an_interruption_not_an_abort()
                            text=True, env={**ENV, **env, "STOP": stop}, timeout=60)
         assert r.returncode == 128 + getattr(signal, stop), (r.returncode, r.stderr)
         assert json.loads(r.stdout) == {"ok": False, "error": "interrupted", "signal": stop}, r.stdout
+
+
+STOP_WHILE_LOADING = """
+import importlib.abc, os, signal, sys
+STOP = getattr(signal, os.environ["STOP"])
+
+class StopAtClick(importlib.abc.MetaPathFinder):  # the stop lands while the command line's modules load
+    def find_spec(self, name, path, target=None):
+        if name == "click":
+            os.kill(os.getpid(), STOP)
+        return None
+
+sys.meta_path.insert(0, StopAtClick())
+sys.argv = ["logitify", *sys.argv[1:]]
+from logitify_cli.console import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_console_script_loads_is_quiet(stop):
+    """Ctrl-C or SIGTERM before click is even imported: one line and the stop's status, not a traceback."""
+    for extra, env in (([], {}), (["--json"], {}), ([], {"LOGITIFY_INFO_JSON": "yes"})):
+        r = subprocess.run([sys.executable, "-c", STOP_WHILE_LOADING, "info", "/no/such/dataset", *extra],
+                           capture_output=True, text=True, env={**ENV, **env, "STOP": stop}, timeout=60)
+        assert r.returncode == 128 + getattr(signal, stop), (r.returncode, r.stderr)
+        assert r.stderr == "logitify: interrupted\n", r.stderr
+        if extra or env:
+            assert json.loads(r.stdout) == {"ok": False, "error": "interrupted", "signal": stop}, r.stdout
+        else:
+            assert r.stdout == ""
