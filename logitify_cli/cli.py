@@ -260,10 +260,28 @@ def _write_out(text: str) -> None:
     try:
         if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
             raise OSError(errno.EBADF, "standard output is closed")
-        click.echo(text)
+        fd = _stdout_fd()
+        if fd is None:  # not a file (an in-process runner's capture)
+            click.echo(text)
+            sys.stdout.flush()
+            return
+        # Written by the descriptor, to the last byte: when a reader such as `head` leaves
+        # during a long write, the partial write(2) that follows was taken as complete by
+        # Python's buffered stdout, which then dropped the rest and exited 0.
         sys.stdout.flush()
+        data = memoryview((text + "\n").encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+        while data:
+            data = data[os.write(fd, data):]
     except OSError as e:
         raise _StdoutLost() from e
+
+
+def _stdout_fd():
+    """sys.stdout's file descriptor, or None where it has none."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 _CONSOLE = False  # set by entry(): the console script owns its process, and so its stdout

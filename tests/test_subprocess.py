@@ -465,3 +465,20 @@ def test_a_stop_while_the_console_script_loads_is_quiet(stop):
             assert json.loads(r.stdout) == {"ok": False, "error": "interrupted", "signal": stop}, r.stdout
         else:
             assert r.stdout == ""
+
+
+def test_a_reader_that_leaves_during_a_long_answer_is_exit_141_not_a_cut_answer(tmp_path, rng):
+    """`logitify encode ... --json | head -c 100`: the reader leaves while the answer (127 kB here, with 2,000
+    files skipped) is half written. Python's buffered stdout took the partial write as whole and the run
+    exited 0 with the rest dropped; a reader that leaves is SIGPIPE's status, 141."""
+    src = tmp_path / "src"
+    save(str(src / "a.png"), photo(rng, 4, 4))
+    for i in range(2000):
+        (src / f"empty-{i}.png").write_bytes(b"")
+    p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(src), "-o", str(tmp_path / "o"),
+                          "--json", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert p.stdout.read(100).startswith(b'{"ok": true')  # the answer has begun: the rest is on its way
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141, (p.returncode, err)
+    assert b"Traceback" not in err
