@@ -508,6 +508,12 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         if holdout[1] == (split or "train"):
             raise UsageError(f"--holdout names the split {split or 'train'!r} this run already makes; name another")
     recipe = None
+    said = []  # warnings given before the run, which the result's warnings (--json) carry too
+
+    def warn(message: str) -> None:
+        said.append(message)
+        report.warn(message)
+
     if preset:
         from .presets import resolve
 
@@ -517,13 +523,13 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         params = {"filter": "resample"}
         given = {k: v for k, v in given.items()
                  if ctx.get_parameter_source(params.get(k, k)) not in (None, click.core.ParameterSource.DEFAULT)}
-        values, recipe = resolve(preset, given, report.warn)
+        values, recipe = resolve(preset, given, warn)
         size, crop, resize_mode, resample, bits, channels = (values[k] for k in (
             "size", "crop", "resize_mode", "filter", "bits", "channels"))
         if jpeg_draft:  # never part of a recipe: other pixels than any published set's
             recipe["deviations"].append({"option": "jpeg_draft", "preset": False, "given": True})
-            report.warn(f"--jpeg-draft gives other pixels than preset {preset}'s recipe: this dataset is not "
-                        f"{preset} as published, and its manifest says so")
+            warn(f"--jpeg-draft gives other pixels than preset {preset}'s recipe: this dataset is not "
+                 f"{preset} as published, and its manifest says so")
     if size is None and (resize_mode or resample):
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
@@ -561,14 +567,17 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
                              "(e.g. -- --direct_num_workers=4, or your engine's worker count)")
 
         with _private_temp():
-            return encode_beam(opts, report, beam_args)
-    if beam_args:
-        raise UsageError("options after '--' are for --runner beam")
-    if "://" in out:
-        raise UsageError("an output folder in a bucket needs --runner beam (its workers write the shards there)")
-    from .encode_run import run_encode
+            result = encode_beam(opts, report, beam_args)
+    else:
+        if beam_args:
+            raise UsageError("options after '--' are for --runner beam")
+        if "://" in out:
+            raise UsageError("an output folder in a bucket needs --runner beam (its workers write the shards there)")
+        from .encode_run import run_encode
 
-    return run_encode(opts, report)
+        result = run_encode(opts, report)
+    result.warnings[:0] = said
+    return result
 
 
 @click.command(cls=BeamArgsCommand, context_settings=CONTEXT)

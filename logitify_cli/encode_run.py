@@ -294,8 +294,8 @@ def write_dataset(out: str, fmt, m, counts: dict, grey_note: str | None, report)
         manifest_mod.write(out, m)
     except OSError as e:
         raise write_error(e, manifest_mod.MANIFEST) from None
-    closing = [grey_note] if grey_note else []
-    for note in closing + count_notes(m, counts):
+    closing = ([grey_note] if grey_note else []) + count_notes(m, counts)
+    for note in closing:
         report.warn(note)
     return extra, closing
 

@@ -149,6 +149,13 @@ def test_cifar10_takes_32x32_images_as_they_are(cli, tmp_path, rng, monkeypatch)
         np.testing.assert_array_equal(got[k], (a >> 4) << 4)
     r = cli("info", out4)
     assert "--bits 4 instead of the preset's 8" in r.output
+    # --json carries what stderr said: a pipeline reading only the answer learns it is not CIFAR-10 as published.
+    r = cli("encode", src, "-o", tmp_path / "out5", "--preset", "cifar10", "--bits", "4", "--workers", "1", "--json")
+    assert r.exit_code == 0, r.output
+    warnings = json.loads(r.stdout)["warnings"]
+    assert [w for w in warnings if "--bits 4 overrides preset cifar10's 8" in w]
+    assert [w for w in warnings if "split train has 50,000 images as published, this dataset holds 3" in w]
+    assert all(w in r.stderr for w in warnings)
 
 
 def test_cifar10_refuses_photos_before_writing_anything(cli, tmp_path, rng):
