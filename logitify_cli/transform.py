@@ -10,9 +10,10 @@ Numerical care, so that float32 logits give every level back at any alpha:
   y = sign(p-q) * log1p(|p-q| / min(p,q)) keeps full relative precision
   near p = 1/2 (large alpha) and near 0 or 1 (tiny alpha);
 - the inverse goes through tanh(y/2) = p - q, in float64;
-- uniform noise keeps a guard of GUARD (in level units) from the edges of
-  each level's interval, far below any statistical test's reach but above
-  float32 rounding, so floor() can never land on a neighbour.
+- uniform noise keeps a guard of GUARD (in level units; at most a quarter
+  of an interval narrower than 4*GUARD) from the edges of each level's
+  interval, far below any statistical test's reach but above float32
+  rounding, so floor() can never land on a neighbour.
 - each image's noise is a counter-based hash of (seed, key, pixel index): it
   does not depend on batch size, order, worker or device.
 - per-image sums are fixed-order pairwise trees, so an image's log-det has
