@@ -485,10 +485,11 @@ def _name_claims_fn():
 
 
 def _clashing(claim):
-    """The claimants of a file, when more than one key claims it."""
-    _, who = claim
-    who = list(who)
-    return who if len({(shard, position) for shard, position, _, _ in who}) > 1 else []
+    """The claimants of a name, when more than one key competes for it (outputs.clashing)."""
+    from .outputs import clashing
+
+    _, claims = claim
+    return clashing(list(claims))
 
 
 @_restoring_filesystems

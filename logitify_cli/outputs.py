@@ -34,8 +34,11 @@ class Refused(Exception):
     """A key whose file cannot be written where it belongs without touching something else."""
 
 
-def key_relpath(key: str) -> str:
+def key_relpath(key: str, long_name: bool = False) -> str:
     """A key as a relative path inside the output folder, or ValueError.
+
+    With long_name, its last name may be longer than a file name can be
+    (PngNames then cuts it to fit).
 
     Keys come from manifests written by strangers: empty keys, NUL,
     absolute paths and '..' components are refused rather than cleaned up.
@@ -66,7 +69,7 @@ def key_relpath(key: str) -> str:
         raise ValueError("key climbs out of the output folder ('..')")
     if not parts:
         raise ValueError("key names the output folder itself, not a file in it")
-    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+    if any(len(os.fsencode(p)) > NAME_MAX for p in (parts[:-1] if long_name else parts)):
         raise ValueError(f"key has a name longer than {NAME_MAX} bytes")
     if os.name == "nt":
         devices = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
@@ -379,71 +382,130 @@ class ImageOutput:
         raise NotImplementedError
 
 
+def _tag(text: str) -> str:
+    """12 hex digits of a name: what makes a name that had to change unlike any other."""
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+
+
+def _last_resort(rel: str) -> str:
+    """A key's file when neither of its own names can be had: its name, cut to fit, then ~TAG.png.
+
+    The tag is of the key's path, so no other key's names can be the same.
+    """
+    head, _, base = rel.rpartition("/")
+    room = NAME_MAX - len("~") - 12 - len(".png")
+    while len(os.fsencode(base)) > room:
+        base = base[:-1]
+    name = f"{base}~{_tag(rel)}.png"
+    return f"{head}/{name}" if head else name
+
+
+def _png_folders(rel: str) -> list:
+    """The folders of a file's path that a PNG file could also be named (those ending in '.png')."""
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if p.endswith(".png")]
+
+
 class PngNames:
     """The PNG each key decodes to, taken in key order.
 
-    A key's file is the key with '.png' for its image suffix; when an
-    earlier key took that name (a.jpg before a.png), the key with '.png'
-    added; when that is taken too, the key is refused.
+    A key's file is the key with '.png' for its image suffix. When an
+    earlier key took that name (a.jpg before a.png), or a folder of an
+    earlier key's file has it, or it is too long for a file name, the key
+    with '.png' added; failing that too, its name cut to fit with ~TAG.png.
+    A folder whose name an earlier key's file took (b.jpg decoded as b.png,
+    then b.png/c.png) becomes FOLDER~TAG for the files after it.
     """
 
     def __init__(self, classes=None):
         self.classes = list(classes or ())
         self.taken = set()
+        self.folders = set()  # folders of taken files whose names end in '.png'
 
-    def claims(self, key: str, label: int = -1):
-        """(file, second file) the key may take; ValueError for a key no file can be made for.
+    def claims(self, key: str, label: int = -1) -> tuple:
+        """The files the key may take, in the order it takes them: each a path, or the ValueError saying why not.
 
-        The second is the ValueError itself when '.png' added makes too long a name.
+        ValueError for a key no file can be made for.
         """
-        key_relpath(key)  # the key's own rules first: a class folder before '/abs' must not make it relative
+        rel = key_relpath(key, long_name=True)  # the key's own rules first: a class folder before '/abs' must not make it relative
         if 0 <= label < len(self.classes):
             folder = class_folder(self.classes[label])
             if folder and not key.startswith(folder + "/"):
-                key = folder + "/" + key
-        first = png_relpath(key)
-        try:
-            second = png_relpath(key, replace_suffix=False)
-        except ValueError as e:  # too long with '.png' added: it can only have its first name
-            second = e
-        return first, second
+                key, rel = folder + "/" + key, folder + "/" + rel
+        out = []
+        for replace in (True, False):
+            try:
+                out.append(png_relpath(key, replace_suffix=replace))
+            except ValueError as e:  # too long with '.png'
+                out.append(e)
+        out.append(_last_resort(rel))
+        return tuple(out)
+
+    def _moved(self, rel: str) -> str:
+        """The path with each folder that a taken file already names given its ~TAG."""
+        for _ in range(rel.count("/")):
+            folder = next((f for f in _png_folders(rel) if f in self.taken), None)
+            if folder is None:
+                break
+            rel = f"{folder}~{_tag(folder)}" + rel[len(folder):]
+        return rel
 
     def take(self, key: str, label: int = -1) -> str:
         """The file of the next key in order (ValueError if it can have none)."""
-        first, second = self.claims(key, label)
-        rel = first
-        if rel in self.taken:  # e.g. a.jpg and a.png both in the input
-            if isinstance(second, ValueError):
-                raise second
-            rel = second
-            if rel in self.taken:
-                raise ValueError(f"two keys map to the same file {rel!r}")
-        self.taken.add(rel)
-        return rel
+        names = self.claims(key, label)
+        for rel in names:
+            if isinstance(rel, ValueError):
+                continue
+            rel = self._moved(rel)
+            if rel in self.taken or rel in self.folders:
+                continue
+            self.taken.add(rel)
+            self.folders.update(_png_folders(rel))
+            return rel
+        raise ValueError(f"two keys map to the same file {names[1] if isinstance(names[1], str) else names[0]!r}")
+
+
+def own_name(claims: tuple) -> str:
+    """The file a key takes when no other key competes for its names."""
+    return next(rel for rel in claims if isinstance(rel, str))
 
 
 def name_claims(classes, shard: int, start: int, keys, labels):
-    """(file, (shard, position, key, label)) for each file each key may take: settle_names' input."""
+    """(name, (kind, (shard, position, key, label))) for each file each key may take and each of its
+    folders a file could be named (kind 'file' or 'folder'): settle_names' input, grouped by name."""
     names = PngNames(classes)
     for i, (key, label) in enumerate(zip(keys, labels)):
         key, label = str(key), int(label)
         try:
-            first, second = names.claims(key, label)
+            claims = names.claims(key, label)
         except ValueError:  # refused whatever the other keys are
             continue
         who = (shard, start + i, key, label)
-        yield first, who
-        if isinstance(second, str) and second != first:
-            yield second, who
+        files = {rel for rel in claims if isinstance(rel, str)}
+        for rel in sorted(files):
+            yield rel, ("file", who)
+        for folder in sorted({f for rel in files for f in _png_folders(rel)}):
+            yield folder, ("folder", who)
+
+
+def clashing(claims) -> list:
+    """The keys that compete for one name: two keys' files, or a key's file and another's folder."""
+    files = {who for kind, who in claims if kind == "file"}
+    folders = {who for kind, who in claims if kind == "folder"}
+    if len({w[:2] for w in files}) > 1 or (files and {w[:2] for w in folders} - {w[:2] for w in files}):
+        return sorted(files | folders)
+    return []
 
 
 def settle_names(clashing, classes) -> dict:
-    """{(shard, position): (file, None) or (None, reason)} for keys whose files other keys claim too.
+    """{(shard, position): (file, None) or (None, reason)} for keys whose names other keys claim too.
 
     `clashing` holds (shard, position, key, label) of every key that claims
-    a file another key claims as well. Taking those keys alone in key order
+    a name another key claims as well. Taking those keys alone in key order
     gives each the file taking every key would: a key no other key competes
-    with has its first name whatever comes before it.
+    with has its own name whatever comes before it.
     """
     names = PngNames(classes)
     out = {}
@@ -479,7 +541,7 @@ class PngOutput(ImageOutput):
             return self._names.take(key, label)
         settled = self._settled.get(self._at)
         if settled is None:  # no other key claims its names: its own
-            return self._names.claims(key, label)[0]
+            return own_name(self._names.claims(key, label))
         rel, reason = settled
         if reason is not None:
             raise ValueError(reason)

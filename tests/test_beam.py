@@ -100,6 +100,36 @@ def test_beam_decode_names_files_as_the_local_runner(cli, tmp_path, rng):
         np.testing.assert_array_equal(back, np.asarray(Image.open(src / key)))
 
 
+def test_files_and_folders_that_want_one_name_and_names_at_the_limit_decode_alike(cli, tmp_path, rng):
+    """b.tif after the folder b.png/, k/b.jpg before the folder k/b.png/, two names of 255 bytes: whatever
+    encode accepts decodes, to the same tree with either runner, each file its own key's image."""
+    src = tmp_path / "src"
+    names = ["b.tif", "b.png/c.png", "k/b.jpg", "k/b.png/c.png", "k/b.png/d.bmp",
+             "x" * 251 + ".bmp", "x" * 251 + ".png"]
+    for name in names:
+        save(str(src / name), photo(rng, 6, 6), **({"quality": 95} if name.endswith(".jpg") else {}))
+    enc = tmp_path / "enc"
+    assert cli("encode", src, "-o", enc, "--shard-size", "2").exit_code == 0
+
+    def tree(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    r = cli("decode", enc, "-o", local, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_images"] == len(names), r.output
+    made = tree(local)
+    assert len(made) == len(names) and {"b.tif.png", "b.png/c.png", "k/b.png", "x" * 251 + ".png"} <= set(made)
+    r = cli("decode", enc, "-o", beam, *BEAM_HERE)
+    assert r.exit_code == 0, r.output
+    assert tree(beam) == made
+    back = {}
+    for rel in made:
+        back[rel] = np.asarray(Image.open(local / rel).convert("RGB"))
+    assert sorted(a.tobytes() for a in back.values()) == sorted(
+        np.asarray(Image.open(src / name).convert("RGB")).tobytes() for name in names)
+    np.testing.assert_array_equal(back["k/b.png"], np.asarray(Image.open(src / "k/b.jpg")))
+
+
 def test_beam_names_colour_images_a_grey_guess_missed(cli, tmp_path, rng):
     src = tmp_path / "grey"
     for i in range(130):  # the spread sample misses the second input

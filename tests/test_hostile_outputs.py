@@ -411,21 +411,27 @@ def test_backslash_and_colon_are_ordinary_characters(cli, keyed, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["png", "npz"])
 def test_keys_that_cannot_be_file_names_are_refused_one_by_one(cli, keyed, tmp_path, fmt):
-    """Escapes, '..', absolute paths, lone surrogates and overlong names: each refused, the rest written."""
-    bad = ["../up.png", "/abs/x.png", "a/../../up2.png", ".", "lone\ud800surrogate.png", "y" * 300 + ".png"]
-    ds = keyed(bad + ["good.png"])
+    """Escapes, '..', absolute paths and lone surrogates: each refused, the rest written. A name too long for a
+    file is cut to fit and tagged, and an overlong folder name is refused."""
+    import hashlib
+
+    long = "y" * 300 + ".png"
+    bad = ["../up.png", "/abs/x.png", "a/../../up2.png", ".", "lone\ud800surrogate.png", "z" * 300 + "/in.png"]
+    ds = keyed(bad + ["good.png", long])
     out = tmp_path / "sandbox" / "out"
     r = cli("decode", ds, "-o", out, "-f", fmt)
     assert "Traceback" not in r.output
     if fmt == "npz":  # keys are data in an npz: nothing to refuse
         assert r.exit_code == 0, r.output
         with np.load(out / "images-00000-of-00001.npz", allow_pickle=False) as z:
-            assert len(z["keys"]) == 7
+            assert len(z["keys"]) == 8
         return
     assert r.exit_code == 1
     assert len(refusal_lines(r.stderr)) == len(bad)
     assert f"logitify: error: {len(bad)} key(s)" in r.stderr
-    assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/good.png": snapshot(out)["good.png"]}
+    cut = "y" * 238 + "~" + hashlib.blake2b(long.encode(), digest_size=6).hexdigest() + ".png"
+    assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/good.png": snapshot(out)["good.png"],
+                                              f"out/{cut}": snapshot(out)[cut]}
 
 
 def test_a_flood_of_refused_keys_is_counted_not_all_kept(cli, keyed, tmp_path):

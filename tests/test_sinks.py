@@ -111,9 +111,11 @@ def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path,
     assert victim.read_bytes() == b"someone's file" and not os.path.lexists(w.tmp)
 
 
-# Keys from a few stems and suffixes, so that many compete for one PNG name (a.jpg, a.png, a.png.png).
+# Keys from a few stems, suffixes and folders, so that many compete for one PNG name (a.jpg, a.png, a.png.png),
+# a file's name is another key's folder (a.jpg, a.png/b.png), or names reach the file system's limit.
 _KEY = st.builds(lambda folder, stem, ends: folder + stem + "".join(ends),
-                 st.sampled_from(["", "cats/", "dogs/"]), st.sampled_from(["a", "b", "a.png"]),
+                 st.sampled_from(["", "cats/", "dogs/", "a.png/", "cats/a.png/", "a.png/a.png/"]),
+                 st.sampled_from(["a", "b", "a.png", "x" * 248]),
                  st.lists(st.sampled_from([".png", ".jpg", ".PNG", ".bmp", ""]), max_size=2))
 
 
@@ -163,12 +165,30 @@ def test_names_settled_per_shard_are_those_taken_in_key_order(keyed, cuts, class
     assert len(made) == len(set(made))  # no two keys ever share a file
 
 
-def test_a_key_whose_names_are_both_taken_is_refused():
-    from logitify_cli.outputs import PngNames
+def test_a_key_whose_own_names_cannot_be_had_gets_its_name_cut_to_fit_and_tagged():
+    """Both names taken, a folder in the way, a name too long: a name still, made from the key."""
+    import hashlib
+
+    from logitify_cli.outputs import NAME_MAX, PngNames
+
+    def tag(text):
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     names = PngNames()
     assert [names.take(k) for k in ("a.png", "a.jpg", "a.png.png")] == ["a.png", "a.jpg.png", "a.png.png"]
     names = PngNames()
-    assert [names.take(k) for k in ("a.png", "a.jpg.png")] == ["a.png", "a.jpg.png"]
-    with pytest.raises(ValueError, match="two keys map to the same file 'a.jpg.png'"):
-        names.take("a.jpg")  # a.png and a.jpg.png are both taken
+    assert [names.take(k) for k in ("a.png", "a.jpg.png", "a.jpg")] == ["a.png", "a.jpg.png", f"a.jpg~{tag('a.jpg')}.png"]
+    # A file and a folder that want one name, in either order: the folder keeps it when it came first.
+    names = PngNames()
+    assert [names.take(k) for k in ("b.png/c.png", "b.tif")] == ["b.png/c.png", "b.tif.png"]
+    names = PngNames()
+    moved = f"k/b.png~{tag('k/b.png')}"
+    assert [names.take(k) for k in ("k/b.jpg", "k/b.png/c.png", "k/b.png/d.tif")] == [
+        "k/b.png", f"{moved}/c.png", f"{moved}/d.png"]
+    # Names at the file system's limit: the second key's name, and every record of a long file name.
+    names = PngNames()
+    long_jpg, long_png, record = "x" * 251 + ".jpg", "x" * 251 + ".png", "r" * 246 + ".tfrecord:0"
+    got = [names.take(k) for k in (long_jpg, long_png, record)]
+    assert got[0] == long_png
+    assert got[1] == "x" * (NAME_MAX - 17) + f"~{tag(long_png)}.png" and len(got[1]) == NAME_MAX
+    assert got[2] == record[:NAME_MAX - 17] + f"~{tag(record)}.png"
