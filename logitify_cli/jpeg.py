@@ -36,6 +36,10 @@ except ImportError:  # pragma: no cover - depends on the installation
 _SOF_OK = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman
 _SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # every start of frame (not DHT, JPG, DAC)
 _EXIF = b"Exif\x00\x00"
+# More scans than any encoder writes (libjpeg's progressive script has 10, mozjpeg's at most some 60):
+# such a progressive file goes to Pillow's road at once. Counting 0xFF 0xDA counts the scans (entropy-
+# coded data never holds it; a table or comment between scans might, which only sends a file to Pillow).
+MAX_SCANS = 128
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 # Segments Pillow's JPEG plugin parses in Python as it opens a file, where
 # its own checks can refuse the file: EXIF (orientation, resolution, the
@@ -61,7 +65,7 @@ def header(data: bytes):
     unpack = struct.unpack_from
     pos, n = 2, len(data)
     size = exif = None
-    xmp = False
+    xmp = progressive = False
     settled = True
     while True:
         if pos + 4 > n or data[pos] != 0xFF:
@@ -82,6 +86,7 @@ def header(data: bytes):
             if precision != 8 or comps not in (1, 3) or h < 1 or w < 1:
                 return None
             size = (w, h, comps)
+            progressive = marker == 0xC2
         elif marker == 0xE0 and body.startswith(b"JFIF") and len(body) < 7:
             return None  # Pillow cannot read the JFIF version and refuses the file
         elif marker == 0xE1:
@@ -101,6 +106,10 @@ def header(data: bytes):
             settled = False
         pos += 2 + length
     if size is None or (exif is not None and xmp):  # Pillow may take the orientation from the XMP packet then
+        return None
+    if progressive and data.count(b"\xff\xda", pos) > MAX_SCANS:
+        # Thousands of scans each redo the whole image: decoded here, then again by Pillow's road
+        # when libjpeg warns at the end, such a file took four times Pillow's own (long) time.
         return None
     return (*size, settled)
 

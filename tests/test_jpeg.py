@@ -149,6 +149,18 @@ def test_shortcut_declines_what_libjpeg_alone_cannot_settle(rng):
     assert same(outcome(only_xmp, 3, True), outcome(only_xmp, 3, False))
 
 
+def test_a_progressive_file_of_too_many_scans_goes_to_pillows_road(rng):
+    """Every scan redoes the whole image: a file of thousands is Pillow's to decode (or refuse), once."""
+    prog = jpeg_bytes(photo(rng, 16, 16), progressive=True)
+    last = prog.rindex(b"\xff\xda")
+    scans = prog.count(b"\xff\xda")
+    assert jpeg.header(prog) is not None and 2 < scans <= jpeg.MAX_SCANS
+    many = prog[:-2] + prog[last:-2] * (jpeg.MAX_SCANS + 1 - scans) + b"\xff\xd9"  # the last scan, over and over
+    assert jpeg.header(many) is None
+    assert same(outcome(many, 3, True), outcome(many, 3, False))
+    assert jpeg.header(prog[:-2] + prog[last:-2] * (jpeg.MAX_SCANS - scans) + b"\xff\xd9") is not None
+
+
 def test_pixel_limits_apply_to_the_shortcut(rng):
     data = jpeg_bytes(photo(rng, 20, 20))
     assert _plain_jpeg(data, 399, 3, None, None) is None
