@@ -220,6 +220,15 @@ class _Source:
     def read(self, n: int) -> bytes:
         return os.read(self.fd, n) if self.fd is not None else self.fileobj.read(n)
 
+    def readinto(self, view: memoryview) -> int:
+        if self.fd is not None:
+            return os.readv(self.fd, [view])
+        if hasattr(self.fileobj, "readinto"):
+            return self.fileobj.readinto(view) or 0
+        got = self.fileobj.read(len(view))
+        view[:len(got)] = got
+        return len(got)
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -255,6 +264,22 @@ class _PlainBytes:
         self._buf, self._pos = buf, len(out)
         self.left -= len(out)
         return out
+
+    def take_own(self, n: int) -> memoryview:
+        """take(n), in a buffer of its own that a large record is read straight into (no copy of it is made)."""
+        if n < _BLOCK:
+            return memoryview(bytearray(self.take(n)))
+        view = memoryview(bytearray(n))
+        have = min(n, len(self._buf) - self._pos)
+        view[:have] = self._buf[self._pos:self._pos + have]
+        self._buf, self._pos = b"", 0
+        while have < n:
+            got = self._fd.readinto(view[have:])
+            if not got:
+                break
+            have += got
+        self.left -= have
+        return view[:have]
 
 
 class _GzipBytes:
@@ -310,6 +335,23 @@ class _GzipBytes:
         self._buf, self._pos = buf, len(out)
         return out
 
+    def take_own(self, n: int) -> memoryview:
+        """take(n), in a buffer of its own that a large record is inflated into piece by piece."""
+        if n < _BLOCK:
+            return memoryview(bytearray(self.take(n)))
+        view = memoryview(bytearray(n))
+        have = min(n, len(self._buf) - self._pos)
+        view[:have] = self._buf[self._pos:self._pos + have]
+        self._buf, self._pos = b"", 0
+        while have < n:
+            pieces = self._more(min(n - have, _BLOCK))
+            if not pieces:
+                break
+            for piece in pieces:
+                view[have:have + len(piece)] = piece
+                have += len(piece)
+        return view[:have]
+
 
 def _open_bytes(path: str, compression_type: str, bound_inflated: bool):
     """(source, byte stream) of a regular file or a bucket's object; OSError for anything else.
@@ -339,8 +381,10 @@ def _at(stream, offset: int) -> str:
     return f"offset {offset}" if stream.left is not None else f"offset {offset} of the inflated data"
 
 
-def _frames(stream, max_record_bytes: int):
+def _frames(stream, max_record_bytes: int, own: bool = False):
     """(data, stored masked data checksum, offset of its header) of each record; RecordError where framing fails.
+
+    With `own`, each record's data is a memoryview of a buffer of its own (see take_own).
 
     A record's length is trusted only once its checksum matches, it fits in
     what the file still holds (when known) and is at most max_record_bytes.
@@ -379,7 +423,7 @@ def _frames(stream, max_record_bytes: int):
             raise RecordError(index, f"the header at {at} claims {n} bytes, more than the {max_record_bytes} "
                                      f"a record may have{lost()}")
         try:
-            data = take(n)
+            data = stream.take_own(n) if own else take(n)
             crc = take(4)
         except _Unreadable as e:
             raise RecordError(index, str(e)) from None
@@ -388,6 +432,7 @@ def _frames(stream, max_record_bytes: int):
         if len(data) < n or len(crc) < 4:
             raise RecordError(index, f"the file ends inside the record at {at} (truncated)")
         yield data, crc, offset
+        del data  # before the next record's buffer is made
         index += 1
         offset += 16 + n
 
@@ -402,13 +447,15 @@ def read_records(path: str, compression_type: str = "", check_data: bool = True,
     .index and .reason) where the framing fails, after giving every record
     before it; OSError if the file cannot be opened or is not a regular
     file. `check_data=False` skips the data checksums (files vouched for by
-    a sha256); `max_record_bytes` caps each record, `bound_inflated` limits
+    a sha256) and gives each record as a memoryview of a buffer of its own,
+    a large one read straight into it, so reading holds one record's bytes
+    once; `max_record_bytes` caps each record, `bound_inflated` limits
     what a GZIP file may inflate to (GZIP_MAX_RATIO, GZIP_MIN_BUDGET).
     """
     source, stream = _open_bytes(path, compression_type, bound_inflated)
     try:
         if not check_data:
-            for data, _, _ in _frames(stream, max_record_bytes):
+            for data, _, _ in _frames(stream, max_record_bytes, own=True):
                 yield data
             return
         batch, crcs, offsets, size = [], [], [], 0

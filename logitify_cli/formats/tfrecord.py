@@ -7,7 +7,6 @@ Features: `logits` (raw little-endian float32 bytes, HWC), `logdet` (float),
 """
 from __future__ import annotations
 
-import gzip
 import os
 import struct
 
@@ -23,56 +22,29 @@ from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expa
 TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 KEY_BYTES_MAX = 16384  # a record's key, label and log-det take far less
 TFDS_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
-READ_PIECE = 8 << 20  # a record is read into its buffer this much at a time
 
 
 # -- reading back, in the memory of one record ---------------------------------------------------
 #
-# A record is read into one buffer, in pieces (gzip's read() of 128 MB at once
-# costs several times that), and parsed through memoryviews, so the logits
-# are never copied out of it: protobuf objects, or slicing bytes at each
-# level of an Example, held five copies of a record's logits at once.
+# Each record is read into a buffer of its own and parsed through memoryviews
+# (records.read_records), so the logits are never copied out of it: protobuf
+# objects, or slicing bytes at each level of an Example, held five copies of
+# a record's logits at once.
 
 def _records(path: str, compressed: bool, max_length: int):
-    """Memoryviews of the records of a TFRecord file, each checked to fit before it is read."""
-    opener = gzip.open if compressed else open
-    with opener(path, "rb") as f:
-        left = None if compressed else os.fstat(f.fileno()).st_size
-        index = 0
-        while True:
-            head = f.read(12)
-            if not head:
-                return
-            if len(head) < 12:
-                raise ValueError(f"record {index}: truncated header")
-            (n,) = struct.unpack("<Q", head[:8])
-            if n > max_length:
-                raise ValueError(f"record {index}: length {n} is more than a record here can hold ({max_length})")
-            if left is not None:
-                left -= 12
-                if n + 4 > left:
-                    raise ValueError(f"record {index}: length {n} runs past the end of the file")
-                left -= n + 4
-            view = memoryview(bytearray(n))
-            got = 0
-            while got < n:
-                k = f.readinto(view[got:got + READ_PIECE])
-                if not k:
-                    raise ValueError(f"record {index}: truncated")
-                got += k
-            if len(f.read(4)) < 4:
-                raise ValueError(f"record {index}: truncated")
-            yield view
-            del view  # before the next record's buffer is made: one at a time
-            index += 1
-
-
-def _checked_records(path: str, compressed: bool, max_length: int):
-    """The records with every header and data checksum checked, as inputs are read (records.read_records).
+    """Memoryviews of the records of a shard, each checked to fit before it is read; data checksums not checked.
 
     A shard already matched its sha256: its size is bounded by refuse_expanding
     and max_length, so the inflation bound for strangers' inputs is off.
     """
+    from ..records import read_records
+
+    return read_records(path, "GZIP" if compressed else "", check_data=False, max_record_bytes=max_length,
+                        bound_inflated=False)
+
+
+def _checked_records(path: str, compressed: bool, max_length: int):
+    """The records with every header and data checksum checked, as inputs are read (records.read_records)."""
     from ..records import RecordError, read_records
 
     for rec in read_records(path, "GZIP" if compressed else "", max_record_bytes=max_length, bound_inflated=False):
