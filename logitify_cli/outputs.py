@@ -429,22 +429,30 @@ class PngNames:
 
         ValueError for a key no file can be made for.
         """
+        return tuple(self._candidates(key, label))
+
+    def _candidates(self, key: str, label: int):
+        """claims(), made one at a time (most keys take their first): the key's own checks happen at once."""
         rel = key_relpath(key, long_name=True)  # the key's own rules first: a class folder before '/abs' must not make it relative
         if 0 <= label < len(self.classes):
             folder = class_folder(self.classes[label])
             if folder and not key.startswith(folder + "/"):
                 key, rel = folder + "/" + key, folder + "/" + rel
-        out = []
+        return self._names_of(key, rel)
+
+    @staticmethod
+    def _names_of(key: str, rel: str):
         for replace in (True, False):
             try:
-                out.append(png_relpath(key, replace_suffix=replace))
+                yield png_relpath(key, replace_suffix=replace)
             except ValueError as e:  # too long with '.png'
-                out.append(e)
-        out.append(_last_resort(rel))
-        return tuple(out)
+                yield e
+        yield _last_resort(rel)
 
     def _moved(self, rel: str) -> str:
         """The path with each folder that a taken file already names given its ~TAG."""
+        if ".png/" not in rel:
+            return rel
         for _ in range(rel.count("/")):
             folder = next((f for f in _png_folders(rel) if f in self.taken), None)
             if folder is None:
@@ -454,22 +462,23 @@ class PngNames:
 
     def take(self, key: str, label: int = -1) -> str:
         """The file of the next key in order (ValueError if it can have none)."""
-        names = self.claims(key, label)
-        for rel in names:
+        tried = []
+        for rel in self._candidates(key, label):
             if isinstance(rel, ValueError):
                 continue
             rel = self._moved(rel)
             if rel in self.taken or rel in self.folders:
+                tried.append(rel)
                 continue
             self.taken.add(rel)
-            self.folders.update(_png_folders(rel))
+            if ".png/" in rel:
+                self.folders.update(_png_folders(rel))
             return rel
-        raise ValueError(f"two keys map to the same file {names[1] if isinstance(names[1], str) else names[0]!r}")
+        raise ValueError(f"two keys map to the same file {tried[-1]!r}")
 
-
-def own_name(claims: tuple) -> str:
-    """The file a key takes when no other key competes for its names."""
-    return next(rel for rel in claims if isinstance(rel, str))
+    def own(self, key: str, label: int = -1) -> str:
+        """The file a key takes when no other key competes for its names."""
+        return next(rel for rel in self._candidates(key, label) if isinstance(rel, str))
 
 
 def name_claims(classes, shard: int, start: int, keys, labels):
@@ -541,7 +550,7 @@ class PngOutput(ImageOutput):
             return self._names.take(key, label)
         settled = self._settled.get(self._at)
         if settled is None:  # no other key claims its names: its own
-            return own_name(self._names.claims(key, label))
+            return self._names.own(key, label)
         rel, reason = settled
         if reason is not None:
             raise ValueError(reason)
