@@ -383,29 +383,47 @@ class ImageOutput:
 
 
 def _tag(text: str) -> str:
-    """12 hex digits of a name: what makes a name that had to change unlike any other."""
+    """12 hex digits of a path: what makes a name that had to change unlike any other."""
     import hashlib
 
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
 
 
-def _last_resort(rel: str) -> str:
-    """A key's file when neither of its own names can be had: its name, cut to fit, then ~TAG.png.
+_TAGGED = "~" + "[0-9a-f]" * 12  # what _tagged adds to a name (its pattern, for fnmatch)
 
-    The tag is of the key's path, so no other key's names can be the same.
-    """
-    head, _, base = rel.rpartition("/")
-    room = NAME_MAX - len("~") - 12 - len(".png")
-    while len(os.fsencode(base)) > room:
-        base = base[:-1]
-    name = f"{base}~{_tag(rel)}.png"
+
+def _cut(name: str, room: int) -> str:
+    """name, cut to at most `room` bytes as a file name (never inside a character)."""
+    name = name[:room]
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return name
+
+
+def _tagged(path: str, end: str = "") -> str:
+    """path with its last name cut to fit, then ~TAG (of the whole path) and `end`."""
+    head, _, base = path.rpartition("/")
+    name = _cut(base, NAME_MAX - 13 - len(end)) + f"~{_tag(path)}{end}"
     return f"{head}/{name}" if head else name
+
+
+def _last_resort(rel: str) -> str:
+    """A key's file when neither of its own names can be had: its name, cut to fit, then ~TAG.png."""
+    return _tagged(rel, ".png")
 
 
 def _png_folders(rel: str) -> list:
     """The folders of a file's path that a PNG file could also be named (those ending in '.png')."""
     parts = rel.split("/")[:-1]
     return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if p.endswith(".png")]
+
+
+def _tagged_folders(rel: str) -> list:
+    """The folders of a file's path named as PngNames renames a folder (NAME~TAG): a renamed one may meet them."""
+    import fnmatch
+
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if fnmatch.fnmatchcase(p, "*" + _TAGGED)]
 
 
 class PngNames:
@@ -457,7 +475,7 @@ class PngNames:
             folder = next((f for f in _png_folders(rel) if f in self.taken), None)
             if folder is None:
                 break
-            rel = f"{folder}~{_tag(folder)}" + rel[len(folder):]
+            rel = _tagged(folder) + rel[len(folder):]
         return rel
 
     def take(self, key: str, label: int = -1) -> str:
@@ -482,8 +500,13 @@ class PngNames:
 
 
 def name_claims(classes, shard: int, start: int, keys, labels):
-    """(name, (kind, (shard, position, key, label))) for each file each key may take and each of its
-    folders a file could be named (kind 'file' or 'folder'): settle_names' input, grouped by name."""
+    """(name, (kind, (shard, position, key, label))): settle_names' input, grouped by name.
+
+    Each key claims each file it may take ('file'), each folder of those a
+    PNG file could be named ('folder'), and each folder named as a renamed
+    one is ('folder'); and, for each such '.png' folder, the name it would
+    be renamed to ('moved').
+    """
     names = PngNames(classes)
     for i, (key, label) in enumerate(zip(keys, labels)):
         key, label = str(key), int(label)
@@ -495,16 +518,23 @@ def name_claims(classes, shard: int, start: int, keys, labels):
         files = {rel for rel in claims if isinstance(rel, str)}
         for rel in sorted(files):
             yield rel, ("file", who)
-        for folder in sorted({f for rel in files for f in _png_folders(rel)}):
+        png = {f for rel in files for f in _png_folders(rel)}
+        for folder in sorted(png | {f for rel in files for f in _tagged_folders(rel)}):
             yield folder, ("folder", who)
+        for folder in sorted(png):
+            yield _tagged(folder), ("moved", who)
 
 
 def clashing(claims) -> list:
-    """The keys that compete for one name: two keys' files, or a key's file and another's folder."""
-    files = {who for kind, who in claims if kind == "file"}
-    folders = {who for kind, who in claims if kind == "folder"}
-    if len({w[:2] for w in files}) > 1 or (files and {w[:2] for w in folders} - {w[:2] for w in files}):
-        return sorted(files | folders)
+    """The keys that compete for one name: two keys' files, a key's file and another's folder, or a
+    folder renamed as one that another key's files are in."""
+    of = {"file": set(), "folder": set(), "moved": set()}
+    for kind, who in claims:
+        of[kind].add(who)
+    keys = {kind: {w[:2] for w in whos} for kind, whos in of.items()}
+    if (len(keys["file"]) > 1 or (keys["file"] and keys["folder"] - keys["file"])
+            or (keys["moved"] and keys["folder"] - keys["moved"])):
+        return sorted(of["file"] | of["folder"] | of["moved"])
     return []
 
 

@@ -113,9 +113,18 @@ def test_a_shard_is_never_written_through_a_link_at_its_temporary_name(tmp_path,
 
 # Keys from a few stems, suffixes and folders, so that many compete for one PNG name (a.jpg, a.png, a.png.png),
 # a file's name is another key's folder (a.jpg, a.png/b.png), or names reach the file system's limit.
+def _renamed(folder):
+    """The name PngNames gives a folder whose name a file took: cut to fit, then ~ and 12 hex digits of it."""
+    import hashlib
+
+    return folder[:242] + "~" + hashlib.blake2b(folder.encode(), digest_size=6).hexdigest()
+
+
+_LONG = "y" * 251 + ".png"  # a folder whose renamed name must be cut to fit
 _KEY = st.builds(lambda folder, stem, ends: folder + stem + "".join(ends),
-                 st.sampled_from(["", "cats/", "dogs/", "a.png/", "cats/a.png/", "a.png/a.png/"]),
-                 st.sampled_from(["a", "b", "a.png", "x" * 248]),
+                 st.sampled_from(["", "cats/", "dogs/", "a.png/", "cats/a.png/", "a.png/a.png/",
+                                  _renamed("a.png") + "/", _LONG + "/", _renamed(_LONG) + "/"]),
+                 st.sampled_from(["a", "b", "a.png", "x" * 248, _LONG[:-4]]),
                  st.lists(st.sampled_from([".png", ".jpg", ".PNG", ".bmp", ""]), max_size=2))
 
 
@@ -163,6 +172,9 @@ def test_names_settled_per_shard_are_those_taken_in_key_order(keyed, cuts, class
     assert apart == local
     made = [rel for rel in local.values() if rel != "refused"]
     assert len(made) == len(set(made))  # no two keys ever share a file
+    folders = {"/".join(rel.split("/")[:i]) for rel in made for i in range(1, rel.count("/") + 1)}
+    assert not folders & set(made)  # nor is a file where another key's file needs a folder
+    assert all(len(part.encode()) <= 255 for rel in made for part in rel.split("/"))
 
 
 def test_a_key_whose_own_names_cannot_be_had_gets_its_name_cut_to_fit_and_tagged():
