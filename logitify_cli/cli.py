@@ -260,8 +260,8 @@ def _write_out(text: str) -> None:
     try:
         if sys.stdout is None:  # closed by the caller (>&-): the answer would be lost silently
             raise OSError(errno.EBADF, "standard output is closed")
-        fd = _stdout_fd()
-        if fd is None:  # not a file (an in-process runner's capture)
+        fd = _stdout_fd() if _CONSOLE and sys.stdout is sys.__stdout__ else None
+        if fd is None:  # a stdout of the caller's (an in-process runner's capture, a notebook's stream)
             click.echo(text)
             sys.stdout.flush()
             return
@@ -767,18 +767,9 @@ def unread_environment() -> list:
 
 def _asked_for_json(args) -> bool:
     """Whether a command line stopped before click had read it asked for --json (flag or variable)."""
-    ours = args[:args.index("--")] if "--" in args else list(args)
-    if "--json" in ours:
-        return True
-    names = ["LOGITIFY_JSON"] + [f"LOGITIFY_{main.commands[a].name.upper()}_JSON" for a in ours if a in main.commands]
-    for name in reversed(names):  # the command's own variable first
-        value = os.environ.get(name, "").strip()
-        if value:
-            try:
-                return click.BOOL.convert(value, None, None)
-            except click.BadParameter:
-                return False
-    return False
+    from .console import asked_for_json
+
+    return asked_for_json(list(args), {alias: command.name for alias, command in main.commands.items()})
 
 
 def entry(argv=None):
@@ -804,15 +795,24 @@ def entry(argv=None):
     def terminated(signum, frame):  # from here on a scheduler's SIGTERM stops the run as Ctrl-C does
         raise _Terminated()
 
-    signal.signal(signal.SIGTERM, terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # console.py's early handler ends here
+    from .console import is_early
+
+    ignored = {stop for stop in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(stop) == signal.SIG_IGN}
+    if signal.SIGTERM not in ignored:
+        signal.signal(signal.SIGTERM, terminated)
+    if is_early(signal.getsignal(signal.SIGINT)):  # console.py's early handler ends here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _answered.clear()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = main(args=list(args), prog_name="logitify", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0  # --help and --version: click's Exit
+        if sys.stdout is not None:
+            sys.stdout.flush()  # what click wrote for --help or --version meets a closed or full stdout here
     except SystemExit as e:
         code = e.code
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's own exit 1 for a reader gone (EPIPE)
+            code = 141
     except click.exceptions.Abort as e:  # a stop before the command's own handling began (click's parsing)
         stop = e.__cause__
         if isinstance(stop, KeyboardInterrupt):
@@ -827,6 +827,12 @@ def entry(argv=None):
     except click.ClickException as e:  # a usage error
         e.show()
         code = e.exit_code
+    except OSError as e:  # --help or --version, whose text click writes itself, to a stdout that cannot take it
+        gone = isinstance(e, BrokenPipeError)
+        if not gone:
+            click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
+        _quiet_stdout()
+        code = 141 if gone else 1
     except KeyboardInterrupt as e:  # a second stop while the first one's exit unwound: its line is already out
         code = 128 + getattr(e, "signum", int(signal.SIGINT))
     status = code if isinstance(code, int) else (0 if code is None else 1)
@@ -837,7 +843,7 @@ def entry(argv=None):
         _flush_streams()
         os._exit(status)
 
-    for stop in (signal.SIGINT, signal.SIGTERM):
+    for stop in {signal.SIGINT, signal.SIGTERM} - ignored:
         signal.signal(stop, settled)
     if not _tf.loaded():
         sys.exit(code)

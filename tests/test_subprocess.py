@@ -482,3 +482,33 @@ def test_a_reader_that_leaves_during_a_long_answer_is_exit_141_not_a_cut_answer(
     _, err = p.communicate(timeout=120)
     assert p.returncode == 141, (p.returncode, err)
     assert b"Traceback" not in err
+
+
+def test_a_stop_the_caller_ignores_stays_ignored_and_alias_variables_are_their_commands():
+    """A script's `logitify ... &` starts with SIGINT ignored: a Ctrl-C meant for the script does not stop
+    the run, while it loads or after. And LOGITIFY_DECODE_JSON is what `invert` reads, stopped early or not."""
+    from logitify_cli import cli, console
+
+    assert console.COMMANDS == {alias: command.name for alias, command in cli.main.commands.items()}
+    r = subprocess.run([sys.executable, "-c", STOP_WHILE_LOADING, "info", "/no/such/dataset"], capture_output=True,
+                       text=True, env={**ENV, "STOP": "SIGINT"}, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 1 and "interrupted" not in r.stderr and "/no/such/dataset" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", STOP_WHILE_LOADING, "invert", "/no/such/dataset", "-o", "x"],
+                       capture_output=True, text=True, env={**ENV, "STOP": "SIGTERM", "LOGITIFY_DECODE_JSON": "1"},
+                       timeout=60)
+    assert r.returncode == 143 and json.loads(r.stdout)["signal"] == "SIGTERM", (r.returncode, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["encode", "--help"]])
+def test_help_and_version_to_a_stdout_that_cannot_take_them(args, tmp_path):
+    """click writes these itself: a full disk is one line and exit 1, a reader already gone is 141."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "logitify_cli", *args], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=ENV, timeout=60)
+    assert r.returncode == 1 and r.stderr == "logitify: error: cannot write to standard output: No space left on device\n"
+    p = subprocess.Popen([sys.executable, "-m", "logitify_cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV)
+    p.stdout.close()  # the reader leaves before the first line is written
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 141 and err == b"", (p.returncode, err)
