@@ -92,6 +92,7 @@ def _import(quiet: bool = False):
                 os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
             else:
                 os.environ["TF_CPP_MIN_LOG_LEVEL"] = user_level
+        module.get_logger().setLevel("ERROR")
         _tf = module
         return module
     if not own_process:

@@ -62,16 +62,18 @@ def _worker_filesystems(beam_args) -> None:
     fs.configure(options)
 
 
-def _launcher_quiet() -> bool:
-    """What a worker's TensorFlow import follows: the launcher's --verbose (see _tf.tf_quietly)."""
+def _launcher_quiet():
+    """What a worker needs to import TensorFlow quietly (_tf.tf_quietly): None if the run is --verbose,
+    else the launcher's process id, since a runner in the launcher's own process (in_memory) leaves
+    the import to the launcher, a program's as its own would be."""
     from . import _tf
 
-    return not _tf.verbose
+    return None if _tf.verbose else os.getpid()
 
 
-def _worker_tf(quiet: bool) -> None:
+def _worker_tf(quiet) -> None:
     """A worker's TensorFlow, imported before anything else asks for it, quietly unless the run is verbose."""
-    if quiet:
+    if quiet is not None and quiet != os.getpid():
         from . import _tf
 
         _tf.tf_quietly()
