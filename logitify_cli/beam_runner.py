@@ -433,9 +433,12 @@ def _decode_shard_fn():
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def process(self, index, settled=None):
+            import pickle
+
             from .decode_run import shard_jobs
             from .outputs import IMAGE_OUTPUTS
 
+            settled = pickle.loads(settled) if settled is not None else None  # see _settle
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
                                              classes=self.ds.classes, settled=settled)
             written, failed = 0, []
@@ -462,7 +465,7 @@ def _name_claims_fn():
     beam, _ = _beam()
 
     class NameClaims(beam.DoFn):
-        """(file, (shard, position, key, label)) for the files each key of a shard may decode to."""
+        """outputs.name_claims of each key of a shard, names and keys as bytes."""
 
         def __init__(self, dataset, beam_args, split):
             self.dataset, self.split, self.beam_args = dataset, split, list(beam_args)
@@ -480,10 +483,22 @@ def _name_claims_fn():
             for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False):  # decode checks it
                 keys, labels = chunk["keys"], chunk["labels"]
                 del chunk
-                yield from name_claims(self.ds.classes, index, at, keys, labels)
+                for name, (kind, (shard, position, key, label)) in name_claims(self.ds.classes, index, at,
+                                                                                  keys, labels):
+                    # As bytes: Beam's coders take text as UTF-8, which a key from a file name need not be.
+                    yield os.fsencode(name), (kind, (shard, position, os.fsencode(key), label))
                 at += len(keys)
 
     return NameClaims
+
+
+def _settle(clashing, classes) -> bytes:
+    """outputs.settle_names of the keys that clash (their keys as bytes), pickled: names need not be UTF-8."""
+    import pickle
+
+    from .outputs import settle_names
+
+    return pickle.dumps(settle_names([(s, p, os.fsdecode(k), label) for s, p, k, label in clashing], classes))
 
 
 def _clashing(claim):
@@ -518,7 +533,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
     from .dataset import LogitDataset
     from .decode_run import finish, prepare_folder
     from .outdir import FolderLock
-    from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED, settle_names
+    from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED
 
     t0 = time.time()
     options = _options(beam_args)
@@ -547,7 +562,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
                        | "ByFile" >> beam.GroupByKey()
                        | "Clashing" >> beam.FlatMap(_clashing)
                        | "Together" >> beam.combiners.ToList()
-                       | "Settle" >> beam.Map(settle_names, ds.classes))
+                       | "Settle" >> beam.Map(_settle, ds.classes))
             return shards | "DecodeShard" >> beam.ParDo(decode_shard, beam.pvalue.AsSingleton(settled))
 
         receipts = [_receipt_path(out, f"restore-{i:05d}") for i in range(n)]

@@ -101,11 +101,12 @@ def test_beam_decode_names_files_as_the_local_runner(cli, tmp_path, rng):
 
 
 def test_files_and_folders_that_want_one_name_and_names_at_the_limit_decode_alike(cli, tmp_path, rng):
-    """b.tif after the folder b.png/, k/b.jpg before the folder k/b.png/, two names of 255 bytes: whatever
-    encode accepts decodes, to the same tree with either runner, each file its own key's image."""
+    """b.tif after the folder b.png/, k/b.jpg before the folder k/b.png/, two names of 255 bytes, a name that
+    is not UTF-8: whatever encode accepts decodes, to the same tree with either runner, each file its own
+    key's image."""
     src = tmp_path / "src"
     names = ["b.tif", "b.png/c.png", "k/b.jpg", "k/b.png/c.png", "k/b.png/d.bmp",
-             "x" * 251 + ".bmp", "x" * 251 + ".png"]
+             "x" * 251 + ".bmp", "x" * 251 + ".png", os.fsdecode(b"\xffz.png")]  # a name that is not UTF-8
     for name in names:
         save(str(src / name), photo(rng, 6, 6), **({"quality": 95} if name.endswith(".jpg") else {}))
     enc = tmp_path / "enc"
