@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = frozenset(
 PNG_JOB = 64  # images per PNG job at most
 PNG_JOB_BYTES = 8 << 20  # and about this many bytes of pixels: large images travel a few at a time
 NAME_MAX = 255  # bytes in one file name on the file systems we know
+DEPTH_MAX = 255  # folders in a key's path: a path deeper than this is no image tree's (PATH_MAX is 4096 bytes)
 REFUSED_LISTED = 1000  # refused keys kept (and printed) by name; more are counted
 # Errors that say a key cannot be a file name here: the key is refused, the run goes on.
 KEY_ERRNOS = frozenset(getattr(errno, n) for n in ("ENAMETOOLONG", "EILSEQ", "EINVAL") if hasattr(errno, n))
@@ -71,6 +72,8 @@ def key_relpath(key: str, long_name: bool = False) -> str:
         raise ValueError("key names the output folder itself, not a file in it")
     if any(len(os.fsencode(p)) > NAME_MAX for p in (parts[:-1] if long_name else parts)):
         raise ValueError(f"key has a name longer than {NAME_MAX} bytes")
+    if len(parts) > DEPTH_MAX:
+        raise ValueError(f"key is more than {DEPTH_MAX} folders deep")
     if os.name == "nt":
         devices = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
         if any(p.split(".")[0].rstrip(" ").upper() in devices for p in parts):
@@ -156,27 +159,36 @@ class _Folders:
         self.root = root
         self.fds = {}
 
+    CACHED = 256  # open folders kept at once (a run of keys in one folder opens it once)
+
     def fd(self, rel_dir: str) -> int:
+        """The open folder rel_dir, made and entered a level at a time from the nearest one open."""
         if rel_dir in self.fds:
             return self.fds[rel_dir]
-        if not rel_dir:
+        if len(self.fds) >= self.CACHED:  # keys many folders deep, or in many folders: let them go
+            self.close()
+        parts = rel_dir.split("/") if rel_dir else []
+        depth = len(parts)
+        while depth and "/".join(parts[:depth]) not in self.fds:
+            depth -= 1
+        if depth == 0 and "" not in self.fds:
             # The root is the user's own choice of folder: a link there is theirs to make.
-            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        else:
-            parent, _, name = rel_dir.rpartition("/")
-            pfd = self.fd(parent)
+            self.fds[""] = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        pfd = self.fds["/".join(parts[:depth])]
+        for i in range(depth, len(parts)):
+            name, here = parts[i], "/".join(parts[:i + 1])
             try:
                 os.mkdir(name, 0o777, dir_fd=pfd)
             except FileExistsError:
                 pass
             try:
-                fd = os.open(name, self.FLAGS, dir_fd=pfd)
+                pfd = os.open(name, self.FLAGS, dir_fd=pfd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                    raise Refused(f"{rel_dir} is a link or not a folder") from None
+                    raise Refused(f"{here} is a link or not a folder") from None
                 raise
-        self.fds[rel_dir] = fd
-        return fd
+            self.fds[here] = pfd
+        return pfd
 
     def close(self):
         for fd in self.fds.values():
