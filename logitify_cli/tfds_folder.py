@@ -259,16 +259,26 @@ def _walk(node, path: tuple, out: list, depth: int = 0) -> None:
         out.append(Feature(key, "Image", shape=_dims(content.get("shape")), dtype=str(content.get("dtype", "uint8")),
                            encoding=str(encoding)))
     elif kind == "ClassLabel":
-        n = content.get("numClasses", content.get("num_classes"))
-        try:
-            n = int(n) if n is not None else None
-        except (TypeError, ValueError):
-            n = None
+        n = _class_count(content.get("numClasses", content.get("num_classes")))
         names = content.get("names")
         names = tuple(names) if isinstance(names, list) and all(isinstance(x, str) for x in names) else None
         # TFDS's convert_feature_name_to_filename: '/' inside a name becomes '.', levels join with '-'
         names_file = "-".join(p.replace("/", ".") for p in path) + ".labels.txt"
         out.append(Feature(key, "ClassLabel", num_classes=n, names_file=names_file, names=names))
+
+
+def _class_count(value):
+    """A ClassLabel's numClasses: a whole number (TFDS writes it as a string of digits), or None if it gives none.
+
+    A negative, fractional, boolean or infinite count is no count: -1 stands for it, which class_names refuses.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else -1
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value.strip())
+    return -1
 
 
 def read_features(path: str) -> list:
@@ -284,6 +294,9 @@ def read_features(path: str) -> list:
 
 def class_names(folder: str, feature: Feature) -> list:
     """A ClassLabel's names: its .labels.txt (as TFDS reads it), else features.json's, else '0', '1', ..."""
+    if feature.num_classes == -1:
+        raise TfdsError(os.path.join(folder, FEATURES_FILE), f"the class count of {short(feature.key)} is not a whole "
+                                                              "number of classes")
     where = os.path.join(folder, feature.names_file)
     try:
         with open(where, "rb") as f:

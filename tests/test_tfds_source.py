@@ -407,15 +407,20 @@ def test_class_names_decode_cannot_use_as_folders_are_refused_at_encode(cli, pre
         r.output
 
 
-def test_a_class_count_no_dataset_has_is_refused_without_naming_each_class(cli, prepared, tmp_path):
+@pytest.mark.parametrize("count, said", [("1000000000000", "claims 1000000000000 classes"),
+                                         ("-5", "not a whole number of classes"), (-5, "not a whole number"),
+                                         (3.7, "not a whole number"), (True, "not a whole number"),
+                                         (float("inf"), "not a whole number")])
+def test_a_class_count_no_dataset_has_is_refused_without_naming_each_class(cli, prepared, tmp_path, count, said):
     """features.json claiming a trillion classes, with no names file: refused at once, not '0' ... '999999999999'
-    made one string at a time."""
+    made one string at a time; a count that is not a whole number is no count (it once made a dataset with
+    no classes whose labels verify then refused)."""
     copy = tmp_path / "copy" / "1.0.0"
     shutil.copytree(prepared["TinyPhotos"], copy)
     os.remove(copy / "label.labels.txt")
     doc = json.loads((copy / "features.json").read_text())
     label = doc["featuresDict"]["features"]["label"]
-    label["classLabel"] = {"numClasses": "1000000000000"}
+    label["classLabel"] = {"numClasses": count}
     (copy / "features.json").write_text(json.dumps(doc))
     r = cli("encode", copy, "-o", tmp_path / "o")
-    assert r.exit_code != 0 and "1000000000000 classes" in r.stderr and "Traceback" not in r.output, r.output
+    assert r.exit_code == 1 and said in r.stderr and "Traceback" not in r.output, r.output
