@@ -62,10 +62,8 @@ ORDER = operator.itemgetter(0)
 
 
 def _as_key(path: str) -> str:
-    key = path.replace(os.sep, "/")
-    while key.startswith("./"):
-        key = key[2:]
-    return key
+    """A relative path as a key: '/' between names, and no empty or '.' names (a//x.png and ./a/./x.png are a/x.png)."""
+    return "/".join(part for part in path.replace(os.sep, "/").split("/") if part not in ("", "."))
 
 
 def is_tfrecord_name(name: str) -> bool:

@@ -458,6 +458,8 @@ def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None
     tfds = {k: v for k, v in tfds.items() if isinstance(v, str)}  # a TFDS source's split and features, as recorded
     inv = discover(opts.sources, tfds_split=tfds.get("split"), image_key=tfds.get("image_key"),
                    label_key=tfds.get("label_key"))
+    for note in inv.notes:  # sources named twice, read once: said as encode says it
+        problem.report.warn(note)
     skipped = {s["source"] for s in ds.manifest.skipped}
     shift = 8 - ds.params.bits
     found = 0

@@ -282,6 +282,11 @@ def test_paths_on_stdin(cli, image_folder, tmp_path):
     assert r.exit_code == 0 and res["num_examples"] == 2, r.output
     assert res["warnings"] == ["1 input(s) named more than once, in other spellings, each read once: "
                                f"{paths[0]} as {other}"]
+    doubled = paths[1].replace(os.sep, os.sep * 2)  # a//b.png
+    r = cli("encode", paths[1], doubled, "-o", tmp_path / "o6", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_examples"] == 1, r.output
+    r = cli("verify", tmp_path / "o4", "--against", paths[0], other, paths[1])
+    assert r.exit_code == 0 and "in other spellings, each read once" in r.stderr, r.output
     r = cli("encode", src, os.path.join(str(src), "..", src.name), "-o", tmp_path / "o5", "--json")
     res = json.loads(r.stdout)
     assert r.exit_code == 0 and res["num_examples"] == len(truth), r.output
