@@ -149,16 +149,6 @@ class ItemList(Sequence):
             for s, e in zip(self._starts[a:a + 4096].tolist(), self._ends[a:a + 4096].tolist()):
                 yield keys[s:e]
 
-    def without(self, rows) -> "ItemList":
-        """The list with these positions left out (the key text is shared, not copied)."""
-        keep = np.ones(len(self), bool)
-        keep[np.asarray(list(rows), np.int64)] = False
-        out = ItemList.__new__(ItemList)
-        out._keys, out._places, out._classes = self._keys, self._places, self._classes
-        for c in ("_starts", "_ends", "_place", "_index", "_label", "_cls"):
-            setattr(out, c, getattr(self, c)[keep])
-        return out
-
     def first_records(self, n: int) -> list:
         """The first n items, in order, that are TFRecord records."""
         return [self[i] for i in np.flatnonzero(self._index >= 0)[:n].tolist()]
@@ -816,7 +806,7 @@ def tfds_inventory(source: TfdsDataset) -> Inventory:
     skipped.sort(key=skipped_order)
     inv = inventory(items, skipped)
     inv.classes = source.choice.classes
-    inv.notes, inv.tfds, inv.channels = source.notes, source.record, source.channels
+    inv.notes, inv.tfds, inv.channels = [*inv.notes, *source.notes], source.record, source.channels
     return inv
 
 
@@ -832,13 +822,14 @@ def inventory(items, skipped: list) -> Inventory:
         items = runs
     packed = items.sorted()
     notes = []
-    if _first_duplicate_key(packed) is not None:
-        packed, twice = _one_file_once(packed)
-        if twice:
-            notes.append(f"{len(twice)} input(s) named more than once, in other spellings, each read once: "
-                         + ", ".join(f"{printable(a)} as {printable(b)}" for a, b in twice[:3])
-                         + (", ..." if len(twice) > 3 else ""))
     dup = _first_duplicate_key(packed)
+    if dup is not None:
+        packed, count, shown = _one_file_once(packed)
+        if count:
+            notes.append(f"{count} input(s) named more than once, in other spellings, each read once: "
+                         + ", ".join(f"{printable(a)} as {printable(b)}" for a, b in shown)
+                         + (", ..." if count > len(shown) else ""))
+            dup = _first_duplicate_key(packed)
     if dup is not None:
         first, second = [it.path for it in packed if it.key == dup][:2]
         raise LogitifyError(
@@ -864,34 +855,42 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _one_file_once(items: ItemList) -> tuple:
-    """(the items with a file met again under the same key and label dropped; [(kept path, dropped path)]).
+    """(the items with a file met again under the same key and label dropped, how many, the first 3 (kept, dropped) paths).
 
     A file named in two spellings (a/x.png and ./a/x.png, or a folder by a
     relative and an absolute path) is one input, as a path named twice is.
-    Two different files under one key stay, for inventory to refuse.
+    Two different files under one key stay, for inventory to refuse. Only
+    the items whose key's hash repeats are made (the list is sorted by key).
     """
-    keys = list(items.keys())
-    drop, twice = [], []
-    start = 0
-    while start < len(keys):
-        stop = start + 1
-        while stop < len(keys) and keys[stop] == keys[start]:
-            stop += 1
-        if stop - start > 1:
-            group = items[start:stop]
-            kept = []
-            for j, it in enumerate(group):
-                same = next((k for k in kept if k.label == it.label and k.class_name == it.class_name
-                             and k.index == it.index and _same_file(k.path, it.path)), None)
-                if same is None:
-                    kept.append(it)
-                else:
-                    drop.append(start + j)
-                    twice.append((same.path, it.path))
-        start = stop
-    if not drop:
-        return items, []
-    return items.without(drop), twice
+    import array
+
+    hashes = np.fromiter(map(hash, items.keys()), np.int64, len(items))
+    repeats = np.flatnonzero(hashes[1:] == hashes[:-1])  # item i + 1 may have item i's key
+    drop, count, shown = array.array("q"), 0, []
+    at = 0
+    while at < len(repeats):
+        end = at
+        while end + 1 < len(repeats) and repeats[end + 1] == repeats[end] + 1:
+            end += 1
+        start = int(repeats[at])
+        group = items[start:int(repeats[end]) + 2]
+        kept = []
+        for j, it in enumerate(group):
+            same = next((k for k in kept if k.key == it.key and k.label == it.label and k.class_name == it.class_name
+                         and k.index == it.index and _same_file(k.path, it.path)), None)
+            if same is None:
+                kept.append(it)
+            else:
+                drop.append(start + j)
+                count += 1
+                if len(shown) < 3:
+                    shown.append((same.path, it.path))
+        at = end + 1
+    if not count:
+        return items, 0, []
+    keep = np.ones(len(items), bool)
+    keep[np.frombuffer(drop, np.int64)] = False
+    return items.select(np.flatnonzero(keep)), count, shown
 
 
 def _first_duplicate_key(items: ItemList):
