@@ -251,3 +251,20 @@ def test_single_split_manifests_keep_their_layout(cli, two_folders, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["split"] == "test" and "splits" not in m
     assert cli("info", out, "--json").exit_code == 0 and json.loads(cli("info", out, "--json").stdout)["split"] == "test"
+
+
+def test_a_split_joins_a_dataset_whose_manifest_predates_the_resize_options(cli, two_folders, tmp_path):
+    """Manifests written before --resize-mode and --filter record a size alone (their resize was a bicubic
+    stretch): a split made with those defaults joins them; one made with another filter does not."""
+    (train, _), (test, _) = two_folders["train"], two_folders["test"]
+    out = tmp_path / "ds"
+    assert cli("encode", train, "-o", out, "--size", "8x8").exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    for source in [m["source"], *[s["source"] for s in m.get("splits", {}).values()]]:
+        assert source.pop("resize_mode") == "stretch" and source.pop("filter") == "bicubic"
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = cli("encode", test, "-o", out, "--split", "box", "--size", "8x8", "--filter", "box")
+    assert r.exit_code == 1 and "filter is 'bicubic' there, 'box' in this run" in r.stderr, r.stderr
+    r = cli("encode", test, "-o", out, "--split", "test", "--size", "8x8")
+    assert r.exit_code == 0, r.output
+    assert cli("verify", out).exit_code == 0
