@@ -563,8 +563,8 @@ def test_absolute_inputs_get_relative_keys_in_any_order(tmp_path, rng, monkeypat
     monkeypatch.chdir(root / "cats")
     # '..' never reaches a key; relative inputs without it keep theirs
     assert single_file_keys(["../dogs/a.png", "a.png"]) == {"../dogs/a.png": "dogs/a.png", "a.png": "cats/a.png"}
-    assert single_file_keys(["a.png", "./b.png", "sub//c.png"]) == {"a.png": "a.png", "./b.png": "b.png",
-                                                                     "sub//c.png": "sub//c.png"}
+    assert single_file_keys(["a.png", "./b.png", "sub//./c.png"]) == {"a.png": "a.png", "./b.png": "b.png",
+                                                                       "sub//./c.png": "sub/c.png"}
     assert single_file_keys([paths[0], "/" + paths[0].lstrip("/")]) == {paths[0]: "a.png"}
 
 
