@@ -343,15 +343,23 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                     making = ex.submit(_make_shard_when_built, task, feed, transform, report.warn, cancel)
                     n = spec.stop - spec.start
                     try:
-                        for j in range(n):
-                            feed.add(*next(stream))
-                            if j % 256 == 255:  # the bar moves as images arrive, not a shard at a time
-                                bar.update(256)
+                        j = shown = 0
+                        while j < n:
+                            run = stream.take_clean(n - j)  # images read cleanly go over a run at a time
+                            if run is None:
+                                feed.add(*next(stream))
+                                j += 1
+                            else:
+                                feed.add_many(*run)
+                                j += len(run[0])
+                            if j - shown >= 256:  # the bar moves as images arrive, not a shard at a time
+                                bar.update(j - shown)
+                                shown = j
                         feed.close()
                     except ShardGone:
                         making.result()  # raises what stopped it
                         raise
-                    bar.update(n % 256)
+                    bar.update(n - shown)
                     del feed
                     if pending is not None:
                         finish(*pending)

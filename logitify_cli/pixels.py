@@ -5,7 +5,7 @@ and objects in buckets are fetched here and only their bytes travel on.
 """
 from __future__ import annotations
 
-import collections
+import numpy as np
 
 from . import fs
 from . import images as images_mod
@@ -138,7 +138,8 @@ class PixelStream:
         jobs = ((ch, [p for _, p, _ in ch]) for ch in chunks(payloads(items, opts), self.chunk, total, tail,
                                                               _payload_bytes, self.CHUNK_BYTES))
         self._results = pool.imap(self.task, jobs, window=lambda: self.window, describe=self._describe)
-        self._buffer = collections.deque()
+        self._chunk = None  # the chunk being handed out: see _load
+        self._at = 0
 
     def ahead(self, nbytes: int, images: int | None = None) -> None:
         """Let the workers read up to about nbytes (and at most `images` images) ahead of use."""
@@ -160,19 +161,53 @@ class PixelStream:
         The wait is what gives the plan its head start over TensorFlow's
         import: the readers are busy by the time the import begins.
         """
-        if not self._buffer:
-            self._buffer.extend(self._take())
+        if self._chunk is None:
+            self._load()
         return self
 
-    def _take(self):
-        chunk, results = next(self._results)
-        return [(it, label, arr, reason)
-                for (it, _, label), (arr, reason) in zip(chunk, images_mod.unpack_many(results))]
+    def _load(self) -> None:
+        """The next chunk's results, kept as the readers packed them (read_many).
+
+        `rows[i]` is image i's row in the stacked array (-1: not in it), and
+        `clean[i]` says it was read with no reason or note: a run of clean
+        images is one slice of the stack (take_clean).
+        """
+        chunk, (stack, same, odd, reasons) = next(self._results)
+        rows = np.full(len(chunk), -1, np.int64)
+        rows[np.asarray(same, np.int64)] = np.arange(len(same))
+        clean = (rows >= 0) & np.fromiter((r is None for r in reasons), bool, len(reasons))
+        self._chunk, self._stack, self._odd, self._reasons = chunk, stack, odd, reasons
+        self._rows, self._clean, self._at = rows, clean, 0
+
+    def _ready(self) -> None:
+        if self._chunk is None or self._at == len(self._chunk):
+            self._chunk = None  # a chunk's pixels go once handed out
+            self._load()
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if not self._buffer:
-            self._buffer.extend(self._take())
-        return self._buffer.popleft()
+        self._ready()
+        i = self._at
+        self._at = i + 1
+        it, _, label = self._chunk[i]
+        row = int(self._rows[i])
+        return it, label, (self._stack[row] if row >= 0 else self._odd.get(i)), self._reasons[i]
+
+    def take_clean(self, limit: int):
+        """(items, labels, pixels [n, ...]) of the next n <= limit images if they were all read cleanly, else None.
+
+        The pixels are one slice of the readers' own array: a shard of small
+        images is handed over a run at a time, not an image at a time.
+        """
+        self._ready()
+        i = self._at
+        clean = self._clean[i:i + limit]
+        n = len(clean) if clean.all() else int(np.argmin(clean))
+        if n < 2:
+            return None
+        self._at = i + n
+        part = self._chunk[i:i + n]
+        row = int(self._rows[i])
+        return [it for it, _, _ in part], [label for _, _, label in part], self._stack[row:row + n]

@@ -119,10 +119,11 @@ class Block:
     __slots__ = ("keys", "ends", "labels", "images")
 
     def __init__(self, keys: list, labels: list, arrays: list):
+        """`arrays`: the images as [n, H, W, C] pieces (one image, or a run of them), in order."""
         self.ends = np.cumsum(np.fromiter(map(len, keys), np.int64, len(keys)))
         self.keys = "".join(keys)
         self.labels = np.array(labels, np.int64)
-        self.images = np.stack(arrays)
+        self.images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -177,9 +178,28 @@ class Collector:
                 self.made_grey.append(it.key)
         self._keys.append(it.key)
         self._labels.append(label)
-        self._arrays.append(arr)
+        self._arrays.append(arr[None])
         if len(self._keys) == self.block:
             self._close_block()
+
+    def add_many(self, items, labels, arrays) -> None:
+        """add() for a run of images all read with no reason or note: arrays [n, H, W, C], one slice each Block."""
+        classes = self.task.classes
+        if arrays.shape[1:] != self.shape or (classes is not None
+                                              and any(outside_classes(label, classes) for label in labels)):
+            for it, label, arr in zip(items, labels, arrays):  # add() says what is wrong, image by image
+                self.add(it, label, arr, None)
+            return
+        self.tick(len(items))
+        at = 0
+        while at < len(items):
+            take = min(self.block - len(self._keys), len(items) - at)
+            self._keys.extend(it.key for it in items[at:at + take])
+            self._labels.extend(labels[at:at + take])
+            self._arrays.append(arrays[at:at + take])
+            at += take
+            if len(self._keys) == self.block:
+                self._close_block()
 
     def _close_block(self) -> None:
         if self._keys:
@@ -223,6 +243,9 @@ class ShardFeed:
 
     def add(self, it, label, arr, reason) -> None:
         self.collector.add(it, label, arr, reason)
+
+    def add_many(self, items, labels, arrays) -> None:
+        self.collector.add_many(items, labels, arrays)
 
     def close(self) -> None:
         """Every image of the shard has been added."""

@@ -575,6 +575,19 @@ def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, 
     assert r.exit_code == 1 and [n for n in os.listdir(tmp_path / "p") if "journal" in n]
 
 
+def test_a_size_unlike_the_first_images_in_a_whole_chunk_of_the_readers_is_named(cli, tmp_path, rng):
+    """The readers hand over runs of cleanly read images at once: a whole chunk of them of another size than
+    the dataset's is refused by the same message, naming its first image, and no shard is kept."""
+    src = tmp_path / "src"
+    first, odd = photo(rng, 8, 8), photo(rng, 9, 8)
+    for i in range(3000):  # the readers' second chunk of 1,024 holds only 8x9 images
+        save(str(src / f"{i:04d}.png"), first if i < 1024 else odd)
+    r = cli("encode", src, "-o", tmp_path / "o", "--workers", "2")
+    assert r.exit_code == 1, r.output
+    assert "1024.png is 8 wide and 9 high (3 channels) but the dataset is 8 wide and 8 high" in r.stderr, r.stderr
+    assert not [n for n in os.listdir(tmp_path / "o") if n.endswith(".npz")]
+
+
 def test_resume_on_a_finished_dataset_names_what_differs(cli, tmp_path, rng):
     """--resume with other options on a dataset already whole: the difference is named, as for an unfinished run."""
     src = small_pngs(tmp_path / "src", rng, 4)
