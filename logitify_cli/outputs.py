@@ -464,6 +464,9 @@ class PngNames:
     def _candidates(self, key: str, label: int):
         """claims(), made one at a time (most keys take their first): the key's own checks happen at once."""
         rel = key_relpath(key, long_name=True)  # the key's own rules first: a class folder before '/abs' must not make it relative
+        # Names are compared as the file system does, by their bytes: a key spelling a name's bytes with
+        # surrogate escapes ('\udcc3\udca9' for 'é') is the same name, and is named (and tagged) as it.
+        key, rel = os.fsdecode(os.fsencode(key)), os.fsdecode(os.fsencode(rel))
         if 0 <= label < len(self.classes):
             folder = class_folder(self.classes[label])
             if folder and not key.startswith(folder + "/"):

@@ -124,7 +124,7 @@ _LONG = "y" * 251 + ".png"  # a folder whose renamed name must be cut to fit
 _KEY = st.builds(lambda folder, stem, ends: folder + stem + "".join(ends),
                  st.sampled_from(["", "cats/", "dogs/", "a.png/", "cats/a.png/", "a.png/a.png/",
                                   _renamed("a.png") + "/", _LONG + "/", _renamed(_LONG) + "/"]),
-                 st.sampled_from(["a", "b", "a.png", "x" * 248, _LONG[:-4]]),
+                 st.sampled_from(["a", "b", "a.png", "x" * 248, _LONG[:-4], "é", "\udcc3\udca9"]),
                  st.lists(st.sampled_from([".png", ".jpg", ".PNG", ".bmp", ""]), max_size=2))
 
 
@@ -170,7 +170,7 @@ def test_names_settled_per_shard_are_those_taken_in_key_order(keyed, cuts, class
     settled = settle_names(clashing, classes)
     apart = _names_taken(lambda s: PngOutput("out", len(shards), False, classes=classes, settled=settled), shards)
     assert apart == local
-    made = [rel for rel in local.values() if rel != "refused"]
+    made = [os.fsdecode(os.fsencode(rel)) for rel in local.values() if rel != "refused"]  # as the disk sees them
     assert len(made) == len(set(made))  # no two keys ever share a file
     folders = {"/".join(rel.split("/")[:i]) for rel in made for i in range(1, rel.count("/") + 1)}
     assert not folders & set(made)  # nor is a file where another key's file needs a folder
@@ -198,6 +198,10 @@ def test_a_key_whose_own_names_cannot_be_had_gets_its_name_cut_to_fit_and_tagged
     assert [names.take(k) for k in ("k/b.jpg", "k/b.png/c.png", "k/b.png/d.tif")] == [
         "k/b.png", f"{moved}/c.png", f"{moved}/d.png"]
     # Names at the file system's limit: the second key's name, and every record of a long file name.
+    # One name spelled two ways (the bytes of 'é' as surrogate escapes) is one name.
+    names = PngNames()
+    assert [os.fsencode(names.take(k)) for k in ("é.jpg", "\udcc3\udca9.png")] == [b"\xc3\xa9.png",
+                                                                                   b"\xc3\xa9.png.png"]
     names = PngNames()
     long_jpg, long_png, record = "x" * 251 + ".jpg", "x" * 251 + ".png", "r" * 246 + ".tfrecord:0"
     got = [names.take(k) for k in (long_jpg, long_png, record)]
