@@ -7,6 +7,8 @@ Features: `logits` (raw little-endian float32 bytes, HWC), `logdet` (float),
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 
@@ -131,13 +133,25 @@ class TfrecordShardWriter(ShardWriter):
         logits = np.ascontiguousarray(logits, dtype="<f4")
         logdet = np.ascontiguousarray(logdet, dtype="<f4")
         serialize, write = self._examples.serialize, self._writer.write
-        for i, key in enumerate(keys):
-            write(serialize(key.encode("utf-8", "surrogatepass"), int(labels[i]), logdet[i].tobytes(), logits[i].data))
+        with self._as_os_error():
+            for i, key in enumerate(keys):
+                write(serialize(key.encode("utf-8", "surrogatepass"), int(labels[i]), logdet[i].tobytes(),
+                                logits[i].data))
         self.count += len(keys)
 
     def _finish(self):
-        self._writer.close()
+        with self._as_os_error():
+            self._writer.close()
         return None  # the sha256 is read back: TFRecordWriter owns the file
+
+    @contextlib.contextmanager
+    def _as_os_error(self):
+        """TensorFlow's own write errors (a full disk, a file size limit) as the OSError every writer raises."""
+        try:
+            yield
+        except self.tf.errors.OpError as e:
+            message = str(e.message).rsplit("; ", 1)[-1]  # '/proc/self/fd/17; File too large': the reason
+            raise OSError(errno.EIO, message) from None
 
     def abort(self):
         try:
