@@ -252,6 +252,7 @@ class _StdoutLost(Exception):
 
 
 _answered = []  # set once the command's answer went to stdout: a stop after it adds no second one
+_ran = []  # set once a command began: an OSError out of it (--verbose) is its own, not click's output failing
 
 
 def _write_out(text: str) -> None:
@@ -319,6 +320,7 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
 
     @functools.wraps(fn)
     def wrapper(*args, verbose=False, **kwargs):
+        _ran.append(True)
         with _command_owns_process(verbose):
             try:
                 _run(*args, verbose=verbose, **kwargs)
@@ -803,6 +805,7 @@ def entry(argv=None):
     if is_early(signal.getsignal(signal.SIGINT)):  # console.py's early handler ends here
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _answered.clear()
+    _ran.clear()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = main(args=list(args), prog_name="logitify", standalone_mode=False)
@@ -828,6 +831,8 @@ def entry(argv=None):
         e.show()
         code = e.exit_code
     except OSError as e:  # --help or --version, whose text click writes itself, to a stdout that cannot take it
+        if _ran:  # a command's own error, raised for --verbose's traceback
+            raise
         gone = isinstance(e, BrokenPipeError)
         if not gone:
             click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)

@@ -791,18 +791,37 @@ class NpzOutput(ImageOutput):
         return f"images-{shard:05d}-of-{self.n_shards:05d}.npz"
 
     def begin_shard(self, shard, count, shape):
-        self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
+        with self._writing(shard):
+            self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
         if shard not in self._open:
             self.begin_shard(shard, len(images), images.shape[1:])
-        self._open[shard].add([str(k) for k in keys] if not isinstance(keys, np.ndarray) else keys, labels, images)
+        with self._writing(shard):
+            self._open[shard].add([str(k) for k in keys] if not isinstance(keys, np.ndarray) else keys, labels,
+                                  images)
         return []
+
+    def _writing(self, shard):
+        """A failed write of the shard's file (a full disk, a file size limit) as the one line that names it."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def named():
+            try:
+                yield
+            except OSError as e:
+                from .errors import write_error
+
+                raise write_error(e, self._file(shard)) from None
+
+        return named()
 
     def end_shard(self, shard):
         stream = self._open.pop(shard, None) or _NpzStream(self.root, self._file(shard), 0, (1, 1, 1))
         try:
-            folder, tmp, remote = stream.finish()
+            with self._writing(shard):
+                folder, tmp, remote = stream.finish()
         except BaseException:
             stream.close()
             raise

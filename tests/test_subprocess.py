@@ -512,3 +512,29 @@ def test_help_and_version_to_a_stdout_that_cannot_take_them(args, tmp_path):
     p.stdout.close()  # the reader leaves before the first line is written
     _, err = p.communicate(timeout=60)
     assert p.returncode == 141 and err == b"", (p.returncode, err)
+
+
+def test_a_file_size_limit_names_the_file_and_leaves_nothing_in_the_way(tmp_path, rng):
+    """Under `ulimit -f`, a TFRecord encode said TensorFlow's 'OutOfRangeError: /proc/self/fd/17' and left a
+    journal that refused the next run, and an npz decode said a bare OSError: each names its file now."""
+    import resource
+
+    src = tmp_path / "src"
+    for i in range(12):
+        save(str(src / f"{i}.png"), rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+
+    def run(*args, limit=True):
+        return subprocess.run([sys.executable, "-m", "logitify_cli", *map(str, args)], capture_output=True, text=True,
+                              env=ENV, timeout=120, preexec_fn=limited if limit else None)
+
+    out = tmp_path / "o"
+    r = run("encode", src, "-o", out, "-f", "tfrecord")
+    assert r.returncode == 1 and r.stderr.endswith("cannot write logitify-train.tfrecord-00000-of-00001: File too large\n")
+    assert os.listdir(out) == []
+    assert run("encode", src, "-o", out, "-f", "tfrecord", limit=False).returncode == 0  # no journal in the way
+    r = run("decode", out, "-o", tmp_path / "d", "-f", "npz")
+    assert r.returncode == 1 and r.stderr == "logitify: error: cannot write images-00000-of-00001.npz: File too large\n"
+    assert not (tmp_path / "d").exists()
