@@ -531,8 +531,7 @@ def _names(dataset):
 
 def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
-    from .decode_run import finish, prepare_folder
-    from .outdir import FolderLock
+    from .decode_run import finish, locked_folder, prepare_folder
     from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED
 
     t0 = time.time()
@@ -544,7 +543,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
             raise LogitifyError(f"output {out} is not empty; pass --overwrite to write into it")
     else:
         prepare_folder(out, overwrite)
-        lock = FolderLock(out).acquire()
+        lock = locked_folder(out, overwrite)
         dataset, out = (dataset if fs.is_remote(dataset) else os.path.abspath(dataset)), os.path.abspath(out)
     try:
         beam, _ = _beam()

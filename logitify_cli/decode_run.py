@@ -42,6 +42,27 @@ def prepare_folder(out: str, overwrite: bool) -> None:
         raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
 
 
+def locked_folder(out: str, overwrite: bool) -> FolderLock:
+    """The output folder's lock, taken; then, without overwrite, the folder must still be empty.
+
+    prepare_folder looked before the lock: two runs into one new folder
+    could both find it empty, and the second wrote beside the first's files.
+    """
+    from .manifest import LOCK
+
+    lock = FolderLock(out).acquire()
+    try:
+        if not overwrite and [n for n in os.listdir(out) if n != LOCK]:
+            raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
+    except OSError as e:
+        lock.release()
+        raise LogitifyError(f"cannot read output folder {out}: {e.strerror or e}") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def dataset_files(ds: LogitDataset) -> frozenset:
     """(device, inode) of the dataset's own files here: decode never replaces them, whatever the keys."""
     if ds.remote:
@@ -169,7 +190,7 @@ def _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, 
     # before the lock is taken, so none of them holds it should this process be killed.
     pool = OrderedPool(workers or default_workers())
     try:
-        lock = FolderLock(out).acquire()
+        lock = locked_folder(out, overwrite)
     except BaseException:
         pool.close()  # idle workers: they end at once
         raise

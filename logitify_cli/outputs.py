@@ -155,8 +155,9 @@ class _Folders:
 
     FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, identity=None):
         self.root = root
+        self.identity = identity  # (device, inode) the root must still have: see folder_identity
         self.fds = {}
 
     CACHED = 256  # open folders kept at once (a run of keys in one folder opens it once)
@@ -173,7 +174,12 @@ class _Folders:
             depth -= 1
         if depth == 0 and "" not in self.fds:
             # The root is the user's own choice of folder: a link there is theirs to make.
-            self.fds[""] = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+            if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+                os.close(fd)
+                raise OSError(errno.ESTALE, f"the output folder {self.root} was moved or replaced during the run")
+            self.fds[""] = fd
         pfd = self.fds["/".join(parts[:depth])]
         for i in range(depth, len(parts)):
             name, here = parts[i], "/".join(parts[:i + 1])
@@ -353,6 +359,17 @@ def problem(key: str, rel: str, e: BaseException) -> dict:
     return {"key": key, "reason": f"{rel} cannot be made here: {e}", "refused": True}  # ValueError: the name
 
 
+def folder_identity(root: str):
+    """(device, inode) of a local output folder, or None (a bucket, or not there yet)."""
+    if fs.is_remote(root):
+        return None
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class ImageOutput:
     """Base of the image outputs."""
 
@@ -368,6 +385,9 @@ class ImageOutput:
         self.classes = list(classes) if classes else []  # the dataset's class names, by label
         self.refused = []  # {key, reason} of the first REFUSED_LISTED keys no file can be made for
         self.num_refused = 0  # all of them
+        # Jobs open the folder by its name: one moved away (and another made in its place) mid-run is
+        # an error, not images split between two folders and a run that says it wrote them all.
+        self.identity = folder_identity(root)
 
     def refuse(self, key: str, reason: str) -> None:
         """Keep a refused key: by name for the first REFUSED_LISTED, counted after that."""
@@ -614,13 +634,14 @@ class PngOutput(ImageOutput):
             self._at = (shard, self._at[1] + 1)
         per_job = max(1, min(PNG_JOB, PNG_JOB_BYTES // max(1, images[0].nbytes))) if len(images) else PNG_JOB
         protect = self.protect or frozenset()
-        return [(self.root, self.overwrite, batch[a:a + per_job], protect) for a in range(0, len(batch), per_job)]
+        return [(self.root, self.overwrite, batch[a:a + per_job], protect, self.identity)
+                for a in range(0, len(batch), per_job)]
 
     @staticmethod
     def write(job):
-        root, overwrite, batch, protect = job
+        root, overwrite, batch, protect, identity = job
         problems = []
-        folders = None if fs.is_remote(root) else _Folders(root)
+        folders = None if fs.is_remote(root) else _Folders(root, identity)
         try:
             for key, rel, img in batch:
                 try:

@@ -208,3 +208,38 @@ def test_a_key_whose_own_names_cannot_be_had_gets_its_name_cut_to_fit_and_tagged
     assert got[0] == long_png
     assert got[1] == "x" * (NAME_MAX - 17) + f"~{tag(long_png)}.png" and len(got[1]) == NAME_MAX
     assert got[2] == record[:NAME_MAX - 17] + f"~{tag(record)}.png"
+
+
+def test_an_output_folder_moved_away_mid_run_is_an_error_not_images_in_two_folders(tmp_path):
+    """Decode's jobs open the folder by name: moved away and another made in its place, the jobs after
+    that fail (the run says so) instead of writing the rest into the new folder."""
+    from logitify_cli.outputs import PngOutput
+
+    out = tmp_path / "out"
+    out.mkdir()
+    output = PngOutput(str(out), 1, False)
+    output.begin_shard(0, 4, (2, 2, 3))
+    first, second = (output.add(0, keys, [-1, -1], np.zeros((2, 2, 2, 3), np.uint8))
+                     for keys in (["a.png", "b.png"], ["c.png", "d.png"]))
+    assert PngOutput.write(first[0])["problems"] == []
+    out.rename(tmp_path / "moved")
+    out.mkdir()
+    done = PngOutput.write(second[0])
+    assert [p["refused"] for p in done["problems"]] == [False, False]
+    assert all("was moved or replaced during the run" in p["reason"] for p in done["problems"])
+    assert os.listdir(out) == [] and sorted(os.listdir(tmp_path / "moved")) == ["a.png", "b.png"]
+
+
+def test_a_folder_filled_between_decodes_look_and_its_lock_is_refused(tmp_path):
+    """Two decodes into one new folder both found it empty; the second then wrote beside the first's files.
+    Emptiness is looked at again once the lock is held."""
+    from logitify_cli.decode_run import locked_folder, prepare_folder
+    from logitify_cli.errors import LogitifyError
+
+    out = tmp_path / "out"
+    prepare_folder(str(out), False)
+    (out / "a.png").write_bytes(b"the first run's")  # the other run, between the look and the lock
+    with pytest.raises(LogitifyError, match="is not empty; pass --overwrite"):
+        locked_folder(str(out), False)
+    locked_folder(str(out), True).release()  # with --overwrite it may, and the lock goes with the run
+    assert os.listdir(out) == ["a.png"]
