@@ -312,6 +312,8 @@ class _OtherSplits:
         return self.keys.pop(key)
 
     def _add(self, ds) -> None:
+        # Its skipped inputs too: a source that split could not read is the other split's, not missing here.
+        self.keys.update((str(s["source"]), b"") for s in ds.manifest.skipped if isinstance(s, dict))
         for shard in ds.shards:
             try:
                 for chunk in ds.iter_chunks(shard, check=True):

@@ -234,8 +234,12 @@ def test_verify_against_one_split_of_a_holdout_dataset(cli, image_folder, tmp_pa
     from conftest import photo, save
 
     src, _ = image_folder
+    for i in range(4):  # unreadable inputs, skipped by whichever split they fall to: not missing from the other
+        (src / "cats" / f"broken{i}.png").write_bytes(b"not an image")
     ds = tmp_path / "held"
     assert cli("encode", src, "-o", ds, "--holdout", "0.3:test").exit_code == 0
+    m = json.loads((ds / "manifest.json").read_text())
+    assert all(m["splits"][split]["skipped"] for split in ("train", "test"))  # each split skipped one or more
     for split in ("train", "test"):
         r = cli("verify", ds, "--split", split, "--against", src)
         assert r.exit_code == 0, r.stderr
