@@ -42,14 +42,29 @@ def check_refreshable(params, where: str = "this dataset") -> None:
             "redraw and every epoch would equal the stored one (re-encode with --noise uniform)")
 
 
+def _whole(value):
+    """An integer, of any kind that is one (NumPy's included, not a bool), or None."""
+    import operator
+
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _select_shards(ds, shards):
     if shards is None:
         return list(ds.shards)
     by_name = {s.file: s for s in ds.shards}
     out = []
     for s in shards:
-        if isinstance(s, int):
-            out.append(ds.shards[s])
+        i = _whole(s)
+        if i is not None:
+            if not 0 <= i < len(ds.shards):
+                raise LogitifyError(f"{ds.path}: no shard {i} in this split (its shards are 0 to {len(ds.shards) - 1})")
+            out.append(ds.shards[i])
         elif isinstance(s, str) and s in by_name:
             out.append(by_name[s])
         elif getattr(s, "file", None) in by_name:
@@ -96,13 +111,16 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
     if ds.remote:
         raise LogitifyError(f"{ds.path}: tf.data cannot read this store here; copy the dataset folder "
                             "to a local disk first (e.g. aws s3 cp --recursive, gsutil -m cp -r)")
-    if type(epoch) is not int or epoch < 0 or epoch >= 1 << 32:
-        raise LogitifyError(f"epoch must be an integer from 0 to 2**32-1, got {epoch!r}")
-    if epochs is not None and (type(epochs) is not int or epochs < 1 or epoch + epochs > 1 << 32):
-        raise LogitifyError(f"epochs must be a positive integer (epoch + epochs <= 2**32), got {epochs!r}")
-    if draws is not None:
-        if type(draws) is not int or draws < 1:
-            raise LogitifyError(f"draws must be a positive integer, got {draws!r}")
+    given = epoch, epochs, draws
+    epoch, epochs, draws = _whole(epoch), (None if epochs is None else _whole(epochs)), \
+        (None if draws is None else _whole(draws))
+    if epoch is None or epoch < 0 or epoch >= 1 << 32:
+        raise LogitifyError(f"epoch must be an integer from 0 to 2**32-1, got {given[0]!r}")
+    if given[1] is not None and (epochs is None or epochs < 1 or epoch + epochs > 1 << 32):
+        raise LogitifyError(f"epochs must be a positive integer (epoch + epochs <= 2**32), got {given[1]!r}")
+    if given[2] is not None:
+        if draws is None or draws < 1:
+            raise LogitifyError(f"draws must be a positive integer, got {given[2]!r}")
         if epoch or epochs is not None:
             raise LogitifyError("draws are for evaluation and have their own noise: give draws or epoch/epochs, "
                                 "not both")

@@ -203,6 +203,9 @@ def test_same_epoch_whatever_the_batching_order_or_reader(datasets):
     halves = [fresh(path, epoch=3, shards=[s.file for s in ds.shards[i::2]]) for i in (0, 1)]
     assert not set(halves[0]) & set(halves[1])
     variants["two readers"] = {**halves[0], **halves[1]}
+    # NumPy's integers are integers: np.array_split is how hosts share shards out.
+    parts = [fresh(path, epoch=np.int64(3), shards=part) for part in np.array_split(np.arange(n), 2)]
+    variants["two readers, by NumPy"] = {**parts[0], **parts[1]}
     for name, got in variants.items():
         assert sorted(got) == sorted(want), name
         for key in want:
@@ -335,10 +338,13 @@ def test_bad_arguments_are_refused(datasets):
     for kw in ({"epoch": 1}, {"draws": 2}, {"epochs": 2}):
         with pytest.raises(LogitifyError, match="noise='fresh'"):
             lg.load(path, **kw)
-    for kw in ({"epoch": -1}, {"epoch": 1.5}, {"epochs": 0}, {"draws": 0}, {"draws": 2, "epoch": 1},
+    for kw in ({"epoch": -1}, {"epoch": 1.5}, {"epoch": True}, {"epochs": 0}, {"draws": 0}, {"draws": 2, "epoch": 1},
                {"shards": ["nope.npz"]}):
         with pytest.raises(LogitifyError):
             lg.load(path, noise="fresh", **kw)
+    n = len(lg.LogitDataset(path).shards)
+    with pytest.raises(LogitifyError, match=f"no shard {n} in this split \\(its shards are 0 to {n - 1}\\)"):
+        lg.load(path, noise="fresh", shards=[n])
     with pytest.raises(LogitifyError, match="stored"):
         lg.load(path, noise="new")
     assert os.path.isdir(path)
