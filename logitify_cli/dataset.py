@@ -179,9 +179,20 @@ class LogitDataset:
         shorter), whatever the format reads at a time; by default as many as
         fit in SLICE_BYTES of logits.
         """
+        import operator
+
         from .formats.base import chunk_rows
 
-        rows = max(1, int(rows or chunk_rows(self.shape, SLICE_BYTES)))
+        if rows is None:
+            rows = max(1, chunk_rows(self.shape, SLICE_BYTES))
+        else:
+            try:
+                n = None if isinstance(rows, bool) else operator.index(rows)
+            except TypeError:
+                n = None
+            if n is None or n < 1:
+                raise LogitifyError(f"rows must be a positive integer (or None for the default), got {rows!r}")
+            rows = n
         for shard in self.shards:
             parts, held = [], 0
             for part in self.iter_chunks(shard, check, rows=rows):

@@ -13,6 +13,7 @@ from logitify_cli import fingerprint
 from logitify_cli import info as info_mod
 from logitify_cli import verify as verify_mod
 from logitify_cli.formats import base
+from logitify_cli.errors import LogitifyError
 from logitify_cli.sources import Item, ItemList
 
 
@@ -143,6 +144,11 @@ def test_iter_numpy_hands_over_slices_of_fixed_rows(dataset):
         for k in ("logits", "logdet", "keys", "labels"):
             np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), np.concatenate([w[k] for w in whole]))
             assert all(g[k].dtype == whole[0][k].dtype for g in got)
+    assert [len(g["keys"]) for g in lg.iter_numpy(str(out), rows=np.int64(3))] == [
+        min(3, sh.num_examples - a) for sh in d.shards for a in range(0, sh.num_examples, 3)]
+    for bad in (0, -1, 2.5, True, "3"):  # refused, where -1 once gave one row at a time and 0 the default
+        with pytest.raises(LogitifyError, match="rows must be a positive integer"):
+            next(lg.iter_numpy(str(out), rows=bad))
 
 
 def test_iter_numpy_rows_do_not_follow_the_reader(dataset, monkeypatch):
