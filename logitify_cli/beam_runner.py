@@ -416,8 +416,9 @@ def _decode_shard_fn():
     beam, _ = _beam()
 
     class DecodeShard(beam.DoFn):
-        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args, split):
+        def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args, split, identity=None):
             self.dataset, self.out, self.fmt, self.split = dataset, out, fmt, split
+            self.identity = identity  # of the folder the launcher locked: a worker writes into no other
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
             self.quiet = _launcher_quiet()
@@ -440,7 +441,7 @@ def _decode_shard_fn():
 
             settled = pickle.loads(settled) if settled is not None else None  # see _settle
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
-                                             classes=self.ds.classes, settled=settled)
+                                             classes=self.ds.classes, settled=settled, identity=self.identity)
             written, failed = 0, []
             try:
                 for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
@@ -532,7 +533,7 @@ def _names(dataset):
 def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
     from .decode_run import finish, locked_folder, prepare_folder
-    from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED
+    from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED, folder_identity
 
     t0 = time.time()
     options = _options(beam_args)
@@ -549,7 +550,8 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         beam, _ = _beam()
         make = _decode_shard_fn()
         n = len(ds.shards)
-        decode_shard = make(dataset, out, fmt, batch_size, device, overwrite, beam_args, ds.split)
+        decode_shard = make(dataset, out, fmt, batch_size, device, overwrite, beam_args, ds.split,
+                            folder_identity(out))
 
         def pipeline(pl):
             shards = pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False) | "Spread" >> beam.Reshuffle()

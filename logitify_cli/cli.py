@@ -812,6 +812,8 @@ def entry(argv=None):
         code = rv if isinstance(rv, int) else 0  # --help and --version: click's Exit
         if sys.stdout is not None:
             sys.stdout.flush()  # what click wrote for --help or --version meets a closed or full stdout here
+        elif not _ran:  # --help or --version with stdout closed (>&-): click wrote nothing, and said nothing
+            raise OSError(errno.EBADF, "standard output is closed")
     except SystemExit as e:
         code = e.code
         if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's own exit 1 for a reader gone (EPIPE)

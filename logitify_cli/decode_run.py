@@ -15,7 +15,7 @@ from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError
 from .outdir import FolderLock, in_use, protected_folder
-from .outputs import IMAGE_OUTPUTS
+from .outputs import IMAGE_OUTPUTS, folder_identity
 from .pool import OrderedPool, default_workers
 from .report import QUIET, Reporter
 from .results import DecodeResult
@@ -170,11 +170,12 @@ def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, rep
     ds = LogitDataset(dataset, split)
     made = not os.path.lexists(out)
     prepare_folder(out, overwrite)
+    made = folder_identity(out) if made else None
     try:
         return _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, report, t0)
     except BaseException:
-        if made:  # a folder this run made and left empty is not left behind
-            try:
+        if made is not None and folder_identity(out) == made:  # the folder this run made, left empty: not left
+            try:                                                 # behind (one made in its place is not ours)
                 os.rmdir(out)
             except OSError:
                 pass

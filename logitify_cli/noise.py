@@ -57,6 +57,12 @@ def _whole(value):
 def _select_shards(ds, shards):
     if shards is None:
         return list(ds.shards)
+    if isinstance(shards, str) or _whole(shards) is not None:  # one shard, by name or index
+        shards = [shards]
+    try:
+        shards = list(shards)
+    except TypeError:
+        raise LogitifyError(f"shards must be a list of shard indices or file names, got {shards!r}") from None
     by_name = {s.file: s for s in ds.shards}
     out = []
     for s in shards:

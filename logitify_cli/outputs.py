@@ -379,7 +379,8 @@ class ImageOutput:
     # apart (Beam) settles those names for the whole dataset first (settle_names) and passes them in.
     names_span_shards = False
 
-    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None, classes=None, settled=None):
+    def __init__(self, root: str, n_shards: int, overwrite: bool, protect=None, classes=None, settled=None,
+                 identity=None):
         self.root, self.n_shards, self.overwrite = root, n_shards, overwrite
         self.protect = None if protect is None else frozenset(protect)  # see _create
         self.classes = list(classes) if classes else []  # the dataset's class names, by label
@@ -387,7 +388,8 @@ class ImageOutput:
         self.num_refused = 0  # all of them
         # Jobs open the folder by its name: one moved away (and another made in its place) mid-run is
         # an error, not images split between two folders and a run that says it wrote them all.
-        self.identity = folder_identity(root)
+        # The launcher's, where it locked the folder (a Beam worker makes its output per shard).
+        self.identity = identity if identity is not None else folder_identity(root)
 
     def refuse(self, key: str, reason: str) -> None:
         """Keep a refused key: by name for the first REFUSED_LISTED, counted after that."""
@@ -755,7 +757,8 @@ class _NpzStream:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect, remote: bool) -> None:
+def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect, remote: bool,
+           identity=None) -> None:
     """Move a finished temporary file to its name: the same refusals as a new file, and no link followed."""
     if remote:
         import shutil
@@ -765,7 +768,7 @@ def _place(root: str, folder: str, tmp: str, name: str, overwrite: bool, protect
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
-    folders = _Folders(root)
+    folders = _Folders(root, identity)
     try:
         dfd = folders.fd("")
         opening = []  # [folder fd, name] once this job has made, or is making, its empty placeholder
@@ -813,6 +816,8 @@ class NpzOutput(ImageOutput):
 
     def begin_shard(self, shard, count, shape):
         with self._writing(shard):
+            if self.identity is not None and folder_identity(self.root) != self.identity:  # see ImageOutput
+                raise OSError(errno.ESTALE, f"the output folder {self.root} was moved or replaced during the run")
             self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
@@ -848,7 +853,7 @@ class NpzOutput(ImageOutput):
             raise
         self._handed.append((folder, tmp, remote))
         return [(self.root, self.overwrite, self._file(shard), folder, tmp, remote, stream.count,
-                 self.protect or frozenset())]
+                 self.protect or frozenset(), self.identity)]
 
     def close(self):
         for stream in self._open.values():
@@ -869,10 +874,10 @@ class NpzOutput(ImageOutput):
 
     @staticmethod
     def write(job):
-        root, overwrite, name, folder, tmp, remote, count, protect = job
+        root, overwrite, name, folder, tmp, remote, count, protect, identity = job
         problems = []
         try:
-            _place(root, folder, tmp, name, overwrite, protect, remote)
+            _place(root, folder, tmp, name, overwrite, protect, remote, identity)
         except (Refused, OSError, ValueError) as e:
             problems = [problem(name, name, e)]
         return {"images": 0 if problems else count, "problems": problems}

@@ -621,3 +621,31 @@ def test_resume_into_a_folder_of_someone_elses_files_is_refused(cli, tmp_path, r
         assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.output
     assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
     assert sorted(os.listdir(src)) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_failed_decode_removes_only_the_empty_folder_it_made(cli, image_folder, tmp_path, monkeypatch):
+    """A decode that fails removes the folder it made, if empty; one someone made in its place stays."""
+    from logitify_cli import decode_run
+    from logitify_cli.errors import LogitifyError
+
+    src, _ = image_folder
+    ds = tmp_path / "ds"
+    assert cli("encode", src, "-o", ds).exit_code == 0
+    out = tmp_path / "out"
+
+    def swapped(*args, **kwargs):
+        out.rename(tmp_path / "moved")
+        out.mkdir()  # someone else's, made where the run's was
+        raise LogitifyError("failed after the swap")
+
+    monkeypatch.setattr(decode_run, "_decode_into", swapped)
+    r = cli("decode", ds, "-o", out)
+    assert r.exit_code == 1 and "failed after the swap" in r.stderr
+    assert out.is_dir() and (tmp_path / "moved").is_dir()
+
+    def failed(*args, **kwargs):
+        raise LogitifyError("failed")
+
+    monkeypatch.setattr(decode_run, "_decode_into", failed)
+    r = cli("decode", ds, "-o", tmp_path / "mine")
+    assert r.exit_code == 1 and not (tmp_path / "mine").exists()

@@ -345,6 +345,11 @@ def test_bad_arguments_are_refused(datasets):
     n = len(lg.LogitDataset(path).shards)
     with pytest.raises(LogitifyError, match=f"no shard {n} in this split \\(its shards are 0 to {n - 1}\\)"):
         lg.load(path, noise="fresh", shards=[n])
+    with pytest.raises(LogitifyError, match="shards must be a list of shard indices or file names"):
+        lg.load(path, noise="fresh", shards=1.5)
+    one = lg.LogitDataset(path).shards[0]
+    by_index, by_name = (fresh(path, epoch=1, shards=s) for s in (np.int64(0), one.file))  # one shard, as itself
+    assert len(by_index) == one.num_examples and sorted(by_index) == sorted(by_name)
     with pytest.raises(LogitifyError, match="stored"):
         lg.load(path, noise="new")
     assert os.path.isdir(path)

@@ -243,3 +243,27 @@ def test_a_folder_filled_between_decodes_look_and_its_lock_is_refused(tmp_path):
         locked_folder(str(out), False)
     locked_folder(str(out), True).release()  # with --overwrite it may, and the lock goes with the run
     assert os.listdir(out) == ["a.png"]
+
+
+def test_npz_decode_and_a_beam_workers_output_write_only_into_the_folder_the_run_locked(tmp_path):
+    """The npz output checks the folder as each shard begins; a Beam worker's output takes the identity the
+    launcher saw, not the one of whatever folder has the name when its shard starts."""
+    from logitify_cli.errors import WriteError
+    from logitify_cli.outputs import NpzOutput, PngOutput, folder_identity
+
+    out = tmp_path / "out"
+    out.mkdir()
+    output = NpzOutput(str(out), 2, False)
+    output.begin_shard(0, 1, (2, 2, 3))
+    output.add(0, ["a.png"], [-1], np.zeros((1, 2, 2, 3), np.uint8))
+    out.rename(tmp_path / "moved")
+    out.mkdir()
+    with pytest.raises(WriteError, match="images-00001-of-00002.npz: the output folder .* was moved or replaced"):
+        output.begin_shard(1, 1, (2, 2, 3))
+    job = output.end_shard(0)[0]
+    assert NpzOutput.write(job)["problems"] and os.listdir(out) == []
+    output.close()
+    locked = folder_identity(str(tmp_path / "moved"))
+    worker = PngOutput(str(out), 1, False, identity=locked)  # made per shard, in a worker, after the swap
+    jobs = worker.add(0, ["b.png"], [-1], np.zeros((1, 2, 2, 3), np.uint8))
+    assert PngOutput.write(jobs[0])["problems"] and os.listdir(out) == []

@@ -512,6 +512,9 @@ def test_help_and_version_to_a_stdout_that_cannot_take_them(args, tmp_path):
     p.stdout.close()  # the reader leaves before the first line is written
     _, err = p.communicate(timeout=60)
     assert p.returncode == 141 and err == b"", (p.returncode, err)
+    r = subprocess.run([sys.executable, "-m", "logitify_cli", *args], stderr=subprocess.PIPE, text=True, env=ENV,
+                       timeout=60, preexec_fn=lambda: os.close(1))  # `>&-`: no stdout at all
+    assert r.returncode == 1 and r.stderr == "logitify: error: cannot write to standard output: standard output is closed\n"
 
 
 def test_a_file_size_limit_names_the_file_and_leaves_nothing_in_the_way(tmp_path, rng):
