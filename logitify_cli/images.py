@@ -732,11 +732,13 @@ def read_one(payload, channels, size, max_pixels, expect_size=None, note_colour:
 
 
 def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colour: bool = False):
-    """Worker entry point: (stacked arrays, shapes, reasons) for a chunk.
+    """Worker entry point: (stack, same, odd, reasons) for a chunk.
 
     Images of the chunk's common shape travel as one array (one buffer to
-    pickle, not dozens); the odd ones out, and failures, ride alongside.
-    Unpack with unpack_many(). With expect_size (h, w), an image of another
+    pickle, not dozens); the odd ones out, and failures, ride alongside:
+    (stack [n, ...] or None, the chunk positions of its rows, {position:
+    array} of the others, each image's reason or note). pixels.PixelStream
+    hands them out. With expect_size (h, w), an image of another
     size has the ImageSizeMismatch itself as its reason, not a string. An
     image read has a note as its reason, or None (see read_noting).
     """
@@ -753,10 +755,3 @@ def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colou
     return stack, same, odd, reasons
 
 
-def unpack_many(result):
-    """[(array or None, reason or note or None)] from read_many()'s result."""
-    stack, same, odd, reasons = result
-    out = [(odd.get(i), r) for i, r in enumerate(reasons)]
-    for j, i in enumerate(same):
-        out[i] = (stack[j], reasons[i])
-    return out

@@ -338,15 +338,15 @@ def test_damaged_image_of_another_size_is_refused_for_its_size(tmp_path):
 def test_decode_many_hands_back_the_mismatch_with_its_fields(tmp_path, rng):
     import pickle
 
-    from logitify_cli.images import ImageSizeMismatch, read_many, unpack_many
+    from logitify_cli.images import ImageSizeMismatch, read_many
 
     a = save(str(tmp_path / "a.png"), photo(rng, 24, 32))
     b = save(str(tmp_path / "b.png"), photo(rng, 40, 60))
     c = str(tmp_path / "c.png")
     open(c, "wb").close()
     result = pickle.loads(pickle.dumps(read_many([a, b, c], 3, None, 10**8, expect_size=(24, 32))))
-    (arr, r0), (none, r1), (_, r2) = unpack_many(result)
-    assert arr.shape == (24, 32, 3) and r0 is None and none is None
+    stack, same, odd, (r0, r1, r2) = result  # the images of the chunk's shape stacked, their places, the rest
+    assert stack.shape == (1, 24, 32, 3) and same == [0] and odd == {} and r0 is None
     assert isinstance(r1, ImageSizeMismatch) and r1.shape == (40, 60, 3) and r1.expected == (24, 32)
     assert isinstance(r2, str) and "empty" in r2
 
@@ -357,10 +357,11 @@ def test_huge_images_of_the_wrong_size_cost_no_memory(tmp_path):
     Image.new("RGB", (8000, 8000)).save(path, compress_level=1)
     code = (
         "import resource, sys\n"
-        "from logitify_cli.images import read_many, unpack_many\n"
+        "from logitify_cli.images import read_many\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"out = unpack_many(read_many([{str(path)!r}] * 6, 3, None, 89_478_485, expect_size=(24, 32)))\n"
-        "assert all(a is None and r.shape == (8000, 8000, 3) for a, r in out), out\n"
+        f"stack, same, odd, reasons = read_many([{str(path)!r}] * 6, 3, None, 89_478_485, expect_size=(24, 32))\n"
+        "assert stack is None and not same and not odd, (same, odd)\n"
+        "assert all(r.shape == (8000, 8000, 3) for r in reasons), reasons\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=60)
