@@ -753,5 +753,3 @@ def read_many(payloads, channels, size, max_pixels, expect_size=None, note_colou
     stack = np.stack([arrays[i] for i in same]) if same else None
     odd = {i: a for i, a in enumerate(arrays) if a is not None and a.shape != common}
     return stack, same, odd, reasons
-
-
