@@ -320,7 +320,7 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
 
     @functools.wraps(fn)
     def wrapper(*args, verbose=False, **kwargs):
-        _ran.append(True)
+        _ran[:] = [True]
         with _command_owns_process(verbose):
             try:
                 _run(*args, verbose=verbose, **kwargs)
