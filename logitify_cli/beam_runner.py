@@ -418,7 +418,10 @@ def _decode_shard_fn():
     class DecodeShard(beam.DoFn):
         def __init__(self, dataset, out, fmt, batch_size, device, overwrite, beam_args, split, identity=None):
             self.dataset, self.out, self.fmt, self.split = dataset, out, fmt, split
-            self.identity = identity  # of the folder the launcher locked: a worker writes into no other
+            # (host, device and inode) of the folder the launcher locked: a worker on that host writes into no
+            # other. Elsewhere (a folder shared over the network) the numbers are another mount's, and the
+            # worker takes the folder as it finds it.
+            self.identity = identity
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
             self.quiet = _launcher_quiet()
@@ -433,6 +436,13 @@ def _decode_shard_fn():
                 _worker_tf(self.quiet)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
+        def _identity(self):
+            import socket
+
+            if self.identity is None or self.identity[0] != socket.gethostname():
+                return None
+            return self.identity[1]
+
         def process(self, index, settled=None):
             import pickle
 
@@ -441,7 +451,7 @@ def _decode_shard_fn():
 
             settled = pickle.loads(settled) if settled is not None else None  # see _settle
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
-                                             classes=self.ds.classes, settled=settled, identity=self.identity)
+                                             classes=self.ds.classes, settled=settled, identity=self._identity())
             written, failed = 0, []
             try:
                 for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
@@ -533,6 +543,8 @@ def _names(dataset):
 def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
     from .decode_run import finish, locked_folder, prepare_folder
+    import socket
+
     from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED, folder_identity
 
     t0 = time.time()
@@ -550,8 +562,9 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         beam, _ = _beam()
         make = _decode_shard_fn()
         n = len(ds.shards)
+        here = folder_identity(out)
         decode_shard = make(dataset, out, fmt, batch_size, device, overwrite, beam_args, ds.split,
-                            folder_identity(out))
+                            None if here is None else (socket.gethostname(), here))
 
         def pipeline(pl):
             shards = pl | "Shards" >> beam.Create(list(range(n)), reshuffle=False) | "Spread" >> beam.Reshuffle()

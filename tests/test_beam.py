@@ -292,3 +292,17 @@ def test_a_stop_ends_only_the_beam_workers_the_run_started_and_only_when_it_stop
         for p in (earlier, worker, other, started):
             p.kill()
             p.wait()
+
+
+def test_a_beam_worker_holds_the_folder_to_the_launchers_only_on_the_launchers_host():
+    """Device and inode numbers are a mount's: a worker on another machine (a folder shared over the network)
+    takes the folder as it finds it, one on the launcher's machine writes into the folder the launcher locked."""
+    import socket
+
+    from logitify_cli.beam_runner import _decode_shard_fn
+
+    make = _decode_shard_fn()
+    here = make("ds", "out", "png", 1, "auto", False, [], "train", (socket.gethostname(), (1, 2)))
+    there = make("ds", "out", "png", 1, "auto", False, [], "train", ("another-host", (1, 2)))
+    unset = make("ds", "out", "png", 1, "auto", False, [], "train")
+    assert here._identity() == (1, 2) and there._identity() is None and unset._identity() is None
