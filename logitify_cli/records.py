@@ -236,7 +236,31 @@ class _Source:
             self.fileobj.close()
 
 
-class _PlainBytes:
+class _Bytes:
+    """A byte stream handed out in exact lengths: take(n), and take_own(n) for records of a buffer of their own."""
+
+    _buf: bytes
+    _pos: int
+
+    def take(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _fill(self, view: memoryview, have: int) -> int:
+        """Fill view from `have` on, straight from the source; how many bytes it holds then."""
+        raise NotImplementedError
+
+    def take_own(self, n: int) -> memoryview:
+        """take(n), in a buffer of its own that a large record is read (or inflated) straight into: no copy is made."""
+        if n < _BLOCK:
+            return memoryview(bytearray(self.take(n)))
+        view = memoryview(bytearray(n))
+        have = min(n, len(self._buf) - self._pos)
+        view[:have] = self._buf[self._pos:self._pos + have]
+        self._buf, self._pos = b"", 0
+        return view[:self._fill(view, have)]
+
+
+class _PlainBytes(_Bytes):
     """A file's bytes handed out in exact lengths, and how many are left."""
 
     def __init__(self, fd: "_Source"):
@@ -265,24 +289,17 @@ class _PlainBytes:
         self.left -= len(out)
         return out
 
-    def take_own(self, n: int) -> memoryview:
-        """take(n), in a buffer of its own that a large record is read straight into (no copy of it is made)."""
-        if n < _BLOCK:
-            return memoryview(bytearray(self.take(n)))
-        view = memoryview(bytearray(n))
-        have = min(n, len(self._buf) - self._pos)
-        view[:have] = self._buf[self._pos:self._pos + have]
-        self._buf, self._pos = b"", 0
-        while have < n:
+    def _fill(self, view: memoryview, have: int) -> int:
+        while have < len(view):
             got = self._fd.readinto(view[have:])
             if not got:
                 break
             have += got
         self.left -= have
-        return view[:have]
+        return have
 
 
-class _GzipBytes:
+class _GzipBytes(_Bytes):
     """The inflated bytes of a GZIP file (members one after another), within a budget (None: no bound)."""
 
     left = None  # unknown until inflated
@@ -335,22 +352,18 @@ class _GzipBytes:
         self._buf, self._pos = buf, len(out)
         return out
 
-    def take_own(self, n: int) -> memoryview:
-        """take(n), in a buffer of its own that a large record is inflated into piece by piece."""
-        if n < _BLOCK:
-            return memoryview(bytearray(self.take(n)))
-        view = memoryview(bytearray(n))
-        have = min(n, len(self._buf) - self._pos)
-        view[:have] = self._buf[self._pos:self._pos + have]
-        self._buf, self._pos = b"", 0
+    def _fill(self, view: memoryview, have: int) -> int:
+        n = len(view)
         while have < n:
-            pieces = self._more(min(n - have, _BLOCK))
-            if not pieces:
+            data = b"".join(self._more(min(n - have, _BLOCK)))
+            if not data:
                 break
-            for piece in pieces:
-                view[have:have + len(piece)] = piece
-                have += len(piece)
-        return view[:have]
+            used = min(len(data), n - have)  # zlib may give more than asked: the rest starts what follows
+            view[have:have + used] = data[:used]
+            have += used
+            if used < len(data):
+                self._buf, self._pos = data[used:], 0
+        return have
 
 
 def _open_bytes(path: str, compression_type: str, bound_inflated: bool):
