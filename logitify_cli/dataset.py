@@ -179,17 +179,12 @@ class LogitDataset:
         shorter), whatever the format reads at a time; by default as many as
         fit in SLICE_BYTES of logits.
         """
-        import operator
-
         from .formats.base import chunk_rows
 
         if rows is None:
             rows = max(1, chunk_rows(self.shape, SLICE_BYTES))
         else:
-            try:
-                n = None if isinstance(rows, bool) else operator.index(rows)
-            except TypeError:
-                n = None
+            n = whole_number(rows)
             if n is None or n < 1:
                 raise LogitifyError(f"rows must be a positive integer (or None for the default), got {rows!r}")
             rows = n
@@ -247,6 +242,18 @@ class LogitDataset:
         # Choosing the components costs one small step per slice, where it cost one per image.
         ds = self.format.tf_slices(files, self.shape, self.manifest.compressed, fields)
         return ds.map(pick).prefetch(1).unbatch()
+
+
+def whole_number(value):
+    """An integer of any kind that is one (NumPy's included, not a bool), or None: what the API's counts take."""
+    import operator
+
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def load(path: str, with_keys: bool = False, with_labels: bool = False, noise: str = "stored",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+from .dataset import whole_number
 from .errors import LogitifyError
 from .transform import DRAW_DOMAIN, EPOCH_DOMAIN, LogitTransform, key_seeds, rekey_seeds_tf
 
@@ -42,22 +43,10 @@ def check_refreshable(params, where: str = "this dataset") -> None:
             "redraw and every epoch would equal the stored one (re-encode with --noise uniform)")
 
 
-def _whole(value):
-    """An integer, of any kind that is one (NumPy's included, not a bool), or None."""
-    import operator
-
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _select_shards(ds, shards):
     if shards is None:
         return list(ds.shards)
-    if isinstance(shards, str) or _whole(shards) is not None:  # one shard, by name or index
+    if isinstance(shards, str) or whole_number(shards) is not None:  # one shard, by name or index
         shards = [shards]
     try:
         shards = list(shards)
@@ -66,7 +55,7 @@ def _select_shards(ds, shards):
     by_name = {s.file: s for s in ds.shards}
     out = []
     for s in shards:
-        i = _whole(s)
+        i = whole_number(s)
         if i is not None:
             if not 0 <= i < len(ds.shards):
                 raise LogitifyError(f"{ds.path}: no shard {i} in this split (its shards are 0 to {len(ds.shards) - 1})")
@@ -118,8 +107,7 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
         raise LogitifyError(f"{ds.path}: tf.data cannot read this store here; copy the dataset folder "
                             "to a local disk first (e.g. aws s3 cp --recursive, gsutil -m cp -r)")
     given = epoch, epochs, draws
-    epoch, epochs, draws = _whole(epoch), (None if epochs is None else _whole(epochs)), \
-        (None if draws is None else _whole(draws))
+    epoch, epochs, draws = (whole_number(v) for v in given)  # None where a value given is no integer
     if epoch is None or epoch < 0 or epoch >= 1 << 32:
         raise LogitifyError(f"epoch must be an integer from 0 to 2**32-1, got {given[0]!r}")
     if given[1] is not None and (epochs is None or epochs < 1 or epoch + epochs > 1 << 32):
