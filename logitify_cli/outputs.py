@@ -9,6 +9,7 @@ link or a non-folder is refused, by name, and nothing is written through it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -828,20 +829,15 @@ class NpzOutput(ImageOutput):
                                   images)
         return []
 
+    @contextlib.contextmanager
     def _writing(self, shard):
         """A failed write of the shard's file (a full disk, a file size limit) as the one line that names it."""
-        import contextlib
+        try:
+            yield
+        except OSError as e:
+            from .errors import write_error
 
-        @contextlib.contextmanager
-        def named():
-            try:
-                yield
-            except OSError as e:
-                from .errors import write_error
-
-                raise write_error(e, self._file(shard)) from None
-
-        return named()
+            raise write_error(e, self._file(shard)) from None
 
     def end_shard(self, shard):
         stream = self._open.pop(shard, None) or _NpzStream(self.root, self._file(shard), 0, (1, 1, 1))
