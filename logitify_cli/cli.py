@@ -288,6 +288,16 @@ def _stdout_fd():
 _CONSOLE = False  # set by entry(): the console script owns its process, and so its stdout
 
 
+def _stdout_failed(e: OSError) -> int:
+    """The status of a run whose stdout failed: 141 when its reader left (`logitify info ... | head`, as with
+    SIGPIPE), else 1 and the reason on stderr. What is still buffered for it goes nowhere."""
+    gone = isinstance(e, BrokenPipeError)
+    if not gone:
+        click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
+    _quiet_stdout()
+    return 141 if gone else 1
+
+
 def _quiet_stdout() -> None:
     """What is still buffered for a stdout that failed goes nowhere, so the exit flush cannot fail again.
 
@@ -325,12 +335,7 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
             try:
                 _run(*args, verbose=verbose, **kwargs)
             except _StdoutLost as lost:
-                e = lost.__cause__
-                gone = isinstance(e, BrokenPipeError)  # `logitify info ... | head`: the reader left, as with SIGPIPE
-                if not gone:
-                    click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
-                _quiet_stdout()
-                sys.exit(141 if gone else 1)
+                sys.exit(_stdout_failed(lost.__cause__))
 
     def _run(*args, as_json=False, quiet=False, progress=None, verbose=False, **kwargs):
         from .errors import LogitifyError
@@ -835,11 +840,7 @@ def entry(argv=None):
     except OSError as e:  # --help or --version, whose text click writes itself, to a stdout that cannot take it
         if _ran:  # a command's own error, raised for --verbose's traceback
             raise
-        gone = isinstance(e, BrokenPipeError)
-        if not gone:
-            click.echo(f"logitify: error: cannot write to standard output: {e.strerror or e}", err=True)
-        _quiet_stdout()
-        code = 141 if gone else 1
+        code = _stdout_failed(e)
     except KeyboardInterrupt as e:  # a second stop while the first one's exit unwound: its line is already out
         code = 128 + getattr(e, "signum", int(signal.SIGINT))
     status = code if isinstance(code, int) else (0 if code is None else 1)
