@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from . import fs
 from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError
@@ -146,7 +147,13 @@ def each_split(dataset: str, out: str, split, overwrite: bool, decode_one) -> De
     if len(names) == 1:
         return decode_one(names[0], out)
     prepare_folder(out, overwrite)
-    results = [decode_one(n, os.path.join(out, n)) for n in names]
+    results = []
+    for n in names:  # out is the user's choice, its split folders are ours: never a link out of it
+        where = os.path.join(out, n)
+        if not fs.is_remote(out) and os.path.islink(where):
+            raise LogitifyError(f"{where} is a link: decode does not write through it (remove it, or name "
+                                "another output folder)")
+        results.append(decode_one(n, where))
     first = results[0]
     n = sum(r.num_images for r in results)
     seconds = sum(r.seconds for r in results)

@@ -1085,3 +1085,23 @@ def test_a_class_folder_does_not_make_a_bad_key_good(cli, keyed, tmp_path):
     assert r.exit_code == 1 and len(refusal_lines(r.stderr)) == 2, r.output
     fine = snapshot(out)["cat/fine.png"]
     assert snapshot(tmp_path / "sandbox") == {"out": "/", "out/cat": "/", "out/cat/fine.png": fine}
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_decode_of_several_splits_never_writes_through_a_link_at_a_split_folder(cli, pics, tmp_path, fmt):
+    """OUT is the user's choice; OUT/SPLIT is decode's own folder: a link planted there (even with --overwrite)
+    is refused, and what it points at is left as it was."""
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    assert cli("encode", pics, "-o", ds, "--split", "test").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "cat").mkdir(parents=True)
+    (elsewhere / "cat" / "0.png").write_bytes(b"precious")
+    (elsewhere / "images-00000-of-00001.npz").write_bytes(b"precious")
+    before = snapshot(elsewhere)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / "test")
+    r = cli("decode", ds, "-o", out, "-f", fmt, "--overwrite")
+    assert r.exit_code == 1 and "is a link: decode does not write through it" in r.stderr, r.output
+    assert snapshot(elsewhere) == before
