@@ -493,6 +493,31 @@ def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None
             elif got != _digest(want) and ds.params.lossless:
                 problem(it.key, "decoded image differs from its source")
             found += 1
+    unreadable = _Unreadable(inv.skipped)
     for k in decoded.remaining():
-        problem(k, "in the dataset but not found in the sources")
+        problem(k, unreadable.missing(k))
     return found
+
+
+class _Unreadable:
+    """What discovery could not read in the sources, to say why a dataset key has no source now.
+
+    A key is "file" or "file:record". A TFRecord file may be skipped whole
+    ("file") or from a damaged record on ("file:3"): its keys are named
+    with that entry.
+    """
+
+    def __init__(self, skipped: list):
+        self.exact = {s["source"]: s["reason"] for s in skipped}
+        self.files = {}
+        for source, reason in self.exact.items():
+            self.files.setdefault(source, (source, reason))
+            self.files.setdefault(source.rpartition(":")[0], (source, reason))
+
+    def missing(self, key: str) -> str:
+        """The problem to report for a key of the dataset that no source gave."""
+        if key in self.exact:
+            return f"in the dataset, but its source cannot be read now: {self.exact[key]}"
+        hit = self.files.get(key.rpartition(":")[0]) if ":" in key else None
+        why = f" ({hit[0]} cannot be read now: {hit[1]})" if hit else ""
+        return "in the dataset but not found in the sources" + why

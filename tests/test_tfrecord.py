@@ -182,6 +182,27 @@ def test_a_damaged_record_header_says_what_it_hides(cli, tmp_path):
     assert r.exit_code == 0 and "3 equal to their sources" in r.stderr, r.output
 
 
+def test_verify_against_says_why_a_source_cannot_be_read_now(cli, tmp_path):
+    """A source damaged or replaced after encode: verify names discovery's reason, not just "not found"."""
+    os.chdir(tmp_path)
+    records_file(tmp_path / "data.tfrecord", 5)
+    assert cli("encode", "data.tfrecord", "-o", "out").exit_code == 0
+    _, offsets = records_file(tmp_path / "data.tfrecord", 5)
+    flip(tmp_path / "data.tfrecord", offsets[2] + 2)  # record 2's length field: 2..4 are out of reach
+    r = cli("verify", "out", "--against", "data.tfrecord")
+    assert r.exit_code == 1
+    lines = {line.split(": ", 2)[1]: line for line in r.stderr.splitlines() if line.startswith("logitify: data")}
+    assert sorted(lines) == [f"data.tfrecord:{i}" for i in (2, 3, 4)], r.stderr
+    assert "its source cannot be read now: corrupt TFRecord data" in lines["data.tfrecord:2"]
+    for i in (3, 4):
+        assert "not found in the sources (data.tfrecord:2 cannot be read now: corrupt" in lines[f"data.tfrecord:{i}"]
+    os.remove(tmp_path / "data.tfrecord")
+    os.mkfifo(tmp_path / "data.tfrecord")
+    r = cli("verify", "out", "--against", "data.tfrecord")
+    assert r.exit_code == 1
+    assert r.stderr.count("(data.tfrecord cannot be read now: not a regular file (a named pipe))") == 5, r.stderr
+
+
 def test_records_damaged_after_they_were_counted_are_each_reported(cli, tmp_path, monkeypatch):
     """Files counted whole at discovery and damaged before they are read: every planned record is accounted for."""
     from logitify_cli import sources
