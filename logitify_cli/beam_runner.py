@@ -491,9 +491,9 @@ def _name_claims_fn():
             from .outputs import name_claims
 
             at = 0
-            for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False):  # decode checks it
+            # Keys and labels alone (decode reads the logits, and checks the shard)
+            for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False, fields=("keys", "labels")):
                 keys, labels = chunk["keys"], chunk["labels"]
-                del chunk
                 for name, (kind, (shard, position, key, label)) in name_claims(self.ds.classes, index, at,
                                                                                   keys, labels):
                     # As bytes: Beam's coders take text as UTF-8, which a key from a file name need not be.

@@ -140,17 +140,23 @@ class LogitDataset:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def iter_chunks(self, shard, check: bool = True, rows: int | None = None, records: bool = False):
-        """NumPy dicts (logits, logdet, keys, labels) of one shard, a slice at a time.
+    def iter_chunks(self, shard, check: bool = True, rows: int | None = None, records: bool = False,
+                    fields=None):
+        """NumPy dicts (logits, logdet, keys, labels, or the `fields` named) of one shard, a slice at a time.
 
         `check` compares the shard with the manifest's sha256 first; `records`
         also checks each record's own checksums where the format keeps them
-        apart from the file's (TFRecord; slower, so verify's alone).
+        apart from the file's (TFRecord; slower, so verify's alone), and is
+        not for a read of some `fields`.
         """
         extra = {"records": True} if records and self.format.record_checksums else {}
         with self.local_shard(shard, check) as path:
-            yield from self.format.read_chunks(path, self.shape, shard.num_examples, self.manifest.compressed, rows,
-                                               **extra)
+            if fields is not None:
+                yield from self.format.read_fields(path, self.shape, shard.num_examples, self.manifest.compressed,
+                                                   fields, rows)
+            else:
+                yield from self.format.read_chunks(path, self.shape, shard.num_examples,
+                                                   self.manifest.compressed, rows, **extra)
 
     def read_shard(self, shard, check: bool = True) -> dict:
         """One whole shard as NumPy arrays (its logits held once: filled in place, slice by slice)."""

@@ -316,7 +316,7 @@ class _OtherSplits:
         self.keys.update((str(s["source"]), b"") for s in ds.manifest.skipped if isinstance(s, dict))
         for shard in ds.shards:
             try:
-                for chunk in ds.iter_chunks(shard, check=True):
+                for chunk in ds.iter_chunks(shard, check=True, fields=("keys",)):
                     self.keys.update((str(k), b"") for k in chunk["keys"])
             except LogitifyError:
                 continue
@@ -396,7 +396,7 @@ def _name_repeats(ds, hashes: KeyHashes, repeated, repeats: int, problem) -> Non
     named = 0
     for shard in ds.shards:
         try:
-            for chunk in ds.iter_chunks(shard, check=False):
+            for chunk in ds.iter_chunks(shard, check=False, fields=("keys",)):
                 keys = chunk["keys"]
                 for k in keys[np.isin(hashes.hashes(keys), repeated)]:
                     k = str(k)

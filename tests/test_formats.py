@@ -340,3 +340,38 @@ def test_the_architecture_example_format_works_as_printed(cli, image_folder, tmp
         assert cli("verify", raw).exit_code == 0
     finally:
         formats.FORMATS.pop("raw", None)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "tfrecord", "toy"])
+def test_read_fields_gives_read_chunks_arrays_and_npz_leaves_logits_unread(cli, toy, image_folder, tmp_path, fmt):
+    """Passes that need the keys alone get the same arrays; npz does not read a logits member to give them."""
+    from logitify_cli.dataset import LogitDataset
+
+    src, _ = image_folder
+    out = tmp_path / "ds"
+    assert cli("encode", src, "-o", out, "-f", fmt, "--shard-size", "5").exit_code == 0
+    ds = LogitDataset(str(out))
+    for fields in (("keys",), ("keys", "labels"), ("logdet", "labels"), ("logits", "keys")):
+        for shard in ds.shards:
+            whole = list(ds.iter_chunks(shard, rows=2))
+            some = list(ds.iter_chunks(shard, rows=2, fields=fields))
+            assert [tuple(c) for c in some] == [fields] * len(whole)
+            for a, b in zip(whole, some):
+                for f in fields:
+                    np.testing.assert_array_equal(a[f], b[f])
+    if fmt != "npz":
+        return
+    import zipfile
+
+    shard = ds.shards[0]
+    path = out / shard.file
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("logits.npy")
+    data = bytearray(path.read_bytes())
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size - 8
+    data[at:at + 8] = b"\xff" * 8  # the last logits, past the .npy header: the member's CRC-32 no longer holds
+    path.write_bytes(bytes(data))
+    keys = np.concatenate([c["keys"] for c in ds.iter_chunks(shard, check=False, fields=("keys",))])
+    assert len(keys) == shard.num_examples
+    with pytest.raises(LogitifyError, match="logits"):
+        list(ds.iter_chunks(shard, check=False))

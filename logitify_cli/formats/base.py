@@ -53,17 +53,21 @@ def refuse_expanding(name: str, shape) -> None:
             "example from a compressed shard")
 
 
+FIELDS = ("logits", "logdet", "keys", "labels")  # what read_chunks gives, all of them unless fewer are asked for
+
+
 def check_chunk(name: str, out: dict, shape) -> dict:
-    """A chunk's arrays have the dtypes and shapes the manifest promises, or ShardError."""
-    n = out["logits"].shape[0] if out["logits"].ndim else -1
-    if out["logits"].dtype != np.float32 or out["logits"].shape[1:] != tuple(shape):
+    """A chunk's arrays (those it has of FIELDS) have the dtypes and shapes the manifest promises, or ShardError."""
+    first = next(iter(out.values()))
+    n = first.shape[0] if first.ndim else -1
+    if "logits" in out and (out["logits"].dtype != np.float32 or out["logits"].shape[1:] != tuple(shape)):
         raise ShardError(name, f"logits are {out['logits'].dtype} {list(out['logits'].shape)}, "
                                f"expected float32 [n, {', '.join(map(str, shape))}]")
-    if out["logdet"].dtype != np.float32 or out["logdet"].shape != (n,):
+    if "logdet" in out and (out["logdet"].dtype != np.float32 or out["logdet"].shape != (n,)):
         raise ShardError(name, f"logdet is not float32 [{n}]")
-    if out["keys"].dtype.kind != "U" or out["keys"].shape != (n,):
+    if "keys" in out and (out["keys"].dtype.kind != "U" or out["keys"].shape != (n,)):
         raise ShardError(name, f"keys are not strings [{n}]")
-    if out["labels"].dtype != np.int64 or out["labels"].shape != (n,):
+    if "labels" in out and (out["labels"].dtype != np.int64 or out["labels"].shape != (n,)):
         raise ShardError(name, f"labels are not int64 [{n}]")
     return out
 
@@ -174,6 +178,15 @@ class ShardFormat:
         check the checksums it keeps per record too.
         """
         raise NotImplementedError
+
+    def read_fields(self, path: str, shape, count: int, compressed: bool, fields, rows: int | None = None):
+        """read_chunks' dicts with only `fields` (of FIELDS, in its order), for passes that need the keys alone.
+
+        This default reads every array and drops the rest; a format that
+        keeps the logits apart from the keys leaves them unread.
+        """
+        for chunk in self.read_chunks(path, shape, count, compressed, rows):
+            yield {f: chunk[f] for f in fields}
 
     def tf_dataset(self, files: list, shape, compressed: bool):
         """A tf.data.Dataset of dicts {logits, logdet, key, label}, one per example."""

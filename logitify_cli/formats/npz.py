@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import LogitifyError, ShardError
-from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
+from .base import FIELDS, ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-FIELDS = ("logits", "logdet", "keys", "labels")
 HEADER_MAX = 4096  # an .npy header is at most a few hundred bytes
 KEY_CHARS_MAX = 4096  # longest key a reader accepts (keys are paths)
 # The dtype each member must have: what the writer writes, nothing a reader must convert.
@@ -319,8 +318,11 @@ class NpzFormat(ShardFormat):
     def writer(self, out_dir, file, shape, count, compress):
         return NpzShardWriter(self, out_dir, file, shape, count, compress)
 
-    def read_chunks(self, path, shape, count, compressed, rows=None):
-        """All four arrays a slice at a time, each read in step with the others.
+    def read_fields(self, path, shape, count, compressed, fields, rows=None):
+        return self.read_chunks(path, shape, count, compressed, rows, fields=tuple(fields))
+
+    def read_chunks(self, path, shape, count, compressed, rows=None, fields=FIELDS):
+        """The arrays wanted a slice at a time, each read in step with the others; the rest not at all.
 
         Every header is checked against the manifest's promise before any
         data is read, a member compressed to less than its size is read only
@@ -348,7 +350,7 @@ class NpzFormat(ShardFormat):
                                             f"{count} examples of {list(shape)} allow")
                     if info.header_offset + info.compress_size > size:
                         raise ShardError(name, f"{field} runs past the end of the file")
-                if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count:
+                if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count and "logits" in fields:
                     refuse_expanding(name, shape)
                 streams, dtypes, left = {}, {}, {}
                 for field in FIELDS:
@@ -374,13 +376,13 @@ class NpzFormat(ShardFormat):
                 step = min(step, rows) if rows else step
                 info = members["logits.npy"]
                 stored = None
-                if count and StoredMember.usable(info):
+                if count and "logits" in fields and StoredMember.usable(info):
                     stored = stack.enter_context(contextlib.closing(StoredMember(path, info, name, "logits.npy")))
                     stored.skip(info.file_size - left["logits"])
                 for a in range(0, count, step):
                     n = min(count, a + step) - a
                     out = {}
-                    for field in FIELDS:
+                    for field in fields:
                         dtype = dtypes[field]
                         per = dtype.itemsize * (dims if field == "logits" else 1)
                         if n * per > left[field]:  # the member ends first: no buffer for what is not there

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import LogitifyError, ShardError
 from ..fs import fd_path
 from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
-from .base import ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
+from .base import FIELDS, ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 # TFDS's own file name template; our shard names are this template filled in,
 # so the two can never disagree.
@@ -172,10 +172,15 @@ class TfrecordFormat(ShardFormat):
     def writer(self, out_dir, file, shape, count, compress):
         return TfrecordShardWriter(self, out_dir, file, shape, count, compress)
 
-    def read_chunks(self, path, shape, count, compressed, rows=None, records=False):
+    def read_fields(self, path, shape, count, compressed, fields, rows=None):
+        return self.read_chunks(path, shape, count, compressed, rows, fields=tuple(fields))
+
+    def read_chunks(self, path, shape, count, compressed, rows=None, records=False, fields=FIELDS):
         """Records a slice at a time; a GZIP shard's records only up to EXPANDING_EXAMPLE_MAX each.
 
-        With `records`, every record's checksums too (CRC32C, in NumPy: a few hundred MB/s).
+        With `records`, every record's checksums too (CRC32C, in NumPy: a few
+        hundred MB/s). Every record is read whatever `fields` says (its logits
+        lie between its other fields); those not wanted are not copied out.
         """
         name = os.path.basename(path)
         shape = tuple(shape)
@@ -186,21 +191,22 @@ class TfrecordFormat(ShardFormat):
         step = min(step, rows) if rows else step
         keys, labels, logdet, raw = [], [], [], []
         seen = 0
+        want_logits = "logits" in fields
+
+        def logits():
+            if len(raw) == 1:  # one large record: its logits are used where they lie in its buffer
+                return np.frombuffer(raw[0], dtype="<f4").reshape((1,) + shape)
+            out = np.empty((len(raw),) + shape, "<f4")
+            for j, y in enumerate(raw):
+                out[j] = np.frombuffer(y, dtype="<f4").reshape(shape)
+            return out
+
+        make = {"logits": logits, "logdet": lambda: np.array(logdet, dtype=np.float32),
+                "keys": lambda: np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
+                "labels": lambda: np.array(labels, dtype=np.int64)}
 
         def chunk():
-            if len(raw) == 1:  # one large record: its logits are used where they lie in its buffer
-                logits = np.frombuffer(raw[0], dtype="<f4").reshape((1,) + shape)
-            else:
-                logits = np.empty((len(raw),) + shape, "<f4")
-                for j, y in enumerate(raw):
-                    logits[j] = np.frombuffer(y, dtype="<f4").reshape(shape)
-            out = {
-                "logits": logits,
-                "logdet": np.array(logdet, dtype=np.float32),
-                "keys": np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"),
-                "labels": np.array(labels, dtype=np.int64),
-            }
-            return check_chunk(name, out, shape)
+            return check_chunk(name, {f: make[f]() for f in fields}, shape)
 
         try:
             reader = _checked_records if records else _records
@@ -223,7 +229,7 @@ class TfrecordFormat(ShardFormat):
                 elif ln != 1 or lk != 3:
                     raise ShardError(name, f"record {i} has {'two or more' if ln > 1 else 'a'} "
                                         f"{'labels' if ln > 1 else 'label that is not an int64'}, expected one int64")
-                raw.append(y)
+                raw.append(y if want_logits else None)
                 del y, feats, kinds, rec
                 logdet.append(ld)
                 keys.append(bytes(key).decode("utf-8", "surrogatepass"))
