@@ -447,18 +447,22 @@ def _last_resort(rel: str) -> str:
     return _tagged(rel, ".png")
 
 
+def _folders_named(rel: str, pattern: str) -> list:
+    """The folders of a file's path whose own name matches `pattern` (fnmatch, case as given)."""
+    import fnmatch
+
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if fnmatch.fnmatchcase(p, pattern)]
+
+
 def _png_folders(rel: str) -> list:
     """The folders of a file's path that a PNG file could also be named (those ending in '.png')."""
-    parts = rel.split("/")[:-1]
-    return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if p.endswith(".png")]
+    return _folders_named(rel, "*.png")
 
 
 def _tagged_folders(rel: str) -> list:
     """The folders of a file's path named as PngNames renames a folder (NAME~TAG): a renamed one may meet them."""
-    import fnmatch
-
-    parts = rel.split("/")[:-1]
-    return ["/".join(parts[:i + 1]) for i, p in enumerate(parts) if fnmatch.fnmatchcase(p, "*" + _TAGGED)]
+    return _folders_named(rel, "*" + _TAGGED)
 
 
 class PngNames:
