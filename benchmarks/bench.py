@@ -57,7 +57,7 @@ import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np
 import tensorflow as tf
-# The seed's LogitifyImage.forward, as a plain tf.data pipeline.
+# TFGENZOO's LogitifyImage.forward, as a plain tf.data pipeline.
 alpha, c = 0.05, 1.0
 pre = np.float32(np.log(alpha) - np.log(1 - alpha))
 def logitify(x):

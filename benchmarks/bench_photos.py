@@ -60,7 +60,7 @@ if __name__ == "__main__":
     print(n)
 '''
 
-# The plain tf.data pipeline: decode_jpeg, resize "area" to 64x64, the seed's formula, one np.savez.
+# The plain tf.data pipeline: decode_jpeg, resize "area" to 64x64, TFGENZOO's formula, one np.savez.
 JPEG_TFDATA = TFDATA_BASELINE.replace(
     'decode = lambda f: tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)',
     'decode = lambda f: tf.cast(tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(f), channels=3), '

@@ -8,7 +8,7 @@ consumed as a training loop would (.batch(256), every tensor of every batch
 touched):
 
 - the baseline a user would otherwise run: tf.data reads and decodes every
-  PNG and applies the seed's LogitifyImage formula with fresh noise;
+  PNG and applies TFGENZOO's LogitifyImage formula with fresh noise;
 - lg.load(path): the stored logits;
 - lg.load(path, noise="fresh", epoch=E): a new draw, recomputed in the graph.
 

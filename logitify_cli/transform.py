@@ -214,7 +214,7 @@ def inverse_constants(p: TransformParams):
     tanh(y/2) = p - q, so x~ = (L-1+c)/2 + tanh(y/2) * (L-1+c) / (2(1-alpha)).
     The level is the one whose interval [k, k+c) is nearest to x~: floor of
     x~ + (1-c)/2 (uniform, none), or floor of x~ + 1/2 (gaussian, centred
-    noise). For exact data this is the spec's floor(z * (L-1+c)).
+    noise). For exact data this is floor(z * (L-1+c)).
     """
     lc = p.denominator
     scale = lc / (2.0 * (1.0 - p.alpha))
@@ -348,7 +348,7 @@ class LogitTransform:
         return tf.reduce_sum(terms, axis=1) + self.dims * math.log1p(-self.params.alpha)
 
     def inverse_log_det_jacobian(self, logits):
-        """The inverse's log-det is minus the forward's (the seed's docs slip here)."""
+        """The inverse's log-det is minus the forward's (TFGENZOO's docs slip here)."""
         return -self.forward_log_det_jacobian(logits)
 
     # -- graph building ---------------------------------------------------------

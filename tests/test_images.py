@@ -1,4 +1,4 @@
-"""SPEC §4: every Pillow rule, on files the tests make."""
+"""Every Pillow rule (modes, EXIF, bad files), on files the tests make."""
 import io
 import os
 

@@ -71,7 +71,7 @@ def test_lossless_round_trip_and_reference(batch, alpha, c, noise, bits, seed):
         x, ildj = ref.tfgenzoo_inverse(y[i], alpha)
         assert math.isclose(ildj, -float(ld[i]), rel_tol=1e-5, abs_tol=1e-3)
     levels = ref.levels(imgs, bits)
-    # The float64 reference inverse of the spec gives every level back ...
+    # The float64 reference inverse gives every level back ...
     assert np.array_equal(ref.inverse_levels(y, alpha=alpha, c=c, bits=bits), levels)
     # ... and so does ours, shifted back to 8 bits.
     back = t.inverse(y)
