@@ -512,8 +512,6 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         from .splits import parse_holdout
 
         holdout = parse_holdout(holdout)
-        if holdout[1] == (split or "train"):
-            raise UsageError(f"--holdout names the split {split or 'train'!r} this run already makes; name another")
     recipe = None
     said = []  # warnings given before the run, which the result's warnings (--json) carry too
 

@@ -352,6 +352,19 @@ def resolved(opts: EncodeOptions, inv) -> EncodeOptions:
 def split_runs(opts: EncodeOptions) -> list:
     """The runs an encode makes: one per split of a TFDS folder, named as there; else the one asked for.
 
+    A --holdout split is checked against the run's split once that is
+    named (a TFDS folder's split is named by the folder, not by --split).
+    """
+    runs = _split_runs(opts)
+    for run in runs:
+        if run.holdout and run.holdout[1] == run.split:
+            raise UsageError(f"--holdout names the split {run.split!r} this run already makes; name another")
+    return runs
+
+
+def _split_runs(opts: EncodeOptions) -> list:
+    """split_runs, before the --holdout check.
+
     `opts.split` None means "as the source names it": each chosen TFDS
     split (--tfds-split, or all of dataset_info.json's) keeps its name,
     and any other source makes "train". A split named with --split

@@ -188,6 +188,9 @@ def test_holdout_is_stable_when_files_are_added(cli, tmp_path, rng):
         return {split: {str(k) for a in lg.iter_numpy(str(out), split=split) for k in a["keys"]}
                 for split in ("train", "test")}
 
+    for split, holdout in ((None, "train"), ("val", "val")):  # the holdout must be another split than the run's
+        r = cli("encode", src, "-o", tmp_path / "a", "--holdout", f"0.25:{holdout}", *(["--split", split] if split else []))
+        assert r.exit_code == 2 and f"names the split {holdout!r} this run already makes" in r.stderr
     assert cli("encode", src, "-o", tmp_path / "a", "--holdout", "0.25:test").exit_code == 0
     first = membership(tmp_path / "a")
     assert first["test"] and first["train"] and not first["test"] & first["train"]

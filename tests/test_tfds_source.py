@@ -179,6 +179,20 @@ def test_a_version_folder_encodes_every_split_with_class_names_and_decodes_bit_f
     assert r.exit_code == 2 and "--tfds-split" in r.stderr and "train, test" in r.stderr
 
 
+def test_holdout_is_checked_against_the_split_the_tfds_folder_names(cli, prepared, tmp_path):
+    """--tfds-split test names the run's split: a holdout called test is refused, one called train is not."""
+    src = prepared["TinyPhotos"]
+    out = tmp_path / "o"
+    r = cli("encode", src, "-o", out, "--tfds-split", "test", "--holdout", "0.4:test")
+    assert r.exit_code == 2 and "--holdout names the split 'test' this run already makes" in r.stderr, r.output
+    assert not out.exists() or os.listdir(out) == []  # refused before anything was written
+    r = cli("encode", src, "-o", out, "--tfds-split", "test", "--holdout", "0.4:train", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert sorted(res["splits"]) == ["test", "train"] and sum(res["splits"].values()) == 5
+    assert cli("verify", out).exit_code == 0
+
+
 def test_a_tfds_folders_splits_into_a_bucket_are_refused_before_anything_runs(cli, prepared):
     """Each split's run would find the one before it in the bucket (written whole): one per prefix."""
     pytest.importorskip("apache_beam")
