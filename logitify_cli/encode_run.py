@@ -12,6 +12,7 @@ import dataclasses
 import os
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -300,6 +301,22 @@ def write_dataset(out: str, fmt, m, counts: dict, grey_note: str | None, report)
     return extra, closing
 
 
+def _journal_whole(unjournaled: list, finish) -> None:
+    """On a failure: the shards that were whole before it are journaled, for --resume to keep.
+
+    A shard renamed into place and in no journal would be a file no run
+    owns: the next run (--overwrite too) would refuse the folder for it.
+    """
+    futures.wait([f for f, _ in unjournaled])
+    for future, k in unjournaled:
+        if future.cancelled() or future.exception() is not None:
+            continue  # abandoned or failed: its temporary file is gone, and a resume makes it
+        try:
+            finish(future, k)
+        except BaseException:  # the journal cannot be written: the failure already being raised says enough
+            return
+
+
 def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     """Make the shards still to make, then write the manifest."""
     p = started.plan
@@ -329,18 +346,19 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
     # beside its tail. The main split's shards come first, then --holdout's,
     # from one stream of pixels.
     cancel = threading.Event()
+    unjournaled = []  # (future, part) of the shards being made, in order, not yet in their journal
     with report.bar(started.count, "encode") as bar, started.pool, \
             ThreadPoolExecutor(3, thread_name_prefix="transform") as ex:
         stream = started.stream
         transform = ex.submit(build_transform, opts, p.shape)
         stream.ahead(RUN_AHEAD)
-        pending = None
         try:
             for k, part in enumerate(started.parts):
                 for spec in part.todo:
                     task = part.plan.task(spec)
                     feed = ShardFeed(task, report.warn)
                     making = ex.submit(_make_shard_when_built, task, feed, transform, report.warn, cancel)
+                    unjournaled.append((making, k))
                     n = spec.stop - spec.start
                     try:
                         j = shown = 0
@@ -361,13 +379,13 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                         raise
                     bar.update(n - shown)
                     del feed
-                    if pending is not None:
-                        finish(*pending)
-                    pending = (making, k)
-            if pending is not None:
-                finish(*pending)
+                    while len(unjournaled) > 1:  # all but the shard just handed over, which ends beside the next
+                        finish(*unjournaled.pop(0))
+            while unjournaled:
+                finish(*unjournaled.pop(0))
         except BaseException:
-            cancel.set()  # the shard in flight is abandoned and its temp file removed
+            cancel.set()  # the shards in flight are abandoned and their temp files removed
+            _journal_whole(unjournaled, finish)
             raise
 
     seconds = time.time() - t0

@@ -432,3 +432,37 @@ def test_a_resume_names_the_colour_images_its_kept_shards_made_grey(cli, tmp_pat
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] >= 2, r.output
     (note,) = json.loads(r.stdout)["warnings"]
     assert note.startswith("4 colour image(s) were made grey (g001.png, g003.png, g021.png, ...)"), note
+
+
+def test_a_failure_after_a_shard_was_whole_keeps_it_in_the_journal(cli, tmp_path, rng, monkeypatch):
+    """--on-error fail in shard 1, once shard 0 is whole: shard 0 is the run's (journaled), not an orphan."""
+    from logitify_cli.shards import ShardFeed
+
+    src = tmp_path / "src"
+    for i in range(12):
+        save(str(src / f"{i:02d}.png"), photo(rng, 8, 8))
+    data = (src / "08.png").read_bytes()
+    (src / "08.png").write_bytes(data[:len(data) // 2])  # its header is whole: it fails when read
+    out = tmp_path / "o"
+    first = out / "train-00000-of-00003.npz"
+    real = ShardFeed.add
+
+    def add_once_shard_0_is_whole(self, it, label, arr, reason):
+        if reason is not None:
+            deadline = time.time() + 30
+            while not first.exists() and time.time() < deadline:
+                time.sleep(0.01)
+        return real(self, it, label, arr, reason)
+
+    monkeypatch.setattr(ShardFeed, "add", add_once_shard_0_is_whole)
+    r = cli("encode", src, "-o", out, "--shard-size", "5", "--on-error", "fail", "--workers", "1")
+    assert r.exit_code == 1 and "08.png" in r.stderr, r.output
+    assert first.exists()
+    journal = [json.loads(line) for line in (out / ".logitify-journal.jsonl").read_text().splitlines()]
+    assert [e["shard"]["file"] for e in journal[1:]] == [first.name]
+    monkeypatch.setattr(ShardFeed, "add", real)
+    r = cli("encode", src, "-o", out, "--shard-size", "5", "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 1, r.output
+    r = cli("encode", src, "-o", out, "--shard-size", "5", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert cli("verify", out).exit_code == 0
