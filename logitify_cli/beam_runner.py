@@ -330,7 +330,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     t0 = time.time()
     if opts.resume:
         raise UsageError("--resume is for the local runner; a Beam run retries failed shards itself")
-    from .encode_run import existing, prepare_locked, refuse_empty, write_dataset
+    from .encode_run import existing, prepare_locked, refuse_empty, replaced_shards, write_dataset
 
     fmt = get_format(opts.format)
     options = _options(beam_args)
@@ -396,7 +396,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(greys), report)
         fs.delete(receipts)
         if folder is not None:
-            folder.remove_stale([s.file for n in made if have and n in have.splits for s in have.splits[n].shards], m)
+            folder.remove_stale(replaced_shards(have, base), m)
             for part in p.parts:
                 OutputFolder(opts.out, part.split).journal.remove()
     finally:

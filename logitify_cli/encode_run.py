@@ -89,6 +89,18 @@ def existing(opts: EncodeOptions):
     return have, dataclasses.replace(have, splits=keep, split=None)
 
 
+def replaced_shards(have, base) -> list:
+    """The shard files of the dataset here (`have`) whose splits the run's manifest does not keep (`base`).
+
+    Both runners remove them once the new manifest is written: this run's
+    splits, and with --overwrite those the same command makes next.
+    """
+    if have is None:
+        return []
+    kept = set(base.splits) if base is not None else set()
+    return [s.file for n, split in have.splits.items() if n not in kept for s in split.shards]
+
+
 def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool) -> None:
     """With the folder's lock held: the dataset is still the one planned against, its splits match, and the folder is made ready.
 
@@ -126,8 +138,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
             if not done:
                 pf.journal.start(part.header)
             parts.append(_Part(part, pf, done, [s for s in part.shards if s.index not in done], fingerprint))
-        replaced = [s.file for n in (set(have.splits) - set(base.splits if base else ())) if have
-                    for s in have.splits[n].shards] if have else []
+        replaced = replaced_shards(have, base)
         chosen = [_inputs_to_read(x) for x in parts]
         items = chosen[0].concat(chosen[1:]) if len(chosen) > 1 else chosen[0]
         workers = opts.workers or default_workers()

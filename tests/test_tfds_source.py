@@ -193,6 +193,22 @@ def test_holdout_is_checked_against_the_split_the_tfds_folder_names(cli, prepare
     assert cli("verify", out).exit_code == 0
 
 
+@pytest.mark.parametrize("runner", ["local", "beam"])
+def test_overwrite_of_a_tfds_dataset_with_fewer_shards_leaves_no_old_shard(cli, prepared, tmp_path, runner):
+    """--overwrite remakes every split; the old shards of the splits made later go too, with either runner."""
+    src = prepared["TinyPhotos"]
+    out = tmp_path / "o"
+    assert cli("encode", src, "-o", out, "--shard-size", "2").exit_code == 0
+    old = {n for n in os.listdir(out) if n.endswith(".npz")}
+    beam = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=in_memory"]
+    r = cli("encode", src, "-o", out, "--overwrite", *(beam if runner == "beam" else []))
+    assert r.exit_code == 0, r.output
+    m = manifest(out)
+    named = {s["file"] for split in m["splits"].values() for s in split["shards"]}
+    assert {n for n in os.listdir(out) if n.endswith(".npz")} == named and not named & old
+    assert cli("verify", out).exit_code == 0
+
+
 def test_a_tfds_folders_splits_into_a_bucket_are_refused_before_anything_runs(cli, prepared):
     """Each split's run would find the one before it in the bucket (written whole): one per prefix."""
     pytest.importorskip("apache_beam")
