@@ -19,6 +19,17 @@ class LogitifyError(Exception):
         self.result = result
         self.notes = list(notes)
 
+    def __reduce__(self):
+        """Pickled with its fields, whatever its class's __init__ takes: it may come from a worker process."""
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls, args, fields):
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
+
 
 class UsageError(LogitifyError):
     """The command was asked for something it cannot do as asked (exit 2)."""
@@ -47,9 +58,6 @@ class NoCredentials(LogitifyError):
                          "(or AWS_PROFILE, or ~/.aws/credentials), or pass Beam's --s3_access_key_id and "
                          "--s3_secret_access_key after `--` with --runner beam")
         self.scheme, self.reason = scheme, reason
-
-    def __reduce__(self):  # from a worker process, with its fields
-        return NoCredentials, (self.scheme, self.reason)
 
 
 class OutputInUse(LogitifyError):
@@ -95,9 +103,6 @@ class WriteError(LogitifyError):
         super().__init__(f"cannot write {what}: {reason}")
         self.what, self.errno, self.reason = what, errno, reason
 
-    def __reduce__(self):  # from a worker process, with its fields
-        return WriteError, (self.what, self.errno, self.reason)
-
 
 def write_error(e: OSError, what: str) -> WriteError:
     """A failed write as one clear line (a full disk says so)."""
@@ -115,9 +120,6 @@ class ShardError(LogitifyError):
     def __init__(self, file: str, problem: str, message: str | None = None):
         super().__init__(message or f"shard {file}: {problem}")
         self.file, self.problem = file, problem
-
-    def __reduce__(self):
-        return ShardError, (self.file, self.problem, self.message)
 
 
 class SplitMismatch(LogitifyError):

@@ -649,3 +649,39 @@ def test_a_failed_decode_removes_only_the_empty_folder_it_made(cli, image_folder
     monkeypatch.setattr(decode_run, "_decode_into", failed)
     r = cli("decode", ds, "-o", tmp_path / "mine")
     assert r.exit_code == 1 and not (tmp_path / "mine").exists()
+
+
+def _errors():
+    """One of each error logitify raises, with its named fields set."""
+    from logitify_cli import errors as E
+
+    return {
+        "plain": E.LogitifyError("x", notes=["a note"]),
+        "usage": E.UsageError("bad option"),
+        "alpha": E.AlphaOutOfRange("alpha", alpha=0.6, convention="realnvp", low=0.0, high=0.5),
+        "credentials": E.NoCredentials("s3", "no profile"),
+        "in_use": E.OutputInUse("busy", folder="/o", pid=12),
+        "foreign": E.ForeignFile("theirs", folder="/o", file="x.npz"),
+        "tfds": E.TfdsMetadataError("dataset_info.json", "no splits"),
+        "feature": E.FeatureChoice("which", option="--image-key", features=["a", "b"]),
+        "write": E.write_error(OSError(28, "No space left on device"), "x.npz"),
+        "shard": E.ShardError("x.npz", "truncated"),
+        "split": E.SplitMismatch("other alpha", field="alpha", dataset=0.05, run=0.1),
+    }
+
+
+def _raise(name):
+    raise _errors()[name]
+
+
+def test_every_error_comes_from_a_worker_process_with_its_fields():
+    """Readers and Beam workers raise in other processes: each error arrives whole, fields and all."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    want = _errors()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for name, error in want.items():
+            got = pool.submit(_raise, name).exception()
+            assert type(got) is type(error) and got.args == error.args and str(got) == str(error)
+            assert vars(got) == vars(error) and got.message == error.message, name
