@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -73,10 +74,25 @@ def _launcher_quiet():
 
 def _worker_tf(quiet) -> None:
     """A worker's TensorFlow, imported before anything else asks for it, quietly unless the run is verbose."""
-    if quiet is not None and quiet != os.getpid():
+    if _worker_quiet(quiet):
         from . import _tf
 
         _tf.tf_quietly()
+
+
+def _worker_quiet(quiet) -> bool:
+    """In a worker process of a run that is not --verbose: Beam's log held back; whether this is one.
+
+    A failed shard is logged there with its traceback (twice, by the worker's
+    own handlers), though the launcher says it as the command's one line.
+    Beam's start-up lines before this runs are Beam's own.
+    """
+    if quiet is None or quiet == os.getpid():
+        return False
+    import logging
+
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+    return True
 
 
 def _run(pipeline_fn, options, receipts=()) -> None:
@@ -96,14 +112,32 @@ def _run(pipeline_fn, options, receipts=()) -> None:
             except Exception:  # the failure being raised says more than this one
                 pass
             raise
-    except LogitifyError:
-        raise
     except Exception as e:
+        ours = _raised_in_a_worker(e)
+        if ours is not None:  # a runner in this process: the worker's own error, fields and all
+            raise ours from None
+        # Another process's error reaches here as text: its one line, without Beam's step name.
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        useful = [ln for ln in lines if "LogitifyError" in ln]
+        useful = [ln for ln in lines if _OUR_ERROR.search(ln)]
         line = (useful or lines or [type(e).__name__])[-1]
-        line = line.split("LogitifyError: ", 1)[-1]
+        line = _BEAM_STEP.sub("", _OUR_ERROR.split(line, maxsplit=1)[-1])
         raise LogitifyError(f"the Beam pipeline failed: {line}") from None
+
+
+_OUR_ERROR = re.compile(r"\b(?:logitify_cli\.errors\.\w+|LogitifyError|UsageError|WriteError|ShardError): ")
+_BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
+
+
+def _raised_in_a_worker(e: BaseException):
+    """The LogitifyError a worker raised, as Beam chains it under its own (the first raised), or None."""
+    if isinstance(e, LogitifyError) and not _BEAM_STEP.search(str(e)):
+        return e  # raised here, not by a worker
+    found, seen = None, 0
+    while e is not None and seen < 32:
+        if isinstance(e, LogitifyError):
+            found = e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return found
 
 
 STRAGGLERS_SECONDS = 1.0  # how long a stopped run keeps ending the workers its runner still starts
@@ -211,7 +245,13 @@ def _workers_stopped_first():
 
 
 class _quiet_beam:
-    """Beam logs at INFO and warns about optional clients: quiet unless --verbose, restored after."""
+    """For the console script, unless --verbose: Beam's own log held back while a pipeline runs.
+
+    Beam logs at INFO, warns about optional clients, and logs a worker's
+    failure with its traceback (in the launcher too), which the command
+    then says as its one line. A program that runs a command keeps its
+    logging as it set it.
+    """
 
     def __enter__(self):
         import logging
@@ -220,12 +260,14 @@ class _quiet_beam:
 
         self.logger = logging.getLogger("apache_beam")
         self.level = self.logger.level
-        if not _tf.verbose:
-            self.logger.setLevel(logging.ERROR)
+        self.quiet = _tf.own_process and not _tf.verbose
+        if self.quiet:
+            self.logger.setLevel(logging.CRITICAL)
         return self
 
     def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+        if self.quiet:
+            self.logger.setLevel(self.level)
 
 
 def _receipt_path(out: str, file: str) -> str:
@@ -480,10 +522,12 @@ def _name_claims_fn():
 
         def __init__(self, dataset, beam_args, split):
             self.dataset, self.split, self.beam_args = dataset, split, list(beam_args)
+            self.quiet = _launcher_quiet()
 
         def setup(self):
             from .dataset import LogitDataset
 
+            _worker_quiet(self.quiet)
             _worker_filesystems(self.beam_args)
             self.ds = LogitDataset(self.dataset, self.split)
 

@@ -306,3 +306,20 @@ def test_a_beam_worker_holds_the_folder_to_the_launchers_only_on_the_launchers_h
     there = make("ds", "out", "png", 1, "auto", False, [], "train", ("another-host", (1, 2)))
     unset = make("ds", "out", "png", 1, "auto", False, [], "train")
     assert here._identity() == (1, 2) and there._identity() is None and unset._identity() is None
+
+
+@pytest.mark.parametrize("runner", ["here", "workers"])
+def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_path, rng, runner):
+    """--on-error fail in a worker: the command's error is the worker's own line, as the local runner says it."""
+    src = tmp_path / "src"
+    for i in range(6):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    data = (src / "3.png").read_bytes()
+    (src / "3.png").write_bytes(data[:len(data) // 2])
+    local = cli("encode", src, "-o", tmp_path / "local", "--on-error", "fail")
+    r = cli("encode", src, "-o", tmp_path / "beam", "--on-error", "fail", *(BEAM_HERE if runner == "here" else BEAM))
+    assert local.exit_code == r.exit_code == 1
+    said = local.stderr.strip().splitlines()[-1].split("error: ", 1)[1]
+    assert said.startswith("cannot read 3.png:") and said.endswith("(--on-error fail)")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.endswith(said) and "while running" not in last, r.stderr
