@@ -114,8 +114,33 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
     if base is not None:
         for part in p.parts:
             refuse_mismatch(base, part, opts.out)
-    folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None,
-                   writes=[f for part in p.parts for f in header_files(part.header)])
+    writes = [f for part in p.parts for f in header_files(part.header)]
+    folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None, writes=writes)
+    if have is not None and base is not None:
+        _unlist_replaced(opts, have, base, writes)
+
+
+def _unlist_replaced(opts: EncodeOptions, have, base, writes: list) -> None:
+    """A split remade under its old shards' names: the manifest stops listing it before one is replaced.
+
+    Otherwise a run stopped halfway would leave a manifest that lists the
+    split as whole while some of its files are already the new run's. Its
+    other old shards go too: no manifest or journal would own them. A split
+    remade under other names keeps its old shards until the new manifest is
+    written (remove_stale).
+    """
+    old = replaced_shards(have, base)
+    if not set(old) & set(writes):
+        return
+    try:
+        get_format(opts.format).write_metadata(opts.out, base)
+        manifest_mod.write(opts.out, base)
+        for n in old:
+            path = os.path.join(opts.out, n)
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+    except OSError as e:
+        raise write_error(e, manifest_mod.MANIFEST) from None
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:

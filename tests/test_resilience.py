@@ -466,3 +466,35 @@ def test_a_failure_after_a_shard_was_whole_keeps_it_in_the_journal(cli, tmp_path
     r = cli("encode", src, "-o", out, "--shard-size", "5", "--overwrite")
     assert r.exit_code == 0, r.output
     assert cli("verify", out).exit_code == 0
+
+
+def test_a_split_remade_under_its_old_names_and_stopped_leaves_no_lying_manifest(cli, many_images, tmp_path,
+                                                                                   monkeypatch):
+    """--split test --overwrite with as many shards as before, stopped at its third: the manifest no longer
+    lists test (its files are partly the new run's), the other split is whole, and --resume finishes."""
+    import logitify_cli as lg
+    from logitify_cli.formats.npz import NpzShardWriter
+
+    out = tmp_path / "ds"
+    args = ["--shard-size", "100"]
+    assert cli("encode", many_images / "c0", "-o", out, *args).exit_code == 0
+    assert cli("encode", many_images / "c1", "-o", out, "--split", "test", *args).exit_code == 0
+    real = NpzShardWriter._finish
+
+    def stop_at_third(self):
+        if self.file.startswith("test-00002-"):
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(NpzShardWriter, "_finish", stop_at_third)
+    r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--overwrite", *args)
+    assert r.exit_code == 130
+    monkeypatch.setattr(NpzShardWriter, "_finish", real)
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m.get("splits", {m.get("split"): m})) == ["train"], m.keys()
+    assert cli("verify", out).exit_code == 0
+    r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--resume", "--json", *args)
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] >= 2, r.output
+    assert cli("verify", out).exit_code == 0
+    keys = {str(k) for a in lg.iter_numpy(str(out), split="test") for k in a["keys"]}
+    assert keys == {str(p.relative_to(many_images / "c2")) for p in (many_images / "c2").iterdir()}
