@@ -29,7 +29,7 @@ from .pixels import PixelStream
 from .planner import EncodeOptions, RunPlan, guessed_grey, plan, split_runs
 from .pool import OrderedPool, can_fork, default_workers
 from .presets import count_notes
-from .report import Reporter, skipped_order
+from .report import Reporter, printable, skipped_order
 from .results import EncodeResult
 from .shards import (ShardFeed, ShardGone, ShardResult, build_transform, made_grey_note, made_grey_of,
                      make_shard, packed_digests)
@@ -86,6 +86,11 @@ def existing(opts: EncodeOptions):
     keep = {n: r for n, r in have.splits.items() if n not in made}
     if not keep:
         return have, None
+    for n in keep:  # a dataset of one split written before split names were checked
+        if not manifest_mod.SPLIT_NAME.match(n):
+            raise LogitifyError(f"{opts.out} holds the split {printable(n)}, which a dataset of several splits "
+                                "cannot name (letters, digits and _, at most 64): write this split to another "
+                                "folder, or make that dataset again under another split name")
     return have, dataclasses.replace(have, splits=keep, split=None)
 
 

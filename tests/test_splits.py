@@ -271,3 +271,19 @@ def test_a_split_joins_a_dataset_whose_manifest_predates_the_resize_options(cli,
     r = cli("encode", test, "-o", out, "--split", "test", "--size", "8x8")
     assert r.exit_code == 0, r.output
     assert cli("verify", out).exit_code == 0
+
+
+def test_a_one_split_dataset_with_a_name_splits_cannot_have_is_read_but_not_joined(cli, two_folders, tmp_path):
+    """Early versions took any --split: such a dataset reads as ever, and adding a split to it is refused
+    before anything is written (its manifest would name a split no dataset of several splits may have)."""
+    a, b = two_folders["train"][0], two_folders["test"][0]
+    out = tmp_path / "d"
+    assert cli("encode", a, "-o", out).exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m["split"] = "my-split"
+    (out / "manifest.json").write_text(json.dumps(m))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert cli("verify", out).exit_code == 0
+    r = cli("encode", b, "-o", out, "--split", "test")
+    assert r.exit_code == 1 and "holds the split my-split" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
