@@ -451,9 +451,11 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
         raise LogitifyError(f"{reason}: rename it in the source")
     shape, channels, first, first_label = probe(inv.items, opts)
     if shape is None:
-        # Every input is bad: record why, one by one, then fail.
+        # Every input is bad: record why, one by one, then fail (at the first, with --on-error fail).
         with OrderedPool(1) as pool:
             for it, _, _, reason in PixelStream(inv.items, opts, opts.channels or 3, pool, 1):
+                if opts.on_error == "fail":
+                    raise LogitifyError(f"cannot read {it.key}: {reason} (--on-error fail)")
                 notes.append(f"skipped {it.key}: {reason}")
         raise LogitifyError(f"none of the {len(inv.items)} inputs gave an image (every one was skipped, each "
                             "with its reason)", notes=notes)

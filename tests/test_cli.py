@@ -177,6 +177,11 @@ def test_bad_files_are_skipped_and_good_ones_kept(cli, image_folder, tmp_path, r
     assert r.exit_code == 1 and "cats/broken.png" in r.stderr and "(--on-error fail)" in r.stderr
     assert "Traceback" not in r.output
     assert not (tmp_path / "f" / "manifest.json").exists()
+    # Every input unreadable: --on-error fail still stops at the first, with its reason, and says nothing else.
+    r = cli("encode", src / "cats" / "bomb.png", src / "cats" / "truncated.png", "-o", tmp_path / "g",
+            "--on-error", "fail")
+    assert r.exit_code == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "cannot read bomb.png: decompression bomb" in r.stderr and r.stderr.strip().endswith("(--on-error fail)")
 
 
 @pytest.mark.parametrize("args", [["-f", "npz"], ["-f", "npz", "--compress"], ["-f", "tfrecord", "--compress"]])
