@@ -155,3 +155,13 @@ def test_the_piece_size_of_the_logits_write_never_changes_a_shard(tmp_path, monk
         assert shard(1 << 20, expected) == whole and shard(4093, expected) == whole
         with np.load(io.BytesIO(whole), allow_pickle=False) as z:
             assert np.array_equal(z["logits"], a["logits"]) and list(z["keys"]) == list(a["keys"])
+
+
+@pytest.mark.parametrize("n", [3, 20])
+def test_logits_of_another_dtype_are_named_so_whatever_their_size(tmp_path, n):
+    """float64 logits take twice the bytes the manifest allows: the header's dtype is what is wrong, and said."""
+    a = arrays(np.random.default_rng(0), n, (8, 8, 3))
+    a["logits"] = a["logits"].astype("<f8")
+    np.savez(tmp_path / "s.npz", **a)
+    with pytest.raises(LogitifyError, match=r"logits are float64 \[" + str(n) + r", 8, 8, 3\], expected float32"):
+        list(NpzFormat().read_chunks(str(tmp_path / "s.npz"), (8, 8, 3), n, False))

@@ -345,9 +345,6 @@ class NpzFormat(ShardFormat):
                     raise ShardError(name, f"missing arrays {', '.join(missing)}")
                 for field in FIELDS:
                     info = members[field + ".npy"]
-                    if info.file_size > limits[field]:
-                        raise ShardError(name, f"{field} holds more than the manifest's "
-                                            f"{count} examples of {list(shape)} allow")
                     if info.header_offset + info.compress_size > size:
                         raise ShardError(name, f"{field} runs past the end of the file")
                 if members["logits.npy"].compress_type != zipfile.ZIP_STORED and count and "logits" in fields:
@@ -370,6 +367,11 @@ class NpzFormat(ShardFormat):
                                                 f"expected float32 [n, {', '.join(map(str, shape))}]")
                         raise ShardError(name, f"{field} is {dtype} {list(shp)}, "
                                             f"not one per example ({count})")
+                    # After its header (a few hundred bytes, read whatever the member claims), so a
+                    # member of the wrong dtype is named as such; before any of its data.
+                    if members[field + ".npy"].file_size > limits[field]:
+                        raise ShardError(name, f"{field} holds more than the manifest's "
+                                            f"{count} examples of {list(shape)} allow")
                     dtypes[field] = dtype
                     left[field] = members[field + ".npy"].file_size - f.tell()
                 step = chunk_rows(shape, extra=4 + 8 + dtypes["keys"].itemsize)
