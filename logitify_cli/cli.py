@@ -44,10 +44,11 @@ def _split_name(value):
 
 def _dataset_name(ctx, param, value):
     """--name starts every TFRecord shard's file name: it must stay one name inside the output folder."""
-    if (not value or value.startswith(".") or any(c in value for c in "/\\") or not value.isprintable()
-            or len(value.encode("utf-8", "surrogatepass")) > 128):
-        raise click.BadParameter(f"{value!r}: a dataset name is one file name: no / or \\, no control "
-                                 "characters, not starting with '.', at most 128 bytes")
+    from .planner import dataset_name_problem
+
+    problem = dataset_name_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value!r}: {problem}")
     return value
 
 
@@ -539,8 +540,9 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
         raise UsageError(f"--{'resize-mode' if resize_mode else 'filter'} says how --size resizes; "
                          "without --size nothing is resized")
     if jpeg_draft and (size is None or crop is not None):
-        raise UsageError("--jpeg-draft scales JPEGs down towards --size before resizing: it needs --size, "
-                         "and cannot be used with --crop, whose window is in full-size pixels")
+        from .planner import JPEG_DRAFT_NEEDS
+
+        raise UsageError(JPEG_DRAFT_NEEDS)
     from .conventions import tool_alpha
 
     alpha = tool_alpha(alpha, alpha_convention)

@@ -30,6 +30,19 @@ from .transform import TransformParams
 SHARD_BYTES = 256 << 20  # default shard size: about this many bytes of logits
 
 
+JPEG_DRAFT_NEEDS = ("--jpeg-draft scales JPEGs down towards --size before resizing: it needs --size, "
+                    "and cannot be used with --crop, whose window is in full-size pixels")
+
+
+def dataset_name_problem(name) -> str | None:
+    """Why a dataset name cannot start shard file names (it must stay one name inside the output folder), or None."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\")
+            or not name.isprintable() or len(name.encode("utf-8", "surrogatepass")) > 128):
+        return ("a dataset name is one file name: no / or \\, no control characters, not starting with '.', "
+                "at most 128 bytes")
+    return None
+
+
 @dataclass
 class EncodeOptions:
     sources: list
@@ -61,6 +74,21 @@ class EncodeOptions:
     preset: dict | None = None  # --preset's record for the manifest (presets.resolve)
     jpeg_draft: bool = False  # JPEGs decoded at Pillow's draft scale before the resize (other pixels)
     later_splits: tuple = ()  # splits the same command makes after this run (a TFDS folder's): --overwrite drops them
+
+    def check(self) -> None:
+        """UsageError for what no run can take, whoever made these options (the CLI says it as it parses)."""
+        if not isinstance(self.split, str) or not manifest_mod.SPLIT_NAME.match(self.split):
+            # it names shard files and a journal: letters, digits and _ only
+            raise UsageError(f"split name {self.split!r}: use letters, digits and _ (at most 64)")
+        problem = dataset_name_problem(self.name)
+        if problem:
+            raise UsageError(f"--name {self.name!r}: {problem}")
+        if self.jpeg_draft and (self.size is None or self.crop is not None):
+            raise UsageError(JPEG_DRAFT_NEEDS)
+        try:
+            self.params.check_float32()
+        except ValueError as e:
+            raise UsageError(f"{e} (--alpha, --corruption-level)") from None
 
     @property
     def geometry(self):
@@ -417,12 +445,10 @@ def plan(opts: EncodeOptions, base=None) -> RunPlan:
     labels are numbered as its classes (splits.class_mapping).
     """
     from .formats import get
-    from .manifest import SPLIT_NAME
     from .sources import discover
     from .splits import class_mapping, holdout_mask
 
-    if not SPLIT_NAME.match(opts.split):  # it names shard files and a journal: letters, digits and _ only
-        raise UsageError(f"split name {opts.split!r}: use letters, digits and _ (at most 64)")
+    opts.check()
     fmt = get(opts.format)
     inv = discover(opts.sources, opts.compression, tfds_split=opts.tfds_split or opts.split,
                    image_key=opts.image_key, label_key=opts.label_key)

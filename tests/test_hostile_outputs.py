@@ -1105,3 +1105,22 @@ def test_decode_of_several_splits_never_writes_through_a_link_at_a_split_folder(
     r = cli("decode", ds, "-o", out, "-f", fmt, "--overwrite")
     assert r.exit_code == 1 and "is a link: decode does not write through it" in r.stderr, r.output
     assert snapshot(elsewhere) == before
+
+
+@pytest.mark.parametrize("change", [{"name": "../escaped"}, {"name": ".hidden"}, {"split": "../x"},
+                                    {"jpeg_draft": True}, {"jpeg_draft": True, "size": (8, 8), "crop": (0, 0, 4, 4)}])
+def test_a_program_is_held_to_the_options_the_cli_checks(image_folder, tmp_path, change):
+    """A name that would lead shard files out of the output folder, and other options the CLI refuses as it
+    parses, are refused by the run itself, before anything is written, for a program that calls it too."""
+    from logitify_cli.encode_run import run_encode
+    from logitify_cli.errors import UsageError
+    from logitify_cli.planner import EncodeOptions
+    from logitify_cli.report import Reporter
+
+    src, _ = image_folder
+    out = tmp_path / "inner" / "out"
+    before = sorted(os.listdir(tmp_path))
+    opts = EncodeOptions(sources=[str(src)], out=str(out), format="tfrecord", **change)
+    with pytest.raises(UsageError):
+        run_encode(opts, Reporter(quiet=True))
+    assert sorted(os.listdir(tmp_path)) == before and not out.exists()
