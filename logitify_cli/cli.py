@@ -578,8 +578,6 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
     else:
         if beam_args:
             raise UsageError("options after '--' are for --runner beam")
-        if "://" in out:
-            raise UsageError("an output folder in a bucket needs --runner beam (its workers write the shards there)")
         from .encode_run import run_encode
 
         result = run_encode(opts, report)
@@ -631,8 +629,6 @@ def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, sp
                                report=report, beam_args=beam_args, split=split)
     if beam_args:
         raise UsageError("options after '--' are for --runner beam")
-    if "://" in out:  # the local runner's folder checks, lock and overwrite rules are for local folders
-        raise UsageError("an output folder in a bucket needs --runner beam (it checks the folder is empty there)")
     from .decode_run import run_decode
 
     return run_decode(dataset, out, fmt=fmt, batch_size=batch_size, workers=workers, device=device,

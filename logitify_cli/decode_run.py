@@ -14,7 +14,7 @@ import numpy as np
 from . import fs
 from .dataset import LogitDataset, split_names
 from .device import resolve_device
-from .errors import LogitifyError
+from .errors import LogitifyError, UsageError
 from .outdir import FolderLock, in_use, protected_folder
 from .outputs import IMAGE_OUTPUTS, folder_identity
 from .pool import OrderedPool, default_workers
@@ -167,6 +167,8 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
                device: str = "auto", overwrite: bool = False, report: Reporter = QUIET,
                split: str | None = None) -> DecodeResult:
     """Decode a dataset's split (the only one, or the one named); several splits go to out/SPLIT/ each."""
+    if "://" in str(out):  # the local runner's folder checks, lock and overwrite rules are for local folders
+        raise UsageError("an output folder in a bucket needs --runner beam (it checks the folder is empty there)")
     return each_split(dataset, out, split, overwrite,
                       lambda name, where: _decode_split(dataset, where, fmt, batch_size, workers, device, overwrite,
                                                         report, name))

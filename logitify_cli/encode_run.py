@@ -287,6 +287,8 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
     opts = runs[0]
     t0 = time.time()
     fmt = get_format(opts.format)
+    if "://" in str(opts.out):  # a bucket (or a URL): the local runner writes local folders only
+        raise UsageError("an output folder in a bucket needs --runner beam (its workers write the shards there)")
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     folder = OutputFolder(opts.out, opts.split)

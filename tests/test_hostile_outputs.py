@@ -1124,3 +1124,21 @@ def test_a_program_is_held_to_the_options_the_cli_checks(image_folder, tmp_path,
     with pytest.raises(UsageError):
         run_encode(opts, Reporter(quiet=True))
     assert sorted(os.listdir(tmp_path)) == before and not out.exists()
+
+
+def test_a_program_cannot_send_the_local_runner_to_a_bucket(dataset, image_folder, tmp_path, monkeypatch):
+    """The local runner's folder rules are for local folders: a bucket path is refused, not made a folder 'gs:'."""
+    from logitify_cli.decode_run import run_decode
+    from logitify_cli.encode_run import run_encode
+    from logitify_cli.errors import UsageError
+    from logitify_cli.planner import EncodeOptions
+    from logitify_cli.report import Reporter
+
+    _, _, ds = dataset
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UsageError, match="--runner beam"):
+        run_decode(str(ds), "gs://bucket/restored")
+    with pytest.raises(UsageError, match="--runner beam"):
+        run_encode(EncodeOptions(sources=[str(image_folder[0])], out="s3://bucket/ds"), Reporter(quiet=True))
+    assert sorted(os.listdir(tmp_path)) == before
