@@ -432,7 +432,7 @@ def main():
 @click.option("--filter", "resample", type=click.Choice(FILTER_NAMES), default=None,
               help="Pillow's resampling filter for --size [bicubic].")
 @click.option("--jpeg-draft", is_flag=True, default=False,
-              help="Decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg (Pillow's draft) before the --size "
+              help="Read JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg (Pillow's draft) before the --size "
                    "resize: faster, other pixels; recorded in the manifest. Needs --size, not --crop.")
 @click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
               help="Output channels [3, or 1 when the first image, 64 files spread over the inputs and the "

@@ -384,7 +384,7 @@ def _check_header_size(img, channels: int, expect_size, orient: bool = True) -> 
 
     EXIF orientation is read from the header where it can be; a PNG may
     carry its eXIf after the pixel data, so there either orientation passes
-    here and decode checks the result.
+    here and read_image checks the pixels' size once they are read.
     """
     w, h = img.size
     final = (w, h) if orient and _orientation(img) in _SWAPS else (h, w)
@@ -635,7 +635,7 @@ def _plain_png(source, max_pixels: int, channels: int = 3, expect_size=None):
         return None
     if expect_size is not None and (h, w) != tuple(expect_size) and (w, h) != tuple(expect_size):
         # (turned a quarter, it would fit: Pillow's road cannot rule out a late
-        # eXIf before decoding, so neither does this one; decode checks after)
+        # eXIf before reading pixels, so neither does this one; read_image checks after)
         raise ImageSizeMismatch((h, w, channels), expect_size)
     try:
         return _inflate(mode, (w, h), idat)
