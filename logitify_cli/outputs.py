@@ -826,8 +826,8 @@ class NpzOutput(ImageOutput):
             self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
-        if shard not in self._open:
-            self.begin_shard(shard, len(images), images.shape[1:])
+        if shard not in self._open:  # its count and shape come from begin_shard, never from a first slice
+            raise RuntimeError(f"images of shard {shard} added before begin_shard")
         with self._writing(shard):
             self._open[shard].add([str(k) for k in keys] if not isinstance(keys, np.ndarray) else keys, labels,
                                   images)
@@ -844,7 +844,9 @@ class NpzOutput(ImageOutput):
             raise write_error(e, self._file(shard)) from None
 
     def end_shard(self, shard):
-        stream = self._open.pop(shard, None) or _NpzStream(self.root, self._file(shard), 0, (1, 1, 1))
+        if shard not in self._open:
+            raise RuntimeError(f"shard {shard} ended before begin_shard")
+        stream = self._open.pop(shard)
         try:
             with self._writing(shard):
                 folder, tmp, remote = stream.finish()
