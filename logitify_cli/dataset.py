@@ -234,11 +234,15 @@ class LogitDataset:
                 flat_out[a:a + INVERSE_VALUES] = inverse_numpy(self.params, flat_in[a:a + INVERSE_VALUES])
             return out
 
-    def as_tf_dataset(self, with_keys=False, with_labels=False):
-        """A tf.data.Dataset of (logits, logdet[, key][, label]) per image."""
+    def refuse_remote_for_tf(self) -> None:
+        """tf.data reads the shards by path: a dataset in a bucket is refused, with what to do."""
         if self.remote:
             raise LogitifyError(f"{self.path}: tf.data cannot read this store here; copy the dataset folder "
                                 "to a local disk first (e.g. aws s3 cp --recursive, gsutil -m cp -r)")
+
+    def as_tf_dataset(self, with_keys=False, with_labels=False):
+        """A tf.data.Dataset of (logits, logdet[, key][, label]) per image."""
+        self.refuse_remote_for_tf()
         files = {self.shard_path(s): s.num_examples for s in self.shards}
         fields = ("logits", "logdet") + (("key",) if with_keys else ()) + (("label",) if with_labels else ())
 

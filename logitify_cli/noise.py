@@ -103,9 +103,7 @@ def fresh_dataset(ds, epoch: int = 0, epochs: int | None = None, draws: int | No
 
     tf = _tf()
     check_refreshable(ds.params, ds.path)
-    if ds.remote:
-        raise LogitifyError(f"{ds.path}: tf.data cannot read this store here; copy the dataset folder "
-                            "to a local disk first (e.g. aws s3 cp --recursive, gsutil -m cp -r)")
+    ds.refuse_remote_for_tf()
     given = epoch, epochs, draws
     epoch, epochs, draws = (whole_number(v) for v in given)  # None where a value given is no integer
     if epoch is None or epoch < 0 or epoch >= 1 << 32:

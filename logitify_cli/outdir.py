@@ -433,7 +433,7 @@ class OutputFolder:
         `inputs(paths)` answers which of these paths are inputs of this run.
         `keep_dataset`: the run adds or replaces a split of the finished
         dataset here, whose other splits stay; the replaced split's old shards
-        go only once the new manifest is written (see stale_shards).
+        go only once the new manifest is written (see remove_stale).
         `writes`: the names this run will write; one that is there and not
         logitify's is refused, so adding a split never replaces a user's file.
         """
