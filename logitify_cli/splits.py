@@ -109,6 +109,8 @@ def refuse_mismatch(base, plan, folder: str) -> None:
     (each image's noise hashes (seed, key), so splits still draw apart).
     """
     have, want = dataset_fields(base), run_fields(plan)
+    if set(have) != set(want):  # the two lists are kept by hand: one field short would go unchecked
+        raise AssertionError(f"dataset_fields and run_fields name other fields: {sorted(set(have) ^ set(want))}")
     for k in have:
         if have[k] != want[k]:
             raise SplitMismatch(
