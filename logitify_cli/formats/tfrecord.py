@@ -17,13 +17,10 @@ import numpy as np
 from ..errors import LogitifyError, ShardError
 from ..fs import fd_path
 from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
+from . import tfds_meta
 from .base import FIELDS, ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
-# TFDS's own file name template; our shard names are this template filled in,
-# so the two can never disagree.
-TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 KEY_BYTES_MAX = 16384  # a record's key, label and log-det take far less
-TFDS_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
 
 
 # -- reading back, in the memory of one record ---------------------------------------------------
@@ -163,10 +160,11 @@ class TfrecordShardWriter(ShardWriter):
 
 class TfrecordFormat(ShardFormat):
     name = "tfrecord"
-    template = (TFDS_TEMPLATE.replace("{DATASET}", "{name}").replace("{SPLIT}", "{split}")
+    # TFDS's own file name template, filled in: the two can never disagree.
+    template = (tfds_meta.TEMPLATE.replace("{DATASET}", "{name}").replace("{SPLIT}", "{split}")
                 .replace("{FILEFORMAT}", "tfrecord").replace("{SHARD_X_OF_Y}", "{index:05d}-of-{count:05d}"))
     glob = "*.tfrecord-?????-of-?????"
-    metadata_names = TFDS_FILES
+    metadata_names = tfds_meta.FILES
     record_checksums = True  # each record's CRC32C (verify checks them)
 
     def writer(self, out_dir, file, shape, count, compress):
@@ -293,7 +291,7 @@ class TfrecordFormat(ShardFormat):
     def metadata_files(self, manifest):
         if manifest.compressed:
             return []  # TFDS reads only plain TFRecords; our own loader reads GZIP
-        return [f for f in TFDS_FILES if f != "label.labels.txt" or manifest.classes]
+        return tfds_meta.metadata_files(manifest)
 
     def check_classes(self, classes) -> None:
         """label.labels.txt holds one name a line, which TFDS strips and skips when blank.
@@ -312,6 +310,4 @@ class TfrecordFormat(ShardFormat):
     def write_metadata(self, out_dir, manifest):
         if manifest.compressed:
             return []
-        from ..tfds_meta import write_tfds_metadata
-
-        return write_tfds_metadata(out_dir, manifest, self)
+        return tfds_meta.write_tfds_metadata(out_dir, manifest)

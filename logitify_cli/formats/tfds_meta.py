@@ -6,6 +6,14 @@ tensorflow-datasets is needed only by those who load with it.
 from __future__ import annotations
 
 LABELS_FILE = "label.labels.txt"
+FILES = ("dataset_info.json", "features.json", LABELS_FILE)  # every name written here, for --overwrite
+# Where TFDS finds a split's shards; the TFRecord format names its shards by it.
+TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+
+
+def metadata_files(manifest) -> list:
+    """The files write_tfds_metadata writes for this manifest (the labels only with classes)."""
+    return [f for f in FILES if f != LABELS_FILE or manifest.classes]
 
 
 def _tensor(shape, dtype, encoding="none", cls="tensor_feature.Tensor"):
@@ -52,18 +60,16 @@ def dataset_info_json(manifest, num_bytes: dict, template: str) -> dict:
     }
 
 
-def write_tfds_metadata(out_dir: str, manifest, fmt) -> list:
-    """features.json, label.labels.txt (with classes) and dataset_info.json, here or in a bucket."""
-    from . import fs
-    from .formats.tfrecord import TFDS_TEMPLATE
-    from .manifest import json_bytes
+def write_tfds_metadata(out_dir: str, manifest) -> list:
+    """The metadata_files of this manifest, here or in a bucket; returns their names."""
+    from .. import fs
+    from ..manifest import json_bytes
 
     num_bytes = {n: sum(fs.size(fs.join(out_dir, s.file)) for s in r.shards) for n, r in manifest.splits.items()}
-    fs.write_bytes(fs.join(out_dir, "features.json"), json_bytes(features_json(manifest.shape, manifest.classes)))
-    written = ["features.json"]
-    if manifest.classes:
-        fs.write_bytes(fs.join(out_dir, LABELS_FILE), ("\n".join(manifest.classes) + "\n").encode("utf-8"))
-        written.append(LABELS_FILE)
-    fs.write_bytes(fs.join(out_dir, "dataset_info.json"), json_bytes(dataset_info_json(manifest, num_bytes, TFDS_TEMPLATE)))
-    written.append("dataset_info.json")
+    data = {"features.json": lambda: json_bytes(features_json(manifest.shape, manifest.classes)),
+            LABELS_FILE: lambda: ("\n".join(manifest.classes) + "\n").encode("utf-8"),
+            "dataset_info.json": lambda: json_bytes(dataset_info_json(manifest, num_bytes, TEMPLATE))}
+    written = [name for name in data if name in metadata_files(manifest)]  # dataset_info.json last
+    for name in written:
+        fs.write_bytes(fs.join(out_dir, name), data[name]())
     return written
