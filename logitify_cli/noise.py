@@ -26,13 +26,16 @@ BATCH = 512  # images (or images x draws) per compiled call
 
 
 def check_refreshable(params, where: str = "this dataset") -> None:
-    """LogitifyError unless the stored logits give every level back exactly (and there is noise to redraw)."""
-    if params.noise == "gaussian":
+    """LogitifyError unless the stored logits give every level back exactly (and there is noise to redraw).
+
+    The rule is TransformParams.lossless; what is said here is why it fails.
+    """
+    if not params.lossless and params.noise == "gaussian":
         raise LogitifyError(
             f"{where} cannot take fresh noise: it was encoded with gaussian noise, which is centred on each "
             "level and spills into its neighbours, so the stored logits do not give the levels back exactly "
             "(re-encode with --noise uniform)")
-    if params.corruption_level > 1.0:
+    if not params.lossless:
         raise LogitifyError(
             f"{where} cannot take fresh noise: its corruption level {params.corruption_level:g} is above 1, "
             "so the intervals [k, k+c) of neighbouring levels overlap and the stored logits do not give the "
