@@ -121,7 +121,7 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
             refuse_mismatch(base, part, opts.out)
     writes = [f for part in p.parts for f in header_files(part.header)]
     folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None, writes=writes)
-    if have is not None and base is not None:
+    if opts.overwrite and have is not None and base is not None:  # (--resume keeps what it can of the split)
         _unlist_replaced(opts, have, base, writes)
 
 

@@ -498,3 +498,8 @@ def test_a_split_remade_under_its_old_names_and_stopped_leaves_no_lying_manifest
     assert cli("verify", out).exit_code == 0
     keys = {str(k) for a in lg.iter_numpy(str(out), split="test") for k in a["keys"]}
     assert keys == {str(p.relative_to(many_images / "c2")) for p in (many_images / "c2").iterdir()}
+    # A finished split resumes to itself: its shards are kept, not taken out and made again.
+    files = {p.name: p.stat().st_ino for p in out.iterdir() if p.name.startswith("test-")}
+    r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--resume", "--json", *args)
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == len(files), r.output
+    assert {p.name: p.stat().st_ino for p in out.iterdir() if p.name.startswith("test-")} == files
