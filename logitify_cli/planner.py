@@ -83,6 +83,12 @@ class EncodeOptions:
         problem = dataset_name_problem(self.name)
         if problem:
             raise UsageError(f"--name {self.name!r}: {problem}")
+        if self.holdout is not None:
+            fraction, name = self.holdout if isinstance(self.holdout, tuple) and len(self.holdout) == 2 else (None, "")
+            if not (isinstance(fraction, float) and 0 < fraction < 1) or not isinstance(name, str) \
+                    or not manifest_mod.SPLIT_NAME.match(name):
+                raise UsageError(f"holdout {self.holdout!r} is not (FRACTION, NAME) with 0 < FRACTION < 1 and a "
+                                 "split name of letters, digits and _ (at most 64)")
         if self.jpeg_draft and (self.size is None or self.crop is not None):
             raise UsageError(JPEG_DRAFT_NEEDS)
         try:
@@ -385,6 +391,7 @@ def split_runs(opts: EncodeOptions) -> list:
     """
     runs = _split_runs(opts)
     for run in runs:
+        run.check()  # before either runner looks at the output folder
         if run.holdout and run.holdout[1] == run.split:
             raise UsageError(f"--holdout names the split {run.split!r} this run already makes; name another")
     return runs

@@ -1108,7 +1108,9 @@ def test_decode_of_several_splits_never_writes_through_a_link_at_a_split_folder(
 
 
 @pytest.mark.parametrize("change", [{"name": "../escaped"}, {"name": ".hidden"}, {"split": "../x"},
-                                    {"jpeg_draft": True}, {"jpeg_draft": True, "size": (8, 8), "crop": (0, 0, 4, 4)}])
+                                    {"jpeg_draft": True}, {"jpeg_draft": True, "size": (8, 8), "crop": (0, 0, 4, 4)},
+                                    {"holdout": (0.5, "bad-name")}, {"holdout": (0.5, "../../x")},
+                                    {"holdout": (1.0, "test")}, {"holdout": (float("nan"), "test")}])
 def test_a_program_is_held_to_the_options_the_cli_checks(image_folder, tmp_path, change):
     """A name that would lead shard files out of the output folder, and other options the CLI refuses as it
     parses, are refused by the run itself, before anything is written, for a program that calls it too."""
