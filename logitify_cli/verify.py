@@ -10,6 +10,7 @@ image is kept only as a digest until its source is read.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -502,22 +503,28 @@ def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None
 class _Unreadable:
     """What discovery could not read in the sources, to say why a dataset key has no source now.
 
-    A key is "file" or "file:record". A TFRecord file may be skipped whole
-    ("file") or from a damaged record on ("file:3"): its keys are named
-    with that entry.
+    A record's key is "FILE:INDEX". A TFRecord file may be skipped whole
+    ("FILE") or from a damaged record on ("FILE:3", or "FILE:3..9" in a
+    TFDS folder): its records' keys are named with that entry. Any other
+    key (a file name may hold a ':') only with its own entry.
     """
+
+    _RECORD = re.compile(r"(.*):[0-9]+(?:\.\.[0-9]+)?")
 
     def __init__(self, skipped: list):
         self.exact = {s["source"]: s["reason"] for s in skipped}
         self.files = {}
         for source, reason in self.exact.items():
             self.files.setdefault(source, (source, reason))
-            self.files.setdefault(source.rpartition(":")[0], (source, reason))
+            record = self._RECORD.fullmatch(source)
+            if record:
+                self.files.setdefault(record.group(1), (source, reason))
 
     def missing(self, key: str) -> str:
         """The problem to report for a key of the dataset that no source gave."""
         if key in self.exact:
             return f"in the dataset, but its source cannot be read now: {self.exact[key]}"
-        hit = self.files.get(key.rpartition(":")[0]) if ":" in key else None
+        record = self._RECORD.fullmatch(key)
+        hit = self.files.get(record.group(1)) if record else None
         why = f" ({hit[0]} cannot be read now: {hit[1]})" if hit else ""
         return "in the dataset but not found in the sources" + why

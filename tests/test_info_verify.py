@@ -253,3 +253,22 @@ def test_verify_against_refuses_a_listed_source_that_names_nothing(cli, dataset)
     _, _, ds = dataset
     r = cli("verify", ds, "--against", "-", input="nosuch\n")
     assert r.exit_code == 2 and "no such file or directory: nosuch" in r.stderr
+
+
+def test_verify_against_names_only_a_keys_own_unreadable_source(cli, tmp_path, rng):
+    """File names may hold ':': 'a:1.png' gone is not blamed on 'a:2.png', a FIFO now, which is named alone."""
+    src = tmp_path / "src"
+    for name in ("a:1.png", "a:2.png", "p.png"):
+        save(str(src / name), photo(rng, 8, 8))
+    out = tmp_path / "ds"
+    assert cli("encode", src, "-o", out).exit_code == 0
+    os.remove(src / "a:1.png")
+    os.remove(src / "a:2.png")
+    os.mkfifo(src / "a:2.png")
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 1
+    lines = {line.split(": ", 2)[1]: line.split(": ", 2)[2] for line in r.stderr.splitlines()
+             if line.startswith("logitify: a:")}
+    assert lines == {"a:1.png": "in the dataset but not found in the sources",
+                     "a:2.png": "in the dataset, but its source cannot be read now: not a regular file (a named pipe)"}, \
+        r.stderr
