@@ -122,30 +122,41 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
     writes = [f for part in p.parts for f in header_files(part.header)]
     folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None, writes=writes)
     if opts.overwrite and have is not None and base is not None:  # (--resume keeps what it can of the split)
-        _unlist_replaced(opts, have, base, writes)
+        _unlist_replaced(opts, p, have, base, writes)
 
 
-def _unlist_replaced(opts: EncodeOptions, have, base, writes: list) -> None:
+def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) -> None:
     """A split remade under its old shards' names: the manifest stops listing it before one is replaced.
 
     Otherwise a run stopped halfway would leave a manifest that lists the
     split as whole while some of its files are already the new run's. Its
-    other old shards go too: no manifest or journal would own them. A split
-    remade under other names keeps its old shards until the new manifest is
-    written (remove_stale).
+    other old shards go too: the run's journals, started first, own their
+    names meanwhile, so a run stopped here leaves nothing no run may touch.
+    A split remade under other names keeps its old shards until the new
+    manifest is written (remove_stale). Never an input of this run.
     """
     old = replaced_shards(have, base)
     if not set(old) & set(writes):
         return
+    paths = [os.path.join(opts.out, n) for n in old]
+    used = p.inputs_among([x for x in paths if os.path.isfile(x)])
+    if used:
+        raise LogitifyError(f"--overwrite would remove {printable(used[0])}, an input of this run; "
+                            "write the output to another folder")
+    for part in p.parts:
+        OutputFolder(opts.out, part.split).journal.start(part.header)
     try:
         get_format(opts.format).write_metadata(opts.out, base)
         manifest_mod.write(opts.out, base)
-        for n in old:
-            path = os.path.join(opts.out, n)
-            if os.path.islink(path) or os.path.isfile(path):
-                os.unlink(path)
     except OSError as e:
         raise write_error(e, manifest_mod.MANIFEST) from None
+    for path in paths:
+        try:
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+        except OSError as e:
+            raise LogitifyError(f"cannot remove {printable(path)}, a shard of the split this run replaces: "
+                                f"{e.strerror or e}") from None
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:

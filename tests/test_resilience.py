@@ -503,3 +503,47 @@ def test_a_split_remade_under_its_old_names_and_stopped_leaves_no_lying_manifest
     r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--resume", "--json", *args)
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == len(files), r.output
     assert {p.name: p.stat().st_ino for p in out.iterdir() if p.name.startswith("test-")} == files
+
+
+def test_a_stop_while_the_replaced_split_is_taken_out_leaves_a_folder_logitify_can_go_on_with(
+        cli, many_images, tmp_path, monkeypatch):
+    """Stopped between taking the split out of the manifest and removing its last old shard: the run's
+    journal already owns those names, so --resume and --overwrite both go on; and an old shard that is an
+    input of the run is refused, not removed."""
+    out = tmp_path / "ds"
+    args = ["--shard-size", "100"]
+    assert cli("encode", many_images / "c0", "-o", out, *args).exit_code == 0
+    assert cli("encode", many_images / "c1", "-o", out, "--split", "test", *args).exit_code == 0
+    real, seen = os.unlink, []
+
+    def unlink(path, *a, **kw):
+        if os.path.basename(str(path)).startswith("test-"):
+            seen.append(path)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--overwrite", *args)
+    monkeypatch.setattr(os, "unlink", real)
+    assert r.exit_code == 130 and len(seen) == 2
+    assert any(n.startswith("test-") for n in os.listdir(out))  # old shards left by the stop
+    r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--resume", *args)
+    assert r.exit_code == 0, r.output
+    assert cli("verify", out).exit_code == 0
+
+
+def test_an_old_shard_that_is_an_input_of_the_run_replacing_it_is_refused(cli, many_images, tmp_path):
+    """A TFRecord shard of the split being remade, named as an input (its 100 records make 5 shards of 120
+    with c2's 500 images: the old names): refused before anything is removed."""
+    out = tmp_path / "ds"
+    args = ["-f", "tfrecord"]
+    assert cli("encode", many_images / "c0", "-o", out, "--shard-size", "100", *args).exit_code == 0
+    assert cli("encode", many_images / "c1", "-o", out, "--split", "test", "--shard-size", "100", *args).exit_code == 0
+    shard = out / "logitify-test.tfrecord-00000-of-00005"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    r = cli("encode", many_images / "c2", shard, "-o", out, "--split", "test", "--shard-size", "120",
+            "--overwrite", *args)
+    assert r.exit_code == 1 and "an input of this run" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} == before
+    assert cli("verify", out).exit_code == 0
