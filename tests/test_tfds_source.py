@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo
+from conftest import photo, save
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -194,18 +194,27 @@ def test_holdout_is_checked_against_the_split_the_tfds_folder_names(cli, prepare
 
 
 @pytest.mark.parametrize("runner", ["local", "beam"])
-def test_overwrite_of_a_tfds_dataset_with_fewer_shards_leaves_no_old_shard(cli, prepared, tmp_path, runner):
-    """--overwrite remakes every split; the old shards of the splits made later go too, with either runner."""
+@pytest.mark.parametrize("shard_size", ["2", "3"])  # the same shard names as before, or other ones
+def test_overwrite_of_a_tfds_dataset_beside_another_split_leaves_no_old_shard(cli, prepared, tmp_path, rng, runner,
+                                                                              shard_size):
+    """--overwrite remakes the TFDS folder's splits one run each, in a dataset that also holds a split of
+    its own: the old shards of the split made later go too (no run then finds them unowned), with either runner."""
     src = prepared["TinyPhotos"]
     out = tmp_path / "o"
     assert cli("encode", src, "-o", out, "--shard-size", "2").exit_code == 0
+    extra = tmp_path / "extra"
+    for i in range(3):
+        save(str(extra / "dog" / f"{i}.png"), photo(rng, 10, 14))
+    assert cli("encode", extra, "-o", out, "--split", "extra").exit_code == 0
     old = {n for n in os.listdir(out) if n.endswith(".npz")}
     beam = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=in_memory"]
-    r = cli("encode", src, "-o", out, "--overwrite", *(beam if runner == "beam" else []))
+    r = cli("encode", src, "-o", out, "--overwrite", "--shard-size", shard_size, *(beam if runner == "beam" else []))
     assert r.exit_code == 0, r.output
     m = manifest(out)
+    assert sorted(m["splits"]) == ["extra", "test", "train"]
     named = {s["file"] for split in m["splits"].values() for s in split["shards"]}
-    assert {n for n in os.listdir(out) if n.endswith(".npz")} == named and not named & old
+    assert {n for n in os.listdir(out) if n.endswith(".npz")} == named
+    assert bool(named & old - {n for n in old if n.startswith("extra-")}) == (shard_size == "2")  # names reused
     assert cli("verify", out).exit_code == 0
 
 
