@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -63,7 +64,7 @@ class OrderedPool:
             self._spawning = not fork
             ctx = multiprocessing.get_context("fork" if fork else "spawn")
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                            initargs=(os.getpid() if fork else None,))
+                                            initargs=(os.getpid(), fork))
             if fork:
                 # Workers start with SIGINT and SIGTERM held until _worker_init has set them: one
                 # stopped while starting would run the CLI's handler, whose KeyboardInterrupt Python
@@ -257,7 +258,7 @@ def _stopped(signum, frame):
     os.kill(os.getpid(), signum)
 
 
-def _worker_init(forked_from=None):
+def _worker_init(parent: int, forked: bool):
     """Ctrl-C and SIGTERM are the main process's to handle: workers stop with it.
 
     A forked worker inherits the CLI's SIGTERM handler, and both ends of the
@@ -265,18 +266,32 @@ def _worker_init(forked_from=None):
     the main process is gone. It gets SIGTERM's default back and, on Linux,
     asks to be killed when its parent dies (PR_SET_PDEATHSIG). OrderedPool
     forks it with both signals blocked; they are unblocked only here.
+
+    A spawned worker may be started from any thread of the main process,
+    and PR_SET_PDEATHSIG fires when that thread ends, not the process: it
+    watches its parent instead, and ends within a quarter second of it. A
+    stopped run whose pool missed one (spawned as the pool was closed) then
+    leaves nothing waiting on its queue, or holding its pipes.
     """
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # one sent meanwhile acts now
-    if forked_from is not None:
+    if forked:
         try:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-        if os.getppid() != forked_from:  # the parent died before prctl took effect
-            os._exit(1)
+    elif os.getppid() == parent:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the watch began
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.25)
+    os._exit(1)

@@ -110,9 +110,24 @@ def test_workers_fork_only_without_tensorflow_and_a_dead_worker_is_an_error():
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked only on Linux")
 
 ORPHAN_CODE = """
-import os, signal
-from logitify_cli.pool import OrderedPool
-pool = OrderedPool(2)
+import os, signal, threading
+from logitify_cli.pool import OrderedPool, can_fork
+box = {{}}
+
+def start():  # spawned workers are started by whichever thread submits first: here one that then ends
+    box["pool"] = pool = OrderedPool(2)
+    pool.pool.submit(int).result()
+
+if {spawn}:
+    stay = threading.Event()
+    threading.Thread(target=stay.wait, daemon=True).start()  # a second thread: workers are spawned, not forked
+    assert not can_fork()
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+else:
+    start()
+pool = box["pool"]
 pool.pool.submit(int).result()
 print(*pool.pool._processes, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -147,14 +162,17 @@ print(first.exitcode, second.exitcode, manager.is_alive(), flush=True)
 
 
 @LINUX_ONLY
-def test_forked_workers_die_with_their_parent(tmp_path):
-    """A killed run must not leave decoders behind, blocked forever on pipes they hold themselves."""
+@pytest.mark.parametrize("spawn", [False, True])
+def test_workers_die_with_their_parent(tmp_path, spawn):
+    """A killed run must not leave decoders behind, blocked forever on pipes they hold themselves: forked
+    workers, and spawned ones (after TensorFlow loaded), started from a thread that has ended since."""
     out = tmp_path / "pids"
     with open(out, "w") as f:  # a file, not a pipe: surviving workers would hold a pipe open
-        r = subprocess.run([sys.executable, "-c", ORPHAN_CODE], stdout=f, stderr=subprocess.DEVNULL, env=ENV, timeout=60)
+        r = subprocess.run([sys.executable, "-c", ORPHAN_CODE.format(spawn=spawn)], stdout=f,
+                           stderr=subprocess.DEVNULL, env=ENV, timeout=60)
     assert r.returncode == -9
     pids = [int(p) for p in out.read_text().split()]
-    assert len(pids) == 2
+    assert len(pids) == 2 or (spawn and pids)  # (a spawned pool starts its workers as work comes)
 
     def alive(pid):
         try:
