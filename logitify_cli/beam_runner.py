@@ -337,12 +337,42 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
                                 "local folder (then copy it up), or write to an empty prefix")
         owned.update(fs.join(out, f) for f in there.owned_files())
     prefix = out.rstrip("/") + "/"
+    journals = [p for p in found if p.startswith(prefix) and _JOURNAL.fullmatch(p[len(prefix):])]
+    for path in journals:  # a failed or stopped run's: the shards its header names are logitify's
+        owned.update(fs.join(out, f) for f in _journal_header_writes(path))
+    owned.update(journals)
     foreign = sorted(p for p in found if p not in owned and not
                      (p.startswith(prefix) and p[len(prefix):].startswith(".") and p.endswith(".receipt.json")))
     if foreign:
         raise LogitifyError(f"output {out} holds {foreign[0]}, which logitify did not write; "
                             "--overwrite replaces only logitify's own files")
     fs.delete(found)
+
+
+_JOURNAL = re.compile(r"\.logitify-journal(-[A-Za-z0-9_]{1,64})?\.jsonl")  # manifest.journal_name's names
+
+
+def _journal_header_writes(path: str) -> list:
+    """The files a journal object's header says its run writes (outdir.header_writes), or none if it says nothing."""
+    from .outdir import header_writes
+
+    try:
+        line = fs.read_bytes(path, 1 << 20).split(b"\n", 1)[0]
+        header = json.loads(line).get("header")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return header_writes(header) if isinstance(header, dict) else []
+
+
+def _start_remote_journals(out: str, parts) -> list:
+    """Into a bucket: each part's journal header, as a local folder has it, so --overwrite can take back
+    the shards of a run that failed or was stopped there; returns the objects, removed once the manifest is."""
+    made = []
+    for part in parts:
+        path = fs.join(out, manifest_mod.journal_name(part.split))
+        fs.write_bytes(path, (json.dumps({"header": part.header}) + "\n").encode())
+        made.append(path)
+    return made
 
 
 def _restoring_filesystems(run):
@@ -395,6 +425,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                 OutputFolder(opts.out, part.split).journal.start(part.header)
         else:
             _prepare_remote_output(opts.out, opts.overwrite, [part.split for part in p.parts])
+            remote_journals = _start_remote_journals(opts.out, p.parts)
         tasks = [part.task(spec) for part in p.parts for spec in part.shards]
         make = _make_shard_fn()
         beam, _ = _beam()
@@ -437,6 +468,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                                                                     "fingerprint")}
         extra, closing = write_dataset(opts.out, fmt, m, counts, made_grey_note(greys), report)
         fs.delete(receipts)
+        if folder is None:
+            fs.delete(remote_journals)
         if folder is not None:
             folder.remove_stale(replaced_shards(have, base), m)
             for part in p.parts:

@@ -318,7 +318,7 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
-def run_command(fn=None, *, interrupted: str = "interrupted"):
+def run_command(fn=None, *, interrupted="interrupted"):
     """Turn a command body returning a Result into streams and exit codes.
 
     Every command goes through here: a LogitifyError is one line on stderr
@@ -362,10 +362,11 @@ def run_command(fn=None, *, interrupted: str = "interrupted"):
                 _write_out(json.dumps(out, default=str))
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
-            click.echo(f"logitify: {interrupted}", err=True)
+            said = interrupted(kwargs) if callable(interrupted) else interrupted
+            click.echo(f"logitify: {said}", err=True)
             signum = getattr(e, "signum", int(signal.SIGINT))
             if as_json:  # a pipeline reading the answer gets one, stopped or not
-                _answer_anyway({"ok": False, "error": interrupted, "signal": signal.Signals(signum).name})
+                _answer_anyway({"ok": False, "error": said, "signal": signal.Signals(signum).name})
             # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
             sys.exit(128 + signum)
         except click.exceptions.Exit:
@@ -403,6 +404,16 @@ def main():
       logitify encode sample_images -o out/       # images -> logits + log-dets
       logitify decode out/ -o restored/           # and back, bit for bit
     """
+
+
+def _encode_interrupted(options: dict) -> str:
+    """What a stopped encode leaves, and how to go on: --resume is the local runner's."""
+    if options.get("runner") != "beam":
+        return "interrupted; whole shards are kept, run again with --resume to finish"
+    if "://" in str(options.get("out", "")):
+        return "interrupted; run the same command again with --overwrite (a Beam run makes every shard)"
+    return ("interrupted; whole shards are kept: finish with the local runner (the same command without "
+            "--runner beam and its options, with --resume), or run again with --overwrite")
 
 
 @main.command(cls=BeamArgsCommand, context_settings=CONTEXT)
@@ -471,7 +482,7 @@ def main():
               help="Run here, or as an Apache Beam pipeline.")
 @click.option("--null", "null_sep", is_flag=True, help="With '-': paths on stdin are NUL-separated (find -print0).")
 @stream_options
-@run_command(interrupted="interrupted; whole shards are kept, run again with --resume to finish")
+@run_command(interrupted=_encode_interrupted)
 def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, bits, seed, batch_size, shard_size, size,
            resize_mode, crop, resample, jpeg_draft, channels, preset, device, workers, compress, compression, image_key,
            label_key, tfds_split, name, split, holdout, on_error, max_pixels, resume, overwrite, runner, null_sep, report):

@@ -258,3 +258,28 @@ def test_a_bucket_dataset_with_other_splits_is_never_replaced(cli, image_folder,
         other = "test" if split == "train" else "train"
         assert r.exit_code == 1 and f"split(s) {other}, which this run does not make" in r.stderr, r.output
     assert {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, "two/")} == before
+
+
+def test_a_failed_run_into_a_bucket_is_taken_back_by_overwrite(cli, tmp_path, rng, s3_server, s3_bucket, beam_s3):
+    """A Beam run that fails into a bucket leaves whole shards and its journal there; --overwrite takes them
+    back as logitify's (a foreign object beside them still stops it), and a finished run leaves no journal."""
+    src = tmp_path / "src"
+    for i in range(12):
+        save(str(src / f"{i:02d}.png"), photo(rng, 8, 8))
+    good = (src / "07.png").read_bytes()
+    (src / "07.png").write_bytes(good[:len(good) // 2])
+    out = f"s3://{s3_bucket}/failed"
+    r = cli("encode", src, "-o", out, "--shard-size", "4", "--on-error", "fail", *beam(s3_server))
+    assert r.exit_code == 1 and "07.png" in r.stderr, r.output
+    left = s3_server.list_keys(s3_bucket, "failed/")
+    assert "failed/.logitify-journal.jsonl" in left and "failed/manifest.json" not in left
+    (src / "07.png").write_bytes(good)
+    s3_server.client.put_object(Bucket=s3_bucket, Key="failed/notes.txt", Body=b"mine")
+    r = cli("encode", src, "-o", out, "--shard-size", "4", "--overwrite", *beam(s3_server))
+    assert r.exit_code == 1 and "notes.txt, which logitify did not write" in r.stderr, r.output
+    s3_server.client.delete_object(Bucket=s3_bucket, Key="failed/notes.txt")
+    r = cli("encode", src, "-o", out, "--shard-size", "4", "--overwrite", *beam(s3_server))
+    assert r.exit_code == 0, r.output
+    m, _ = bucket_hashes(s3_server, s3_bucket, "failed")
+    assert sorted(s3_server.list_keys(s3_bucket, "failed/")) == \
+        sorted(["failed/manifest.json"] + [f"failed/{s['file']}" for s in m["shards"]])
