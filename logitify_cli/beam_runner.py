@@ -397,7 +397,9 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         raise UsageError(f"{opts.out}: a TFDS folder's splits ({', '.join(o.split for o in runs)}) go into a "
                          "folder, one run adding each; into a bucket, choose one with --tfds-split per prefix")
     if len(runs) > 1:  # a TFDS folder's splits, one pipeline each, into one dataset
-        return EncodeResult.of_splits([encode_beam(o, report, beam_args) for o in runs])
+        from .encode_run import run_splits
+
+        return run_splits(runs, lambda o: encode_beam(o, report, beam_args))
     opts = runs[0]
     t0 = time.time()
     if opts.resume:

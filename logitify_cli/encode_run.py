@@ -291,10 +291,33 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
     return box["started"]
 
 
+def run_splits(runs: list, run_one) -> EncodeResult:
+    """A TFDS folder's splits, one run each into one dataset (either runner); a failure names its split.
+
+    The splits before it are written and stay: the error says which, and
+    how to make the rest.
+    """
+    results = []
+    for o in runs:
+        try:
+            results.append(run_one(o))
+        except LogitifyError as e:
+            done = [r.split for r in results]
+            if len(runs) > 1:
+                e.message = f"split {o.split}: {e.message}"
+                if done:
+                    left = ",".join([o.split, *o.later_splits])
+                    e.message += (f" (the split(s) {', '.join(done)} before it are written and kept; make the "
+                                  f"rest with --tfds-split {left})")
+                e.args = (e.message,)
+            raise
+    return EncodeResult.of_splits(results)
+
+
 def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
     runs = split_runs(opts)
     if len(runs) > 1:  # a TFDS folder's splits, one run each, into one dataset
-        return EncodeResult.of_splits([run_encode(o, report) for o in runs])
+        return run_splits(runs, lambda o: run_encode(o, report))
     opts = runs[0]
     t0 = time.time()
     fmt = get_format(opts.format)

@@ -298,6 +298,21 @@ def _tampered(src, tmp_path, change):
     return copy
 
 
+def test_a_split_that_gives_nothing_is_named_with_what_was_written_before_it(cli, prepared, tmp_path):
+    """Every file of the test split gone: the error names the split, and says train is written and kept."""
+    copy = _tampered(prepared["TinyPhotos"], tmp_path, lambda info: None)
+    for f in copy.glob("*-test.tfrecord-*"):
+        f.unlink()
+    out = tmp_path / "o"
+    r = cli("encode", copy, "-o", out)
+    assert r.exit_code == 1, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("logitify: error: split test: ") and \
+        "the split(s) train before it are written and kept; make the rest with --tfds-split test" in line, r.stderr
+    assert manifest(out)["split"] == "train" and "splits" not in manifest(out)  # a dataset of that one split
+    assert cli("verify", out).exit_code == 0
+
+
 def test_a_count_that_disagrees_with_dataset_info_is_reported(cli, prepared, tmp_path):
     def more(info):
         train = next(s for s in info["splits"] if s["name"] == "train")
