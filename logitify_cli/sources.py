@@ -480,16 +480,17 @@ class TfrecordFile:
             os.close(fd)
 
     def items(self):
-        items, skipped, _ = self.survey()
+        items, skipped, _, _ = self.survey()
         return items, skipped
 
     def survey(self):
-        """(items, skipped entries, end): an Item per readable record, an entry per record that is not.
+        """(items, skipped entries, end, located): an Item per readable record, an entry per record that is not.
 
         A record with damaged data is skipped alone, and the records after
         it stay inputs. Where reading stops early (a damaged header, a cut),
         `end` is (index, reason) and that index is skipped; no record after
-        it can be located, so the reason says what is lost.
+        it can be located, so the reason says what is lost. `located` counts
+        the records found, those with damaged data too.
         """
         from .records import census
 
@@ -498,7 +499,7 @@ class TfrecordFile:
             compression = self.compression_type()
         except OSError as e:
             reason = f"cannot read: {_why(e)}"
-            return [], [{"source": f"{name}:0", "reason": reason}], (0, reason)
+            return [], [{"source": f"{name}:0", "reason": reason}], (0, reason), 0
         found = census(self.path, compression)
         damaged = {e.index: e.reason for e in found.damaged}
         items = [Item(name, f"{name}:{i}", self.path, index=i) for i in range(found.count) if i not in damaged]
@@ -508,7 +509,7 @@ class TfrecordFile:
         if found.end:
             end = (found.count, found.end)
             skipped.append({"source": f"{name}:{found.count}", "reason": found.end})
-        return items, skipped, end
+        return items, skipped, end, found.count
 
 
 def _parts(path: str) -> list:
@@ -610,11 +611,12 @@ class TfdsDataset:
         lengths = self.split.lengths or (None,) * len(self.split.files)
         for rel, want in zip(self.split.files, lengths):
             full = os.path.join(self.folder, *rel.split("/"))
+            end = None
             if not os.path.lexists(full):
                 skipped.append({"source": rel, "reason": "no such file (dataset_info.json lists it)"})
-                found = []
+                found, located = [], 0
             else:
-                found, bad, end = TfrecordFile(full, None, rel).survey()
+                found, bad, end, located = TfrecordFile(full, None, rel).survey()
                 skipped.extend(bad)
                 if end is not None and want is not None and want > end[0] + 1:
                     # dataset_info.json says how many records the file held: each one lost past the stop is
@@ -627,8 +629,10 @@ class TfdsDataset:
                                         "reason": f"{unreachable(*end)} ({len(lost)} records, as "
                                                   "dataset_info.json counts them)"})
             items.extend(found)
-            if want is not None and len(found) != want:
-                differ.append({"file": rel, "expected": want, "found": len(found)})
+            # The records the file holds, damaged ones too (each is named, skipped, already); where a header
+            # stops the reading, what lies past it is named above, and the count is not the file's to say.
+            if want is not None and located != want and (end is None or located > want):
+                differ.append({"file": rel, "expected": want, "found": located})
         promised = self.split.num_examples
         notes = list(self.notes)
         where = f"TFDS split {short(self.split.name)} of {short(self.meta.name)}"

@@ -313,6 +313,23 @@ def test_a_split_that_gives_nothing_is_named_with_what_was_written_before_it(cli
     assert cli("verify", out).exit_code == 0
 
 
+def test_a_record_with_damaged_data_is_skipped_and_its_file_still_counts_it(cli, prepared, tmp_path):
+    """One flipped byte in a record's data: that record is skipped with its reason, and its file is not said
+    to hold fewer records than dataset_info.json counts (it holds them all; one is damaged)."""
+    copy = _tampered(prepared["TinyPhotos"], tmp_path, lambda info: None)
+    (shard,) = copy.glob("*-test.tfrecord-*")
+    data = bytearray(shard.read_bytes())
+    data[12 + 5] ^= 0xFF  # inside record 0's data, past its 12-byte header
+    shard.write_bytes(bytes(data))
+    r = cli("encode", copy, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [s["source"] for s in res["skipped"]] == [f"{shard.name}:0"] and "checksum" in res["skipped"][0]["reason"]
+    assert not any("dataset_info.json says" in w for w in res["warnings"]), res["warnings"]
+    t = manifest(tmp_path / "o")["splits"]["test"]["source"]["tfds"]
+    assert t["counts_differ"] == [] and t["num_examples_found"] == 4
+
+
 def test_a_count_that_disagrees_with_dataset_info_is_reported(cli, prepared, tmp_path):
     def more(info):
         train = next(s for s in info["splits"] if s["name"] == "train")
