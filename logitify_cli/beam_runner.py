@@ -335,11 +335,12 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
             raise LogitifyError(f"output {out} holds a dataset with the split(s) {', '.join(others)}, which this run "
                                 "does not make: in a bucket a run replaces the whole dataset, so add a split in a "
                                 "local folder (then copy it up), or write to an empty prefix")
-        owned.update(fs.join(out, f) for f in there.owned_files())
+        fmt = there.shard_format()  # as a folder's manifest owns: its format's names and the manifest alone
+        owned.update(fs.join(out, f) for f in there.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
     prefix = out.rstrip("/") + "/"
     journals = [p for p in found if p.startswith(prefix) and _JOURNAL.fullmatch(p[len(prefix):])]
     for path in journals:  # a failed or stopped run's: the shards its header names are logitify's
-        owned.update(fs.join(out, f) for f in _journal_header_writes(path))
+        owned.update(fs.join(out, f) for f in _journal_shards(path))
     owned.update(journals)
     foreign = sorted(p for p in found if p not in owned and not
                      (p.startswith(prefix) and p[len(prefix):].startswith(".") and p.endswith(".receipt.json")))
@@ -352,16 +353,17 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
 _JOURNAL = re.compile(r"\.logitify-journal(-[A-Za-z0-9_]{1,64})?\.jsonl")  # manifest.journal_name's names
 
 
-def _journal_header_writes(path: str) -> list:
-    """The files a journal object's header says its run writes (outdir.header_writes), or none if it says nothing."""
-    from .outdir import header_writes
+def _journal_shards(path: str) -> list:
+    """The shard files a journal object's header names (outdir.header_files, as a folder's journal owns
+    them: shard-shaped names alone, never a manifest or metadata), or none if it says nothing."""
+    from .outdir import header_files
 
     try:
         line = fs.read_bytes(path, 1 << 20).split(b"\n", 1)[0]
         header = json.loads(line).get("header")
-    except (OSError, ValueError, AttributeError):
+    except Exception:  # unreadable, not JSON, nested past the parser's depth, not an object: it owns nothing
         return []
-    return header_writes(header) if isinstance(header, dict) else []
+    return header_files(header) if isinstance(header, dict) else []
 
 
 def _start_remote_journals(out: str, parts) -> list:

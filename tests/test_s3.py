@@ -283,3 +283,28 @@ def test_a_failed_run_into_a_bucket_is_taken_back_by_overwrite(cli, tmp_path, rn
     m, _ = bucket_hashes(s3_server, s3_bucket, "failed")
     assert sorted(s3_server.list_keys(s3_bucket, "failed/")) == \
         sorted(["failed/manifest.json"] + [f"failed/{s['file']}" for s in m["shards"]])
+
+
+def test_overwrite_in_a_bucket_trusts_a_manifest_or_journal_only_for_names_logitify_gives(
+        cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3):
+    """As in a folder: a journal object owns shard-shaped names only (never a manifest or TFDS metadata),
+    and a manifest only its format's names; anything else they list is someone's, and --overwrite stops."""
+    src, _ = image_folder
+    ds = tmp_path / "ds"
+    assert cli("encode", src, "-o", ds).exit_code == 0
+    m = json.loads((ds / "manifest.json").read_text())
+    m["shards"][0]["file"] = "notes.txt"
+    planted = {
+        "journal": {".logitify-journal-x.jsonl": b'{"header": {"format": "tfrecord", "num_shards": 1, '
+                                                  b'"name": "mnist", "split": "train"}}\n',
+                    "dataset_info.json": b"{}", "features.json": b"{}", "manifest.json": b'{"mine": true}'},
+        "deep": {".logitify-journal.jsonl": b"[" * 200000, "keep.txt": b"mine"},
+        "manifest": {"manifest.json": json.dumps(m).encode(), "notes.txt": b"mine"},
+    }
+    for prefix, objects in planted.items():
+        for key, body in objects.items():
+            s3_server.client.put_object(Bucket=s3_bucket, Key=f"{prefix}/{key}", Body=body)
+        before = {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, f"{prefix}/")}
+        r = cli("encode", src, "-o", f"s3://{s3_bucket}/{prefix}", "--overwrite", *beam(s3_server))
+        assert r.exit_code == 1 and "which logitify did not write" in r.stderr, (prefix, r.output)
+        assert {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, f"{prefix}/")} == before
