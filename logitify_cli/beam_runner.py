@@ -113,6 +113,9 @@ def _run(pipeline_fn, options, receipts=()) -> None:
                 pass
             raise
     except Exception as e:
+        stop = _stop_within(e)
+        if stop is not None:  # Ctrl-C or SIGTERM landed in a runner in this process, which wrapped it
+            raise stop from None
         ours = _raised_in_a_worker(e)
         if ours is not None:  # a runner in this process: the worker's own error, fields and all
             raise ours from None
@@ -126,6 +129,16 @@ def _run(pipeline_fn, options, receipts=()) -> None:
 
 _OUR_ERROR = re.compile(r"\b(?:logitify_cli\.errors\.\w+|LogitifyError|UsageError|WriteError|ShardError): ")
 _BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
+
+
+def _stop_within(e: BaseException):
+    """The KeyboardInterrupt (Ctrl-C, or the CLI's SIGTERM) a runner in this process wrapped in its own error."""
+    seen = 0
+    while e is not None and seen < 32:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _raised_in_a_worker(e: BaseException):

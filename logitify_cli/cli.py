@@ -410,10 +410,8 @@ def _encode_interrupted(options: dict) -> str:
     """What a stopped encode leaves, and how to go on: --resume is the local runner's."""
     if options.get("runner") != "beam":
         return "interrupted; whole shards are kept, run again with --resume to finish"
-    if "://" in str(options.get("out", "")):
-        return "interrupted; run the same command again with --overwrite (a Beam run makes every shard)"
-    return ("interrupted; whole shards are kept: finish with the local runner (the same command without "
-            "--runner beam and its options, with --resume), or run again with --overwrite")
+    # A Beam run journals no shard as it ends (its receipts are the launcher's): nothing is kept to resume.
+    return "interrupted; run the same command again with --overwrite (a Beam run makes every shard)"
 
 
 @main.command(cls=BeamArgsCommand, context_settings=CONTEXT)

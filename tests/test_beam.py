@@ -323,3 +323,23 @@ def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_pat
     assert said.startswith("cannot read 3.png:") and said.endswith("(--on-error fail)")
     last = r.stderr.strip().splitlines()[-1]
     assert last.endswith(said) and "while running" not in last, r.stderr
+
+
+class _Stop(KeyboardInterrupt):
+    signum = 15  # as the CLI's SIGTERM arrives
+
+
+def test_a_stop_inside_a_pipeline_in_this_process_is_a_stop_not_a_failure():
+    """Ctrl-C (or the CLI's SIGTERM) landing while a runner in this process runs a DoFn comes back wrapped in
+    Beam's RuntimeError: it is raised as the stop it is (exit 130/143), not 'the Beam pipeline failed'."""
+    from logitify_cli.beam_runner import _beam, _options, _run
+
+    beam, _ = _beam()
+
+    class Stopping(beam.DoFn):
+        def process(self, x):
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        _run(lambda p: p | beam.Create([1]) | beam.ParDo(Stopping()),
+             _options(["--runner=DirectRunner", "--direct_running_mode=in_memory"]))
