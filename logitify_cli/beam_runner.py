@@ -437,7 +437,8 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         folder.lock.acquire()
     try:
         if folder is not None:
-            prepare_locked(folder, opts, p, have, base, resume=False)
+            for note in prepare_locked(folder, opts, p, have, base, resume=False):
+                report.warn(note)
             for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
                 OutputFolder(opts.out, part.split).journal.start(part.header)
         else:

@@ -106,12 +106,13 @@ def replaced_shards(have, base) -> list:
     return [s.file for n, split in have.splits.items() if n not in kept for s in split.shards]
 
 
-def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool) -> None:
+def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool) -> list:
     """With the folder's lock held: the dataset is still the one planned against, its splits match, and the folder is made ready.
 
     Both runners call this between taking the lock and writing anything, so
     a refusal (another run changed the manifest, a split that does not
-    match) leaves the folder as it was.
+    match) leaves the folder as it was. Returns what the run must say as it
+    starts (old shards removed now, see _unlist_replaced).
     """
     now, _ = existing(opts)
     if (now and now.to_dict()) != (have and have.to_dict()):
@@ -122,7 +123,8 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
     writes = [f for part in p.parts for f in header_files(part.header)]
     folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None, writes=writes)
     if opts.overwrite and have is not None and base is not None:  # (--resume keeps what it can of the split)
-        _unlist_replaced(opts, p, have, base, writes)
+        return _unlist_replaced(opts, p, have, base, writes)
+    return []
 
 
 def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) -> None:
@@ -137,7 +139,7 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) 
     """
     old = replaced_shards(have, base)
     if not set(old) & set(writes):
-        return
+        return []
     paths = [os.path.join(opts.out, n) for n in old]
     used = p.inputs_among([x for x in paths if os.path.isfile(x)])
     if used:
@@ -157,6 +159,9 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) 
         except OSError as e:
             raise LogitifyError(f"cannot remove {printable(path)}, a shard of the split this run replaces: "
                                 f"{e.strerror or e}") from None
+    remade = sorted(set(have.splits) - set(base.splits))
+    return [f"the split(s) {', '.join(remade)} are made under their old shards' names: the old shards are "
+            "removed now, before the new ones are made (a run that fails leaves them to --resume or --overwrite)"]
 
 
 def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
@@ -168,7 +173,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     folder.create()
     folder.lock.acquire()
     try:
-        prepare_locked(folder, opts, p, have, base, opts.resume)
+        p.notes.extend(prepare_locked(folder, opts, p, have, base, opts.resume))  # said as the run starts
         parts = []
         for part in p.parts:
             pf = OutputFolder(opts.out, part.split)
