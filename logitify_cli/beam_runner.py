@@ -374,9 +374,9 @@ def _journal_shards(path: str) -> list:
     try:
         line = fs.read_bytes(path, 1 << 20).split(b"\n", 1)[0]
         header = json.loads(line).get("header")
+        return header_files(header) if isinstance(header, dict) else []
     except Exception:  # unreadable, not JSON, nested past the parser's depth, not an object: it owns nothing
         return []
-    return header_files(header) if isinstance(header, dict) else []
 
 
 def _start_remote_journals(out: str, parts) -> list:
@@ -435,10 +435,10 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     if folder is not None:
         folder.create()
         folder.lock.acquire()
+    said = []  # what preparing the folder said
     try:
         if folder is not None:
-            for note in prepare_locked(folder, opts, p, have, base, resume=False):
-                report.warn(note)
+            said = prepare_locked(folder, opts, p, have, base, resume=False, warn=report.warn)
             for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
                 OutputFolder(opts.out, part.split).journal.start(part.header)
         else:
@@ -500,7 +500,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
                         classes=m.classes, skipped=sorted(skipped_all, key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate, runner="beam",
-                        split=p.split, splits=counts, warnings=list(p.notes) + closing)
+                        split=p.split, splits=counts, warnings=list(p.notes) + said + closing)
 
 
 # -- decode ---------------------------------------------------------------------------------

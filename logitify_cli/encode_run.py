@@ -71,6 +71,7 @@ class _Started:
     pool: OrderedPool
     stream: PixelStream
     count: int  # inputs still to read
+    said: list  # warnings given while the folder was prepared (the result's --json warnings carry them)
 
 
 def existing(opts: EncodeOptions):
@@ -106,13 +107,15 @@ def replaced_shards(have, base) -> list:
     return [s.file for n, split in have.splits.items() if n not in kept for s in split.shards]
 
 
-def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool) -> list:
+def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, base, resume: bool,
+                   warn=lambda message: None) -> list:
     """With the folder's lock held: the dataset is still the one planned against, its splits match, and the folder is made ready.
 
     Both runners call this between taking the lock and writing anything, so
     a refusal (another run changed the manifest, a split that does not
-    match) leaves the folder as it was. Returns what the run must say as it
-    starts (old shards removed now, see _unlist_replaced).
+    match) leaves the folder as it was. What must be said before the folder
+    is touched (old shards removed now, see _unlist_replaced) goes to `warn`
+    at once, and is returned for the result's warnings.
     """
     now, _ = existing(opts)
     if (now and now.to_dict()) != (have and have.to_dict()):
@@ -123,11 +126,11 @@ def prepare_locked(folder: OutputFolder, opts: EncodeOptions, p: RunPlan, have, 
     writes = [f for part in p.parts for f in header_files(part.header)]
     folder.prepare(opts.overwrite, resume, inputs=p.inputs_among, keep_dataset=base is not None, writes=writes)
     if opts.overwrite and have is not None and base is not None:  # (--resume keeps what it can of the split)
-        return _unlist_replaced(opts, p, have, base, writes)
+        return _unlist_replaced(opts, p, have, base, writes, warn)
     return []
 
 
-def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) -> None:
+def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list, warn) -> list:
     """A split remade under its old shards' names: the manifest stops listing it before one is replaced.
 
     Otherwise a run stopped halfway would leave a manifest that lists the
@@ -145,6 +148,11 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) 
     if used:
         raise LogitifyError(f"--overwrite would remove {printable(used[0])}, an input of this run; "
                             "write the output to another folder")
+    remade = sorted(part.split for part in p.parts
+                    if set(header_files(part.header)) & set(old))
+    note = (f"{', '.join(remade)}: the new shards take the old shards' names, so the old ones are removed "
+            "now, before the new ones are made")
+    warn(note)
     for part in p.parts:
         OutputFolder(opts.out, part.split).journal.start(part.header)
     try:
@@ -159,12 +167,10 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list) 
         except OSError as e:
             raise LogitifyError(f"cannot remove {printable(path)}, a shard of the split this run replaces: "
                                 f"{e.strerror or e}") from None
-    remade = sorted(set(have.splits) - set(base.splits))
-    return [f"the split(s) {', '.join(remade)} are made under their old shards' names: the old shards are "
-            "removed now, before the new ones are made (a run that fails leaves them to --resume or --overwrite)"]
+    return [note]
 
 
-def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
+def _start(opts: EncodeOptions, pool: OrderedPool | None, warn=lambda message: None) -> _Started:
     """Plan, take the output folder, pick the shards to make, and start reading ahead."""
     have, base = existing(opts)
     p = plan(opts, base=base)
@@ -173,7 +179,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
     folder.create()
     folder.lock.acquire()
     try:
-        p.notes.extend(prepare_locked(folder, opts, p, have, base, opts.resume))  # said as the run starts
+        said = prepare_locked(folder, opts, p, have, base, opts.resume, warn)
         parts = []
         for part in p.parts:
             pf = OutputFolder(opts.out, part.split)
@@ -205,7 +211,7 @@ def _start(opts: EncodeOptions, pool: OrderedPool | None) -> _Started:
             pool.close(cancel=True)
         folder.lock.release()
         raise
-    return _Started(p, folder, parts, base, replaced, pool, stream, len(items))
+    return _Started(p, folder, parts, base, replaced, pool, stream, len(items), said)
 
 
 def _make_shard_when_built(task, feed, transform, warn, cancel):
@@ -252,7 +258,7 @@ def _with_digests(done: dict, p: RunPlan):
     return {i: e for i, e in done.items() if packed_digests(e) is not None}, None
 
 
-def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
+def _start_while_tf_imports(opts: EncodeOptions, warn=lambda message: None) -> _Started:
     """Plan in a thread while this one imports TensorFlow (seconds of CPU).
 
     Both hold the GIL most of the time, so running them side by side only
@@ -270,7 +276,7 @@ def _start_while_tf_imports(opts: EncodeOptions) -> _Started:
 
     def run():
         try:
-            box["started"] = _start(opts, pool)
+            box["started"] = _start(opts, pool, warn)
         except BaseException as e:  # re-raised below, in the main thread
             box["error"] = e
             if pool is not None:
@@ -332,7 +338,7 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         raise UsageError("--resume and --overwrite exclude each other")
     folder = OutputFolder(opts.out, opts.split)
     folder.check(opts.overwrite, opts.resume, splits=[opts.split] + ([opts.holdout[1]] if opts.holdout else []))
-    started = _start_while_tf_imports(opts)  # a failure's notes (skipped inputs) travel on the error
+    started = _start_while_tf_imports(opts, report.warn)  # a failure's notes (skipped inputs) travel on the error
     try:
         return _run(started, opts, fmt, report, t0)
     except LogitifyError:  # a run that failed before its first shard leaves no journal to stand in the next one's way
@@ -494,4 +500,4 @@ def _make(started: _Started, opts, fmt, report, t0, book) -> EncodeResult:
                         classes=m.classes, skipped=sorted((x for _, _, sk in book for x in sk), key=skipped_order),
                         metadata_files=extra, seconds=round(seconds, 3), images_per_second=rate,
                         resumed_shards=sum(len(x.done) for x in started.parts),
-                        split=p.split, splits=counts, warnings=list(p.notes) + closing)
+                        split=p.split, splits=counts, warnings=list(p.notes) + started.said + closing)

@@ -199,7 +199,7 @@ def header_files(header: dict) -> list:
     """Every shard file a run with this journal header may have written."""
     from .formats import FORMATS
 
-    fmt = FORMATS.get(header.get("format"))
+    fmt = FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
     n = header.get("num_shards")
     if fmt is None or type(n) is not int or not 0 < n < 100000:
         return []
@@ -211,7 +211,7 @@ def header_writes(header: dict) -> list:
     """Every file a run with this header writes: its shards, the format's metadata, the manifest."""
     from .formats import FORMATS
 
-    fmt = FORMATS.get(header.get("format"))
+    fmt = FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
     extra = list(fmt.metadata_names) if fmt is not None else []
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 

@@ -1144,3 +1144,15 @@ def test_a_program_cannot_send_the_local_runner_to_a_bucket(dataset, image_folde
     with pytest.raises(UsageError, match="--runner beam"):
         run_encode(EncodeOptions(sources=[str(image_folder[0])], out="s3://bucket/ds"), Reporter(quiet=True))
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("fmt", [["npz"], {"a": 1}, 3, None])
+def test_a_journal_whose_header_names_no_format_owns_nothing(cli, pics, tmp_path, fmt):
+    """A journal header's format must be a format's name: a list or an object there is no TypeError, the
+    journal owns no shard, and --overwrite goes on with what is logitify's (the journal itself)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".logitify-journal.jsonl").write_text(json.dumps({"header": {"format": fmt, "num_shards": 1}}) + "\n")
+    r = cli("encode", pics, "-o", out, "--overwrite")
+    assert r.exit_code == 0 and "Traceback" not in r.output and "TypeError" not in r.output, r.output
+    assert cli("verify", out).exit_code == 0

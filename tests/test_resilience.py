@@ -489,7 +489,7 @@ def test_a_split_remade_under_its_old_names_and_stopped_leaves_no_lying_manifest
     monkeypatch.setattr(NpzShardWriter, "_finish", stop_at_third)
     r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--overwrite", *args)
     assert r.exit_code == 130
-    assert "the split(s) test are made under their old shards' names: the old shards are removed now" in r.stderr
+    assert "test: the new shards take the old shards' names, so the old ones are removed now" in r.stderr
     monkeypatch.setattr(NpzShardWriter, "_finish", real)
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(m.get("splits", {m.get("split"): m})) == ["train"], m.keys()
