@@ -103,3 +103,21 @@ def damage(data: bytes, at, byte: int, how: str) -> bytes:
     if how == "cut":
         return data[:i]
     return data + bytes([byte]) * i
+
+
+def fail_third_shard(monkeypatch, error, partial=False, split="train"):
+    """Make the write of a split's third npz shard (index 2) raise `error`; returns the real method."""
+    from logitify_cli.formats.npz import NpzShardWriter
+
+    real = NpzShardWriter._finish
+
+    def failing(self):
+        if self.file.startswith(f"{split}-00002-"):
+            if partial:
+                with open(self.tmp, "ab") as f:
+                    f.write(b"partial")
+            raise error
+        return real(self)
+
+    monkeypatch.setattr(NpzShardWriter, "_finish", failing)
+    return real

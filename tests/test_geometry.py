@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from conftest import photo, save
+from conftest import fail_third_shard, photo, save
 from logitify_cli.images import FILTERS, RESIZE_MODES, Geometry, ImageReadError, read_image
 
 PILLOW_FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
@@ -231,14 +231,7 @@ def test_resume_with_other_geometry_is_refused(cli, image_folder, tmp_path, monk
     from logitify_cli.formats.npz import NpzShardWriter
 
     src, _ = image_folder
-    real = NpzShardWriter._finish
-
-    def failing(self):
-        if self.file.startswith("train-00002-"):
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(NpzShardWriter, "_finish", failing)
+    real = fail_third_shard(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "o"
     base = ["encode", src, "-o", out, "--shard-size", "3", "--size", "12x12", "--resize-mode", "center-crop"]
     assert cli(*base, "--filter", "box").exit_code == 130

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import photo, save
+from conftest import fail_third_shard, photo, save
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
 
@@ -258,24 +258,6 @@ def test_ctrl_c_on_decode_with_overwrite_keeps_the_old_file_whole(cli, image_fol
     assert now[stall_at] == old[stall_at]  # the one being replaced is the old file, whole
 
 
-def fail_third_shard(monkeypatch, error, partial=False):
-    """Make the third npz shard's (index 2) write raise `error`; returns the real method."""
-    from logitify_cli.formats.npz import NpzShardWriter
-
-    real = NpzShardWriter._finish
-
-    def failing(self):
-        if self.file.startswith("train-00002-"):
-            if partial:
-                with open(self.tmp, "ab") as f:
-                    f.write(b"partial")
-            raise error
-        return real(self)
-
-    monkeypatch.setattr(NpzShardWriter, "_finish", failing)
-    return real
-
-
 def assert_shards_before_the_failure(out, count):
     """Shards 0 and 1 are whole, shard 2 (the failed one) is absent.
 
@@ -479,14 +461,7 @@ def test_a_split_remade_under_its_old_names_and_stopped_leaves_no_lying_manifest
     args = ["--shard-size", "100"]
     assert cli("encode", many_images / "c0", "-o", out, *args).exit_code == 0
     assert cli("encode", many_images / "c1", "-o", out, "--split", "test", *args).exit_code == 0
-    real = NpzShardWriter._finish
-
-    def stop_at_third(self):
-        if self.file.startswith("test-00002-"):
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(NpzShardWriter, "_finish", stop_at_third)
+    real = fail_third_shard(monkeypatch, KeyboardInterrupt(), split="test")
     r = cli("encode", many_images / "c2", "-o", out, "--split", "test", "--overwrite", *args)
     assert r.exit_code == 130
     assert "test: the new shards take the old shards' names, so the old ones are removed now" in r.stderr
