@@ -177,9 +177,11 @@ class _Folders:
             # The root is the user's own choice of folder: a link there is theirs to make.
             fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
             st = os.fstat(fd)
-            if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+            try:
+                refuse_moved(self.root, self.identity, (st.st_dev, st.st_ino))
+            except OSError:
                 os.close(fd)
-                raise OSError(errno.ESTALE, f"the output folder {self.root} was moved or replaced during the run")
+                raise
             self.fds[""] = fd
         pfd = self.fds["/".join(parts[:depth])]
         for i in range(depth, len(parts)):
@@ -369,6 +371,12 @@ def folder_identity(root: str):
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def refuse_moved(root: str, identity, now) -> None:
+    """OSError (ESTALE) if the output folder's (device, inode) is no longer the one the run locked."""
+    if identity is not None and now != identity:
+        raise OSError(errno.ESTALE, f"the output folder {root} was moved or replaced during the run")
 
 
 class ImageOutput:
@@ -821,8 +829,7 @@ class NpzOutput(ImageOutput):
 
     def begin_shard(self, shard, count, shape):
         with self._writing(shard):
-            if self.identity is not None and folder_identity(self.root) != self.identity:  # see ImageOutput
-                raise OSError(errno.ESTALE, f"the output folder {self.root} was moved or replaced during the run")
+            refuse_moved(self.root, self.identity, folder_identity(self.root))  # see ImageOutput
             self._open[shard] = _NpzStream(self.root, self._file(shard), count, shape)
 
     def add(self, shard, keys, labels, images):
