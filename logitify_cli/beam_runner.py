@@ -25,7 +25,7 @@ import time
 from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
-from .outdir import RECEIPT
+from .outdir import RECEIPT, is_journal, owned_names
 from .report import Reporter, skipped_order
 from .results import DecodeResult, EncodeResult
 
@@ -336,7 +336,6 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
         return
     if not overwrite:
         raise LogitifyError(f"output {out} is not empty; pass --overwrite to replace what logitify wrote there")
-    owned = set()
     try:
         there = manifest_mod.parse(fs.read_bytes(fs.join(out, manifest_mod.MANIFEST), manifest_mod.MANIFEST_MAX_BYTES),
                                    out)
@@ -348,35 +347,26 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
             raise LogitifyError(f"output {out} holds a dataset with the split(s) {', '.join(others)}, which this run "
                                 "does not make: in a bucket a run replaces the whole dataset, so add a split in a "
                                 "local folder (then copy it up), or write to an empty prefix")
-        fmt = there.shard_format()  # as a folder's manifest owns: its format's names and the manifest alone
-        owned.update(fs.join(out, f) for f in there.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
     prefix = out.rstrip("/") + "/"
-    journals = [p for p in found if p.startswith(prefix) and _JOURNAL.fullmatch(p[len(prefix):])]
-    for path in journals:  # a failed or stopped run's: the shards its header names are logitify's
-        owned.update(fs.join(out, f) for f in _journal_shards(path))
-    owned.update(journals)
-    foreign = sorted(p for p in found if p not in owned and not
-                     (p.startswith(prefix) and p[len(prefix):].startswith(".") and p.endswith(".receipt.json")))
+    # A failed or stopped run's journals: the shards their headers name are logitify's.
+    journals = {p[len(prefix):]: _journal_header(p) for p in found
+                if p.startswith(prefix) and is_journal(p[len(prefix):])}
+    owned = {fs.join(out, n) for n in owned_names(there, journals)}  # as in a folder
+    foreign = sorted(p for p in found if p not in owned)
     if foreign:
         raise LogitifyError(f"output {out} holds {foreign[0]}, which logitify did not write; "
                             "--overwrite replaces only logitify's own files")
     fs.delete(found)
 
 
-_JOURNAL = re.compile(r"\.logitify-journal(-[A-Za-z0-9_]{1,64})?\.jsonl")  # manifest.journal_name's names
-
-
-def _journal_shards(path: str) -> list:
-    """The shard files a journal object's header names (outdir.header_files, as a folder's journal owns
-    them: shard-shaped names alone, never a manifest or metadata), or none if it says nothing."""
-    from .outdir import header_files
-
+def _journal_header(path: str):
+    """A journal object's header, or None if it says nothing (unreadable, not JSON, not an object)."""
     try:
         line = fs.read_bytes(path, 1 << 20).split(b"\n", 1)[0]
         header = json.loads(line).get("header")
-        return header_files(header) if isinstance(header, dict) else []
     except Exception:  # unreadable, not JSON, nested past the parser's depth, not an object: it owns nothing
-        return []
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def _start_remote_journals(out: str, parts) -> list:

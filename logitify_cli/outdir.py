@@ -216,6 +216,36 @@ def header_writes(header: dict) -> list:
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 
 
+def is_journal(name: str) -> bool:
+    """Whether a name in an output is one of manifest.journal_name()'s."""
+    return _JOURNAL.match(name) is not None
+
+
+def owned_names(manifest, journals: dict) -> set:
+    """The names logitify owns in an output, a folder or a bucket prefix alike: one rule for both.
+
+    `manifest` is the Manifest there (None when there is none or it is not
+    logitify's); `journals` maps each journal's name to its header (None when
+    it says nothing). Only names of the shapes logitify gives its files count:
+    the manifest's shards and metadata of its own format and the manifest
+    itself; the shards a journal's header names (never a manifest or
+    metadata, which a planted journal could otherwise claim); the journals;
+    and the receipts a Beam run leaves beside any of those until it writes
+    the manifest.
+    """
+    from .formats import FORMATS
+
+    names = set(journals)
+    if manifest is not None:
+        fmt = FORMATS[manifest.format]
+        names.update(f for f in manifest.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
+    for header in journals.values():
+        if isinstance(header, dict):
+            names.update(header_files(header))
+    names.update(RECEIPT.format(file=n) for n in list(names) if n not in journals)
+    return names
+
+
 LOCK_TRIES, LOCK_WAIT = 6, 0.05  # a held lock is retried for a quarter of a second
 
 
@@ -376,34 +406,21 @@ class OutputFolder:
             raise LogitifyError(f"cannot read output folder {self.path}: {e.strerror or e}") from None
 
     def owned(self) -> set:
-        """Names of the files in the folder that logitify wrote (per its manifest and journal).
+        """Names of the files in the folder that logitify wrote (per its manifest and journals; see owned_names).
 
-        Only names of the shapes logitify gives its files count: a shard name
-        of the manifest's format, that format's metadata, the manifest itself.
         A manifest that is not logitify's, or is a link, owns nothing.
         """
-        from .formats import FORMATS
-
-        names = {manifest_mod.LOCK, manifest_mod.JOURNAL}
+        m = None
         mpath = os.path.join(self.path, manifest_mod.MANIFEST)
         if os.path.isfile(mpath) and not os.path.islink(mpath):
             try:
                 m = manifest_mod.read(mpath)
             except LogitifyError:
                 pass  # not ours: someone's manifest.json stays theirs
-            else:
-                fmt = FORMATS[m.format]
-                names.update(f for f in m.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
-        for n in self._names():
-            if _JOURNAL.match(n):  # every split's journal, and the files its run may have written
-                names.add(n)
-                header, _ = Journal(self.path, n[len(".logitify-journal-"):-len(".jsonl")]
-                                    if n != manifest_mod.JOURNAL else "train").load()
-                if header is not None:
-                    names.update(header_files(header))
-        # Receipts a Beam run leaves beside its shards until it writes the manifest.
-        names.update(RECEIPT.format(file=n) for n in list(names) if n != manifest_mod.LOCK and not _JOURNAL.match(n))
-        return names
+        journals = {n: Journal(self.path, n[len(".logitify-journal-"):-len(".jsonl")]
+                               if n != manifest_mod.JOURNAL else "train").load()[0]
+                    for n in self._names() if is_journal(n)}
+        return {manifest_mod.LOCK, manifest_mod.JOURNAL} | owned_names(m, journals)
 
     def _ours(self, owned: set):
         """Whether a name in the folder is logitify's: an owned name (or its temporary) that is no folder."""

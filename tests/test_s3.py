@@ -288,7 +288,8 @@ def test_a_failed_run_into_a_bucket_is_taken_back_by_overwrite(cli, tmp_path, rn
 def test_overwrite_in_a_bucket_trusts_a_manifest_or_journal_only_for_names_logitify_gives(
         cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3):
     """As in a folder: a journal object owns shard-shaped names only (never a manifest or TFDS metadata),
-    and a manifest only its format's names; anything else they list is someone's, and --overwrite stops."""
+    a manifest only its format's names, and a receipt is logitify's only beside a name they own; anything
+    else is someone's, and --overwrite stops."""
     src, _ = image_folder
     ds = tmp_path / "ds"
     assert cli("encode", src, "-o", ds).exit_code == 0
@@ -300,6 +301,7 @@ def test_overwrite_in_a_bucket_trusts_a_manifest_or_journal_only_for_names_logit
                     "dataset_info.json": b"{}", "features.json": b"{}", "manifest.json": b'{"mine": true}'},
         "deep": {".logitify-journal.jsonl": b"[" * 200000, "keep.txt": b"mine"},
         "manifest": {"manifest.json": json.dumps(m).encode(), "notes.txt": b"mine"},
+        "receipt": {".notes.txt.receipt.json": b"{}"},
     }
     for prefix, objects in planted.items():
         for key, body in objects.items():
