@@ -21,7 +21,7 @@ import numpy as np
 from . import fs
 from . import heap
 from . import manifest as manifest_mod
-from .errors import LogitifyError, UsageError, write_error
+from .errors import LogitifyError, SplitFailed, UsageError, write_error
 from .fingerprint import DigestSet
 from .formats import get as get_format
 from .outdir import OutputFolder, header_files
@@ -313,15 +313,10 @@ def run_splits(runs: list, run_one) -> EncodeResult:
         try:
             results.append(run_one(o))
         except LogitifyError as e:
-            done = [r.split for r in results]
-            if len(runs) > 1:
-                e.message = f"split {o.split}: {e.message}"
-                if done:
-                    left = ",".join([o.split, *o.later_splits])
-                    e.message += (f" (the split(s) {', '.join(done)} before it are written and kept; make the "
-                                  f"rest with --tfds-split {left})")
-                e.args = (e.message,)
-            raise
+            if len(runs) == 1:
+                raise
+            raise SplitFailed(e, split=o.split, kept=[r.split for r in results],
+                              rest=[o.split, *o.later_splits]) from e
     return EncodeResult.of_splits(results)
 
 

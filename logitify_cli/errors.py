@@ -48,6 +48,23 @@ class AlphaOutOfRange(UsageError):
         self.high = high
 
 
+class SplitFailed(LogitifyError):
+    """One split of a TFDS folder's run failed (`cause`); the splits before it (`kept`) are written and stay.
+
+    `rest` is what --tfds-split takes to make the others; the exit code and
+    notes are the cause's.
+    """
+
+    def __init__(self, cause: LogitifyError, *, split: str, kept: list, rest: list):
+        text = f"split {split}: {cause.message}"
+        if kept:
+            text += (f" (the split(s) {', '.join(kept)} before it are written and kept; make the rest with "
+                     f"--tfds-split {','.join(rest)})")
+        super().__init__(text, result=cause.result, notes=cause.notes)
+        self.cause, self.split, self.kept, self.rest = cause, split, list(kept), list(rest)
+        self.exit_code = cause.exit_code
+
+
 class NoCredentials(LogitifyError):
     """Paths in a bucket, and no credentials for its store anywhere boto3 looks."""
 

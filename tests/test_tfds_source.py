@@ -313,6 +313,28 @@ def test_a_split_that_gives_nothing_is_named_with_what_was_written_before_it(cli
     assert cli("verify", out).exit_code == 0
 
 
+def test_a_programs_failed_split_carries_its_fields_and_crosses_processes(prepared, tmp_path):
+    """The same failure through the library: SplitFailed names the split, the splits kept, what
+    --tfds-split makes the rest with, and the cause, and keeps them all through pickling."""
+    import pickle
+
+    from logitify_cli.encode_run import run_encode
+    from logitify_cli.errors import LogitifyError, SplitFailed
+    from logitify_cli.planner import EncodeOptions
+    from logitify_cli.report import Reporter
+
+    copy = _tampered(prepared["TinyPhotos"], tmp_path, lambda info: None)
+    for f in copy.glob("*-test.tfrecord-*"):
+        f.unlink()
+    with pytest.raises(SplitFailed) as caught:
+        run_encode(EncodeOptions(sources=[str(copy)], out=str(tmp_path / "o"), split=None), Reporter(quiet=True))
+    for e in (caught.value, pickle.loads(pickle.dumps(caught.value))):
+        assert (e.split, e.kept, e.rest, e.exit_code) == ("test", ["train"], ["test"], 1)
+        assert isinstance(e.cause, LogitifyError) and not isinstance(e.cause, SplitFailed)
+        assert e.message == f"split test: {e.cause.message} (the split(s) train before it are written and kept; " \
+            "make the rest with --tfds-split test)"
+
+
 def test_a_record_with_damaged_data_is_skipped_and_its_file_still_counts_it(cli, prepared, tmp_path):
     """One flipped byte in a record's data: that record is skipped with its reason, and its file is not said
     to hold fewer records than dataset_info.json counts (it holds them all; one is damaged)."""
