@@ -25,7 +25,7 @@ import time
 from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
-from .outdir import RECEIPT, is_journal, owned_names
+from .outdir import RECEIPT, journal_split, owned_names
 from .report import Reporter, skipped_order
 from .results import DecodeResult, EncodeResult
 
@@ -349,9 +349,9 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
                                 "local folder (then copy it up), or write to an empty prefix")
     prefix = out.rstrip("/") + "/"
     # A failed or stopped run's journals: the shards their headers name are logitify's.
-    journals = {p[len(prefix):]: _journal_header(p) for p in found
-                if p.startswith(prefix) and is_journal(p[len(prefix):])}
-    owned = {fs.join(out, n) for n in owned_names(there, journals)}  # as in a folder
+    names = {p[len(prefix):]: p for p in found if p.startswith(prefix)}
+    journals = {n: _journal_header(p) for n, p in names.items() if journal_split(n)}
+    owned = {names[n] for n in owned_names(there, journals, names)}  # as in a folder
     foreign = sorted(p for p in found if p not in owned)
     if foreign:
         raise LogitifyError(f"output {out} holds {foreign[0]}, which logitify did not write; "
@@ -360,13 +360,14 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
 
 
 def _journal_header(path: str):
-    """A journal object's header, or None if it says nothing (unreadable, not JSON, not an object)."""
+    """A journal object's header, read as a folder's journal is (outdir.journal_records), or None."""
+    from .outdir import JOURNAL_MAX_BYTES, journal_records
+
     try:
-        line = fs.read_bytes(path, 1 << 20).split(b"\n", 1)[0]
-        header = json.loads(line).get("header")
-    except Exception:  # unreadable, not JSON, nested past the parser's depth, not an object: it owns nothing
+        data = fs.read_bytes(path, JOURNAL_MAX_BYTES)
+    except Exception:  # unreadable: it owns nothing
         return None
-    return header if isinstance(header, dict) else None
+    return journal_records(data)[0]
 
 
 def _start_remote_journals(out: str, parts) -> list:

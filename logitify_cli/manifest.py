@@ -37,7 +37,7 @@ class ShardEntry:
 
 
 # Split names: what TFDS accepts in a split name and a shard file name can hold.
-SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")  # \Z: "$" would also take a name ending in a newline
 # The `source` fields that say how pixels were made: one value for the whole dataset.
 PIXEL_SOURCE = ("size", "channels", "resize_mode", "crop", "filter", "exif_orientation", "jpeg_draft")
 # The geometry fields of a `source` (and of a run's journal header) and the value each has when absent.

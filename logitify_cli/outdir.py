@@ -23,8 +23,9 @@ from . import manifest as manifest_mod
 from .errors import ForeignFile, LogitifyError, OutputInUse, write_error
 from .report import printable, short
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
-_JOURNAL = re.compile(r"^\.logitify-journal(-[A-Za-z0-9_]{1,64})?\.jsonl$")  # manifest.journal_name()
+# \Z, not $: "$" also matches before a final newline, and "x.jsonl\n" is someone else's name.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+\Z")
+_JOURNAL = re.compile(r"^\.logitify-journal(?:-(?P<split>[A-Za-z0-9_]{1,64}))?\.jsonl\Z")
 RECEIPT = ".{file}.receipt.json"  # what a Beam worker leaves beside the shard it made
 # Never through a link, never kept by a child, never blocked by a FIFO someone left under the name.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -143,41 +144,50 @@ class Journal:
         where they name the shard file their header gives their index, so a
         journal can never claim a user's file.
         """
-        header, shards = None, {}
         try:
             fd = _own_fd(self.path, os.O_RDONLY, "journal")
         except (OSError, LogitifyError):
             return None, {}
-        names = []
         try:
-            with open(fd, encoding="utf-8") as f:
-                left = JOURNAL_MAX_BYTES
-                while left > 0:
-                    line = f.readline(left)
-                    if not line.endswith("\n"):
-                        break  # cut by a kill, or longer than any journal line
-                    left -= len(line)
-                    try:
-                        rec = json.loads(line, parse_constant=_no_constant)
-                    except (ValueError, RecursionError):
-                        break
-                    if not isinstance(rec, dict):
-                        break
-                    if isinstance(rec.get("header"), dict):
-                        header = rec["header"]
-                        names = header_files(header)
-                        shards = {}
-                    elif _entry_ok(rec.get("shard"), names):
-                        shards[rec["shard"]["index"]] = rec["shard"]
-        except (OSError, UnicodeDecodeError):
+            with open(fd, "rb") as f:
+                data = f.read(JOURNAL_MAX_BYTES)
+        except OSError:
             return None, {}
-        return header, shards
+        return journal_records(data)
 
     def remove(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def journal_records(data: bytes):
+    """(header or None, {index: entry}) from a journal's bytes, in a folder or a bucket alike.
+
+    A line that does not end in a newline (cut by a kill, or past the size
+    read) ends what is known, as does the first line that is not a JSON
+    object. The last header wins; entries count only where they name the
+    shard file their header gives their index, so a journal can never claim
+    a user's file. Bytes that are not UTF-8 say nothing.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, {}
+    header, shards = None, {}
+    for line in text.split("\n")[:-1]:
+        try:
+            rec = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            break
+        if not isinstance(rec, dict):
+            break
+        if isinstance(rec.get("header"), dict):
+            header, shards = rec["header"], {}
+        elif header is not None and _entry_ok(rec.get("shard"), header):
+            shards[rec["shard"]["index"]] = rec["shard"]
+    return header, shards
 
 
 JOURNAL_MAX_BYTES = 64 << 20  # a line per shard: far more than 100,000 shards need
@@ -187,24 +197,54 @@ def _no_constant(name):
     raise ValueError(name)
 
 
-def _entry_ok(entry, names: list) -> bool:
+def _entry_ok(entry, header: dict) -> bool:
     """A journal entry of a whole shard: the file its header names for its index, with a count and digest."""
-    return (isinstance(entry, dict) and type(entry.get("index")) is int and 0 <= entry["index"] < len(names)
-            and entry.get("file") == names[entry["index"]] and type(entry.get("num_examples")) is int
+    return (isinstance(entry, dict) and type(entry.get("index")) is int
+            and entry.get("file") is not None and entry.get("file") == header_file(header, entry["index"])
+            and type(entry.get("num_examples")) is int
             and entry["num_examples"] >= 0 and isinstance(entry.get("sha256"), str)
             and isinstance(entry.get("skipped", []), list))
 
 
-def header_files(header: dict) -> list:
-    """Every shard file a run with this journal header may have written."""
+def _header_shards(header: dict):
+    """(format, name, split, count) of a journal header that names shards, or None."""
     from .formats import FORMATS
 
     fmt = FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
     n = header.get("num_shards")
     if fmt is None or type(n) is not int or not 0 < n < 100000:
-        return []
-    name, split = str(header.get("name", "")), str(header.get("split", ""))
-    return [f for f in (fmt.shard_file(name, split, i, n) for i in range(n)) if fmt.owns(f)]
+        return None
+    return fmt, str(header.get("name", "")), str(header.get("split", "")), n
+
+
+def header_file(header: dict, index: int) -> str | None:
+    """The shard file a run with this journal header writes at `index`, or None if it writes none there."""
+    got = _header_shards(header)
+    if got is None or type(index) is not int:
+        return None
+    fmt, name, split, n = got
+    if not 0 <= index < n:
+        return None
+    file = fmt.shard_file(name, split, index, n)
+    return file if fmt.owns(file) else None
+
+
+def header_files(header: dict) -> list:
+    """Every shard file a run with this journal header may have written (for this run's own header)."""
+    got = _header_shards(header)
+    return [f for f in (header_file(header, i) for i in range(got[3] if got else 0)) if f is not None]
+
+
+def header_owns(header: dict, file: str) -> bool:
+    """Whether `file` is one of header_files(header), asked of the name itself.
+
+    A planted header may claim 99,999 shards of a name a megabyte long:
+    listing them all to look a name up took gigabytes. A shard name holds
+    its index in decimal, so only the numbers in `file` are tried.
+    """
+    if not isinstance(header, dict) or _header_shards(header) is None:
+        return False
+    return any(header_file(header, int(d)) == file for d in set(re.findall(r"\d{1,6}", file)))
 
 
 def header_writes(header: dict) -> list:
@@ -216,13 +256,17 @@ def header_writes(header: dict) -> list:
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 
 
-def is_journal(name: str) -> bool:
-    """Whether a name in an output is one of manifest.journal_name()'s."""
-    return _JOURNAL.match(name) is not None
+def journal_split(name: str) -> str | None:
+    """The split whose journal (manifest.journal_name) has this name, or None for any other name."""
+    m = _JOURNAL.match(name)
+    if m is None:
+        return None
+    split = m.group("split") or "train"
+    return split if manifest_mod.journal_name(split) == name else None  # ".logitify-journal-train.jsonl" is no one's
 
 
-def owned_names(manifest, journals: dict) -> set:
-    """The names logitify owns in an output, a folder or a bucket prefix alike: one rule for both.
+def owned_names(manifest, journals: dict, present) -> set:
+    """Which of the names `present` in an output logitify owns, a folder or a bucket prefix alike.
 
     `manifest` is the Manifest there (None when there is none or it is not
     logitify's); `journals` maps each journal's name to its header (None when
@@ -230,20 +274,23 @@ def owned_names(manifest, journals: dict) -> set:
     the manifest's shards and metadata of its own format and the manifest
     itself; the shards a journal's header names (never a manifest or
     metadata, which a planted journal could otherwise claim); the journals;
-    and the receipts a Beam run leaves beside any of those until it writes
-    the manifest.
+    and the receipt a Beam run leaves beside a shard of those until it
+    writes the manifest.
     """
     from .formats import FORMATS
 
-    names = set(journals)
+    present = set(present)
+    names = set(journals) & present
+    shards = set()
     if manifest is not None:
         fmt = FORMATS[manifest.format]
-        names.update(f for f in manifest.owned_files() if f == manifest_mod.MANIFEST or fmt.owns(f))
-    for header in journals.values():
-        if isinstance(header, dict):
-            names.update(header_files(header))
-    names.update(RECEIPT.format(file=n) for n in list(names) if n not in journals)
-    return names
+        listed = set(manifest.owned_files()) & present
+        names.update(f for f in listed if f == manifest_mod.MANIFEST or fmt.owns(f))
+        shards.update(f for f in listed if f not in fmt.metadata_names and fmt.owns(f))
+    headers = [h for h in journals.values() if isinstance(h, dict)]
+    shards.update(f for f in present if any(header_owns(h, f) for h in headers))
+    receipts = {RECEIPT.format(file=f) for f in shards}
+    return names | shards | (receipts & present)
 
 
 LOCK_TRIES, LOCK_WAIT = 6, 0.05  # a held lock is retried for a quarter of a second
@@ -417,10 +464,11 @@ class OutputFolder:
                 m = manifest_mod.read(mpath)
             except LogitifyError:
                 pass  # not ours: someone's manifest.json stays theirs
-        journals = {n: Journal(self.path, n[len(".logitify-journal-"):-len(".jsonl")]
-                               if n != manifest_mod.JOURNAL else "train").load()[0]
-                    for n in self._names() if is_journal(n)}
-        return {manifest_mod.LOCK, manifest_mod.JOURNAL} | owned_names(m, journals)
+        names = self._names()
+        journals = {n: Journal(self.path, journal_split(n)).load()[0] for n in names if journal_split(n)}
+        # A temporary's name counts as the name it stands for (see _ours).
+        present = set(names) | {m.group("name") for m in map(_TEMP.match, names) if m is not None}
+        return {manifest_mod.LOCK, manifest_mod.JOURNAL} | owned_names(m, journals, present)
 
     def _ours(self, owned: set):
         """Whether a name in the folder is logitify's: an owned name (or its temporary) that is no folder."""

@@ -27,7 +27,7 @@ from .errors import LogitifyError, UsageError
 from .images import file_kind, is_image_name
 from .report import listing, printable, short, skipped_order
 
-TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?$", re.IGNORECASE)
+TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(-\d{5}-of-\d{5})?\Z", re.IGNORECASE)
 GZIP_MAGIC = b"\x1f\x8b"
 
 

@@ -22,7 +22,7 @@ INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"
 META_MAX_BYTES = 64 << 20  # a dataset_info.json of ImageNet-21k's 10,000s of shards is a few MB
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's naming.DEFAULT_FILENAME_TEMPLATE
-VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)\Z")
 
 
 @dataclass(frozen=True)
