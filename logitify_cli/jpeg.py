@@ -126,6 +126,19 @@ def draft_scale(w: int, h: int, size) -> int:
     return 1
 
 
+def scale_is_settled(w: int, h: int, scale: int) -> bool:
+    """Whether 1/scale is the only DCT scale n/8 (n = 1..16) that gives a w x h JPEG its size at 1/scale.
+
+    libjpeg-turbo's TurboJPEG API offers every n/8, and simplejpeg asks for
+    an output size, not a scale: where another n gives the same size (a 3x3
+    file at 1/2 is 2x2, and so it is at 3/8, 4/8 and 5/8), it may pick
+    that one, whose pixels are not Pillow's. Such files take Pillow's road.
+    """
+    want = (-(-h // scale), -(-w // scale))
+    own = 8 // scale
+    return all((-(-h * n // 8), -(-w * n // 8)) != want for n in range(1, 17) if n != own)
+
+
 def read_pixels(data: bytes, info, draft=None):
     """A Pillow image of the JPEG's own mode (L or RGB), not yet turned by its orientation, or None.
 
@@ -137,6 +150,8 @@ def read_pixels(data: bytes, info, draft=None):
         return None
     w, h, comps = info[:3]
     scale = draft_scale(w, h, draft) if draft else 1
+    if scale != 1 and not scale_is_settled(w, h, scale):
+        return None
     want = (-(-h // scale), -(-w // scale))
     try:
         if scale == 1:

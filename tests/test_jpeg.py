@@ -178,6 +178,23 @@ def test_draft_scale_is_pillows():
         assert img.size == (-(-w // s), -(-h // s)), (w, h, size)
 
 
+def test_draft_on_tiny_jpegs_equals_pillows_draft():
+    """Every draft scale of every small image: where another DCT scale n/8 gives the same size (a 3x3 file
+    at 1/2 is 2x2 at 3/8, 4/8 and 5/8 too), libjpeg-turbo may pick it, so the shortcut must not be taken."""
+    rng = np.random.default_rng(5)
+    differ = []
+    for h in range(1, 13):
+        for w in range(1, 13):
+            data = jpeg_bytes(photo(rng, h, w), quality=90)
+            for size in ((1, 1), (1, 2), (2, 1), (2, 2), (3, 3)):
+                g = Geometry(size=size, filter="box", jpeg_draft=True)
+                if not same(read_image(data, 3, g), read_image(data, 3, g, fast=False)):
+                    differ.append((h, w, size))
+    assert not differ
+    assert not jpeg.scale_is_settled(3, 3, 2) and not jpeg.scale_is_settled(5, 5, 4)
+    assert jpeg.scale_is_settled(500, 375, 4) and jpeg.scale_is_settled(375, 500, 8)
+
+
 def test_draft_gives_other_pixels_and_needs_a_size(rng):
     data = jpeg_bytes(photo(rng, 300, 400), quality=95)
     exact = read_image(data, 3, Geometry(size=(32, 32), filter="box"))
