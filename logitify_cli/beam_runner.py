@@ -325,7 +325,7 @@ def _make_shard_fn():
 
 
 def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
-    """A bucket prefix: empty, or (with --overwrite) holding only what a logitify manifest there names.
+    """A bucket prefix: empty, or (with --overwrite) holding only what logitify owns there (outdir.owned_names).
 
     A dataset there with splits other than `made` (this run's) is refused:
     in a bucket a run replaces a whole dataset, and must not drop the splits

@@ -1156,3 +1156,38 @@ def test_a_journal_whose_header_names_no_format_owns_nothing(cli, pics, tmp_path
     r = cli("encode", pics, "-o", out, "--overwrite")
     assert r.exit_code == 0 and "Traceback" not in r.output and "TypeError" not in r.output, r.output
     assert cli("verify", out).exit_code == 0
+
+
+def test_names_ending_in_a_newline_are_not_logitifys(cli, image_folder, tmp_path):
+    """'$' in a pattern also matches before a final newline: a user's '.logitify-journal.jsonl\\n' or
+    '.train-00000-of-00001.npz.tmp-1\\n' beside a dataset stays theirs, and --overwrite stops."""
+    src, _ = image_folder
+    for name in (".logitify-journal.jsonl\n", ".train-00000-of-00001.npz.tmp-1\n"):
+        out = tmp_path / f"o{len(name)}"
+        assert cli("encode", src, "-o", out).exit_code == 0
+        (out / name).write_bytes(b"mine")
+        r = cli("encode", src, "-o", out, "--overwrite")
+        assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.output
+        assert (out / name).read_bytes() == b"mine"
+    r = cli("encode", src, "-o", tmp_path / "s", "--split", "train\n")
+    assert r.exit_code == 2 and not (tmp_path / "s").exists(), r.output
+
+
+def test_a_planted_journal_claiming_every_shard_of_a_long_name_is_looked_up_not_listed(tmp_path):
+    """A 100 KB journal header claiming 99,999 shards of a 100,000-character name: ownership is asked of the
+    names present, so it answers at once instead of listing gigabytes of names."""
+    import time
+
+    from logitify_cli.outdir import OutputFolder, header_owns
+
+    header = {"format": "tfrecord", "num_shards": 99999, "name": "n" * 100000, "split": "train"}
+    (tmp_path / ".logitify-journal-x.jsonl").write_text(json.dumps({"header": header}) + "\n")
+    (tmp_path / "mnist-train.tfrecord-00003-of-00099").write_bytes(b"mine")
+    t0 = time.process_time()
+    owned = OutputFolder(str(tmp_path)).owned()
+    assert time.process_time() - t0 < 5
+    assert "mnist-train.tfrecord-00003-of-00099" not in owned and ".logitify-journal-x.jsonl" in owned
+    small = {**header, "name": "mnist", "num_shards": 99}
+    assert header_owns(small, "mnist-train.tfrecord-00003-of-00099")
+    assert not header_owns(small, "mnist-train.tfrecord-00099-of-00099")
+    assert not header_owns(small, "mnist-train.tfrecord-00003-of-00098")

@@ -310,3 +310,33 @@ def test_overwrite_in_a_bucket_trusts_a_manifest_or_journal_only_for_names_logit
         r = cli("encode", src, "-o", f"s3://{s3_bucket}/{prefix}", "--overwrite", *beam(s3_server))
         assert r.exit_code == 1 and "which logitify did not write" in r.stderr, (prefix, r.output)
         assert {k: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, f"{prefix}/")} == before
+
+
+SHARD = "x-00000-of-00001.npz"  # shard-shaped: what a journal of split x with one shard would own
+_HEADER = json.dumps({"header": {"format": "npz", "num_shards": 1, "name": "logitify", "split": "x"}}).encode()
+JOURNALS_THAT_SAY_NOTHING = {
+    "not a journal name": {".logitify-journal-train.jsonl": _HEADER + b"\n"},  # train's is .logitify-journal.jsonl
+    "a line cut short": {".logitify-journal-x.jsonl": _HEADER},
+    "a byte order mark": {".logitify-journal-x.jsonl": b"\xef\xbb\xbf" + _HEADER + b"\n"},
+    "NaN": {".logitify-journal-x.jsonl": _HEADER.replace(b'"logitify"', b"NaN") + b"\n"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(JOURNALS_THAT_SAY_NOTHING))
+def test_a_folder_and_a_bucket_read_a_journal_alike(case, cli, image_folder, tmp_path, s3_server, s3_bucket, beam_s3):
+    """One reading of a journal for both stores: one that owns nothing leaves a user's shard-shaped file
+    someone's in a folder and in a bucket alike, and --overwrite stops in both, removing nothing."""
+    src, _ = image_folder
+    planted = {**JOURNALS_THAT_SAY_NOTHING[case], SHARD: b"mine"}
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, body in planted.items():
+        (out / name).write_bytes(body)
+    r = cli("encode", src, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == planted
+    for name, body in planted.items():
+        s3_server.write(s3_bucket, f"p/{name}", body)
+    r = cli("encode", src, "-o", f"s3://{s3_bucket}/p", "--overwrite", *beam(s3_server))
+    assert r.exit_code == 1 and "which logitify did not write" in r.stderr, r.output
+    assert {k[2:]: s3_server.read(s3_bucket, k) for k in s3_server.list_keys(s3_bucket, "p/")} == planted
