@@ -375,3 +375,25 @@ def test_read_fields_gives_read_chunks_arrays_and_npz_leaves_logits_unread(cli, 
     assert len(keys) == shard.num_examples
     with pytest.raises(LogitifyError, match="logits"):
         list(ds.iter_chunks(shard, check=False))
+
+
+@pytest.mark.parametrize("fmt_name", ["npz", "tfrecord", "toy"])
+def test_every_format_writes_an_index_ownership_can_find(toy, fmt_name):
+    """A journal's shards are found by the numbers in their names (outdir.header_owns): every shard of every
+    count, with digits in the dataset and split names too, is owned, and near misses are not."""
+    from logitify_cli import formats
+    from logitify_cli.outdir import header_files, header_owns
+
+    fmt = formats.get(fmt_name)
+    for name, split in (("mnist", "train"), ("ds10", "v2"), ("00003", "s00001")):
+        for count in (1, 7, 100, 99999):
+            header = {"format": fmt.name, "num_shards": count, "name": name, "split": split}
+            indexes = sorted({0, count // 2, count - 1})
+            files = [fmt.shard_file(name, split, i, count) for i in indexes]
+            assert all(header_owns(header, f) for f in files), (name, split, count)
+            if count < 100:
+                assert header_files(header) == [fmt.shard_file(name, split, i, count) for i in range(count)]
+            for f in files:
+                assert not header_owns(header, f + "\n") and not header_owns(header, "x" + f)
+            assert not header_owns(header, fmt.shard_file(name, split, count, count))
+            assert not header_owns({**header, "num_shards": count + 1}, files[-1])

@@ -149,7 +149,7 @@ class ShardFormat:
     """One shard format. Subclasses set the class attributes and the methods."""
 
     name: str = ""
-    template: str = ""  # str.format with name, split, index, count
+    template: str = ""  # str.format with name, split, index, count; the index in decimal, set off from other digits
     glob: str = ""  # fnmatch pattern every shard file name of this format matches
     metadata_names: tuple = ()  # every name write_metadata() may ever write
     record_checksums: bool = False  # checksums per record, beyond the file's sha256 (read_chunks' `records`)
