@@ -25,7 +25,7 @@ import time
 from . import fs
 from . import manifest as manifest_mod
 from .errors import LogitifyError, UsageError
-from .outdir import RECEIPT, journal_split, owned_names
+from .outdir import RECEIPT, journal_split, owned_names, owns_others
 from .report import Reporter, skipped_order
 from .results import DecodeResult, EncodeResult
 
@@ -356,18 +356,19 @@ def _prepare_remote_output(out: str, overwrite: bool, made=()) -> None:
     if foreign:
         raise LogitifyError(f"output {out} holds {foreign[0]}, which logitify did not write; "
                             "--overwrite replaces only logitify's own files")
-    fs.delete(found)
+    fs.delete([p for p in found if not owns_others(p[len(prefix):])])  # a manifest and journals last, as in a folder
+    fs.delete([p for p in found if owns_others(p[len(prefix):])])
 
 
 def _journal_header(path: str):
-    """A journal object's header, read as a folder's journal is (outdir.journal_records), or None."""
-    from .outdir import JOURNAL_MAX_BYTES, journal_records
+    """A journal object's header, read as a folder's journal is (outdir.read_journal), or None."""
+    from .outdir import read_journal
 
     try:
-        data = fs.read_bytes(path, JOURNAL_MAX_BYTES)
+        with fs.open_read(path) as f:
+            return read_journal(f)[0]
     except Exception:  # unreadable: it owns nothing
         return None
-    return journal_records(data)[0]
 
 
 def _start_remote_journals(out: str, parts) -> list:

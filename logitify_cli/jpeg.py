@@ -144,7 +144,8 @@ def read_pixels(data: bytes, info, draft=None):
 
     `info` is header(data). `draft` (w, h) in the file's orientation asks
     for Pillow's draft scale for that size. None when libjpeg-turbo warns
-    or fails, or gives another size than Pillow would.
+    or fails, or gives another size than Pillow would, or when that size
+    does not settle the scale (scale_is_settled).
     """
     if simplejpeg is None:
         return None

@@ -27,6 +27,7 @@ from .report import printable, short
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+\Z")
 _JOURNAL = re.compile(r"^\.logitify-journal(?:-(?P<split>[A-Za-z0-9_]{1,64}))?\.jsonl\Z")
 RECEIPT = ".{file}.receipt.json"  # what a Beam worker leaves beside the shard it made
+_RECEIPT = re.compile(r"^\.(?P<file>.+)\.receipt\.json\Z")
 # Never through a link, never kept by a child, never blocked by a FIFO someone left under the name.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -150,10 +151,9 @@ class Journal:
             return None, {}
         try:
             with open(fd, "rb") as f:
-                data = f.read(JOURNAL_MAX_BYTES)
+                return read_journal(f)
         except OSError:
             return None, {}
-        return journal_records(data)
 
     def remove(self) -> None:
         try:
@@ -162,24 +162,25 @@ class Journal:
             pass
 
 
-def journal_records(data: bytes):
-    """(header or None, {index: entry}) from a journal's bytes, in a folder or a bucket alike.
+def read_journal(f):
+    """(header or None, {index: entry}) of a journal read from a binary file, in a folder or a bucket alike.
 
-    A line that does not end in a newline (cut by a kill, or past the size
-    read) ends what is known, as does the first line that is not a JSON
-    object. The last header wins; entries count only where they name the
-    shard file their header gives their index, so a journal can never claim
-    a user's file. Bytes that are not UTF-8 say nothing.
+    Read a line at a time. A line that does not end in a newline (cut by a
+    kill, or longer than JOURNAL_MAX_LINE) ends what is known, as does the
+    first line that is not a JSON object in UTF-8. The last header wins;
+    entries count only where they name the shard file their header gives
+    their index, so a journal can never claim a user's file.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, {}
     header, shards = None, {}
-    for line in text.split("\n")[:-1]:
+    left = JOURNAL_MAX_BYTES
+    while left > 0:
+        line = f.readline(min(left, JOURNAL_MAX_LINE))
+        if not line.endswith(b"\n"):
+            break
+        left -= len(line)
         try:
-            rec = json.loads(line, parse_constant=_no_constant)
-        except (ValueError, RecursionError):
+            rec = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # UnicodeDecodeError included
             break
         if not isinstance(rec, dict):
             break
@@ -190,7 +191,11 @@ def journal_records(data: bytes):
     return header, shards
 
 
-JOURNAL_MAX_BYTES = 64 << 20  # a line per shard: far more than 100,000 shards need
+# A journal line per shard holds a 64-digit digest per image (ImageNet's 1.28 million took 83 MB):
+# what is read is bounded only against a planted file that never ends, and a line against one that
+# has no newline.
+JOURNAL_MAX_BYTES = 16 << 30
+JOURNAL_MAX_LINE = 256 << 20
 
 
 def _no_constant(name):
@@ -256,6 +261,15 @@ def header_writes(header: dict) -> list:
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 
 
+def owns_others(name: str) -> bool:
+    """Whether a name is a manifest or a journal, which say what else is logitify's: those go last.
+
+    An --overwrite stopped while it removes files then leaves what is left
+    still owned, and the next one takes it.
+    """
+    return name == manifest_mod.MANIFEST or journal_split(name) is not None
+
+
 def journal_split(name: str) -> str | None:
     """The split whose journal (manifest.journal_name) has this name, or None for any other name."""
     m = _JOURNAL.match(name)
@@ -274,23 +288,26 @@ def owned_names(manifest, journals: dict, present) -> set:
     the manifest's shards and metadata of its own format and the manifest
     itself; the shards a journal's header names (never a manifest or
     metadata, which a planted journal could otherwise claim); the journals;
-    and the receipt a Beam run leaves beside a shard of those until it
-    writes the manifest.
+    and the receipt a Beam run leaves beside a shard of those (until the
+    launcher has written the manifest and removes it), shard there or not.
     """
     from .formats import FORMATS
 
     present = set(present)
     names = set(journals) & present
-    shards = set()
+    listed = set()  # the manifest's shards
     if manifest is not None:
         fmt = FORMATS[manifest.format]
-        listed = set(manifest.owned_files()) & present
-        names.update(f for f in listed if f == manifest_mod.MANIFEST or fmt.owns(f))
-        shards.update(f for f in listed if f not in fmt.metadata_names and fmt.owns(f))
+        files = set(manifest.owned_files())
+        names.update(f for f in files & present if f == manifest_mod.MANIFEST or fmt.owns(f))
+        listed = {f for f in files if f not in fmt.metadata_names and fmt.owns(f)}
     headers = [h for h in journals.values() if isinstance(h, dict)]
-    shards.update(f for f in present if any(header_owns(h, f) for h in headers))
-    receipts = {RECEIPT.format(file=f) for f in shards}
-    return names | shards | (receipts & present)
+
+    def shard(f):
+        return f in listed or any(header_owns(h, f) for h in headers)
+
+    receipts = {n for n, m in ((n, _RECEIPT.match(n)) for n in present) if m and shard(m.group("file"))}
+    return names | {f for f in present if shard(f)} | receipts
 
 
 LOCK_TRIES, LOCK_WAIT = 6, 0.05  # a held lock is retried for a quarter of a second
@@ -519,7 +536,7 @@ class OutputFolder:
             if used:
                 raise LogitifyError(f"--overwrite would remove {printable(used[0])}, an input of this run; "
                                     "write the output to another folder")
-        for p in paths:
+        for p in sorted(paths, key=lambda p: owns_others(os.path.basename(p))):
             if os.path.islink(p) or os.path.isfile(p):  # a link goes, never what it points at
                 os.unlink(p)
 

@@ -523,3 +523,70 @@ def test_an_old_shard_that_is_an_input_of_the_run_replacing_it_is_refused(cli, m
     assert r.exit_code == 1 and "an input of this run" in r.stderr, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} == before
     assert cli("verify", out).exit_code == 0
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_an_overwrite_stopped_while_it_removes_leaves_only_owned_files(cli, many_images, tmp_path, monkeypatch,
+                                                                       finished):
+    """Ctrl-C between two removals of --overwrite: what is left is still owned (the manifest and journals go
+    last), so the next --overwrite takes it, where it used to find shards nothing owned and refuse."""
+    from logitify_cli.formats.npz import NpzShardWriter
+
+    out = tmp_path / "o"
+    if finished:
+        assert cli("encode", many_images, "-o", out, "--shard-size", "50").exit_code == 0
+    else:  # a failed run: a journal and two whole shards
+        real = fail_third_shard(monkeypatch, KeyboardInterrupt())
+        assert cli("encode", many_images, "-o", out, "--shard-size", "50").exit_code == 130
+        monkeypatch.setattr(NpzShardWriter, "_finish", real)
+    unlink, removed = os.unlink, []
+
+    def stopping(path, *args, **kwargs):
+        removed.append(os.path.basename(path))
+        if len(removed) == 2:  # once, between the first removal and the second
+            raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", stopping)
+    r = cli("encode", many_images, "-o", out, "--shard-size", "40", "--overwrite")
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert r.exit_code == 130 and removed and removed[0].endswith(".npz"), (r.output, removed)
+    r = cli("encode", many_images, "-o", out, "--shard-size", "40", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert cli("verify", out).exit_code == 0
+
+
+def test_a_receipt_whose_shard_is_gone_is_still_logitifys(cli, many_images, tmp_path, monkeypatch):
+    """A Beam receipt beside a shard the journal names belongs to the run even when the shard itself is gone
+    (removed by hand, or never renamed into place): --overwrite takes it; one beside a user's name it does not."""
+    from logitify_cli.formats.npz import NpzShardWriter
+
+    out = tmp_path / "o"
+    real = fail_third_shard(monkeypatch, KeyboardInterrupt())
+    assert cli("encode", many_images, "-o", out, "--shard-size", "50").exit_code == 130
+    monkeypatch.setattr(NpzShardWriter, "_finish", real)
+    (out / ".train-00004-of-00030.npz.receipt.json").write_text("{}")
+    (out / ".train-00004-of-00031.npz.receipt.json").write_text("mine")
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--overwrite")
+    assert r.exit_code == 1 and ".train-00004-of-00031.npz.receipt.json, which logitify did not write" in r.stderr
+    (out / ".train-00004-of-00031.npz.receipt.json").unlink()
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / ".train-00004-of-00030.npz.receipt.json").exists()
+
+
+def test_a_journal_past_64_mib_is_read_whole(tmp_path):
+    """A shard's journal line holds a digest per image: ImageNet's 1.28 million images make an 83 MB journal,
+    of which a 64 MiB cap kept three quarters (--resume then made the rest again)."""
+    from logitify_cli.outdir import Journal
+
+    header = {"format": "npz", "num_shards": 1000, "name": "logitify", "split": "train"}
+    digests = "0" * 64 * 1281
+    with open(tmp_path / ".logitify-journal.jsonl", "w") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        for i in range(1000):
+            f.write(json.dumps({"shard": {"index": i, "file": f"train-{i:05d}-of-01000.npz", "num_examples": 1281,
+                                          "sha256": "0" * 64, "skipped": [], "pixels": digests}}) + "\n")
+    assert (tmp_path / ".logitify-journal.jsonl").stat().st_size > 78 << 20
+    got, entries = Journal(str(tmp_path)).load()
+    assert got == header and sorted(entries) == list(range(1000))
