@@ -366,7 +366,7 @@ def _journal_header(path: str):
 
     try:
         with fs.open_read(path) as f:
-            return read_journal(f)[0]
+            return read_journal(f, entries=False)[0]
     except Exception:  # unreadable: it owns nothing
         return None
 

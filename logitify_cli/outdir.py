@@ -137,7 +137,7 @@ class Journal:
         except OSError as e:
             raise write_error(e, self.path) from None
 
-    def load(self):
+    def load(self, entries: bool = True):
         """(header or None, {index: entry}); a line cut by a kill ends what is known.
 
         A journal that is a link, or not a plain file, is not logitify's: it
@@ -151,7 +151,7 @@ class Journal:
             return None, {}
         try:
             with open(fd, "rb") as f:
-                return read_journal(f)
+                return read_journal(f, entries)
         except OSError:
             return None, {}
 
@@ -162,40 +162,59 @@ class Journal:
             pass
 
 
-def read_journal(f):
+_ENTRY_FIELDS = ("index", "file", "num_examples", "sha256", "skipped", "made_grey", "num_made_grey", "pixels")
+
+
+def read_journal(f, entries: bool = True):
     """(header or None, {index: entry}) of a journal read from a binary file, in a folder or a bucket alike.
 
-    Read a line at a time. A line that does not end in a newline (cut by a
-    kill, or longer than JOURNAL_MAX_LINE) ends what is known, as does the
-    first line that is not a JSON object in UTF-8. The last header wins;
-    entries count only where they name the shard file their header gives
-    their index, so a journal can never claim a user's file.
+    A journal starts with its header line (Journal.start writes it first, and
+    alone): a first line that is not one, or is longer than any header,
+    says nothing. With `entries`, the shards' lines follow, a line at a
+    time; one that does not end in a newline (cut by a kill, or longer than
+    JOURNAL_MAX_LINE) or is not a JSON object in UTF-8 ends what is known.
+    An entry counts only where it names the shard file its header gives its
+    index (so a journal never claims a user's file), and keeps only the
+    fields a journal writes. Ownership asks for the header alone.
     """
-    header, shards = None, {}
+    header = _journal_line(f, JOURNAL_MAX_HEADER)
+    if header is None or not isinstance(header.get("header"), dict):
+        return None, {}
+    header, shards = header["header"], {}
     left = JOURNAL_MAX_BYTES
-    while left > 0:
-        line = f.readline(min(left, JOURNAL_MAX_LINE))
-        if not line.endswith(b"\n"):
+    while entries and left > 0:
+        rec = _journal_line(f, min(left, JOURNAL_MAX_LINE))
+        if rec is None:
             break
-        left -= len(line)
-        try:
-            rec = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
-        except (ValueError, RecursionError):  # UnicodeDecodeError included
-            break
-        if not isinstance(rec, dict):
-            break
-        if isinstance(rec.get("header"), dict):
-            header, shards = rec["header"], {}
-        elif header is not None and _entry_ok(rec.get("shard"), header):
-            shards[rec["shard"]["index"]] = rec["shard"]
+        left -= rec.pop(None)
+        entry = rec.get("shard")
+        if _entry_ok(entry, header):
+            shards[entry["index"]] = {k: entry[k] for k in _ENTRY_FIELDS if k in entry}
     return header, shards
 
 
-# A journal line per shard holds a 64-digit digest per image (ImageNet's 1.28 million took 83 MB):
-# what is read is bounded only against a planted file that never ends, and a line against one that
-# has no newline.
-JOURNAL_MAX_BYTES = 16 << 30
-JOURNAL_MAX_LINE = 256 << 20
+def _journal_line(f, limit: int):
+    """The next line of a journal as a JSON object (its length under the key None), or None where reading ends."""
+    line = f.readline(limit)
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        rec = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
+        return None
+    if not isinstance(rec, dict):
+        return None
+    rec[None] = len(line)
+    return rec
+
+
+# A journal line per shard holds a 64-digit digest per image (ImageNet's 1.28 million made 83 MB in
+# all): the whole is bounded only against a planted file that never ends, a line (and so the memory
+# parsing it takes) against one with no newline. A shard of more than about a million images has a
+# longer line, and --resume makes it again. A header is a few hundred bytes.
+JOURNAL_MAX_BYTES = 4 << 30
+JOURNAL_MAX_LINE = 64 << 20
+JOURNAL_MAX_HEADER = 64 << 10
 
 
 def _no_constant(name):
@@ -208,7 +227,9 @@ def _entry_ok(entry, header: dict) -> bool:
             and entry.get("file") is not None and entry.get("file") == header_file(header, entry["index"])
             and type(entry.get("num_examples")) is int
             and entry["num_examples"] >= 0 and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("skipped", []), list))
+            and isinstance(entry.get("skipped", []), list)
+            and all(isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("reason"), str)
+                    for x in entry.get("skipped", [])))
 
 
 def _header_shards(header: dict):
@@ -482,7 +503,7 @@ class OutputFolder:
             except LogitifyError:
                 pass  # not ours: someone's manifest.json stays theirs
         names = self._names()
-        journals = {n: Journal(self.path, journal_split(n)).load()[0] for n in names if journal_split(n)}
+        journals = {n: Journal(self.path, journal_split(n)).load(entries=False)[0] for n in names if journal_split(n)}
         # A temporary's name counts as the name it stands for (see _ours).
         present = set(names) | {m.group("name") for m in map(_TEMP.match, names) if m is not None}
         return {manifest_mod.LOCK, manifest_mod.JOURNAL} | owned_names(m, journals, present)

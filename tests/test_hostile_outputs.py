@@ -1191,3 +1191,29 @@ def test_a_planted_journal_claiming_every_shard_of_a_long_name_is_looked_up_not_
     assert header_owns(small, "mnist-train.tfrecord-00003-of-00099")
     assert not header_owns(small, "mnist-train.tfrecord-00099-of-00099")
     assert not header_owns(small, "mnist-train.tfrecord-00003-of-00098")
+
+
+def test_ownership_reads_a_journals_header_alone(tmp_path):
+    """Ownership needs a journal's header line only: a planted journal whose entry lines hold megabytes of
+    nested junk (parsed JSON takes some 27 times its text in memory) is not parsed for it; --resume's reading
+    keeps only the fields a journal writes."""
+    import resource
+    import time
+
+    from logitify_cli.outdir import Journal, OutputFolder
+
+    header = {"format": "npz", "num_shards": 3, "name": "logitify", "split": "train"}
+    junk = "[" + "[]," * (8 << 20) + "[]]"
+    with open(tmp_path / ".logitify-journal.jsonl", "w") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        for i in range(3):
+            f.write(f'{{"shard": {{"index": {i}, "file": "train-{i:05d}-of-00003.npz", "num_examples": 1, '
+                    f'"sha256": "0", "skipped": [], "pixels": "00", "extra": {junk}}}}}\n')
+            (tmp_path / f"train-{i:05d}-of-00003.npz").write_bytes(b"")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.process_time()
+    owned = OutputFolder(str(tmp_path)).owned()
+    assert time.process_time() - t0 < 1 and "train-00001-of-00003.npz" in owned
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: under 100 MiB more
+    got, entries = Journal(str(tmp_path)).load()
+    assert got == header and sorted(entries) == [0, 1, 2] and all("extra" not in e for e in entries.values())

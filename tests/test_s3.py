@@ -319,6 +319,7 @@ JOURNALS_THAT_SAY_NOTHING = {
     "a line cut short": {".logitify-journal-x.jsonl": _HEADER},
     "a byte order mark": {".logitify-journal-x.jsonl": b"\xef\xbb\xbf" + _HEADER + b"\n"},
     "NaN": {".logitify-journal-x.jsonl": _HEADER.replace(b'"logitify"', b"NaN") + b"\n"},
+    "a header after the first line": {".logitify-journal-x.jsonl": b'{"note": 1}\n' + _HEADER + b"\n"},
 }
 
 
