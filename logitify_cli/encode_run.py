@@ -372,12 +372,27 @@ def refuse_empty(made: int, inputs: int) -> None:
 
 def write_dataset(out: str, fmt, m, counts: dict, grey_note: str | None, report) -> tuple:
     """Write the format's metadata, then the manifest, last (it never names a shard that is not whole),
-    and say what the whole run showed; (metadata files, warnings the result carries). Both runners end here."""
+    and say what the whole run showed; (metadata files, warnings the result carries). Both runners end here.
+
+    A run stopped or failed between the two takes its metadata back where no
+    manifest owns those names: a journal never owns metadata (a planted one
+    could claim a user's), so the next --resume or --overwrite would refuse
+    it as someone else's file.
+    """
+    manifest_path = fs.join(out, manifest_mod.MANIFEST)
+    fresh = not fs.exists(manifest_path)
     try:
         extra = fmt.write_metadata(out, m)
         manifest_mod.write(out, m)
-    except OSError as e:
-        raise write_error(e, manifest_mod.MANIFEST) from None
+    except BaseException as e:
+        try:
+            if fresh and not fs.exists(manifest_path):
+                fs.delete(fs.join(out, n) for n in fmt.metadata_files(m))
+        except Exception:  # the failure being raised says more than this one
+            pass
+        if isinstance(e, OSError):
+            raise write_error(e, manifest_mod.MANIFEST) from None
+        raise
     closing = ([grey_note] if grey_note else []) + count_notes(m, counts)
     for note in closing:
         report.warn(note)

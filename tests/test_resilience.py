@@ -590,3 +590,25 @@ def test_a_journal_past_64_mib_is_read_whole(tmp_path):
     assert (tmp_path / ".logitify-journal.jsonl").stat().st_size > 78 << 20
     got, entries = Journal(str(tmp_path)).load()
     assert got == header and sorted(entries) == list(range(1000))
+
+
+def test_a_stop_between_the_tfds_metadata_and_the_manifest_leaves_a_folder_resume_finishes(cli, many_images,
+                                                                                          tmp_path, monkeypatch):
+    """Ctrl-C after dataset_info.json is written and before manifest.json: the run takes its metadata back,
+    so --resume (which used to refuse dataset_info.json as someone else's file) keeps every shard and ends."""
+    from logitify_cli import manifest as manifest_mod
+
+    out = tmp_path / "o"
+    real = manifest_mod.write
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest_mod, "write", stopped)
+    r = cli("encode", many_images, "-o", out, "-f", "tfrecord", "--shard-size", "500")
+    assert r.exit_code == 130, r.output
+    monkeypatch.setattr(manifest_mod, "write", real)
+    assert not (out / "dataset_info.json").exists() and not (out / "manifest.json").exists()
+    r = cli("encode", many_images, "-o", out, "-f", "tfrecord", "--shard-size", "500", "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 3, r.output
+    assert (out / "dataset_info.json").exists() and cli("verify", out).exit_code == 0
