@@ -131,26 +131,26 @@ _OUR_ERROR = re.compile(r"\b(?:logitify_cli\.errors\.\w+|LogitifyError|UsageErro
 _BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
 
 
+def _chain(e: BaseException):
+    """The error and what it was raised from or during, as Beam's runners chain them (at most 32 links)."""
+    for _ in range(32):
+        if e is None:
+            return
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _stop_within(e: BaseException):
     """The KeyboardInterrupt (Ctrl-C, or the CLI's SIGTERM) a runner in this process wrapped in its own error."""
-    seen = 0
-    while e is not None and seen < 32:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
+    return next((x for x in _chain(e) if isinstance(x, KeyboardInterrupt)), None)
 
 
 def _raised_in_a_worker(e: BaseException):
     """The LogitifyError a worker raised, as Beam chains it under its own (the first raised), or None."""
     if isinstance(e, LogitifyError) and not _BEAM_STEP.search(str(e)):
         return e  # raised here, not by a worker
-    found, seen = None, 0
-    while e is not None and seen < 32:
-        if isinstance(e, LogitifyError):
-            found = e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return found
+    ours = [x for x in _chain(e) if isinstance(x, LogitifyError)]
+    return ours[-1] if ours else None
 
 
 STRAGGLERS_SECONDS = 1.0  # how long a stopped run keeps ending the workers its runner still starts
