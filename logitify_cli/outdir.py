@@ -177,16 +177,16 @@ def read_journal(f, entries: bool = True):
     index (so a journal never claims a user's file), and keeps only the
     fields a journal writes. Ownership asks for the header alone.
     """
-    header = _journal_line(f, JOURNAL_MAX_HEADER)
-    if header is None or not isinstance(header.get("header"), dict):
+    first, _ = _journal_line(f, JOURNAL_MAX_HEADER)
+    if first is None or not isinstance(first.get("header"), dict):
         return None, {}
-    header, shards = header["header"], {}
+    header, shards = first["header"], {}
     left = JOURNAL_MAX_BYTES
     while entries and left > 0:
-        rec = _journal_line(f, min(left, JOURNAL_MAX_LINE))
+        rec, size = _journal_line(f, min(left, JOURNAL_MAX_LINE))
         if rec is None:
             break
-        left -= rec.pop(None)
+        left -= size
         entry = rec.get("shard")
         if _entry_ok(entry, header):
             shards[entry["index"]] = {k: entry[k] for k in _ENTRY_FIELDS if k in entry}
@@ -194,18 +194,15 @@ def read_journal(f, entries: bool = True):
 
 
 def _journal_line(f, limit: int):
-    """The next line of a journal as a JSON object (its length under the key None), or None where reading ends."""
+    """(the next line of a journal as a JSON object, its length in bytes), or (None, 0) where reading ends."""
     line = f.readline(limit)
     if not line.endswith(b"\n"):
-        return None
+        return None, 0
     try:
         rec = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError included
-        return None
-    if not isinstance(rec, dict):
-        return None
-    rec[None] = len(line)
-    return rec
+        return None, 0
+    return (rec, len(line)) if isinstance(rec, dict) else (None, 0)
 
 
 # A journal line per shard holds a 64-digit digest per image (ImageNet's 1.28 million made 83 MB in
@@ -232,11 +229,16 @@ def _entry_ok(entry, header: dict) -> bool:
                     for x in entry.get("skipped", [])))
 
 
-def _header_shards(header: dict):
-    """(format, name, split, count) of a journal header that names shards, or None."""
+def _header_format(header: dict):
+    """The registered format a journal header names, or None."""
     from .formats import FORMATS
 
-    fmt = FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
+    return FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
+
+
+def _header_shards(header: dict):
+    """(format, name, split, count) of a journal header that names shards, or None."""
+    fmt = _header_format(header)
     n = header.get("num_shards")
     if fmt is None or type(n) is not int or not 0 < n < 100000:
         return None
@@ -258,7 +260,10 @@ def header_file(header: dict, index: int) -> str | None:
 def header_files(header: dict) -> list:
     """Every shard file a run with this journal header may have written (for this run's own header)."""
     got = _header_shards(header)
-    return [f for f in (header_file(header, i) for i in range(got[3] if got else 0)) if f is not None]
+    if got is None:
+        return []
+    fmt, name, split, n = got
+    return [f for f in (fmt.shard_file(name, split, i, n) for i in range(n)) if fmt.owns(f)]
 
 
 def header_owns(header: dict, file: str) -> bool:
@@ -275,9 +280,7 @@ def header_owns(header: dict, file: str) -> bool:
 
 def header_writes(header: dict) -> list:
     """Every file a run with this header writes: its shards, the format's metadata, the manifest."""
-    from .formats import FORMATS
-
-    fmt = FORMATS.get(header.get("format")) if isinstance(header.get("format"), str) else None
+    fmt = _header_format(header)
     extra = list(fmt.metadata_names) if fmt is not None else []
     return header_files(header) + extra + [manifest_mod.MANIFEST]
 
@@ -503,9 +506,10 @@ class OutputFolder:
             except LogitifyError:
                 pass  # not ours: someone's manifest.json stays theirs
         names = self._names()
-        journals = {n: Journal(self.path, journal_split(n)).load(entries=False)[0] for n in names if journal_split(n)}
+        splits = {n: journal_split(n) for n in names}
+        journals = {n: Journal(self.path, split).load(entries=False)[0] for n, split in splits.items() if split}
         # A temporary's name counts as the name it stands for (see _ours).
-        present = set(names) | {m.group("name") for m in map(_TEMP.match, names) if m is not None}
+        present = set(names) | {t.group("name") for t in map(_TEMP.match, names) if t is not None}
         return {manifest_mod.LOCK, manifest_mod.JOURNAL} | owned_names(m, journals, present)
 
     def _ours(self, owned: set):
