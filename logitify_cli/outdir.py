@@ -137,7 +137,7 @@ class Journal:
         except OSError as e:
             raise write_error(e, self.path) from None
 
-    def load(self, entries: bool = True):
+    def load(self, entries: bool = True, expect: dict | None = None):
         """(header or None, {index: entry}); a line cut by a kill ends what is known.
 
         A journal that is a link, or not a plain file, is not logitify's: it
@@ -151,7 +151,7 @@ class Journal:
             return None, {}
         try:
             with open(fd, "rb") as f:
-                return read_journal(f, entries)
+                return read_journal(f, entries, expect)
         except OSError:
             return None, {}
 
@@ -165,7 +165,7 @@ class Journal:
 _ENTRY_FIELDS = ("index", "file", "num_examples", "sha256", "skipped", "made_grey", "num_made_grey", "pixels")
 
 
-def read_journal(f, entries: bool = True):
+def read_journal(f, entries: bool = True, expect: dict | None = None):
     """(header or None, {index: entry}) of a journal read from a binary file, in a folder or a bucket alike.
 
     A journal starts with its header line (Journal.start writes it first, and
@@ -175,14 +175,16 @@ def read_journal(f, entries: bool = True):
     JOURNAL_MAX_LINE) or is not a JSON object in UTF-8 ends what is known.
     An entry counts only where it names the shard file its header gives its
     index (so a journal never claims a user's file), and keeps only the
-    fields a journal writes. Ownership asks for the header alone.
+    fields a journal writes. Ownership asks for the header alone, and
+    --resume for entries only under the header it `expect`s: a journal of
+    other options is refused before a line of it past the header is read.
     """
     first, _ = _journal_line(f, JOURNAL_MAX_HEADER)
     if first is None or not isinstance(first.get("header"), dict):
         return None, {}
     header, shards = first["header"], {}
     left = JOURNAL_MAX_BYTES
-    while entries and left > 0:
+    while entries and (expect is None or header == expect) and left > 0:
         rec, size = _journal_line(f, min(left, JOURNAL_MAX_LINE))
         if rec is None:
             break
@@ -225,6 +227,9 @@ def _entry_ok(entry, header: dict) -> bool:
             and type(entry.get("num_examples")) is int
             and entry["num_examples"] >= 0 and isinstance(entry.get("sha256"), str)
             and isinstance(entry.get("skipped", []), list)
+            # A shard is given shard_size inputs at most: each made or skipped.
+            and (type(header.get("shard_size")) is not int
+                 or entry["num_examples"] + len(entry.get("skipped", [])) <= header["shard_size"])
             and all(isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("reason"), str)
                     for x in entry.get("skipped", [])))
 
@@ -587,7 +592,7 @@ class OutputFolder:
                 raise ForeignFile(f"output folder {self.path} holds {printable(n)}, which logitify did not write "
                                   "and this run would replace; move it away or choose another folder",
                                   folder=self.path, file=n)
-        old, entries = self.journal.load()
+        old, entries = self.journal.load(expect=header)
         if old is None:
             mpath = os.path.join(self.path, manifest_mod.MANIFEST)
             if not os.path.exists(mpath):

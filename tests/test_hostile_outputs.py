@@ -1217,3 +1217,26 @@ def test_ownership_reads_a_journals_header_alone(tmp_path):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: under 100 MiB more
     got, entries = Journal(str(tmp_path)).load()
     assert got == header and sorted(entries) == [0, 1, 2] and all("extra" not in e for e in entries.values())
+
+
+def test_resume_reads_no_entry_of_a_journal_made_with_other_options(tmp_path):
+    """--resume compares a journal's header first: a planted journal of other options (here its shard count)
+    is refused before its entry lines are read (a 486 MB one took 3.6 GB and 14 s to say so), and under the
+    right header an entry holding more inputs than a shard is given is not kept."""
+    import time
+
+    from logitify_cli.outdir import Journal
+
+    header = {"format": "npz", "num_shards": 3, "name": "logitify", "split": "train", "shard_size": 36}
+    junk = [{"source": "s", "reason": "r"}] * 400000
+    with open(tmp_path / ".logitify-journal.jsonl", "w") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        for i in range(3):
+            f.write(json.dumps({"shard": {"index": i, "file": f"train-{i:05d}-of-00003.npz", "num_examples": 1,
+                                          "sha256": "0", "skipped": junk if i else [], "pixels": "00"}}) + "\n")
+    journal = Journal(str(tmp_path))
+    t0 = time.process_time()
+    got, entries = journal.load(expect={**header, "num_shards": 8})
+    assert time.process_time() - t0 < 0.2 and got == header and entries == {}
+    got, entries = journal.load(expect=header)
+    assert got == header and sorted(entries) == [0]  # the two entries of 400,000 skipped inputs are not the run's
