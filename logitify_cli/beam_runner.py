@@ -428,6 +428,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         folder.create()
         folder.lock.acquire()
     said = []  # what preparing the folder said
+    done = False
     try:
         if folder is not None:
             said = prepare_locked(folder, opts, p, have, base, resume=False, warn=report.warn)
@@ -484,9 +485,12 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
             folder.remove_stale(replaced_shards(have, base), m)
             for part in p.parts:
                 OutputFolder(opts.out, part.split).journal.remove()
+        done = True
     finally:
         if folder is not None:
             folder.lock.release()
+            if not done:
+                folder.drop_if_made()  # a folder this run made and left empty (a journal keeps it)
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total,
                         num_shards=sum(x.n_shards for x in p.parts),
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
@@ -630,6 +634,7 @@ def _names(dataset):
 def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam_args, split) -> DecodeResult:
     from .dataset import LogitDataset
     from .decode_run import finish, locked_folder, prepare_folder
+    from .outdir import drop_made_folder
     import socket
 
     from .outputs import IMAGE_OUTPUTS, REFUSED_LISTED, folder_identity
@@ -637,13 +642,17 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
     t0 = time.time()
     options = _options(beam_args)
     ds = LogitDataset(dataset, split)
-    lock = None
+    lock = made = None
     if fs.is_remote(out):
         if fs.listing(out) and not overwrite:
             raise LogitifyError(f"output {out} is not empty; pass --overwrite to write into it")
     else:
-        prepare_folder(out, overwrite)
-        lock = locked_folder(out, overwrite)
+        made = prepare_folder(out, overwrite)
+        try:
+            lock = locked_folder(out, overwrite)
+        except BaseException:
+            drop_made_folder(out, made)
+            raise
         dataset, out = (dataset if fs.is_remote(dataset) else os.path.abspath(dataset)), os.path.abspath(out)
     try:
         beam, _ = _beam()
@@ -670,10 +679,15 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         _run(pipeline, options, receipts=receipts)
         results = [_read_json(r) for r in receipts]
         fs.delete(receipts)
+        failed = [f for r in results for f in r["failed"]]
+    except BaseException:
+        failed = None
+        raise
     finally:
         if lock is not None:
             lock.release()
-    failed = [f for r in results for f in r["failed"]]
+        if failed is None or failed:
+            drop_made_folder(out, made)  # the folder this run made, if it is left empty
     if failed:
         raise LogitifyError(failed[0])
     written = sum(r["written"] for r in results)

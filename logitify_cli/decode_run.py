@@ -15,19 +15,22 @@ from . import fs
 from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError, UsageError
-from .outdir import FolderLock, in_use, protected_folder
-from .outputs import IMAGE_OUTPUTS, folder_identity
+from .outdir import FolderLock, drop_made_folder, in_use, make_folder, protected_folder, refuse_foreign_own
+from .outputs import IMAGE_OUTPUTS
 from .pool import OrderedPool, default_workers
 from .report import QUIET, Reporter
 from .results import DecodeResult
 
 
-def prepare_folder(out: str, overwrite: bool) -> None:
+def prepare_folder(out: str, overwrite: bool):
+    """Check the output folder and make it; what this made, for drop_made_folder after a failure."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise LogitifyError(f"output {out} exists and is not a folder")
     pid = FolderLock(out).holder() if os.path.isdir(out) else None
     if pid is not None:
         raise in_use(out, pid)
+    if os.path.isdir(out):
+        refuse_foreign_own(FolderLock(out).path, "lock file")
     if os.path.isdir(out) and overwrite and protected_folder(out):
         raise LogitifyError(f"output folder {out} is {protected_folder(out)}; decode does not write there with "
                             "--overwrite: choose a folder of its own")
@@ -37,10 +40,7 @@ def prepare_folder(out: str, overwrite: bool) -> None:
         raise LogitifyError(f"cannot read output folder {out}: {e.strerror or e}") from None
     if busy and not overwrite:
         raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise LogitifyError(f"cannot create output folder {out}: {e.strerror or e}") from None
+    return make_folder(out)
 
 
 def locked_folder(out: str, overwrite: bool) -> FolderLock:
@@ -146,14 +146,18 @@ def each_split(dataset: str, out: str, split, overwrite: bool, decode_one) -> De
     names = split_names(dataset) if split is None else [split]
     if len(names) == 1:
         return decode_one(names[0], out)
-    prepare_folder(out, overwrite)
+    made = prepare_folder(out, overwrite)
     results = []
-    for n in names:  # out is the user's choice, its split folders are ours: never a link out of it
-        where = os.path.join(out, n)
-        if not fs.is_remote(out) and os.path.islink(where):
-            raise LogitifyError(f"{where} is a link: decode does not write through it (remove it, or name "
-                                "another output folder)")
-        results.append(decode_one(n, where))
+    try:
+        for n in names:  # out is the user's choice, its split folders are ours: never a link out of it
+            where = os.path.join(out, n)
+            if not fs.is_remote(out) and os.path.islink(where):
+                raise LogitifyError(f"{where} is a link: decode does not write through it (remove it, or name "
+                                    "another output folder)")
+            results.append(decode_one(n, where))
+    except BaseException:
+        drop_made_folder(out, made)
+        raise
     first = results[0]
     n = sum(r.num_images for r in results)
     seconds = sum(r.seconds for r in results)
@@ -177,17 +181,11 @@ def run_decode(dataset: str, out: str, fmt: str = "png", batch_size: int = 256, 
 def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, report, split) -> DecodeResult:
     t0 = time.time()
     ds = LogitDataset(dataset, split)
-    made = not os.path.lexists(out)
-    prepare_folder(out, overwrite)
-    made = folder_identity(out) if made else None
+    made = prepare_folder(out, overwrite)
     try:
         return _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, report, t0)
     except BaseException:
-        if made is not None and folder_identity(out) == made:  # the folder this run made, left empty: not left
-            try:                                                 # behind (one made in its place is not ours)
-                os.rmdir(out)
-            except OSError:
-                pass
+        drop_made_folder(out, made)
         raise
 
 

@@ -170,12 +170,11 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list, 
     return [note]
 
 
-def _start(opts: EncodeOptions, pool: OrderedPool | None, warn=lambda message: None) -> _Started:
+def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, warn=lambda message: None) -> _Started:
     """Plan, take the output folder, pick the shards to make, and start reading ahead."""
     have, base = existing(opts)
     p = plan(opts, base=base)
     heap.release()  # what discovery sorted and merged in passing
-    folder = OutputFolder(opts.out, opts.split)
     folder.create()
     folder.lock.acquire()
     try:
@@ -258,7 +257,7 @@ def _with_digests(done: dict, p: RunPlan):
     return {i: e for i, e in done.items() if packed_digests(e) is not None}, None
 
 
-def _start_while_tf_imports(opts: EncodeOptions, warn=lambda message: None) -> _Started:
+def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lambda message: None) -> _Started:
     """Plan in a thread while this one imports TensorFlow (seconds of CPU).
 
     Both hold the GIL most of the time, so running them side by side only
@@ -276,7 +275,7 @@ def _start_while_tf_imports(opts: EncodeOptions, warn=lambda message: None) -> _
 
     def run():
         try:
-            box["started"] = _start(opts, pool, warn)
+            box["started"] = _start(opts, folder, pool, warn)
         except BaseException as e:  # re-raised below, in the main thread
             box["error"] = e
             if pool is not None:
@@ -333,15 +332,19 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         raise UsageError("--resume and --overwrite exclude each other")
     folder = OutputFolder(opts.out, opts.split)
     folder.check(opts.overwrite, opts.resume, splits=[opts.split] + ([opts.holdout[1]] if opts.holdout else []))
-    started = _start_while_tf_imports(opts, report.warn)  # a failure's notes (skipped inputs) travel on the error
     try:
-        return _run(started, opts, fmt, report, t0)
-    except LogitifyError:  # a run that failed before its first shard leaves no journal to stand in the next one's way
-        for part in started.parts:
-            part.folder.journal.drop_if_empty()
+        started = _start_while_tf_imports(opts, folder, report.warn)  # a failure's notes travel on the error
+        try:
+            return _run(started, opts, fmt, report, t0)
+        except LogitifyError:  # a run that failed before its first shard leaves no journal in the next one's way
+            for part in started.parts:
+                part.folder.journal.drop_if_empty()
+            raise
+        finally:
+            started.folder.lock.release()
+    except BaseException:
+        folder.drop_if_made()  # nor the folder it made, if that is all it left
         raise
-    finally:
-        started.folder.lock.release()
 
 
 def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:

@@ -51,9 +51,29 @@ def _own_fd(path: str, flags: int, what: str) -> int:
         raise FileNotFoundError(errno.ENOENT, "removed while opened", path)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
-        kind = "a hard link to a file elsewhere" if stat.S_ISREG(st.st_mode) else "not a plain file"
-        raise LogitifyError(f"{printable(path)} is {kind}, not logitify's {what}; remove it and run again")
+        _refuse_as(path, st, what)
     return fd
+
+
+def _refuse_as(path: str, st, what: str) -> None:
+    """Refuse, by name, a file at one of logitify's own names that is not a plain file of its own."""
+    if stat.S_ISLNK(st.st_mode):
+        kind = "a symbolic link"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "a hard link to a file elsewhere"
+    else:
+        kind = "not a plain file"
+    raise LogitifyError(f"{printable(path)} is {kind}, not logitify's {what}; remove it and run again")
+
+
+def refuse_foreign_own(path: str, what: str) -> None:
+    """_own_fd's refusal, from a look alone: a run refuses such a file before it does any work."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        _refuse_as(path, st, what)
 
 
 def protected_folder(path: str) -> str | None:
@@ -441,11 +461,50 @@ def _read_pid(fd) -> int | None:
         return None
 
 
+def make_folder(path: str):
+    """Make a local output folder and its missing parents; what this call made (for drop_made_folder), or None."""
+    missing, at = [], os.path.abspath(path)
+    while not os.path.lexists(at) and os.path.dirname(at) != at:
+        missing.append(at)  # the deepest first
+        at = os.path.dirname(at)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise LogitifyError(f"cannot create output folder {path}: {e.strerror or e}") from None
+    made = []
+    for folder in missing:
+        try:
+            st = os.stat(folder, follow_symlinks=False)
+        except OSError:
+            break
+        made.append((folder, (st.st_dev, st.st_ino)))
+    return made or None
+
+
+def drop_made_folder(path: str, made) -> None:
+    """After a failed run: the folders make_folder() made (`made`), removed while they are empty.
+
+    A failed first run into a new folder leaves no trace, and the next run
+    needs no --overwrite. Only those folders: one made in their place
+    meanwhile (another inode) stays, and rmdir never removes a folder that
+    holds anything.
+    """
+    for folder, identity in made or ():
+        try:
+            st = os.stat(folder, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != identity:
+                return
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 class OutputFolder:
     """A run's output folder on this machine."""
 
     def __init__(self, path: str, split: str = "train"):
         self.path = path
+        self.made = None  # the folders create() made (see make_folder)
         self.lock = FolderLock(path)
         self.journal = Journal(path, split)
 
@@ -468,6 +527,7 @@ class OutputFolder:
         pid = self.lock.holder()
         if pid is not None:
             raise in_use(self.path, pid)
+        refuse_foreign_own(self.lock.path, "lock file")
         if overwrite or resume:
             what = protected_folder(self.path)
             if what is not None:
@@ -487,10 +547,11 @@ class OutputFolder:
             self._refuse_foreign(names, self.owned())
 
     def create(self) -> None:
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as e:
-            raise LogitifyError(f"cannot create output folder {self.path}: {e.strerror or e}") from None
+        self.made = make_folder(self.path)
+
+    def drop_if_made(self) -> None:
+        """After a failed run: the folder create() made, if it is left empty (see drop_made_folder)."""
+        drop_made_folder(self.path, self.made)
 
     def _names(self) -> list:
         try:

@@ -571,11 +571,16 @@ def test_a_run_that_fails_before_its_first_shard_leaves_nothing_in_the_way(cli, 
     src = small_pngs(tmp_path / "src", rng, 5)
     save(str(src / "5.png"), photo(rng, 8, 9))
     out = tmp_path / "o"
+    out.mkdir()  # the user's folder: it stays, empty
     r = cli("encode", src, "-o", out)
     assert r.exit_code == 1 and "--size" in r.stderr
     assert sorted(os.listdir(out)) == []
     r = cli("encode", src, "-o", out, "--size", "8x8")
     assert r.exit_code == 0, r.output
+    new = tmp_path / "a" / "b" / "c"  # folders the run made: gone with it, the parents it made too
+    r = cli("encode", src, "-o", new)
+    assert r.exit_code == 1 and "--size" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["o", "src"]
     r = cli("encode", src, "-o", tmp_path / "p", "--shard-size", "2", "--batch-size", "1")
     assert r.exit_code == 1 and [n for n in os.listdir(tmp_path / "p") if "journal" in n]
 
@@ -654,6 +659,8 @@ def test_a_failed_decode_removes_only_the_empty_folder_it_made(cli, image_folder
     monkeypatch.setattr(decode_run, "_decode_into", failed)
     r = cli("decode", ds, "-o", tmp_path / "mine")
     assert r.exit_code == 1 and not (tmp_path / "mine").exists()
+    r = cli("decode", ds, "-o", tmp_path / "new" / "deeper")
+    assert r.exit_code == 1 and not (tmp_path / "new").exists()
 
 
 def _errors():

@@ -232,7 +232,10 @@ def test_overwrite_removes_links_never_their_targets(cli, pics, tmp_path):
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
 @pytest.mark.parametrize("name,flag", [(".logitify.lock", "--overwrite"), (".logitify.lock", "--resume"),
                                        (".logitify-journal.jsonl", "--resume")])
-def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, link, name, flag):
+def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, monkeypatch, link, name, flag):
+    """A lock that is a link is refused by name before the run starts any work (not after TensorFlow's import)."""
+    from logitify_cli import encode_run
+
     out = tmp_path / "o"
     out.mkdir()
     precious = tmp_path / "precious.txt"
@@ -241,6 +244,11 @@ def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, 
         (out / name).symlink_to(precious)
     else:
         os.link(precious, out / name)
+    if name == ".logitify.lock":
+        def started(*args, **kwargs):
+            raise AssertionError("the run started before it refused the lock")
+
+        monkeypatch.setattr(encode_run, "_start_while_tf_imports", started)
     r = cli("encode", pics, "-o", out, flag)
     assert precious.read_text() == "precious data"
     if name == ".logitify.lock":  # refused by name: a lock is not taken over through a link
@@ -248,6 +256,33 @@ def test_lock_and_journal_are_never_written_through_a_link(cli, pics, tmp_path, 
     else:  # a journal that is a link says nothing: the link goes, a journal of the run's own replaces it
         assert r.exit_code == 0, r.output
         assert not os.path.lexists(out / name) and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "hard", "fifo"])
+def test_decode_refuses_a_lock_that_is_not_its_own_before_it_starts(cli, tmp_path, rng, monkeypatch, kind):
+    from logitify_cli import decode_run
+
+    if kind == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    out, precious = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    precious.write_text("precious data")
+    lock = out / ".logitify.lock"
+    {"symbolic": lambda: lock.symlink_to(precious), "hard": lambda: os.link(precious, lock),
+     "fifo": lambda: os.mkfifo(lock)}[kind]()
+
+    def started(*args, **kwargs):
+        raise AssertionError("the decode started before it refused the lock")
+
+    monkeypatch.setattr(decode_run, "_decode_into", started)
+    r = cli("decode", tmp_path / "ds", "-o", out, "--overwrite")
+    assert r.exit_code == 1 and ".logitify.lock" in r.stderr and "not logitify's lock file" in r.stderr, r.output
+    assert precious.read_text() == "precious data" and os.path.lexists(lock)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
