@@ -591,7 +591,8 @@ class OutputFolder:
 
     def _refuse_foreign(self, names: list, owned: set) -> None:
         ours = self._ours(owned)
-        foreign = [n for n in names if not ours(n)]
+        # A manifest that is not logitify's is named first: the files it would have owned follow from it.
+        foreign = sorted((n for n in names if not ours(n)), key=lambda n: n != manifest_mod.MANIFEST)
         if foreign:
             raise ForeignFile(
                 f"output folder {self.path} holds {printable(foreign[0])}, which logitify did not write; "

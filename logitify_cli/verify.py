@@ -464,6 +464,9 @@ def _compare_sources(ds, sources, decoded, problem, digests=None, elsewhere=None
     for note in inv.notes:  # sources named twice, read once: said as encode says it
         problem.report.warn(note)
     skipped = {s["source"] for s in ds.manifest.skipped}
+    for s in inv.skipped:  # what cannot be read now, named as encode names it (the dataset's own skips are no news)
+        if s["source"] not in skipped:
+            problem.report.warn(f"skipped {s['source']}: {s['reason']}")
     shift = 8 - ds.params.bits
     found = 0
 

@@ -227,6 +227,16 @@ def test_overwrite_removes_links_never_their_targets(cli, pics, tmp_path):
     r = cli("encode", pics, "-o", out, "--overwrite")
     assert r.exit_code == 1 and "holds manifest.json" in r.stderr
     assert snapshot(out) == before and json.loads(theirs.read_text())["format"] == "npz"
+    # The manifest is named even where the files it would own sort before it (a TFRecord dataset's metadata)
+    tfr = tmp_path / "t"
+    assert cli("encode", pics, "-o", tfr, "-f", "tfrecord").exit_code == 0
+    (tmp_path / "their-tfrecord-manifest.json").write_bytes((tfr / "manifest.json").read_bytes())
+    (tfr / "manifest.json").unlink()
+    (tfr / "manifest.json").symlink_to(tmp_path / "their-tfrecord-manifest.json")
+    before = snapshot(tfr)
+    r = cli("encode", pics, "-o", tfr, "-f", "tfrecord", "--overwrite")
+    assert r.exit_code == 1 and "holds manifest.json," in r.stderr, r.stderr
+    assert snapshot(tfr) == before
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])

@@ -82,6 +82,22 @@ def test_verify_against_a_missing_path_names_it(cli, dataset, tmp_path):
     assert r.exit_code == 2 and json.loads(r.stdout) == {"ok": False, "error": f"no such file or directory: {missing}"}
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_verify_against_names_a_source_it_cannot_read_as_encode_does(cli, dataset, tmp_path):
+    """A FIFO named as the source (or one in the source folder) is named with its reason, never waited on."""
+    src, truth, out = dataset
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    said = "logitify: skipped pipe: not a regular file (a named pipe)\n"
+    r = cli("verify", out, "--against", fifo)
+    assert r.exit_code == 1 and r.stderr.startswith(said), r.stderr
+    assert cli("encode", fifo, "-o", tmp_path / "o").stderr.startswith(said)
+    os.mkfifo(src / "late.png")
+    r = cli("verify", out, "--against", src)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("logitify: skipped late.png: not a regular file (a named pipe)\n"), r.stderr
+
+
 def test_verify_catches_a_changed_source(cli, dataset, rng):
     src, truth, out = dataset
     save(str(src / "cats" / "cat_03.png"), photo(rng, 24, 32))
