@@ -602,7 +602,7 @@ class OutputFolder:
 
     def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False,
                 writes=()) -> None:
-        """Clear what this run replaces: owned files (--overwrite), leftovers of killed runs (always).
+        """Clear what this run replaces: owned files (--overwrite), leftovers of stopped runs (always).
 
         `inputs(paths)` answers which of these paths are inputs of this run.
         `keep_dataset`: the run adds or replaces a split of the finished
@@ -614,7 +614,8 @@ class OutputFolder:
         names = self._names()
         owned = self.owned()
         ours = self._ours(owned)
-        remove = [n for n in names if _TEMP.match(n) and ours(n)]
+        # A receipt is read only by the Beam run whose worker wrote it, at that run's end.
+        remove = [n for n in names if (_TEMP.match(n) or _RECEIPT.match(n)) and ours(n)]
         present = set(names)
         self._refuse_foreign([n for n in writes if n in present], owned)
         if overwrite and keep_dataset:

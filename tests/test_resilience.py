@@ -573,6 +573,12 @@ def test_a_receipt_whose_shard_is_gone_is_still_logitifys(cli, many_images, tmp_
     r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--overwrite")
     assert r.exit_code == 0, r.output
     assert not (out / ".train-00004-of-00030.npz.receipt.json").exists()
+    # --resume, which reads no receipt, takes one too: a local run leaves none behind
+    assert cli("encode", many_images, "-o", out, "--shard-size", "50", "--overwrite").exit_code == 0
+    (out / ".train-00004-of-00030.npz.receipt.json").write_text("{}")
+    r = cli("encode", many_images, "-o", out, "--shard-size", "50", "--resume")
+    assert r.exit_code == 0, r.output
+    assert not [n for n in os.listdir(out) if n.endswith(".receipt.json")]
 
 
 def test_a_journal_past_64_mib_is_read_whole(tmp_path):
