@@ -118,7 +118,10 @@ def _run(pipeline_fn, options, receipts=()) -> None:
             raise stop from None
         ours = _raised_in_a_worker(e)
         if ours is not None:  # a runner in this process: the worker's own error, fields and all
-            raise ours from None
+            raise _uncarried(ours) from None
+        carried = _carried_error(str(e))
+        if carried is not None:  # a worker process's error, rebuilt from the line it carried
+            raise carried from None
         # Another process's error reaches here as text: its one line, without Beam's step name.
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         useful = [ln for ln in lines if _OUR_ERROR.search(ln)]
@@ -129,6 +132,78 @@ def _run(pipeline_fn, options, receipts=()) -> None:
 
 _OUR_ERROR = re.compile(r"\b(?:logitify_cli\.errors\.\w+|LogitifyError|UsageError|WriteError|ShardError): ")
 _BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
+
+
+_CARRIED = "logitify-error-json: "
+
+
+@contextlib.contextmanager
+def _error_carried():
+    """A LogitifyError raised in a Beam worker, with its class and fields added to its traceback as one line.
+
+    Beam hands the launcher a worker process's failure as text only, and
+    its fields (a WriteError's errno, a ShardError's file) and exit code were
+    lost on the way. The launcher rebuilds the error from that line
+    (_carried_error). Fields that are not JSON (a partial result) stay behind.
+    """
+    try:
+        yield
+    except LogitifyError as e:
+        line = _carry_line(e)
+        if line is not None and not any(str(n).startswith(_CARRIED) for n in getattr(e, "__notes__", ())):
+            e.add_note(line)
+        raise
+
+
+def _carry_line(e: LogitifyError) -> str | None:
+    fields = {}
+    for name, value in vars(e).items():
+        if name.startswith("__"):
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        fields[name] = value
+    try:
+        return _CARRIED + json.dumps({"class": type(e).__name__, "args": list(e.args), "fields": fields},
+                                     allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _carried_error(text: str):
+    """The LogitifyError whose line (_carry_line) a worker's failure text holds, the last one; or None."""
+    from . import errors
+
+    for line in reversed(text.splitlines()):
+        line = _BEAM_STEP.sub("", line.strip())  # Beam may end the text, and so this line, with its step's name
+        if not line.startswith(_CARRIED):
+            continue
+        try:
+            d = json.loads(line[len(_CARRIED):])
+        except ValueError:
+            continue
+        cls = getattr(errors, d.get("class", ""), None) if isinstance(d, dict) and isinstance(d.get("class"), str) \
+            else None
+        args, fields = (d.get("args"), d.get("fields")) if cls is not None else (None, None)
+        if (isinstance(cls, type) and issubclass(cls, LogitifyError) and isinstance(args, list)
+                and isinstance(fields, dict) and isinstance(fields.get("message"), str)
+                and isinstance(fields.get("notes", []), list)):
+            return errors._rebuilt(cls, tuple(args), fields)
+    return None
+
+
+def _uncarried(e: LogitifyError) -> LogitifyError:
+    """The error without the line _error_carried added (it is for the launcher, not the user)."""
+    notes = getattr(e, "__notes__", None)
+    if notes:
+        kept = [n for n in notes if not str(n).startswith(_CARRIED)]
+        if kept:
+            e.__notes__ = kept
+        else:
+            del e.__notes__
+    return e
 
 
 def _chain(e: BaseException):
@@ -316,9 +391,10 @@ def _make_shard_fn():
             from .pixels import read_in_process
             from .shards import make_shard
 
-            result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect,
-                                                      task.guessed_grey), self.transform)
-            fs.write_bytes(_receipt_path(task.options.out, result.file), result.to_json().encode())
+            with _error_carried():
+                result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect,
+                                                          task.guessed_grey), self.transform)
+                fs.write_bytes(_receipt_path(task.options.out, result.file), result.to_json().encode())
             yield result.file
 
     return MakeShard
@@ -542,7 +618,7 @@ def _decode_shard_fn():
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
                                              classes=self.ds.classes, settled=settled, identity=self._identity())
             written, failed = 0, []
-            try:
+            with _error_carried(), _closing(output):
                 for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
                                       self.tf_device):
                     done = output.write(job)
@@ -551,14 +627,22 @@ def _decode_shard_fn():
                         if p["refused"]:
                             output.refuse(p["key"], p["reason"])
                     written += done["images"] - len(done["problems"])
-            finally:
-                output.close()  # what a failed shard left half made
             receipt = {"index": index, "written": written, "refused": output.refused,
                        "num_refused": output.num_refused, "failed": failed}
-            fs.write_bytes(_receipt_path(self.out, f"restore-{index:05d}"), json.dumps(receipt).encode())
+            with _error_carried():
+                fs.write_bytes(_receipt_path(self.out, f"restore-{index:05d}"), json.dumps(receipt).encode())
             yield index
 
     return DecodeShard
+
+
+@contextlib.contextmanager
+def _closing(output):
+    """output.close() however the block ends: what a failed shard left half made goes."""
+    try:
+        yield
+    finally:
+        output.close()
 
 
 def _name_claims_fn():
@@ -583,13 +667,14 @@ def _name_claims_fn():
 
             at = 0
             # Keys and labels alone (decode reads the logits, and checks the shard)
-            for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False, fields=("keys", "labels")):
-                keys, labels = chunk["keys"], chunk["labels"]
-                for name, (kind, (shard, position, key, label)) in name_claims(self.ds.classes, index, at,
-                                                                                  keys, labels):
-                    # As bytes: Beam's coders take text as UTF-8, which a key from a file name need not be.
-                    yield os.fsencode(name), (kind, (shard, position, os.fsencode(key), label))
-                at += len(keys)
+            with _error_carried():
+                for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False, fields=("keys", "labels")):
+                    keys, labels = chunk["keys"], chunk["labels"]
+                    for name, (kind, (shard, position, key, label)) in name_claims(self.ds.classes, index, at,
+                                                                                      keys, labels):
+                        # As bytes: Beam's coders take text as UTF-8, which a key from a file name need not be.
+                        yield os.fsencode(name), (kind, (shard, position, os.fsencode(key), label))
+                    at += len(keys)
 
     return NameClaims
 

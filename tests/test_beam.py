@@ -343,3 +343,55 @@ def test_a_stop_inside_a_pipeline_in_this_process_is_a_stop_not_a_failure():
     with pytest.raises(_Stop):
         _run(lambda p: p | beam.Create([1]) | beam.ParDo(Stopping()),
              _options(["--runner=DirectRunner", "--direct_running_mode=in_memory"]))
+
+
+@pytest.mark.parametrize("runner", ["here", "workers"])
+def test_a_workers_error_reaches_the_caller_with_its_class_and_fields(tmp_path, rng, runner):
+    """A damaged shard fails a Beam decode with the ShardError the local runner raises, its file and problem
+    set, whether the worker ran in this process or in another (whose failure Beam hands over as text)."""
+    from logitify_cli.beam_runner import decode_beam
+    from logitify_cli.decode_run import run_decode
+    from logitify_cli.encode_run import run_encode
+    from logitify_cli.errors import ShardError
+    from logitify_cli.planner import EncodeOptions
+    from logitify_cli.report import Reporter
+
+    src = tmp_path / "src"
+    for i in range(6):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    ds = tmp_path / "ds"
+    run_encode(EncodeOptions(sources=[str(src)], out=str(ds), shard_size=3), Reporter(quiet=True))
+    shard = ds / "train-00001-of-00002.npz"
+    data = bytearray(shard.read_bytes())
+    data[200] ^= 0xFF  # inside the logits: the zip's CRC no longer holds
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as local:
+        run_decode(str(ds), str(tmp_path / "local"))
+    args = BEAM_HERE[3:] if runner == "here" else BEAM[3:]
+    with pytest.raises(ShardError) as beam:
+        decode_beam(str(ds), str(tmp_path / "beam"), "png", beam_args=args, report=Reporter(quiet=True))
+    # The local runner checks the shard's sha256 first; Beam's first step reads its keys, and meets the zip's CRC
+    assert local.value.file == beam.value.file == "train-00001-of-00002.npz"
+    assert beam.value.problem == "unreadable (Bad CRC-32 for file 'logits.npy')"
+    assert str(beam.value) == f"shard {beam.value.file}: {beam.value.problem}" and beam.value.exit_code == 1
+    assert not getattr(beam.value, "__notes__", None)
+    assert not (tmp_path / "beam").exists()  # failed before writing an image: the folder it made is gone
+
+
+def test_a_carried_error_line_rebuilds_only_logitifys_own_errors():
+    """The line a worker adds to its failure is read back into the error class it names, and nothing else:
+    a line naming another class, bad JSON or fields of the wrong kind gives None (the text's own line is used)."""
+    from logitify_cli.beam_runner import _carried_error, _carry_line
+    from logitify_cli.errors import WriteError
+
+    line = _carry_line(WriteError("shard x", 28, "no space left on device"))
+    back = _carried_error(f"Traceback ...\nWriteError: cannot write shard x\n{line}\n\nDuring handling ...")
+    assert type(back) is WriteError and (back.what, back.errno, back.reason) == ("shard x", 28, "no space left on device")
+    assert back.exit_code == 1 and str(back) == "cannot write shard x: no space left on device"
+    prefix = line.split("{", 1)[0]
+    for planted in ('{"class": "Popen", "args": ["x"], "fields": {"message": "x"}}',
+                    '{"class": "Exception", "args": ["x"], "fields": {"message": "x"}}',
+                    '{"class": "WriteError", "args": "x", "fields": {"message": "x"}}',
+                    '{"class": "WriteError", "args": ["x"], "fields": {"notes": 3, "message": "x"}}',
+                    '{"class": "WriteError", "args": ["x"], "fields": []}', '{"class": ', "[1, 2]"):
+        assert _carried_error(prefix + planted) is None, planted
