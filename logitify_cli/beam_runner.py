@@ -90,9 +90,38 @@ def _worker_quiet(quiet) -> bool:
     if quiet is None or quiet == os.getpid():
         return False
     import logging
+    import sys
 
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+    if not isinstance(sys.stderr, _WithoutCarried):
+        sys.stderr = _WithoutCarried(sys.stderr)
     return True
+
+
+class _WithoutCarried:
+    """A quiet worker's stderr, without the tracebacks of logitify's own errors (the launcher says each in one line).
+
+    Beam's worker prints every failed instruction's traceback to stderr
+    (sdk_worker's _execute), whatever its log level. Only a text that
+    carries a LogitifyError's line (_error_carried) is dropped, with the
+    newline print() ends it with: any other failure is printed as before.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._dropped = False
+
+    def write(self, text):
+        dropped, self._dropped = self._dropped, False
+        if isinstance(text, str) and _CARRIED in text:
+            self._dropped = True
+            return len(text)
+        if dropped and text == "\n":
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _run(pipeline_fn, options, receipts=()) -> None:

@@ -309,8 +309,9 @@ def test_a_beam_worker_holds_the_folder_to_the_launchers_only_on_the_launchers_h
 
 
 @pytest.mark.parametrize("runner", ["here", "workers"])
-def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_path, rng, runner):
-    """--on-error fail in a worker: the command's error is the worker's own line, as the local runner says it."""
+def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_path, rng, capfd, runner):
+    """--on-error fail in a worker: the command's error is the worker's own line, as the local runner says it,
+    and a worker process prints no traceback of it."""
     src = tmp_path / "src"
     for i in range(6):
         save(str(src / f"{i}.png"), photo(rng, 8, 8))
@@ -323,6 +324,8 @@ def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_pat
     assert said.startswith("cannot read 3.png:") and said.endswith("(--on-error fail)")
     last = r.stderr.strip().splitlines()[-1]
     assert last.endswith(said) and "while running" not in last, r.stderr
+    printed = capfd.readouterr().err  # what the worker processes wrote to the terminal
+    assert "Traceback" not in printed and said not in printed, printed
 
 
 class _Stop(KeyboardInterrupt):
