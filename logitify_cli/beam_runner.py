@@ -72,15 +72,15 @@ def _launcher_quiet():
     return None if _tf.verbose else os.getpid()
 
 
-def _worker_tf(quiet) -> None:
+def _worker_tf(quiet, marker: str) -> None:
     """A worker's TensorFlow, imported before anything else asks for it, quietly unless the run is verbose."""
-    if _worker_quiet(quiet):
+    if _worker_quiet(quiet, marker):
         from . import _tf
 
         _tf.tf_quietly()
 
 
-def _worker_quiet(quiet) -> bool:
+def _worker_quiet(quiet, marker: str) -> bool:
     """In a worker process of a run that is not --verbose: Beam's log held back; whether this is one.
 
     A failed shard is logged there with its traceback (twice, by the worker's
@@ -94,7 +94,7 @@ def _worker_quiet(quiet) -> bool:
 
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     if not isinstance(sys.stderr, _WithoutCarried):
-        sys.stderr = _WithoutCarried(sys.stderr)
+        sys.stderr = _WithoutCarried(sys.stderr, marker)
     return True
 
 
@@ -103,17 +103,19 @@ class _WithoutCarried:
 
     Beam's worker prints every failed instruction's traceback to stderr
     (sdk_worker's _execute), whatever its log level. Only a text that
-    carries a LogitifyError's line (_error_carried) is dropped, with the
-    newline print() ends it with: any other failure is printed as before.
+    carries a LogitifyError's line (_error_carried, with the run's own
+    marker, which no input can name) is dropped, with the newline print()
+    ends it with: any other failure is printed as before.
     """
 
-    def __init__(self, stream):
+    def __init__(self, stream, marker: str):
         self._stream = stream
+        self._marker = marker
         self._dropped = False
 
     def write(self, text):
         dropped, self._dropped = self._dropped, False
-        if isinstance(text, str) and _CARRIED in text:
+        if isinstance(text, str) and self._marker in text:
             self._dropped = True
             return len(text)
         if dropped and text == "\n":
@@ -147,8 +149,8 @@ def _run(pipeline_fn, options, receipts=()) -> None:
             raise stop from None
         ours = _raised_in_a_worker(e)
         if ours is not None:  # a runner in this process: the worker's own error, fields and all
-            raise _uncarried(ours) from None
-        carried = _carried_error(str(e))
+            raise _uncarried(ours, _carry_marker()) from None
+        carried = _carried_error(str(e), _carry_marker())
         if carried is not None:  # a worker process's error, rebuilt from the line it carried
             raise carried from None
         # Another process's error reaches here as text: its one line, without Beam's step name.
@@ -163,31 +165,48 @@ _OUR_ERROR = re.compile(r"\b(?:logitify_cli\.errors\.\w+|LogitifyError|UsageErro
 _BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
 
 
-_CARRIED = "logitify-error-json: "
+_marker = None
+
+
+def _carry_marker() -> str:
+    """The start of the line a worker adds to its error for this launcher: random, so no input can forge one.
+
+    An input's name is part of some errors' text (`cannot read NAME`), and
+    Beam hands the launcher a worker process's failure as text: a name
+    holding a line like the worker's would otherwise choose the error the
+    command raises, and its exit code. The DoFns take this marker from the
+    launcher that builds them.
+    """
+    global _marker
+    if _marker is None:
+        import secrets
+
+        _marker = f"logitify-error-{secrets.token_hex(16)}: "
+    return _marker
 
 
 @contextlib.contextmanager
-def _error_carried():
+def _error_carried(marker: str):
     """A LogitifyError raised in a Beam worker, with its class and fields added to its traceback as one line.
 
     Beam hands the launcher a worker process's failure as text only, and
-    its fields (a WriteError's errno, a ShardError's file) and exit code were
-    lost on the way. The launcher rebuilds the error from that line
-    (_carried_error). Fields that are not JSON (a partial result) stay behind.
+    its fields (a WriteError's errno, a ShardError's file) were lost on the
+    way. The launcher rebuilds the error from that line (_carried_error).
     """
     try:
         yield
     except LogitifyError as e:
-        line = _carry_line(e)
-        if line is not None and not any(str(n).startswith(_CARRIED) for n in getattr(e, "__notes__", ())):
+        line = _carry_line(e, marker)
+        if line is not None and not any(str(n).startswith(marker) for n in getattr(e, "__notes__", ())):
             e.add_note(line)
         raise
 
 
-def _carry_line(e: LogitifyError) -> str | None:
+def _carry_line(e: LogitifyError, marker: str) -> str | None:
+    """`marker` and the error's class, args and fields as JSON; a field JSON cannot hold (a partial result) is left out."""
     fields = {}
     for name, value in vars(e).items():
-        if name.startswith("__"):
+        if name.startswith("__") or name in _NOT_CARRIED:
             continue
         try:
             json.dumps(value, allow_nan=False)
@@ -195,39 +214,52 @@ def _carry_line(e: LogitifyError) -> str | None:
             continue
         fields[name] = value
     try:
-        return _CARRIED + json.dumps({"class": type(e).__name__, "args": list(e.args), "fields": fields},
-                                     allow_nan=False)
+        return marker + json.dumps({"class": type(e).__name__, "args": list(e.args), "fields": fields},
+                                   allow_nan=False)
     except (TypeError, ValueError):
         return None
 
 
-def _carried_error(text: str):
-    """The LogitifyError whose line (_carry_line) a worker's failure text holds, the last one; or None."""
+_NOT_CARRIED = frozenset({"exit_code", "result"})  # the class says the exit code; a result is the launcher's
+
+
+def _carried_error(text: str, marker: str):
+    """The LogitifyError whose line (_carry_line, with this launcher's marker) the failure's text holds, or None.
+
+    Only a class of errors.py, with a message and notes of the right kinds;
+    `result` and `notes` start as a fresh error's, whatever the line holds.
+    """
     from . import errors
 
     for line in reversed(text.splitlines()):
         line = _BEAM_STEP.sub("", line.strip())  # Beam may end the text, and so this line, with its step's name
-        if not line.startswith(_CARRIED):
+        if not line.startswith(marker):
             continue
         try:
-            d = json.loads(line[len(_CARRIED):])
+            d = json.loads(line[len(marker):])
         except ValueError:
             continue
-        cls = getattr(errors, d.get("class", ""), None) if isinstance(d, dict) and isinstance(d.get("class"), str) \
-            else None
-        args, fields = (d.get("args"), d.get("fields")) if cls is not None else (None, None)
-        if (isinstance(cls, type) and issubclass(cls, LogitifyError) and isinstance(args, list)
-                and isinstance(fields, dict) and isinstance(fields.get("message"), str)
-                and isinstance(fields.get("notes", []), list)):
-            return errors._rebuilt(cls, tuple(args), fields)
+        if not isinstance(d, dict):
+            continue
+        cls = getattr(errors, d["class"], None) if isinstance(d.get("class"), str) else None
+        args, fields = d.get("args"), d.get("fields")
+        if not (isinstance(cls, type) and issubclass(cls, LogitifyError) and isinstance(args, list)
+                and isinstance(fields, dict)):
+            continue
+        notes = fields.get("notes", [])
+        if not isinstance(fields.get("message"), str) or not (
+                isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+            continue
+        fields = {k: v for k, v in fields.items() if k not in _NOT_CARRIED}
+        return errors._rebuilt(cls, tuple(args), {"result": None, **fields, "notes": list(notes)})
     return None
 
 
-def _uncarried(e: LogitifyError) -> LogitifyError:
+def _uncarried(e: LogitifyError, marker: str) -> LogitifyError:
     """The error without the line _error_carried added (it is for the launcher, not the user)."""
     notes = getattr(e, "__notes__", None)
     if notes:
-        kept = [n for n in notes if not str(n).startswith(_CARRIED)]
+        kept = [n for n in notes if not str(n).startswith(marker)]
         if kept:
             e.__notes__ = kept
         else:
@@ -407,20 +439,20 @@ def _make_shard_fn():
         def __init__(self, options, shape, beam_args):
             self.options, self.shape, self.beam_args = options, tuple(shape), list(beam_args)
             self.transform = None
-            self.quiet = _launcher_quiet()
+            self.quiet, self.marker = _launcher_quiet(), _carry_marker()
 
         def setup(self):
             from .shards import build_transform
 
             _worker_filesystems(self.beam_args)
-            _worker_tf(self.quiet)
+            _worker_tf(self.quiet, self.marker)
             self.transform = build_transform(self.options, self.shape)
 
         def process(self, task):
             from .pixels import read_in_process
             from .shards import make_shard
 
-            with _error_carried():
+            with _error_carried(self.marker):
                 result = make_shard(task, read_in_process(task.items, task.options, task.channels, task.expect,
                                                           task.guessed_grey), self.transform)
                 fs.write_bytes(_receipt_path(task.options.out, result.file), result.to_json().encode())
@@ -529,16 +561,17 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     p = plan(opts, base=base)  # a failure's notes (skipped inputs) travel on the error
     for note in p.notes:
         report.warn(note)
-    if folder is not None:
-        folder.create()
-        folder.lock.acquire()
     said = []  # what preparing the folder said
     done = False
+    journals = []  # (journal, header) this run started
     try:
         if folder is not None:
+            folder.create()
+            folder.lock.acquire()
             said = prepare_locked(folder, opts, p, have, base, resume=False, warn=report.warn)
             for part in p.parts:  # names this run's shards, so --overwrite can clear a failed one
-                OutputFolder(opts.out, part.split).journal.start(part.header)
+                journals.append((OutputFolder(opts.out, part.split).journal, part.header))
+                journals[-1][0].start(part.header)
         else:
             _prepare_remote_output(opts.out, opts.overwrite, [part.split for part in p.parts])
             remote_journals = _start_remote_journals(opts.out, p.parts)
@@ -593,9 +626,12 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
         done = True
     finally:
         if folder is not None:
+            if not done:
+                for journal, header in journals:
+                    journal.drop_if_nothing_left(header)
             folder.lock.release()
             if not done:
-                folder.drop_if_made()  # a folder this run made and left empty (a journal keeps it)
+                folder.drop_if_made()  # a folder this run made and left empty
     return EncodeResult(output=opts.out, format=opts.format, num_examples=total,
                         num_shards=sum(x.n_shards for x in p.parts),
                         shards=[s.file for n in counts for s in m.splits[n].shards], shape=list(p.shape),
@@ -618,16 +654,17 @@ def _decode_shard_fn():
             self.identity = identity
             self.batch_size, self.device, self.overwrite = batch_size, device, overwrite
             self.beam_args = list(beam_args)
-            self.quiet = _launcher_quiet()
+            self.quiet, self.marker = _launcher_quiet(), _carry_marker()
 
         def setup(self):
             from .dataset import LogitDataset
             from .device import resolve_device
 
+            _worker_quiet(self.quiet, self.marker)
             _worker_filesystems(self.beam_args)
             self.ds = LogitDataset(self.dataset, self.split)
             if self.device == "gpu":
-                _worker_tf(self.quiet)
+                _worker_tf(self.quiet, self.marker)
             self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def _identity(self):
@@ -647,7 +684,7 @@ def _decode_shard_fn():
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
                                              classes=self.ds.classes, settled=settled, identity=self._identity())
             written, failed = 0, []
-            with _error_carried(), _closing(output):
+            with _error_carried(self.marker), _closing(output):
                 for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
                                       self.tf_device):
                     done = output.write(job)
@@ -658,7 +695,7 @@ def _decode_shard_fn():
                     written += done["images"] - len(done["problems"])
             receipt = {"index": index, "written": written, "refused": output.refused,
                        "num_refused": output.num_refused, "failed": failed}
-            with _error_carried():
+            with _error_carried(self.marker):
                 fs.write_bytes(_receipt_path(self.out, f"restore-{index:05d}"), json.dumps(receipt).encode())
             yield index
 
@@ -682,12 +719,12 @@ def _name_claims_fn():
 
         def __init__(self, dataset, beam_args, split):
             self.dataset, self.split, self.beam_args = dataset, split, list(beam_args)
-            self.quiet = _launcher_quiet()
+            self.quiet, self.marker = _launcher_quiet(), _carry_marker()
 
         def setup(self):
             from .dataset import LogitDataset
 
-            _worker_quiet(self.quiet)
+            _worker_quiet(self.quiet, self.marker)
             _worker_filesystems(self.beam_args)
             self.ds = LogitDataset(self.dataset, self.split)
 
@@ -696,7 +733,7 @@ def _name_claims_fn():
 
             at = 0
             # Keys and labels alone (decode reads the logits, and checks the shard)
-            with _error_carried():
+            with _error_carried(self.marker):
                 for chunk in self.ds.iter_chunks(self.ds.shards[index], check=False, fields=("keys", "labels")):
                     keys, labels = chunk["keys"], chunk["labels"]
                     for name, (kind, (shard, position, key, label)) in name_claims(self.ds.classes, index, at,
@@ -765,7 +802,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         try:
             lock = locked_folder(out, overwrite)
         except BaseException:
-            drop_made_folder(out, made)
+            drop_made_folder(made)
             raise
         dataset, out = (dataset if fs.is_remote(dataset) else os.path.abspath(dataset)), os.path.abspath(out)
     try:
@@ -801,7 +838,7 @@ def _decode_split(dataset, out, fmt, batch_size, device, overwrite, report, beam
         if lock is not None:
             lock.release()
         if failed is None or failed:
-            drop_made_folder(out, made)  # the folder this run made, if it is left empty
+            drop_made_folder(made)  # the folder this run made, if it is left empty
     if failed:
         raise LogitifyError(failed[0])
     written = sum(r["written"] for r in results)

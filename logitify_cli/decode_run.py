@@ -156,7 +156,7 @@ def each_split(dataset: str, out: str, split, overwrite: bool, decode_one) -> De
                                     "another output folder)")
             results.append(decode_one(n, where))
     except BaseException:
-        drop_made_folder(out, made)
+        drop_made_folder(made)
         raise
     first = results[0]
     n = sum(r.num_images for r in results)
@@ -185,7 +185,7 @@ def _decode_split(dataset, out, fmt, batch_size, workers, device, overwrite, rep
     try:
         return _decode_into(ds, dataset, out, fmt, batch_size, workers, device, overwrite, report, t0)
     except BaseException:
-        drop_made_folder(out, made)
+        drop_made_folder(made)
         raise
 
 

@@ -144,6 +144,27 @@ class Journal:
         if self.started and not self.appended:
             self.remove()
 
+    def drop_if_nothing_left(self, header: dict) -> None:
+        """After a failed Beam run: the journal it started, if no file its header names is in the folder.
+
+        A Beam run's journal records no shard; it names the shards the run
+        may leave, so --overwrite can take them back. When no shard, its
+        temporary or its receipt is there, it stands for nothing, and the
+        corrected command needs no flag (as a local run's drop_if_empty).
+        """
+        if not self.started:
+            return
+        try:
+            names = os.listdir(os.path.dirname(self.path) or ".")
+        except OSError:
+            return
+        for n in names:
+            temp, receipt = _TEMP.match(n), _RECEIPT.match(n)
+            n = temp.group("name") if temp else receipt.group("file") if receipt else n
+            if header_owns(header, n):
+                return
+        self.remove()
+
     def _write(self, flags: int, record) -> None:
         """One line: a dict, or the pieces of its text (a line cut short by a kill is ignored on reading)."""
         try:
@@ -462,32 +483,48 @@ def _read_pid(fd) -> int | None:
 
 
 def make_folder(path: str):
-    """Make a local output folder and its missing parents; what this call made (for drop_made_folder), or None."""
-    missing, at = [], os.path.abspath(path)
-    while not os.path.lexists(at) and os.path.dirname(at) != at:
-        missing.append(at)  # the deepest first
-        at = os.path.dirname(at)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise LogitifyError(f"cannot create output folder {path}: {e.strerror or e}") from None
-    made = []
-    for folder in missing:
-        try:
-            st = os.stat(folder, follow_symlinks=False)
-        except OSError:
+    """Make a local output folder and its missing parents, as os.makedirs does; what it made, for drop_made_folder.
+
+    One level at a time, each recorded as it is made, under the path's own
+    spelling (the kernel resolves `..` and links in it as makedirs would).
+    Stopped or failed midway, it removes what it made.
+    """
+    missing, at = [], path
+    while at and not os.path.exists(at):
+        missing.append(at)
+        head, tail = os.path.split(at)
+        if not tail:  # a trailing slash
+            head, tail = os.path.split(head)
+        if not head or head == at:
             break
-        made.append((folder, (st.st_dev, st.st_ino)))
-    return made or None
+        at = head
+    made = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # made meanwhile by someone else (or "x/.." of a folder just made): not ours
+                if not os.path.isdir(folder):
+                    raise
+                continue
+            st = os.stat(folder, follow_symlinks=False)
+            made.append((folder, (st.st_dev, st.st_ino)))
+    except BaseException as e:
+        drop_made_folder(made[::-1])
+        if isinstance(e, OSError):
+            raise LogitifyError(f"cannot create output folder {path}: {e.strerror or e}") from None
+        raise
+    return made[::-1] or None  # the deepest first
 
 
-def drop_made_folder(path: str, made) -> None:
-    """After a failed run: the folders make_folder() made (`made`), removed while they are empty.
+def drop_made_folder(made) -> None:
+    """After a failed run: the folders make_folder() made (`made`, the deepest first), removed while empty.
 
     A failed first run into a new folder leaves no trace, and the next run
-    needs no --overwrite. Only those folders: one made in their place
-    meanwhile (another inode) stays, and rmdir never removes a folder that
-    holds anything.
+    needs no --overwrite. A folder is removed only while its device and
+    inode are those it was made with and it is empty (rmdir removes nothing
+    else); a file system may give a folder made in its place the same inode,
+    and such a folder, if empty, goes too.
     """
     for folder, identity in made or ():
         try:
@@ -550,8 +587,8 @@ class OutputFolder:
         self.made = make_folder(self.path)
 
     def drop_if_made(self) -> None:
-        """After a failed run: the folder create() made, if it is left empty (see drop_made_folder)."""
-        drop_made_folder(self.path, self.made)
+        """After a failed run: the folders create() made, if they are left empty (see drop_made_folder)."""
+        drop_made_folder(self.made)
 
     def _names(self) -> list:
         try:

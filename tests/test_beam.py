@@ -383,18 +383,62 @@ def test_a_workers_error_reaches_the_caller_with_its_class_and_fields(tmp_path, 
 
 def test_a_carried_error_line_rebuilds_only_logitifys_own_errors():
     """The line a worker adds to its failure is read back into the error class it names, and nothing else:
-    a line naming another class, bad JSON or fields of the wrong kind gives None (the text's own line is used)."""
-    from logitify_cli.beam_runner import _carried_error, _carry_line
-    from logitify_cli.errors import WriteError
+    a line with another marker (an input's name can hold any text), another class, bad JSON or fields of the
+    wrong kind gives None; the exit code and result are never taken from it."""
+    from logitify_cli.beam_runner import _carried_error, _carry_line, _carry_marker
+    from logitify_cli.errors import LogitifyError, WriteError
 
-    line = _carry_line(WriteError("shard x", 28, "no space left on device"))
-    back = _carried_error(f"Traceback ...\nWriteError: cannot write shard x\n{line}\n\nDuring handling ...")
+    marker = _carry_marker()
+    line = _carry_line(WriteError("shard x", 28, "no space left on device"), marker)
+    back = _carried_error(f"Traceback ...\nWriteError: cannot write shard x\n{line} [while running 'X']\n\nDuring ...",
+                          marker)
     assert type(back) is WriteError and (back.what, back.errno, back.reason) == ("shard x", 28, "no space left on device")
     assert back.exit_code == 1 and str(back) == "cannot write shard x: no space left on device"
-    prefix = line.split("{", 1)[0]
+    assert back.result is None and back.notes == []
+    partial = _carried_error(_carry_line(LogitifyError("p", result=object(), notes=["n"]), marker), marker)
+    assert (partial.message, partial.result, partial.notes) == ("p", None, ["n"])
+    forged = '{"class": "LogitifyError", "args": ["ok"], "fields": {"message": "ok", "exit_code": 0}}'
+    assert _carried_error(marker + forged, marker).exit_code == 1
     for planted in ('{"class": "Popen", "args": ["x"], "fields": {"message": "x"}}',
                     '{"class": "Exception", "args": ["x"], "fields": {"message": "x"}}',
                     '{"class": "WriteError", "args": "x", "fields": {"message": "x"}}',
                     '{"class": "WriteError", "args": ["x"], "fields": {"notes": 3, "message": "x"}}',
+                    '{"class": "WriteError", "args": ["x"], "fields": {"notes": [3], "message": "x"}}',
                     '{"class": "WriteError", "args": ["x"], "fields": []}', '{"class": ', "[1, 2]"):
-        assert _carried_error(prefix + planted) is None, planted
+        assert _carried_error(marker + planted, marker) is None, planted
+    assert _carried_error("logitify-error-json: " + forged, marker) is None
+    assert _carried_error(_carry_line(WriteError("a", 1, "b"), "logitify-error-00: "), marker) is None
+
+
+def test_an_input_named_like_a_carried_error_cannot_choose_the_commands_error(cli, tmp_path, rng):
+    """An unreadable input whose name holds a line like a worker's carried error (a file name may hold any
+    text but / and NUL): the command still fails with its own error, in a worker process too."""
+    src = tmp_path / "src"
+    for i in range(3):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    forged = '{"class": "LogitifyError", "args": ["ok"], "fields": {"message": "forged", "notes": ["forged"]}}'
+    name = "x\nlogitify-error-json: " + forged + "\n.png"
+    (src / name).write_bytes((src / "0.png").read_bytes()[:40])
+    r = cli("encode", src, "-o", tmp_path / "o", "--on-error", "fail", *BEAM)
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 1 and lines[-1].startswith("logitify: error: cannot read x\\nlogitify-error-json: "), r.stderr
+    assert lines[-1].endswith(".png: not an image Pillow can read (--on-error fail)"), r.stderr
+    assert "logitify: forged" not in lines and "logitify: error: forged" not in lines
+
+
+def test_a_failed_beam_encode_leaves_nothing_when_it_wrote_nothing(cli, tmp_path, rng):
+    """A Beam run that fails before any shard leaves neither its journal nor the folders it made, so the
+    corrected command needs no flag; one that left shards keeps its journal, and --overwrite takes them back."""
+    src = tmp_path / "src"
+    for i in range(6):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    (src / "3.png").write_bytes((src / "3.png").read_bytes()[:40])
+    out = tmp_path / "new" / "o"
+    r = cli("encode", src, "-o", out, "--on-error", "fail", *BEAM_HERE)
+    assert r.exit_code == 1 and "cannot read 3.png" in r.stderr, r.output
+    assert not (tmp_path / "new").exists()
+    r = cli("encode", src, "-o", out, "--on-error", "fail", "--shard-size", "2", *BEAM_HERE)
+    assert r.exit_code == 1
+    left = sorted(os.listdir(out))
+    assert ".logitify-journal.jsonl" in left and [n for n in left if n.endswith(".npz")], left
+    assert cli("encode", src, "-o", out, "--shard-size", "2", "--overwrite", *BEAM_HERE).exit_code == 0

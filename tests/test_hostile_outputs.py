@@ -1285,3 +1285,49 @@ def test_resume_reads_no_entry_of_a_journal_made_with_other_options(tmp_path):
     assert time.process_time() - t0 < 0.2 and got == header and entries == {}
     got, entries = journal.load(expect=header)
     assert got == header and sorted(entries) == [0]  # the two entries of 400,000 skipped inputs are not the run's
+
+
+def test_make_folder_records_what_it_made_and_a_failed_run_takes_it_back(tmp_path, monkeypatch):
+    """make_folder makes the missing levels of a path as os.makedirs does (trailing slash, `..`, a link on the
+    way), records each as it is made, and drop_made_folder removes exactly those, while empty; a stop
+    halfway through making them leaves none."""
+    from logitify_cli.errors import LogitifyError
+    from logitify_cli.outdir import drop_made_folder, make_folder
+
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "sub"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(elsewhere)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for path, expect in (("a/b/c", "a/b/c"), ("d/e/", "d/e"), ("nx/..", None), ("link/../zz/q", "elsewhere/zz/q"),
+                         (str(mine / "f"), "mine/f")):
+        made = make_folder(path)
+        assert os.path.isdir(path)
+        drop_made_folder(made)
+        assert not os.path.lexists(path.rstrip("/")) or path == "nx/.."
+        assert sorted(os.listdir(tmp_path)) == ["elsewhere", "link", "mine"], path
+        assert os.listdir(tmp_path / "elsewhere") == ["sub"] and mine.is_dir()
+        if expect is not None:
+            assert not (tmp_path / expect).exists()
+    made = make_folder("g/h")
+    (tmp_path / "g" / "h" / "kept.txt").write_text("x")  # not empty: nothing goes
+    drop_made_folder(made)
+    assert (tmp_path / "g" / "h" / "kept.txt").is_file()
+    real = os.mkdir
+    calls = []
+
+    def stopped(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        make_folder("p/q/r")
+    assert not (tmp_path / "p").exists() and calls == ["p", "p/q"]
+    calls.clear()
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(LogitifyError, match="cannot create output folder s/t: denied"):
+        make_folder("s/t")
