@@ -542,6 +542,7 @@ class OutputFolder:
     def __init__(self, path: str, split: str = "train"):
         self.path = path
         self.made = None  # the folders create() made (see make_folder)
+        self._unchecked = None  # check()'s arguments, when it found no folder to check
         self.lock = FolderLock(path)
         self.journal = Journal(path, split)
 
@@ -560,6 +561,7 @@ class OutputFolder:
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise LogitifyError(f"output {self.path} exists and is not a folder")
         if not os.path.isdir(self.path):
+            self._unchecked = (overwrite, resume, splits)  # see create()
             return
         pid = self.lock.holder()
         if pid is not None:
@@ -584,7 +586,19 @@ class OutputFolder:
             self._refuse_foreign(names, self.owned())
 
     def create(self) -> None:
+        """Make the folder; one check() found missing that is there now without being made here is checked now.
+
+        A path such as `new/..` names no folder until `new` is made, and then
+        names one that may hold a user's files.
+        """
         self.made = make_folder(self.path)
+        if self._unchecked is not None and not (self.made and self.made[0][0] == self.path):
+            unchecked, self._unchecked = self._unchecked, None
+            try:
+                self.check(*unchecked)
+            except BaseException:
+                self.drop_if_made()
+                raise
 
     def drop_if_made(self) -> None:
         """After a failed run: the folders create() made, if they are left empty (see drop_made_folder)."""

@@ -1331,3 +1331,20 @@ def test_make_folder_records_what_it_made_and_a_failed_run_takes_it_back(tmp_pat
     monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(LogitifyError, match="cannot create output folder s/t: denied"):
         make_folder("s/t")
+
+
+@pytest.mark.parametrize("flag", [None, "--overwrite", "--resume"])
+def test_an_output_named_through_a_folder_yet_to_be_made_is_checked_once_it_is_there(cli, pics, tmp_path,
+                                                                                      monkeypatch, flag):
+    """`-o new/..` names no folder until `new` is made, then the folder holding the user's files: it is
+    refused as that folder would be, nothing is written there, and `new` goes again."""
+    home = tmp_path / "work"
+    home.mkdir()
+    (home / "thesis.txt").write_text("mine")
+    monkeypatch.chdir(home)
+    r = cli("encode", pics, "-o", "new/..", *([flag] if flag else []))
+    assert r.exit_code == 1, r.output
+    assert ("not empty" if flag is None else "which logitify did not write") in r.stderr, r.stderr
+    assert sorted(os.listdir(home)) == ["thesis.txt"] and (home / "thesis.txt").read_text() == "mine"
+    r = cli("decode", pics, "-o", "new/..")
+    assert r.exit_code != 0 and sorted(os.listdir(home)) == ["thesis.txt"]
