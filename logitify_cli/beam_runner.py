@@ -199,14 +199,30 @@ def _error_carried(marker: str):
         line = _carry_line(e, marker)
         if line is not None and not any(str(n).startswith(marker) for n in getattr(e, "__notes__", ())):
             e.add_note(line)
+            # Beam sends the traceback as UTF-8: a key from a file name that is not (a lone surrogate)
+            # made the worker fail to report at all, and the launcher wait for good. The line holds
+            # the text as it was (JSON escapes it); _uncarried puts it back in this process.
+            safe = tuple(_utf8_safe(a) for a in e.args)
+            if safe != e.args:
+                e._carried_args, e.args = e.args, safe
         raise
+
+
+def _utf8_safe(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _carry_line(e: LogitifyError, marker: str) -> str | None:
     """`marker` and the error's class, args and fields as JSON; a field JSON cannot hold (a partial result) is left out."""
     fields = {}
     for name, value in vars(e).items():
-        if name.startswith("__") or name in _NOT_CARRIED:
+        if name.startswith("_") or name in _NOT_CARRIED:
             continue
         try:
             json.dumps(value, allow_nan=False)
@@ -256,7 +272,9 @@ def _carried_error(text: str, marker: str):
 
 
 def _uncarried(e: LogitifyError, marker: str) -> LogitifyError:
-    """The error without the line _error_carried added (it is for the launcher, not the user)."""
+    """The error without the line _error_carried added (it is for the launcher, not the user), its args as raised."""
+    if "_carried_args" in vars(e):
+        e.args = e.__dict__.pop("_carried_args")
     notes = getattr(e, "__notes__", None)
     if notes:
         kept = [n for n in notes if not str(n).startswith(marker)]
@@ -444,9 +462,10 @@ def _make_shard_fn():
         def setup(self):
             from .shards import build_transform
 
-            _worker_filesystems(self.beam_args)
-            _worker_tf(self.quiet, self.marker)
-            self.transform = build_transform(self.options, self.shape)
+            with _error_carried(self.marker):
+                _worker_filesystems(self.beam_args)
+                _worker_tf(self.quiet, self.marker)
+                self.transform = build_transform(self.options, self.shape)
 
         def process(self, task):
             from .pixels import read_in_process
@@ -661,11 +680,12 @@ def _decode_shard_fn():
             from .device import resolve_device
 
             _worker_quiet(self.quiet, self.marker)
-            _worker_filesystems(self.beam_args)
-            self.ds = LogitDataset(self.dataset, self.split)
-            if self.device == "gpu":
-                _worker_tf(self.quiet, self.marker)
-            self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
+            with _error_carried(self.marker):
+                _worker_filesystems(self.beam_args)
+                self.ds = LogitDataset(self.dataset, self.split)
+                if self.device == "gpu":
+                    _worker_tf(self.quiet, self.marker)
+                self.tf_device = resolve_device(self.device) if self.device == "gpu" else None
 
         def _identity(self):
             import socket
@@ -725,8 +745,9 @@ def _name_claims_fn():
             from .dataset import LogitDataset
 
             _worker_quiet(self.quiet, self.marker)
-            _worker_filesystems(self.beam_args)
-            self.ds = LogitDataset(self.dataset, self.split)
+            with _error_carried(self.marker):
+                _worker_filesystems(self.beam_args)
+                self.ds = LogitDataset(self.dataset, self.split)
 
         def process(self, index):
             from .outputs import name_claims

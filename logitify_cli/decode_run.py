@@ -23,24 +23,41 @@ from .results import DecodeResult
 
 
 def prepare_folder(out: str, overwrite: bool):
-    """Check the output folder and make it; what this made, for drop_made_folder after a failure."""
+    """Check the output folder and make it; what this made, for drop_made_folder after a failure.
+
+    A path such as `new/..` names no folder until `new` is made, and then
+    names one that may be the home folder: it is checked again once there.
+    """
+    absent = not os.path.isdir(out)
+    _check_folder(out, overwrite)
+    made = make_folder(out)
+    if absent and not (made and made[0][0] == out):
+        try:
+            _check_folder(out, overwrite)
+        except BaseException:
+            drop_made_folder(made)
+            raise
+    return made
+
+
+def _check_folder(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise LogitifyError(f"output {out} exists and is not a folder")
-    pid = FolderLock(out).holder() if os.path.isdir(out) else None
+    if not os.path.isdir(out):
+        return
+    pid = FolderLock(out).holder()
     if pid is not None:
         raise in_use(out, pid)
-    if os.path.isdir(out):
-        refuse_foreign_own(FolderLock(out).path, "lock file")
-    if os.path.isdir(out) and overwrite and protected_folder(out):
+    refuse_foreign_own(FolderLock(out).path, "lock file")
+    if overwrite and protected_folder(out):
         raise LogitifyError(f"output folder {out} is {protected_folder(out)}; decode does not write there with "
                             "--overwrite: choose a folder of its own")
     try:
-        busy = os.path.isdir(out) and os.listdir(out)
+        busy = os.listdir(out)
     except OSError as e:
         raise LogitifyError(f"cannot read output folder {out}: {e.strerror or e}") from None
     if busy and not overwrite:
         raise LogitifyError(f"output folder {out} is not empty; pass --overwrite to write into it")
-    return make_folder(out)
 
 
 def locked_folder(out: str, overwrite: bool) -> FolderLock:

@@ -273,6 +273,8 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
     # Fork the readers first, while this process still has one thread.
     pool = OrderedPool(workers) if workers > 1 and can_fork() else None
 
+    ended = threading.Event()
+
     def run():
         try:
             box["started"] = _start(opts, folder, pool, warn)
@@ -280,6 +282,8 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
             box["error"] = e
             if pool is not None:
                 pool.close(cancel=True)
+        finally:
+            ended.set()
 
     thread = threading.Thread(target=run, name="plan", daemon=True)
     thread.start()
@@ -290,7 +294,9 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
     except BaseException:  # Ctrl-C at any of the three: the readers stop now, then the plan ends
         if pool is not None:
             pool.close(cancel=True)
-        thread.join()
+        # Not thread.join(): one a Ctrl-C interrupted counts the thread as ended while it still runs
+        # (Python 3.11), and the plan went on to make the folder and take its lock after this returned.
+        ended.wait()
         if "started" in box:
             box["started"].pool.close(cancel=True)
             box["started"].folder.lock.release()

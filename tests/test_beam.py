@@ -442,3 +442,45 @@ def test_a_failed_beam_encode_leaves_nothing_when_it_wrote_nothing(cli, tmp_path
     left = sorted(os.listdir(out))
     assert ".logitify-journal.jsonl" in left and [n for n in left if n.endswith(".npz")], left
     assert cli("encode", src, "-o", out, "--shard-size", "2", "--overwrite", *BEAM_HERE).exit_code == 0
+
+
+def test_a_workers_error_naming_a_file_that_is_not_utf8_comes_back(tmp_path, rng):
+    """A key from a file name that is not UTF-8 (a lone surrogate in Python) in a worker process's error:
+    Beam sends the failure as UTF-8 and could not, so the worker never reported and the run waited for good.
+    The command fails with its own line, the name escaped."""
+    src = tmp_path / "src"
+    for i in range(3):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    with open(os.path.join(os.fsencode(src), b"z\xff.png"), "wb") as f:
+        f.write((src / "0.png").read_bytes()[:40])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(src), "-o", str(tmp_path / "o"),
+                          "--on-error", "fail", *BEAM], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        _, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(p.pid) | {p.pid}:
+            os.kill(pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the run did not end")
+    assert p.returncode == 1 and err.splitlines()[-1].startswith("logitify: error: cannot read z\\udcff.png: "), err
+    assert "Traceback" not in err, err
+
+
+def test_an_error_in_a_workers_setup_comes_back_as_the_local_runners(cli, tmp_path, rng, capfd):
+    """--device gpu without a GPU fails in each worker's setup (before any shard): a worker process's error
+    there reaches the command with its class (its exit code) and line, as the local runner gives them, and
+    no traceback of it is printed."""
+    src = tmp_path / "src"
+    for i in range(3):
+        save(str(src / f"{i}.png"), photo(rng, 8, 8))
+    assert cli("encode", src, "-o", tmp_path / "ds").exit_code == 0
+    local = cli("decode", tmp_path / "ds", "-o", tmp_path / "local", "--device", "gpu")
+    if local.exit_code == 0:
+        pytest.skip("TensorFlow sees a GPU here")
+    capfd.readouterr()
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "beam", "--device", "gpu", *BEAM)
+    assert (r.exit_code, r.stderr.splitlines()[-1]) == (local.exit_code, local.stderr.splitlines()[-1]), r.stderr
+    assert "Traceback" not in capfd.readouterr().err
+    assert not (tmp_path / "beam").exists()

@@ -1346,5 +1346,9 @@ def test_an_output_named_through_a_folder_yet_to_be_made_is_checked_once_it_is_t
     assert r.exit_code == 1, r.output
     assert ("not empty" if flag is None else "which logitify did not write") in r.stderr, r.stderr
     assert sorted(os.listdir(home)) == ["thesis.txt"] and (home / "thesis.txt").read_text() == "mine"
-    r = cli("decode", pics, "-o", "new/..")
-    assert r.exit_code != 0 and sorted(os.listdir(home)) == ["thesis.txt"]
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    monkeypatch.setenv("HOME", str(home))  # decode --overwrite never writes into the home folder
+    r = cli("decode", ds, "-o", "new/..", *(["--overwrite"] if flag == "--overwrite" else []))
+    assert r.exit_code == 1 and ("home folder" if flag == "--overwrite" else "not empty") in r.stderr, r.stderr
+    assert sorted(os.listdir(home)) == ["thesis.txt"]

@@ -618,3 +618,38 @@ def test_a_stop_between_the_tfds_metadata_and_the_manifest_leaves_a_folder_resum
     r = cli("encode", many_images, "-o", out, "-f", "tfrecord", "--shard-size", "500", "--resume", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["resumed_shards"] == 3, r.output
     assert (out / "dataset_info.json").exists() and cli("verify", out).exit_code == 0
+
+
+def test_a_stop_while_the_plan_runs_waits_for_it_and_leaves_no_lock(many_images, tmp_path, monkeypatch):
+    """Ctrl-C while the plan's thread runs (before TensorFlow's import): the stop waits for the plan, then
+    gives the folder's lock back. On Python 3.11 a join that a Ctrl-C interrupted makes the next join of
+    that thread return at once while it still runs (simulated here): the plan then made the folder and took
+    its lock after the stop had returned, and the lock stayed."""
+    import threading
+
+    from logitify_cli import encode_run
+    from logitify_cli.planner import EncodeOptions
+    from logitify_cli.report import Reporter
+
+    real_start, real_join = encode_run._start, threading.Thread.join
+
+    def slow_start(*args, **kwargs):
+        time.sleep(0.5)
+        return real_start(*args, **kwargs)
+
+    def interrupted_join(self, timeout=None):
+        if self.name != "plan":
+            return real_join(self, timeout)
+        if timeout is not None:
+            raise KeyboardInterrupt  # the Ctrl-C lands in the first join
+        return None  # and the next join of that thread returns at once, as on 3.11
+
+    monkeypatch.setattr(encode_run, "_start", slow_start)
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    out = tmp_path / "new" / "o"
+    with pytest.raises(KeyboardInterrupt):
+        encode_run.run_encode(EncodeOptions(sources=[str(many_images)], out=str(out)), Reporter(quiet=True))
+    monkeypatch.undo()
+    time.sleep(1.0)  # a plan still running would take the lock meanwhile
+    assert not [t for t in threading.enumerate() if t.name == "plan"]
+    assert not os.path.lexists(out / ".logitify.lock")
