@@ -575,7 +575,7 @@ def encode_beam(opts, report: Reporter, beam_args) -> EncodeResult:
     made = [opts.split] + ([opts.holdout[1]] if opts.holdout else [])
     if not fs.is_remote(opts.out):
         folder = OutputFolder(opts.out, opts.split)
-        folder.check(opts.overwrite, False, splits=made)
+        folder.check(opts.overwrite, False, splits=made, resumable=False)
     have, base = existing(opts)
     p = plan(opts, base=base)  # a failure's notes (skipped inputs) travel on the error
     for note in p.notes:

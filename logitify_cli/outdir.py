@@ -556,12 +556,15 @@ class OutputFolder:
         except LogitifyError:
             return None
 
-    def check(self, overwrite: bool, resume: bool, splits=None) -> None:
-        """Fail at once, before any work and before anything is written, on an output we may not touch."""
+    def check(self, overwrite: bool, resume: bool, splits=None, resumable: bool = True) -> None:
+        """Fail at once, before any work and before anything is written, on an output we may not touch.
+
+        `resumable`: whether the runner can take --resume (Beam's cannot), for the advice a refusal gives.
+        """
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise LogitifyError(f"output {self.path} exists and is not a folder")
         if not os.path.isdir(self.path):
-            self._unchecked = (overwrite, resume, splits)  # see create()
+            self._unchecked = (overwrite, resume, splits, resumable)  # see create()
             return
         pid = self.lock.holder()
         if pid is not None:
@@ -574,14 +577,15 @@ class OutputFolder:
                                     f"--{'overwrite' if overwrite else 'resume'}: choose a folder of its own")
         names = self._names()
         if names and not (overwrite or resume):
+            finish = ", or --resume to finish it" if resumable else ""
             have = self.dataset()
             if have is None or len(have.splits) == 1 and not set(have.splits) - set(splits or ()):
                 raise LogitifyError(f"output folder {self.path} is not empty; pass --overwrite to replace "
-                                    "what logitify wrote there, or --resume to finish it")
+                                    f"what logitify wrote there{finish}")
             there = sorted(set(have.splits) & set(splits or ()))
             if there:  # a dataset of other splits too: only the named ones would be replaced
                 raise LogitifyError(f"{self.path} already holds the split {there[0]!r}; pass --overwrite to "
-                                    "replace only that split, or --resume to finish it")
+                                    f"replace only that split{finish}")
         if overwrite or resume:  # a resume with nothing of logitify's to finish would write beside a user's files
             self._refuse_foreign(names, self.owned())
 
