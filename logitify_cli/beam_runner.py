@@ -462,6 +462,7 @@ def _make_shard_fn():
         def setup(self):
             from .shards import build_transform
 
+            _worker_quiet(self.quiet, self.marker)
             with _error_carried(self.marker):
                 _worker_filesystems(self.beam_args)
                 _worker_tf(self.quiet, self.marker)

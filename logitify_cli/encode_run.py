@@ -170,11 +170,18 @@ def _unlist_replaced(opts: EncodeOptions, p: RunPlan, have, base, writes: list, 
     return [note]
 
 
-def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, warn=lambda message: None) -> _Started:
-    """Plan, take the output folder, pick the shards to make, and start reading ahead."""
+def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, warn=lambda message: None,
+           stopping: threading.Event | None = None) -> _Started:
+    """Plan, take the output folder, pick the shards to make, and start reading ahead.
+
+    `stopping` is set when the run was stopped while this plans (in another
+    thread): once the plan is made, nothing more is made or taken.
+    """
     have, base = existing(opts)
     p = plan(opts, base=base)
     heap.release()  # what discovery sorted and merged in passing
+    if stopping is not None and stopping.is_set():
+        raise KeyboardInterrupt
     folder.create()
     folder.lock.acquire()
     try:
@@ -273,11 +280,11 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
     # Fork the readers first, while this process still has one thread.
     pool = OrderedPool(workers) if workers > 1 and can_fork() else None
 
-    ended = threading.Event()
+    ended, stopping = threading.Event(), threading.Event()
 
     def run():
         try:
-            box["started"] = _start(opts, folder, pool, warn)
+            box["started"] = _start(opts, folder, pool, warn, stopping)
         except BaseException as e:  # re-raised below, in the main thread
             box["error"] = e
             if pool is not None:
@@ -292,10 +299,12 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
         _load_tf()
         thread.join()
     except BaseException:  # Ctrl-C at any of the three: the readers stop now, then the plan ends
+        stopping.set()  # what it has not made yet, it does not make
         if pool is not None:
             pool.close(cancel=True)
         # Not thread.join(): one a Ctrl-C interrupted counts the thread as ended while it still runs
-        # (Python 3.11), and the plan went on to make the folder and take its lock after this returned.
+        # (Python 3.11 and later), and the plan went on to make the folder and take its lock after this
+        # returned. A second stop during this wait ends it, and the run, at once.
         ended.wait()
         if "started" in box:
             box["started"].pool.close(cancel=True)

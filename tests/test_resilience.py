@@ -621,8 +621,8 @@ def test_a_stop_between_the_tfds_metadata_and_the_manifest_leaves_a_folder_resum
 
 
 def test_a_stop_while_the_plan_runs_waits_for_it_and_leaves_no_lock(many_images, tmp_path, monkeypatch):
-    """Ctrl-C while the plan's thread runs (before TensorFlow's import): the stop waits for the plan, then
-    gives the folder's lock back. On Python 3.11 a join that a Ctrl-C interrupted makes the next join of
+    """Ctrl-C while the plan's thread runs (before TensorFlow's import): the stop waits for the plan, which
+    makes nothing once it is planned (no folder, no lock). On Python 3.11 a join that a Ctrl-C interrupted makes the next join of
     that thread return at once while it still runs (simulated here): the plan then made the folder and took
     its lock after the stop had returned, and the lock stayed."""
     import threading
@@ -653,3 +653,4 @@ def test_a_stop_while_the_plan_runs_waits_for_it_and_leaves_no_lock(many_images,
     time.sleep(1.0)  # a plan still running would take the lock meanwhile
     assert not [t for t in threading.enumerate() if t.name == "plan"]
     assert not os.path.lexists(out / ".logitify.lock")
+    assert not (tmp_path / "new").exists()  # stopped before the plan was made: it made nothing after
