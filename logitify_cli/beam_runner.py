@@ -209,6 +209,7 @@ def _error_carried(marker: str):
 
 
 def _utf8_safe(value):
+    """`value` as text UTF-8 can hold: a lone surrogate (a file name's stray byte) as its backslash escape."""
     if not isinstance(value, str):
         return value
     try:
@@ -219,7 +220,11 @@ def _utf8_safe(value):
 
 
 def _carry_line(e: LogitifyError, marker: str) -> str | None:
-    """`marker` and the error's class, args and fields as JSON; a field JSON cannot hold (a partial result) is left out."""
+    """`marker` and the error's class, args and fields as JSON.
+
+    Left out: a field JSON cannot hold (a partial result), private attributes
+    and those the launcher sets itself (_NOT_CARRIED).
+    """
     fields = {}
     for name, value in vars(e).items():
         if name.startswith("_") or name in _NOT_CARRIED:

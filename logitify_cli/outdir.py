@@ -504,9 +504,10 @@ def make_folder(path: str):
             try:
                 os.mkdir(folder)
             except FileExistsError:  # made meanwhile by someone else (or "x/.." of a folder just made): not ours
-                if not os.path.isdir(folder):
-                    raise
-                continue
+                if os.path.isdir(folder):
+                    continue
+                what = "a link to nothing" if os.path.islink(folder) else "not a folder"
+                raise LogitifyError(f"cannot create output folder {path}: {folder} is {what}") from None
             st = os.stat(folder, follow_symlinks=False)
             made.append((folder, (st.st_dev, st.st_ino)))
     except BaseException as e:
@@ -587,7 +588,7 @@ class OutputFolder:
                 raise LogitifyError(f"{self.path} already holds the split {there[0]!r}; pass --overwrite to "
                                     f"replace only that split{finish}")
         if overwrite or resume:  # a resume with nothing of logitify's to finish would write beside a user's files
-            self._refuse_foreign(names, self.owned())
+            self._refuse_foreign(names, self.owned(), "--overwrite" if overwrite else "--resume")
 
     def create(self) -> None:
         """Make the folder; one check() found missing that is there now without being made here is checked now.
@@ -644,15 +645,16 @@ class OutputFolder:
 
         return ours
 
-    def _refuse_foreign(self, names: list, owned: set) -> None:
+    def _refuse_foreign(self, names: list, owned: set, option: str | None) -> None:
+        """Refuse the first of `names` logitify did not write; `option` is the one the user gave, for the message."""
         ours = self._ours(owned)
         # A manifest that is not logitify's is named first: the files it would have owned follow from it.
         foreign = sorted((n for n in names if not ours(n)), key=lambda n: n != manifest_mod.MANIFEST)
         if foreign:
+            who = f"{option} touches" if option else "logitify replaces"
             raise ForeignFile(
                 f"output folder {self.path} holds {printable(foreign[0])}, which logitify did not write; "
-                "--overwrite and --resume touch only a folder of logitify's own files: move it away or choose "
-                "another folder",
+                f"{who} only logitify's own files: move it away or choose another folder",
                 folder=self.path, file=foreign[0])
 
     def prepare(self, overwrite: bool, resume: bool, inputs=None, keep_dataset: bool = False,
@@ -672,11 +674,10 @@ class OutputFolder:
         # A receipt is read only by the Beam run whose worker wrote it, at that run's end.
         remove = [n for n in names if (_TEMP.match(n) or _RECEIPT.match(n)) and ours(n)]
         present = set(names)
-        self._refuse_foreign([n for n in writes if n in present], owned)
-        if overwrite and keep_dataset:
-            self._refuse_foreign(names, owned)
-        elif overwrite:
-            self._refuse_foreign(names, owned)
+        self._refuse_foreign([n for n in writes if n in present], owned, None)
+        if overwrite:
+            self._refuse_foreign(names, owned, "--overwrite")
+        if overwrite and not keep_dataset:
             remove = [n for n in names if n != manifest_mod.LOCK]
         paths = [os.path.join(self.path, n) for n in remove]
         if inputs is not None:

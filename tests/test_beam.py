@@ -443,6 +443,11 @@ def test_a_failed_beam_encode_leaves_nothing_when_it_wrote_nothing(cli, tmp_path
     assert ".logitify-journal.jsonl" in left and [n for n in left if n.endswith(".npz")], left
     r = cli("encode", src, "-o", out, "--shard-size", "2", *BEAM_HERE)  # the advice is one Beam can take
     assert r.exit_code == 1 and "pass --overwrite" in r.stderr and "--resume" not in r.stderr, r.stderr
+    (out / "notes.txt").write_text("mine")
+    r = cli("encode", src, "-o", out, "--shard-size", "2", "--overwrite", *BEAM_HERE)
+    assert r.exit_code == 1 and "notes.txt, which logitify did not write; --overwrite touches only" in r.stderr
+    assert "--resume" not in r.stderr, r.stderr
+    (out / "notes.txt").unlink()
     assert cli("encode", src, "-o", out, "--shard-size", "2", "--overwrite", *BEAM_HERE).exit_code == 0
 
 

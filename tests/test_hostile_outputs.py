@@ -1314,6 +1314,13 @@ def test_make_folder_records_what_it_made_and_a_failed_run_takes_it_back(tmp_pat
     (tmp_path / "g" / "h" / "kept.txt").write_text("x")  # not empty: nothing goes
     drop_made_folder(made)
     assert (tmp_path / "g" / "h" / "kept.txt").is_file()
+    (tmp_path / "g" / "gone").symlink_to(tmp_path / "nowhere")  # a link to nothing names no folder to make in
+    with pytest.raises(LogitifyError, match="cannot create output folder g/gone/v/w: g/gone is a link to nothing"):
+        make_folder("g/gone/v/w")
+    (tmp_path / "g" / "file").write_text("x")
+    with pytest.raises(LogitifyError, match="cannot create output folder g/file/v: Not a directory"):
+        make_folder("g/file/v")
+    assert not (tmp_path / "nowhere").exists()
     real = os.mkdir
     calls = []
 
@@ -1344,7 +1351,7 @@ def test_an_output_named_through_a_folder_yet_to_be_made_is_checked_once_it_is_t
     monkeypatch.chdir(home)
     r = cli("encode", pics, "-o", "new/..", *([flag] if flag else []))
     assert r.exit_code == 1, r.output
-    assert ("not empty" if flag is None else "which logitify did not write") in r.stderr, r.stderr
+    assert ("not empty" if flag is None else f"which logitify did not write; {flag} touches only") in r.stderr
     assert sorted(os.listdir(home)) == ["thesis.txt"] and (home / "thesis.txt").read_text() == "mine"
     ds = tmp_path / "ds"
     assert cli("encode", pics, "-o", ds).exit_code == 0
