@@ -406,8 +406,21 @@ def main():
     """
 
 
+def _left_nothing(options: dict) -> bool:
+    """A stopped run whose local output folder is gone: it made the folder and took it back, empty."""
+    from .fs import is_remote
+
+    out = options.get("out")
+    return bool(out) and not is_remote(out) and not os.path.lexists(out)
+
+
+_NOTHING_WRITTEN = "interrupted before anything was written; run the same command again"
+
+
 def _encode_interrupted(options: dict) -> str:
     """What a stopped encode leaves, and how to go on: --resume is the local runner's."""
+    if _left_nothing(options):
+        return _NOTHING_WRITTEN
     if options.get("runner") != "beam":
         return "interrupted; whole shards are kept, run again with --resume to finish"
     # A Beam run journals no shard as it ends (its receipts are the launcher's): nothing is kept to resume.
@@ -611,8 +624,8 @@ def encode(sources, out, fmt, alpha, alpha_convention, corruption_level, noise, 
               help="Run here, or as an Apache Beam pipeline (one shard per unit of work).")
 @click.option("--split", default=None, help="Decode this split only [all; several go to OUT/SPLIT/].")
 @stream_options
-@run_command(interrupted="interrupted; any images already written are kept, each whole: decode again with --overwrite "
-                         "to finish")
+@run_command(interrupted=lambda options: _NOTHING_WRITTEN if _left_nothing(options) else
+             "interrupted; any images already written are kept, each whole: decode again with --overwrite to finish")
 def decode(dataset, out, fmt, batch_size, workers, device, overwrite, runner, split, report):
     """Give the images back from an encoded DATASET (alias: invert).
 

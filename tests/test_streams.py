@@ -112,12 +112,19 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
 
     for module, name in ((encode_run, "run_encode"), (decode_run, "run_decode"), (verify, "verify")):
         monkeypatch.setattr(module, name, interrupted)
+    (tmp_path / "e").mkdir()  # a stopped run leaves its folder when something is in it, or it was there before
+    (tmp_path / "d").mkdir()
     r = cli("encode", src, "-o", tmp_path / "e")
     assert r.exit_code == 130 and "interrupted" in r.stderr and "--resume" in r.stderr
     r = cli("decode", out, "-o", tmp_path / "d")
     assert r.exit_code == 130 and "any images already written are kept" in r.stderr and "--resume" not in r.stderr
     r = cli("verify", out)
     assert r.exit_code == 130 and r.stderr.strip() == "logitify: interrupted"
+    # A run that took back the folder it made wrote nothing: no flag is needed to run it again.
+    nothing = "logitify: interrupted before anything was written; run the same command again"
+    for command, what in (("encode", src), ("decode", out)):
+        r = cli(command, what, "-o", tmp_path / "new" / "x")
+        assert r.exit_code == 130 and r.stderr.strip() == nothing, r.stderr
     # A pipeline reading --json gets its one object, stopped or not (SIGTERM arrives as _Terminated).
     from logitify_cli.cli import _Terminated
 
@@ -139,6 +146,8 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
     assert r.exit_code == 130 and "--overwrite" in r.stderr and "--resume" not in r.stderr, r.stderr
     r = cli("encode", src, "-o", "s3://bucket/e", "--runner", "beam")
     assert r.exit_code == 130 and "--overwrite" in r.stderr and "--resume" not in r.stderr, r.stderr
+    r = cli("encode", src, "-o", tmp_path / "new" / "x", "--runner", "beam")
+    assert r.exit_code == 130 and r.stderr.strip() == nothing, r.stderr
 
 
 def test_a_pool_starts_at_most_a_few_workers_per_core():
