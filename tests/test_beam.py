@@ -20,6 +20,8 @@ BEAM = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mod
 # The same runner in this process: for runs whose point is not the worker processes (each such run
 # starts two interpreters that import TensorFlow, seconds of the suite's time).
 BEAM_HERE = ["--runner", "beam", "--", "--runner=DirectRunner", "--direct_running_mode=in_memory"]
+# One worker process: for runs whose point is what crosses from a worker process to the launcher.
+BEAM_ONE = BEAM[:-1] + ["--direct_num_workers=1"]
 
 
 def manifest(out):
@@ -318,7 +320,7 @@ def test_a_failed_shard_is_said_in_one_line_without_beams_step_name(cli, tmp_pat
     data = (src / "3.png").read_bytes()
     (src / "3.png").write_bytes(data[:len(data) // 2])
     local = cli("encode", src, "-o", tmp_path / "local", "--on-error", "fail")
-    r = cli("encode", src, "-o", tmp_path / "beam", "--on-error", "fail", *(BEAM_HERE if runner == "here" else BEAM))
+    r = cli("encode", src, "-o", tmp_path / "beam", "--on-error", "fail", *(BEAM_HERE if runner == "here" else BEAM_ONE))
     assert local.exit_code == r.exit_code == 1
     said = local.stderr.strip().splitlines()[-1].split("error: ", 1)[1]
     assert said.startswith("cannot read 3.png:") and said.endswith("(--on-error fail)")
@@ -370,7 +372,7 @@ def test_a_workers_error_reaches_the_caller_with_its_class_and_fields(tmp_path, 
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError) as local:
         run_decode(str(ds), str(tmp_path / "local"))
-    args = BEAM_HERE[3:] if runner == "here" else BEAM[3:]
+    args = BEAM_HERE[3:] if runner == "here" else BEAM_ONE[3:]
     with pytest.raises(ShardError) as beam:
         decode_beam(str(ds), str(tmp_path / "beam"), "png", beam_args=args, report=Reporter(quiet=True))
     # The local runner checks the shard's sha256 first; Beam's first step reads its keys, and meets the zip's CRC
@@ -419,7 +421,7 @@ def test_an_input_named_like_a_carried_error_cannot_choose_the_commands_error(cl
     forged = '{"class": "LogitifyError", "args": ["ok"], "fields": {"message": "forged", "notes": ["forged"]}}'
     name = "x\nlogitify-error-json: " + forged + "\n.png"
     (src / name).write_bytes((src / "0.png").read_bytes()[:40])
-    r = cli("encode", src, "-o", tmp_path / "o", "--on-error", "fail", *BEAM)
+    r = cli("encode", src, "-o", tmp_path / "o", "--on-error", "fail", *BEAM_ONE)
     lines = r.stderr.splitlines()
     assert r.exit_code == 1 and lines[-1].startswith("logitify: error: cannot read x\\nlogitify-error-json: "), r.stderr
     assert lines[-1].endswith(".png: not an image Pillow can read (--on-error fail)"), r.stderr
@@ -462,7 +464,7 @@ def test_a_workers_error_naming_a_file_that_is_not_utf8_comes_back(tmp_path, rng
         f.write((src / "0.png").read_bytes()[:40])
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
     p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(src), "-o", str(tmp_path / "o"),
-                          "--on-error", "fail", *BEAM], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          "--on-error", "fail", *BEAM_ONE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, env=env)
     try:
         _, err = p.communicate(timeout=240)
@@ -487,7 +489,8 @@ def test_an_error_in_a_workers_setup_comes_back_as_the_local_runners(cli, tmp_pa
     if local.exit_code == 0:
         pytest.skip("TensorFlow sees a GPU here")
     capfd.readouterr()
-    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "beam", "--device", "gpu", *BEAM)
+    r = cli("decode", tmp_path / "ds", "-o", tmp_path / "beam", "--device", "gpu", *BEAM_ONE)
     assert (r.exit_code, r.stderr.splitlines()[-1]) == (local.exit_code, local.stderr.splitlines()[-1]), r.stderr
     assert "Traceback" not in capfd.readouterr().err
     assert not (tmp_path / "beam").exists()
+
