@@ -422,7 +422,7 @@ class _quiet_beam:
     Beam logs at INFO, warns about optional clients, and logs a worker's
     failure with its traceback (in the launcher too), which the command
     then says as its one line. A program that runs a command keeps its
-    logging as it set it.
+    logging as it set it, and its threads' error hook.
     """
 
     def __enter__(self):
@@ -435,11 +435,34 @@ class _quiet_beam:
         self.quiet = _tf.own_process and not _tf.verbose
         if self.quiet:
             self.logger.setLevel(logging.CRITICAL)
+            self.hook = threading.excepthook
+            threading.excepthook = self._worker_ended
         return self
+
+    def _worker_ended(self, args) -> None:
+        """The thread in which Beam waits on a worker process raises when that process ends with a failure's
+        exit code (now and then 134: an abort while a failed run's worker shuts down): one line, no traceback."""
+        tb = args.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        said = _WORKER_ENDED.fullmatch(str(args.exc_value))
+        if args.exc_type is RuntimeError and said and where.startswith("apache_beam."):
+            import sys
+
+            if sys.stderr is not None:
+                sys.stderr.write(f"logitify: a Beam worker process ended with exit code {said.group(1)}\n")
+            return
+        self.hook(args)
 
     def __exit__(self, *exc):
         if self.quiet:
             self.logger.setLevel(self.level)
+            if threading.excepthook == self._worker_ended:
+                threading.excepthook = self.hook
+
+
+_WORKER_ENDED = re.compile(r"Worker subprocess exited with return code (-?\d+)")
 
 
 def _receipt_path(out: str, file: str) -> str:

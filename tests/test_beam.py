@@ -494,3 +494,39 @@ def test_an_error_in_a_workers_setup_comes_back_as_the_local_runners(cli, tmp_pa
     assert "Traceback" not in capfd.readouterr().err
     assert not (tmp_path / "beam").exists()
 
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_worker_process_that_aborts_is_one_line_for_the_command_line(monkeypatch, capsys, own):
+    """Beam's thread that waits on a worker process raises when the process ends with a failure's exit code
+    (seen now and then: 134, an abort as a failed run's worker shuts down), and Python printed that thread's
+    traceback amid the command's own lines. The console script says it in one line; a program keeps its
+    own threads' error hook, and the hook is the caller's again after the run."""
+    import threading
+    import types
+
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.local_job_service import SubprocessSdkWorker
+
+    from logitify_cli import _tf
+    from logitify_cli.beam_runner import _quiet_beam
+
+    monkeypatch.setattr(_tf, "own_process", own)
+    monkeypatch.setattr(_tf, "verbose", False)
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))  # the caller's hook
+    before = threading.excepthook
+    info = types.SimpleNamespace(provision_info=beam_provision_api_pb2.ProvisionInfo())
+    worker = SubprocessSdkWorker(b"exit 134", "localhost:1", info)
+    with _quiet_beam():
+        t = threading.Thread(target=worker.run, name="run_worker")
+        t.start()
+        t.join()
+        other = threading.Thread(target=lambda: 1 / 0)  # any other thread's error goes where it went
+        other.start()
+        other.join()
+    assert threading.excepthook is before
+    err = capsys.readouterr().err
+    if own:
+        assert err == "logitify: a Beam worker process ended with exit code 134\n" and seen == [ZeroDivisionError]
+    else:
+        assert err == "" and seen == [RuntimeError, ZeroDivisionError]
