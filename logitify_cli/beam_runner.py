@@ -192,6 +192,8 @@ def _error_carried(marker: str):
     Beam hands the launcher a worker process's failure as text only, and
     its fields (a WriteError's errno, a ShardError's file) were lost on the
     way. The launcher rebuilds the error from that line (_carried_error).
+    Any error is made one Beam can send (UTF-8 text), or the worker never
+    reports it and the launcher waits for good.
     """
     try:
         yield
@@ -205,7 +207,27 @@ def _error_carried(marker: str):
             safe = tuple(_utf8_safe(a) for a in e.args)
             if safe != e.args:
                 e._carried_args, e.args = e.args, safe
+        if not _reportable(e):  # an error it was raised from or during names such a file: that goes
+            e.__cause__, e.__suppress_context__ = None, True
         raise
+    except Exception as e:
+        if not _reportable(e):  # another error naming such a file: its own line, escaped, without the rest
+            import traceback
+
+            said = "".join(traceback.format_exception_only(e)).strip()
+            raise RuntimeError(_utf8_safe(said)) from None
+        raise
+
+
+def _reportable(e: BaseException) -> bool:
+    """Whether Beam can send this error's traceback from a worker process: it goes as UTF-8."""
+    import traceback
+
+    try:
+        "".join(traceback.format_exception(e)).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _utf8_safe(value):

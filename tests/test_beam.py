@@ -530,3 +530,39 @@ def test_a_worker_process_that_aborts_is_one_line_for_the_command_line(monkeypat
         assert err == "logitify: a Beam worker process ended with exit code 134\n" and seen == [ZeroDivisionError]
     else:
         assert err == "" and seen == [RuntimeError, ZeroDivisionError]
+
+
+def test_a_workers_error_is_always_one_beam_can_send():
+    """Beam sends a worker's traceback as UTF-8, and a worker whose error named a file that is not UTF-8 never
+    reported it (the launcher waited for good). An error raised during another that names such a file loses
+    that other; any other error naming one becomes its own line, escaped; the rest pass untouched."""
+    import traceback
+
+    from logitify_cli.beam_runner import _carry_marker, _error_carried
+    from logitify_cli.errors import WriteError
+
+    def sent(e):
+        return "".join(traceback.format_exception(e)).encode("utf-8").decode("utf-8")
+
+    marker = _carry_marker()
+    with pytest.raises(RuntimeError) as other:
+        with _error_carried(marker):
+            raise ValueError("no such label in z\udcff.png")
+    assert str(other.value) == "ValueError: no such label in z\\udcff.png" and sent(other.value)
+    with pytest.raises(WriteError) as ours:
+        with _error_carried(marker):
+            try:
+                raise ValueError("no such label in z\udcff.png")
+            except ValueError:
+                raise WriteError("image z\udcff.png", 28, "no space left on device")
+    assert "During handling" not in sent(ours.value) and marker in sent(ours.value)
+    named = OSError(28, "No space left on device", "z\udcff.png")  # its text holds the name's repr: sent as it is
+    with pytest.raises(OSError) as kept:
+        with _error_carried(marker):
+            raise named
+    assert kept.value is named and sent(named)
+    plain = ValueError("bad \u00e9")
+    with pytest.raises(ValueError) as kept:
+        with _error_carried(marker):
+            raise plain
+    assert kept.value is plain and not getattr(plain, "__notes__", None)
