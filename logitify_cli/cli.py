@@ -407,11 +407,17 @@ def main():
 
 
 def _left_nothing(options: dict) -> bool:
-    """A stopped run whose local output folder is gone: it made the folder and took it back, empty."""
+    """A stopped run whose local output folder is gone: it made the folder and took it back, empty.
+
+    Not through `..`: `new/../there` names a folder that was there, and is
+    gone after the run only because the run took back the `new` it made.
+    """
+    from pathlib import PurePath
+
     from .fs import is_remote
 
     out = options.get("out")
-    return bool(out) and not is_remote(out) and not os.path.lexists(out)
+    return bool(out) and not is_remote(out) and ".." not in PurePath(out).parts and not os.path.lexists(out)
 
 
 _NOTHING_WRITTEN = "interrupted before anything was written; run the same command again"

@@ -15,7 +15,8 @@ from . import fs
 from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError, UsageError
-from .outdir import FolderLock, drop_made_folder, in_use, make_folder, protected_folder, refuse_foreign_own
+from .outdir import (FolderLock, drop_made_folder, in_use, make_folder, not_a_folder, protected_folder,
+                     refuse_foreign_own)
 from .outputs import IMAGE_OUTPUTS
 from .pool import OrderedPool, default_workers
 from .report import QUIET, Reporter
@@ -42,7 +43,7 @@ def prepare_folder(out: str, overwrite: bool):
 
 def _check_folder(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise LogitifyError(f"output {out} exists and is not a folder")
+        raise LogitifyError(f"output {out} {not_a_folder(out)}")
     if not os.path.isdir(out):
         return
     pid = FolderLock(out).holder()

@@ -351,9 +351,9 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         started = _start_while_tf_imports(opts, folder, report.warn)  # a failure's notes travel on the error
         try:
             return _run(started, opts, fmt, report, t0)
-        except LogitifyError:  # a run that failed before its first shard leaves no journal in the next one's way
+        except BaseException:  # failed or stopped before its first shard: no journal in the next run's way
             for part in started.parts:
-                part.folder.journal.drop_if_empty()
+                part.folder.journal.drop_if_nothing_left(part.plan.header)
             raise
         finally:
             started.folder.lock.release()

@@ -117,7 +117,7 @@ class Journal:
 
     def __init__(self, folder: str, split: str = "train"):
         self.path = os.path.join(folder, manifest_mod.journal_name(split))
-        self.started, self.appended = False, 0  # by this process: a new journal, and shards added to it
+        self.started = False  # a new journal, by this process
 
     def start(self, header: dict) -> None:
         """A new journal: whatever held the name before (a link included) is unlinked, not written through."""
@@ -137,20 +137,15 @@ class Journal:
             entry = json.dumps(entry)
         pieces = [entry] if isinstance(entry, str) else entry
         self._write(os.O_WRONLY | os.O_APPEND, itertools.chain(['{"shard": '], pieces, ["}"]))
-        self.appended += 1
-
-    def drop_if_empty(self) -> None:
-        """The journal this process started, if it never recorded a shard: it holds nothing to resume."""
-        if self.started and not self.appended:
-            self.remove()
 
     def drop_if_nothing_left(self, header: dict) -> None:
-        """After a failed Beam run: the journal it started, if no file its header names is in the folder.
+        """After a failed or stopped run: the journal it started, if no file its header names is in the folder.
 
-        A Beam run's journal records no shard; it names the shards the run
-        may leave, so --overwrite can take them back. When no shard, its
-        temporary or its receipt is there, it stands for nothing, and the
-        corrected command needs no flag (as a local run's drop_if_empty).
+        A journal names the shards its run may leave, so --resume and
+        --overwrite can take them back (a Beam run's records no shard). When
+        no shard, its temporary or its receipt is there, it stands for
+        nothing, and the same command needs no flag. A shard renamed into
+        place but not yet recorded keeps it, so it stays logitify's.
         """
         if not self.started:
             return
@@ -482,6 +477,13 @@ def _read_pid(fd) -> int | None:
         return None
 
 
+def not_a_folder(path: str) -> str:
+    """What is at `path` instead of a folder, for a message: "is a link to nothing" or "exists and is not a folder"."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "is a link to nothing"
+    return "exists and is not a folder"
+
+
 def make_folder(path: str):
     """Make a local output folder and its missing parents, as os.makedirs does; what it made, for drop_made_folder.
 
@@ -506,8 +508,7 @@ def make_folder(path: str):
             except FileExistsError:  # made meanwhile by someone else (or "x/.." of a folder just made): not ours
                 if os.path.isdir(folder):
                     continue
-                what = "a link to nothing" if os.path.islink(folder) else "not a folder"
-                raise LogitifyError(f"cannot create output folder {path}: {folder} is {what}") from None
+                raise LogitifyError(f"cannot create output folder {path}: {folder} {not_a_folder(folder)}") from None
             st = os.stat(folder, follow_symlinks=False)
             made.append((folder, (st.st_dev, st.st_ino)))
     except BaseException as e:
@@ -563,7 +564,7 @@ class OutputFolder:
         `resumable`: whether the runner can take --resume (Beam's cannot), for the advice a refusal gives.
         """
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
-            raise LogitifyError(f"output {self.path} exists and is not a folder")
+            raise LogitifyError(f"output {self.path} {not_a_folder(self.path)}")
         if not os.path.isdir(self.path):
             self._unchecked = (overwrite, resume, splits, resumable)  # see create()
             return

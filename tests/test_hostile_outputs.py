@@ -1365,3 +1365,17 @@ def test_an_output_named_through_a_folder_yet_to_be_made_is_checked_once_it_is_t
     r = cli("decode", ds, "-o", "new/..", *(["--overwrite"] if flag == "--overwrite" else []))
     assert r.exit_code == 1 and ("home folder" if flag == "--overwrite" else "not empty") in r.stderr, r.stderr
     assert sorted(os.listdir(home)) == ["thesis.txt"]
+
+
+def test_an_output_that_is_a_link_to_nothing_is_named_so(cli, pics, tmp_path):
+    """`-o LINK` where LINK points nowhere, or a folder on the way to the output is such a link: the message
+    says so (it said 'exists and is not a folder', and 'File exists'), and nothing is made at its target."""
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    ds = tmp_path / "ds"
+    assert cli("encode", pics, "-o", ds).exit_code == 0
+    for args in (["encode", pics], ["decode", ds]):
+        for out, said in ((tmp_path / "dl", f"output {tmp_path / 'dl'} is a link to nothing"),
+                          (tmp_path / "dl" / "x", f"{tmp_path / 'dl'} is a link to nothing")):
+            r = cli(*args, "-o", out)
+            assert r.exit_code == 1 and said in r.stderr, r.stderr
+    assert not (tmp_path / "nowhere").exists()

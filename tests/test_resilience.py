@@ -654,3 +654,43 @@ def test_a_stop_while_the_plan_runs_waits_for_it_and_leaves_no_lock(many_images,
     assert not [t for t in threading.enumerate() if t.name == "plan"]
     assert not os.path.lexists(out / ".logitify.lock")
     assert not (tmp_path / "new").exists()  # stopped before the plan was made: it made nothing after
+
+
+def test_what_a_stop_says_follows_what_the_run_left(cli, many_images, tmp_path, monkeypatch):
+    """Stopped before its first shard, a run into a new folder leaves nothing (not even a journal) and says
+    so; stopped as its first shard is renamed into place but not yet recorded, the journal stays (that shard
+    is logitify's) and --resume finishes; through `new/..` into a folder that was there, the advice is never
+    'nothing was written', though the path names nothing once `new` is gone."""
+    from logitify_cli import encode_run
+    from logitify_cli.outdir import Journal
+
+    args = ["--shard-size", "500"]
+    clean = tmp_path / "clean"
+    assert cli("encode", many_images, "-o", clean, *args).exit_code == 0
+    real_run, real_append = encode_run._run, Journal.append
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_run, "_run", stopped)  # the folder, its lock and journal are made by now
+    out = tmp_path / "new" / "o"
+    r = cli("encode", many_images, "-o", out, *args)
+    assert r.exit_code == 130 and r.stderr.strip().endswith("interrupted before anything was written; run the "
+                                                             "same command again"), r.stderr
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(encode_run, "_run", real_run)
+    monkeypatch.setattr(Journal, "append", stopped)
+    r = cli("encode", many_images, "-o", out, *args)
+    assert r.exit_code == 130 and "run again with --resume" in r.stderr, r.stderr
+    left = sorted(os.listdir(out))
+    assert ".logitify-journal.jsonl" in left and "train-00000-of-00003.npz" in left, left
+    there = tmp_path / "there"
+    there.mkdir()
+    odd = tmp_path / "gone" / ".." / "there"
+    r = cli("encode", many_images, "-o", odd, *args)
+    assert r.exit_code == 130 and "before anything was written" not in r.stderr, r.stderr
+    assert "train-00000-of-00003.npz" in os.listdir(there) and not (tmp_path / "gone").exists()
+    monkeypatch.setattr(Journal, "append", real_append)
+    for done in (out, odd):
+        assert cli("encode", many_images, "-o", done, *args, "--resume").exit_code == 0
+        assert shard_state(done) == shard_state(clean)
