@@ -135,7 +135,7 @@ def _run(pipeline_fn, options, receipts=()) -> None:
     beam, _ = _beam()
     try:
         try:
-            with _quiet_beam(), _workers_stopped_first(), beam.Pipeline(options=options) as p:
+            with _quiet_beam() as quiet, _workers_stopped_first(quiet.stopping), beam.Pipeline(options=options) as p:
                 pipeline_fn(p)
         except BaseException:
             try:
@@ -201,22 +201,38 @@ def _error_carried(marker: str):
         line = _carry_line(e, marker)
         if line is not None and not any(str(n).startswith(marker) for n in getattr(e, "__notes__", ())):
             e.add_note(line)
-            # Beam sends the traceback as UTF-8: a key from a file name that is not (a lone surrogate)
-            # made the worker fail to report at all, and the launcher wait for good. The line holds
-            # the text as it was (JSON escapes it); _uncarried puts it back in this process.
-            safe = tuple(_utf8_safe(a) for a in e.args)
-            if safe != e.args:
-                e._carried_args, e.args = e.args, safe
-        if not _reportable(e):  # an error it was raised from or during names such a file: that goes
-            e.__cause__, e.__suppress_context__ = None, True
+        _make_reportable(e)
         raise
     except Exception as e:
-        if not _reportable(e):  # another error naming such a file: its own line, escaped, without the rest
+        _make_reportable(e)
+        if not _reportable(e):  # an error whose text is not its args: its own line, escaped
             import traceback
 
             said = "".join(traceback.format_exception_only(e)).strip()
-            raise RuntimeError(_utf8_safe(said)) from None
+            raise RuntimeError(_utf8_safe(said)).with_traceback(e.__traceback__) from None
         raise
+
+
+def _make_reportable(e: BaseException) -> None:
+    """Make `e` an error whose traceback UTF-8 can hold, as Beam sends it from a worker process.
+
+    A key from a file name that is not UTF-8 (a lone surrogate) in its args
+    or notes, or in an error it was raised from or during, kept the worker
+    from reporting at all, and the launcher waited for good. Args and notes
+    are escaped (the originals kept for _uncarried, for a runner in this
+    process; the carried line holds them as they were, JSON escapes them),
+    and such an earlier error goes.
+    """
+    if _reportable(e):
+        return
+    safe = tuple(_utf8_safe(a) for a in e.args)
+    if safe != e.args:
+        e._carried_args, e.args = e.args, safe
+    notes = getattr(e, "__notes__", None)
+    if isinstance(notes, list) and any(_utf8_safe(n) is not n for n in notes):
+        e._carried_notes, e.__notes__ = notes, [_utf8_safe(n) for n in notes]
+    if not _reportable(e):
+        e.__cause__, e.__suppress_context__ = None, True
 
 
 def _reportable(e: BaseException) -> bool:
@@ -231,14 +247,20 @@ def _reportable(e: BaseException) -> bool:
 
 
 def _utf8_safe(value):
-    """`value` as text UTF-8 can hold: a lone surrogate (a file name's stray byte) as its backslash escape."""
-    if not isinstance(value, str):
-        return value
+    """`value` as text UTF-8 can hold: a lone surrogate (a file name's stray byte) as its backslash escape.
+
+    Anything else whose text UTF-8 cannot hold (a path object) becomes that text, escaped; the rest is kept.
+    """
+    text = value if isinstance(value, str) else None
     try:
-        value.encode("utf-8")
+        if text is None:
+            text = str(value)
+        text.encode("utf-8")
         return value
     except UnicodeEncodeError:
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    except Exception:  # a value whose str() fails is not this function's to mend
+        return value
 
 
 def _carry_line(e: LogitifyError, marker: str) -> str | None:
@@ -302,6 +324,8 @@ def _uncarried(e: LogitifyError, marker: str) -> LogitifyError:
     """The error without the line _error_carried added (it is for the launcher, not the user), its args as raised."""
     if "_carried_args" in vars(e):
         e.args = e.__dict__.pop("_carried_args")
+    if "_carried_notes" in vars(e):
+        e.__notes__ = e.__dict__.pop("_carried_notes")
     notes = getattr(e, "__notes__", None)
     if notes:
         kept = [n for n in notes if not str(n).startswith(marker)]
@@ -371,7 +395,7 @@ def _beam_workers(pids) -> set:
 
 
 @contextlib.contextmanager
-def _workers_stopped_first():
+def _workers_stopped_first(stopping: threading.Event | None = None):
     """Ctrl-C or SIGTERM during a pipeline first ends the Beam worker processes the pipeline started.
 
     Beam's DirectRunner, stopped while its worker processes run, waits for
@@ -379,7 +403,7 @@ def _workers_stopped_first():
     the run waited forever. Only a stop that stops the run acts so (an
     ignored one, or a caller's handler that returns, changes nothing), and
     only processes that are Beam workers and were not there before the run
-    are ended. The caller's handlers are put back after.
+    are ended, and `stopping` is set. The caller's handlers are put back after.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -388,7 +412,7 @@ def _workers_stopped_first():
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in stops}
     done = threading.Event()
-    stopping = []
+    ended = []
 
     def end_workers():
         for pid in _beam_workers(_children() - before):
@@ -402,9 +426,11 @@ def _workers_stopped_first():
             end_workers()
 
     def stop():
+        if stopping is not None:
+            stopping.set()
         end_workers()
-        if not stopping:
-            stopping.append(True)
+        if not ended:
+            ended.append(True)
             threading.Thread(target=keep_ending, name="end-beam-workers", daemon=True).start()
 
     def handler(signum, frame):
@@ -430,7 +456,7 @@ def _workers_stopped_first():
         yield
     finally:
         try:
-            if stopping:
+            if ended:
                 time.sleep(STRAGGLERS_SECONDS)  # workers whose start was under way when the run stopped
         finally:
             done.set()
@@ -454,6 +480,7 @@ class _quiet_beam:
 
         self.logger = logging.getLogger("apache_beam")
         self.level = self.logger.level
+        self.stopping = threading.Event()  # set by _workers_stopped_first as it ends the workers
         self.quiet = _tf.own_process and not _tf.verbose
         if self.quiet:
             self.logger.setLevel(logging.CRITICAL)
@@ -463,7 +490,8 @@ class _quiet_beam:
 
     def _worker_ended(self, args) -> None:
         """The thread in which Beam waits on a worker process raises when that process ends with a failure's
-        exit code (now and then 134: an abort while a failed run's worker shuts down): one line, no traceback."""
+        exit code (now and then 134: an abort while a failed run's worker shuts down): one line, no traceback,
+        and nothing when the run is stopping (it ends its workers itself)."""
         tb = args.exc_traceback
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
@@ -472,8 +500,10 @@ class _quiet_beam:
         if args.exc_type is RuntimeError and said and where.startswith("apache_beam."):
             import sys
 
-            if sys.stderr is not None:
-                sys.stderr.write(f"logitify: a Beam worker process ended with exit code {said.group(1)}\n")
+            code = int(said.group(1))
+            if sys.stderr is not None and not self.stopping.is_set():
+                how = f"was ended by signal {_signal_name(-code)}" if code < 0 else f"ended with exit code {code}"
+                sys.stderr.write(f"logitify: a Beam worker process {how}\n")
             return
         self.hook(args)
 
@@ -485,6 +515,13 @@ class _quiet_beam:
 
 
 _WORKER_ENDED = re.compile(r"Worker subprocess exited with return code (-?\d+)")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _receipt_path(out: str, file: str) -> str:

@@ -516,26 +516,35 @@ def test_a_worker_process_that_aborts_is_one_line_for_the_command_line(monkeypat
     monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))  # the caller's hook
     before = threading.excepthook
     info = types.SimpleNamespace(provision_info=beam_provision_api_pb2.ProvisionInfo())
-    worker = SubprocessSdkWorker(b"exit 134", "localhost:1", info)
-    with _quiet_beam():
-        t = threading.Thread(target=worker.run, name="run_worker")
+
+    def worker_ends(command):
+        t = threading.Thread(target=SubprocessSdkWorker(command, "localhost:1", info).run, name="run_worker")
         t.start()
         t.join()
+
+    with _quiet_beam() as quiet:
+        worker_ends(b"exit 134")
+        worker_ends(b"kill -KILL $$")
         other = threading.Thread(target=lambda: 1 / 0)  # any other thread's error goes where it went
         other.start()
         other.join()
+        quiet.stopping.set()  # a stopped run ends its workers itself: nothing to say of them
+        worker_ends(b"kill -TERM $$")
     assert threading.excepthook is before
     err = capsys.readouterr().err
     if own:
-        assert err == "logitify: a Beam worker process ended with exit code 134\n" and seen == [ZeroDivisionError]
+        assert err == ("logitify: a Beam worker process ended with exit code 134\n"
+                       "logitify: a Beam worker process was ended by signal SIGKILL\n"), err
+        assert seen == [ZeroDivisionError]
     else:
-        assert err == "" and seen == [RuntimeError, ZeroDivisionError]
+        assert err == "" and seen == [RuntimeError, RuntimeError, ZeroDivisionError, RuntimeError]
 
 
 def test_a_workers_error_is_always_one_beam_can_send():
     """Beam sends a worker's traceback as UTF-8, and a worker whose error named a file that is not UTF-8 never
-    reported it (the launcher waited for good). An error raised during another that names such a file loses
-    that other; any other error naming one becomes its own line, escaped; the rest pass untouched."""
+    reported it (the launcher waited for good). Such a name in an error's args or notes is escaped (in this
+    process the error gets them back as raised); an error raised during another that names one loses that
+    other; one whose text is not its args becomes its own line, escaped; the rest pass untouched."""
     import traceback
 
     from logitify_cli.beam_runner import _carry_marker, _error_carried
@@ -544,11 +553,19 @@ def test_a_workers_error_is_always_one_beam_can_send():
     def sent(e):
         return "".join(traceback.format_exception(e)).encode("utf-8").decode("utf-8")
 
+    class Odd(Exception):
+        def __str__(self):  # text that is not its args
+            return "no such label in z\udcff.png"
+
     marker = _carry_marker()
-    with pytest.raises(RuntimeError) as other:
+    with pytest.raises(ValueError) as other:
         with _error_carried(marker):
             raise ValueError("no such label in z\udcff.png")
-    assert str(other.value) == "ValueError: no such label in z\\udcff.png" and sent(other.value)
+    assert str(other.value) == "no such label in z\\udcff.png" and sent(other.value)
+    with pytest.raises(RuntimeError) as other:
+        with _error_carried(marker):
+            raise Odd()
+    assert str(other.value).endswith("Odd: no such label in z\\udcff.png") and sent(other.value)
     with pytest.raises(WriteError) as ours:
         with _error_carried(marker):
             try:
@@ -556,6 +573,19 @@ def test_a_workers_error_is_always_one_beam_can_send():
             except ValueError:
                 raise WriteError("image z\udcff.png", 28, "no space left on device")
     assert "During handling" not in sent(ours.value) and marker in sent(ours.value)
+    from pathlib import PurePosixPath
+
+    from logitify_cli.beam_runner import _uncarried
+    from logitify_cli.errors import LogitifyError
+
+    for raised in (LogitifyError(PurePosixPath("z\udcff.png")), LogitifyError("cannot read z\udcff.png")):
+        raised.add_note("while reading z\udcff.png")
+        args, notes = raised.args, list(raised.__notes__)
+        with pytest.raises(LogitifyError) as ours:
+            with _error_carried(marker):
+                raise raised
+        assert ours.value is raised and "z\\udcff.png" in sent(raised)
+        assert _uncarried(raised, marker).args == args and raised.__notes__ == notes  # as raised, in this process
     named = OSError(28, "No space left on device", "z\udcff.png")  # its text holds the name's repr: sent as it is
     with pytest.raises(OSError) as kept:
         with _error_carried(marker):
