@@ -201,38 +201,62 @@ def _error_carried(marker: str):
         line = _carry_line(e, marker)
         if line is not None and not any(str(n).startswith(marker) for n in getattr(e, "__notes__", ())):
             e.add_note(line)
-        _make_reportable(e)
+        _reportable_or_line(e, marker)
         raise
     except Exception as e:
-        _make_reportable(e)
-        if not _reportable(e):  # an error whose text is not its args: its own line, escaped
-            import traceback
-
-            said = "".join(traceback.format_exception_only(e)).strip()
-            raise RuntimeError(_utf8_safe(said)).with_traceback(e.__traceback__) from None
+        _reportable_or_line(e, marker)
         raise
 
 
-def _make_reportable(e: BaseException) -> None:
-    """Make `e` an error whose traceback UTF-8 can hold, as Beam sends it from a worker process.
+def _reportable_or_line(e: BaseException, marker: str) -> None:
+    """`e` made reportable (_make_reportable), or else a RuntimeError of its own line, escaped, is raised.
+
+    The RuntimeError keeps the carried line, so a LogitifyError still reaches the launcher as itself.
+    """
+    if _make_reportable(e):
+        return
+    import traceback
+
+    said = "".join(traceback.format_exception_only(e)).strip()
+    line = RuntimeError(_utf8_safe(said)).with_traceback(e.__traceback__)
+    for note in getattr(e, "__notes__", None) or ():
+        if isinstance(note, str) and note.startswith(marker):
+            line.add_note(note)
+    raise line from None
+
+
+def _make_reportable(e: BaseException) -> bool:
+    """Make `e` an error whose traceback UTF-8 can hold, as Beam sends it from a worker process; whether it is.
 
     A key from a file name that is not UTF-8 (a lone surrogate) in its args
     or notes, or in an error it was raised from or during, kept the worker
     from reporting at all, and the launcher waited for good. Args and notes
     are escaped (the originals kept for _uncarried, for a runner in this
     process; the carried line holds them as they were, JSON escapes them),
-    and such an earlier error goes.
+    and such an earlier error goes. An error whose args cannot be set, or
+    whose text fails with escaped args, is given back as it was (False).
     """
     if _reportable(e):
-        return
-    safe = tuple(_utf8_safe(a) for a in e.args)
-    if safe != e.args:
-        e._carried_args, e.args = e.args, safe
-    notes = getattr(e, "__notes__", None)
-    if isinstance(notes, list) and any(_utf8_safe(n) is not n for n in notes):
-        e._carried_notes, e.__notes__ = notes, [_utf8_safe(n) for n in notes]
+        return True
+    args = e.args
+    try:
+        safe = tuple(_utf8_safe(a) for a in args)
+        if safe != args:
+            e.args = safe
+            e._carried_args = args
+            str(e)  # its text may need the args as they were (a path object's .name)
+        notes = getattr(e, "__notes__", None)
+        if isinstance(notes, list) and any(_utf8_safe(n) is not n for n in notes):
+            e._carried_notes, e.__notes__ = notes, [_utf8_safe(n) for n in notes]
+    except Exception:
+        try:
+            e.args = args
+        except Exception:
+            pass
+        return False
     if not _reportable(e):
         e.__cause__, e.__suppress_context__ = None, True
+    return _reportable(e)
 
 
 def _reportable(e: BaseException) -> bool:

@@ -409,15 +409,21 @@ def main():
 def _left_nothing(options: dict) -> bool:
     """A stopped run whose local output folder is gone: it made the folder and took it back, empty.
 
-    Not through `..`: `new/../there` names a folder that was there, and is
-    gone after the run only because the run took back the `new` it made.
+    Not through `..` after a name: `new/../there` names a folder that was
+    there, and is gone after the run only because the run took back the
+    `new` it made (a leading `../` climbs only through folders that were).
     """
     from pathlib import PurePath
 
     from .fs import is_remote
 
     out = options.get("out")
-    return bool(out) and not is_remote(out) and ".." not in PurePath(out).parts and not os.path.lexists(out)
+    if not out or is_remote(out) or os.path.lexists(out):
+        return False
+    parts = list(PurePath(out).parts)
+    while parts and (parts[0] == ".." or parts[0] == PurePath(out).anchor):
+        parts.pop(0)
+    return ".." not in parts
 
 
 _NOTHING_WRITTEN = "interrupted before anything was written; run the same command again"

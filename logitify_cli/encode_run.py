@@ -352,14 +352,33 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         try:
             return _run(started, opts, fmt, report, t0)
         except BaseException:  # failed or stopped before its first shard: no journal in the next run's way
-            for part in started.parts:
-                part.folder.journal.drop_if_nothing_left(part.plan.header)
+            _drop_journals_left_empty(started)
             raise
         finally:
             started.folder.lock.release()
     except BaseException:
         folder.drop_if_made()  # nor the folder it made, if that is all it left
         raise
+
+
+def _drop_journals_left_empty(started: _Started) -> None:
+    """Each part's journal that names no file in the folder, unless the manifest still lists its split.
+
+    A split the manifest lists (one being replaced under other shard names)
+    is finished by --resume only through its journal: without it, --resume
+    meets the old split and refuses. Never in the way of the error being raised.
+    """
+    try:
+        have = started.folder.dataset()
+    except Exception:  # unread, the journals stay: --overwrite takes them back
+        return
+    for part in started.parts:
+        if have is not None and part.plan.split in have.splits:
+            continue
+        try:
+            part.folder.journal.drop_if_nothing_left(part.plan.header)
+        except OSError:
+            pass
 
 
 def _run(started: _Started, opts, fmt, report, t0) -> EncodeResult:

@@ -586,6 +586,31 @@ def test_a_workers_error_is_always_one_beam_can_send():
                 raise raised
         assert ours.value is raised and "z\\udcff.png" in sent(raised)
         assert _uncarried(raised, marker).args == args and raised.__notes__ == notes  # as raised, in this process
+    class Named(Exception):
+        def __str__(self):  # needs its arg as it was given
+            return f"cannot use {self.args[0].name}"
+
+    class Fixed(Exception):
+        args = property(lambda self: ("z\udcff.png",))  # args that cannot be set
+
+        def __str__(self):
+            return self.args[0]
+
+    for odd in (Named(PurePosixPath("z\udcff.png")), Fixed()):
+        with pytest.raises(RuntimeError) as other:
+            with _error_carried(marker):
+                raise odd
+        assert sent(other.value) and "z\\udcff.png" in str(other.value), str(other.value)
+    class FixedOurs(LogitifyError):
+        args = property(lambda self: ("cannot read z\udcff.png",))
+
+        def __str__(self):
+            return self.args[0]
+
+    with pytest.raises(RuntimeError) as other:  # one of ours in that state: its carried line goes along
+        with _error_carried(marker):
+            raise FixedOurs("x")
+    assert sent(other.value) and [n for n in other.value.__notes__ if n.startswith(marker)]
     named = OSError(28, "No space left on device", "z\udcff.png")  # its text holds the name's repr: sent as it is
     with pytest.raises(OSError) as kept:
         with _error_carried(marker):

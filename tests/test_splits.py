@@ -289,3 +289,34 @@ def test_a_one_split_dataset_with_a_name_splits_cannot_have_is_read_but_not_join
     r = cli("encode", b, "-o", out, "--split", "test")
     assert r.exit_code == 1 and "holds the split my-split" in r.stderr, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_stopped_overwrite_of_one_split_under_other_shard_names_is_finished_by_the_advice(cli, two_folders,
+                                                                                           tmp_path, monkeypatch):
+    """Replacing a split with another shard count (3 shards of 4 become 4 of 3: other shard names), stopped before its first new shard:
+    the manifest still lists the old split, so only the journal lets --resume finish it. The journal stays,
+    and the advised --resume gives what an unstopped run gives."""
+    from logitify_cli import encode_run
+
+    (train, _), (test, _) = two_folders["train"], two_folders["test"]
+    out, whole = tmp_path / "ds", tmp_path / "whole"
+    for d in (out, whole):
+        assert cli("encode", train, "-o", d, "--shard-size", "4").exit_code == 0
+        assert cli("encode", test, "-o", d, "--split", "test").exit_code == 0
+    assert cli("encode", train, "-o", whole, "--shard-size", "3", "--overwrite").exit_code == 0
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_run, "_run", stopped)
+    r = cli("encode", train, "-o", out, "--shard-size", "3", "--overwrite")
+    assert r.exit_code == 130 and "run again with --resume" in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = cli("encode", train, "-o", out, "--shard-size", "3", "--resume")
+    assert r.exit_code == 0, r.stderr
+    m, w = (json.loads((d / "manifest.json").read_text()) for d in (out, whole))
+    for split in ("train", "test"):
+        assert sorted(m["splits"]) == ["test", "train"]
+        for field in ("shards", "fingerprint", "num_examples"):
+            assert m["splits"][split][field] == w["splits"][split][field], (split, field)
+    assert cli("verify", out).exit_code == 0

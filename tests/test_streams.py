@@ -125,6 +125,13 @@ def test_ctrl_c_says_what_each_command_leaves_behind(cli, dataset, tmp_path, mon
     for command, what in (("encode", src), ("decode", out)):
         r = cli(command, what, "-o", tmp_path / "new" / "x")
         assert r.exit_code == 130 and r.stderr.strip() == nothing, r.stderr
+    # A leading ../ climbs through folders that were there; new/../x may name one that was (see test_resilience).
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    r = cli("encode", src, "-o", "../../" + tmp_path.name + "/newer")
+    assert r.exit_code == 130 and r.stderr.strip() == nothing, r.stderr
+    r = cli("encode", src, "-o", "../new/../newer")
+    assert r.exit_code == 130 and "--resume" in r.stderr, r.stderr
     # A pipeline reading --json gets its one object, stopped or not (SIGTERM arrives as _Terminated).
     from logitify_cli.cli import _Terminated
 
