@@ -208,6 +208,17 @@ def test_bucket_listing_ends_like_local_discovery(tmp_path, rng):
         inventory(both, [])
 
 
+def _ended(p, timeout, failure):
+    """p's (stdout, stderr); a run that has not ended in `timeout` seconds is killed, workers too, and fails."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(p.pid) | {p.pid}:
+            os.kill(pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(failure)
+
+
 def _descendants(pid):
     found, todo = set(), [pid]
     while todo:
@@ -242,13 +253,7 @@ def test_sigterm_to_the_launcher_alone_ends_a_run_with_worker_processes(tmp_path
         p.communicate()
         pytest.skip("the run ended before its worker processes were seen")
     p.send_signal(signal.SIGTERM)
-    try:
-        out, _ = p.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        for pid in _descendants(p.pid) | {p.pid}:
-            os.kill(pid, signal.SIGKILL)
-        p.communicate()
-        pytest.fail("the run did not end after SIGTERM")
+    out, _ = _ended(p, 90, "the run did not end after SIGTERM")
     assert p.returncode == 143 and json.loads(out)["signal"] == "SIGTERM", (p.returncode, out)
     time.sleep(0.5)
     assert not [w for w in workers if os.path.exists(f"/proc/{w}") and b"sdk_worker" in _cmdline(w)]
@@ -466,13 +471,7 @@ def test_a_workers_error_naming_a_file_that_is_not_utf8_comes_back(tmp_path, rng
     p = subprocess.Popen([sys.executable, "-m", "logitify_cli", "encode", str(src), "-o", str(tmp_path / "o"),
                           "--on-error", "fail", *BEAM_ONE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, env=env)
-    try:
-        _, err = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        for pid in _descendants(p.pid) | {p.pid}:
-            os.kill(pid, signal.SIGKILL)
-        p.communicate()
-        pytest.fail("the run did not end")
+    _, err = _ended(p, 240, "the run did not end")
     assert p.returncode == 1 and err.splitlines()[-1].startswith("logitify: error: cannot read z\\udcff.png: "), err
     assert "Traceback" not in err, err
 
