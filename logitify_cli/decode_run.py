@@ -15,7 +15,7 @@ from . import fs
 from .dataset import LogitDataset, split_names
 from .device import resolve_device
 from .errors import LogitifyError, UsageError
-from .outdir import (FolderLock, drop_made_folder, in_use, make_folder, not_a_folder, protected_folder,
+from .outdir import (FolderLock, drop_made_folder, in_use, make_checked_folder, not_a_folder, protected_folder,
                      refuse_foreign_own)
 from .outputs import IMAGE_OUTPUTS
 from .pool import OrderedPool, default_workers
@@ -31,14 +31,7 @@ def prepare_folder(out: str, overwrite: bool):
     """
     absent = not os.path.isdir(out)
     _check_folder(out, overwrite)
-    made = make_folder(out)
-    if absent and not (made and made[0][0] == out):
-        try:
-            _check_folder(out, overwrite)
-        except BaseException:
-            drop_made_folder(made)
-            raise
-    return made
+    return make_checked_folder(out, (lambda: _check_folder(out, overwrite)) if absent else None)
 
 
 def _check_folder(out: str, overwrite: bool) -> None:

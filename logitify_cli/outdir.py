@@ -519,6 +519,23 @@ def make_folder(path: str):
     return made[::-1] or None  # the deepest first
 
 
+def make_checked_folder(path: str, recheck=None):
+    """make_folder(path), then `recheck()` (for a path a check found missing) unless the folder is one made here.
+
+    A path such as `new/..` names no folder until `new` is made, and then
+    names one that may hold a user's files: the check runs again, and a
+    refusal takes back what was made.
+    """
+    made = make_folder(path)
+    if recheck is not None and not (made and made[0][0] == path):
+        try:
+            recheck()
+        except BaseException:
+            drop_made_folder(made)
+            raise
+    return made
+
+
 def drop_made_folder(made) -> None:
     """After a failed run: the folders make_folder() made (`made`, the deepest first), removed while empty.
 
@@ -597,14 +614,8 @@ class OutputFolder:
         A path such as `new/..` names no folder until `new` is made, and then
         names one that may hold a user's files.
         """
-        self.made = make_folder(self.path)
-        if self._unchecked is not None and not (self.made and self.made[0][0] == self.path):
-            unchecked, self._unchecked = self._unchecked, None
-            try:
-                self.check(*unchecked)
-            except BaseException:
-                self.drop_if_made()
-                raise
+        unchecked, self._unchecked = self._unchecked, None
+        self.made = make_checked_folder(self.path, None if unchecked is None else lambda: self.check(*unchecked))
 
     def drop_if_made(self) -> None:
         """After a failed run: the folders create() made, if they are left empty (see drop_made_folder)."""
