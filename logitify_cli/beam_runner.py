@@ -816,7 +816,7 @@ def _decode_shard_fn():
             output = IMAGE_OUTPUTS[self.fmt](self.out, len(self.ds.shards), self.overwrite,
                                              classes=self.ds.classes, settled=settled, identity=self._identity())
             written, failed = 0, []
-            with _error_carried(self.marker), _closing(output):
+            with _error_carried(self.marker), contextlib.closing(output):  # a failed shard's half-made files go
                 for job in shard_jobs(self.ds, output, index, self.ds.shards[index], self.batch_size,
                                       self.tf_device):
                     done = output.write(job)
@@ -832,15 +832,6 @@ def _decode_shard_fn():
             yield index
 
     return DecodeShard
-
-
-@contextlib.contextmanager
-def _closing(output):
-    """output.close() however the block ends: what a failed shard left half made goes."""
-    try:
-        yield
-    finally:
-        output.close()
 
 
 def _name_claims_fn():
