@@ -184,9 +184,9 @@ def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, 
         raise KeyboardInterrupt
     folder.create()
     folder.lock.acquire()
+    parts = []
     try:
         said = prepare_locked(folder, opts, p, have, base, opts.resume, warn)
-        parts = []
         for part in p.parts:
             pf = OutputFolder(opts.out, part.split)
             done, fingerprint = {}, None
@@ -203,6 +203,7 @@ def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, 
         own = pool is None
         pool = pool or OrderedPool(min(workers, max(1, len(items) // 64)))
     except BaseException:
+        _drop_journals_left_empty(folder, parts)
         folder.lock.release()
         raise
     try:
@@ -215,6 +216,7 @@ def _start(opts: EncodeOptions, folder: OutputFolder, pool: OrderedPool | None, 
     except BaseException:  # a reader that died at once, say: the folder is free again
         if own:
             pool.close(cancel=True)
+        _drop_journals_left_empty(folder, parts)
         folder.lock.release()
         raise
     return _Started(p, folder, parts, base, replaced, pool, stream, len(items), said)
@@ -307,8 +309,10 @@ def _start_while_tf_imports(opts: EncodeOptions, folder: OutputFolder, warn=lamb
         # returned. A second stop during this wait ends it, and the run, at once.
         ended.wait()
         if "started" in box:
-            box["started"].pool.close(cancel=True)
-            box["started"].folder.lock.release()
+            started = box["started"]
+            started.pool.close(cancel=True)
+            _drop_journals_left_empty(started.folder, started.parts)
+            started.folder.lock.release()
         raise
     if "error" in box:
         raise box["error"]
@@ -352,7 +356,7 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         try:
             return _run(started, opts, fmt, report, t0)
         except BaseException:  # failed or stopped before its first shard: no journal in the next run's way
-            _drop_journals_left_empty(started)
+            _drop_journals_left_empty(started.folder, started.parts)
             raise
         finally:
             started.folder.lock.release()
@@ -361,7 +365,7 @@ def run_encode(opts: EncodeOptions, report: Reporter) -> EncodeResult:
         raise
 
 
-def _drop_journals_left_empty(started: _Started) -> None:
+def _drop_journals_left_empty(folder: OutputFolder, parts: list) -> None:
     """Each part's journal that names no file in the folder, unless the manifest still lists its split.
 
     A split the manifest lists (one being replaced under other shard names)
@@ -369,10 +373,10 @@ def _drop_journals_left_empty(started: _Started) -> None:
     meets the old split and refuses. Never in the way of the error being raised.
     """
     try:
-        have = started.folder.dataset()
+        have = folder.dataset()
     except Exception:  # unread, the journals stay: --overwrite takes them back
         return
-    for part in started.parts:
+    for part in parts:
         if have is not None and part.plan.split in have.splits:
             continue
         try:

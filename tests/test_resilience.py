@@ -694,3 +694,24 @@ def test_what_a_stop_says_follows_what_the_run_left(cli, many_images, tmp_path, 
     for done in (out, odd):
         assert cli("encode", many_images, "-o", done, *args, "--resume").exit_code == 0
         assert shard_state(done) == shard_state(clean)
+
+
+def test_a_stop_while_tensorflow_loads_after_the_plan_leaves_nothing(cli, many_images, tmp_path, monkeypatch):
+    """Ctrl-C while TensorFlow is still loading, once the plan has started its journal: no shard was made,
+    so neither the journal nor the folder the run made is left, and the run says so."""
+    from logitify_cli import _tf
+
+    out = tmp_path / "new" / "o"
+
+    def stopped_once_planned():
+        deadline = time.time() + 60
+        while not (out / ".logitify-journal.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_tf, "tf", stopped_once_planned)  # the import the run waits on while it plans
+    r = cli("encode", many_images, "-o", out, "--shard-size", "500")
+    assert r.exit_code == 130 and "interrupted before anything was written" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert cli("encode", many_images, "-o", out, "--shard-size", "500").exit_code == 0
