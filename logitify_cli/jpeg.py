@@ -24,8 +24,10 @@ benchmarks/check_decoders.py does it over a whole corpus.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
+import numpy as np
 from PIL import Image
 
 try:  # an optional speed-up: without it every JPEG takes Pillow's road
@@ -154,14 +156,42 @@ def read_pixels(data: bytes, info, draft=None):
     if scale != 1 and not scale_is_settled(w, h, scale):
         return None
     want = (-(-h // scale), -(-w // scale))
+    colour = "GRAY" if comps == 1 else "RGBX" if _maps_rgb() else "RGB"
     try:
         if scale == 1:
-            arr = simplejpeg.decode_jpeg(data, "GRAY" if comps == 1 else "RGB", False, False, strict=True)
+            arr = simplejpeg.decode_jpeg(data, colour, False, False, strict=True)
         else:
-            arr = simplejpeg.decode_jpeg(data, "GRAY" if comps == 1 else "RGB", False, False,
+            arr = simplejpeg.decode_jpeg(data, colour, False, False,
                                          min_height=want[0], min_width=want[1], min_factor=scale, strict=True)
     except (ValueError, RuntimeError, MemoryError, OSError):
         return None
     if arr.shape[:2] != want:
         return None
+    if colour == "RGBX":
+        return _rgb_over(arr)
     return Image.fromarray(arr[:, :, 0] if comps == 1 else arr)
+
+
+def _rgb_over(arr):
+    """An RGB image over an [h, w, 4] uint8 array, without a copy: the layout Pillow keeps RGB in.
+
+    Image.fromarray of [h, w, 3] spreads every pixel to 4 bytes (as much CPU
+    as a tenth of the decode), and frombuffer maps only modes such as RGBX,
+    whose resize works on 4 bands where RGB's works on 3. Pillow's own
+    frombuffer maps with the call below; _maps_rgb() checks it once.
+    """
+    h, w = arr.shape[:2]
+    img = Image.new("RGB", (0, 0))._new(Image.core.map_buffer(arr, (w, h), "raw", 0, ("RGB", 0, 1)))
+    img.readonly = 1  # as frombuffer's: a change copies first
+    return img
+
+
+@functools.cache
+def _maps_rgb() -> bool:
+    """Whether this Pillow maps an RGBX buffer as an RGB image of its R, G and B (if not: decode RGB, copy)."""
+    probe = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    try:
+        img = _rgb_over(probe)
+        return img.mode == "RGB" and img.size == (3, 2) and img.tobytes() == probe[:, :, :3].tobytes()
+    except Exception:
+        return False

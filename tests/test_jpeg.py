@@ -4,6 +4,7 @@ On every file, valid, odd or damaged, read_image(fast=True) must return the
 same pixels as read_image(fast=False), or fail with the same reason; with
 --jpeg-draft too (both roads then use the same DCT scale).
 """
+import gc
 import io
 
 import numpy as np
@@ -15,7 +16,8 @@ from PIL import Image
 
 from conftest import damage, photo
 from logitify_cli import jpeg
-from logitify_cli.images import Geometry, ImageReadError, ImageSizeMismatch, _plain_jpeg, read_image
+from logitify_cli.images import (FILTERS, RESIZE_MODES, Geometry, ImageReadError, ImageSizeMismatch,
+                                  _plain_jpeg, read_image)
 
 SAMPLINGS = ("444", "422", "420", "440", "411")
 
@@ -77,11 +79,15 @@ jpegs = st.builds(
     orientation=st.sampled_from([None, None, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
     encoder=st.sampled_from(["pillow", "turbo"]))
 
+sizes = st.tuples(st.integers(1, 40), st.integers(1, 40))
 geometries = st.one_of(
     st.none(),
-    st.builds(Geometry, size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
-              resize_mode=st.sampled_from(["stretch", "center-crop", "border"]),
-              filter=st.sampled_from(["box", "bicubic", "nearest"]), jpeg_draft=st.booleans()))
+    st.builds(Geometry, size=sizes, resize_mode=st.sampled_from(RESIZE_MODES),
+              filter=st.sampled_from(sorted(FILTERS)), jpeg_draft=st.booleans()),
+    # A crop window (in full-size pixels, so never with the draft), then perhaps a resize.
+    st.builds(Geometry, size=st.none() | sizes, resize_mode=st.sampled_from(RESIZE_MODES),
+              crop=st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(1, 50), st.integers(1, 50)),
+              filter=st.sampled_from(sorted(FILTERS))))
 
 
 @settings(max_examples=150)
@@ -106,7 +112,8 @@ def test_header_size_check_agrees(data, want):
 
 
 def test_shortcut_is_taken_for_plain_jpegs(tmp_path, rng):
-    # The properties above would pass vacuously if the shortcut never ran.
+    # The properties above would pass vacuously if the shortcut never ran, or never mapped colour pixels.
+    assert jpeg._maps_rgb()
     arr = photo(rng, 37, 53)
     for mode in ("L", "RGB"):
         for encoder in ("pillow", "turbo"):
@@ -334,3 +341,17 @@ def test_a_size_refusal_is_pillows_reading_of_the_header(rng):
     }
     for name, (bad, want) in cases.items():
         assert same(outcome(bad, 3, True, expect_size=want), outcome(bad, 3, False, expect_size=want)), name
+
+
+def test_colour_pixels_mapped_as_rgb_outlive_their_array(rng):
+    # The decoded buffer is Pillow's image memory (no copy): it must stay alive with the image,
+    # and read as RGB, whatever the fourth byte holds.
+    arr = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    want = arr[:, :, :3].copy()
+    img = jpeg._rgb_over(arr)
+    del arr
+    gc.collect()
+    assert img.mode == "RGB" and img.size == (7, 5)
+    assert np.array_equal(np.asarray(img), want)
+    assert np.array_equal(np.asarray(img.resize((3, 2), Image.Resampling.BOX)),
+                          np.asarray(Image.fromarray(want).resize((3, 2), Image.Resampling.BOX)))
