@@ -11,6 +11,7 @@ import contextlib
 
 import os
 import shutil
+import sys
 
 from .errors import LogitifyError, NoCredentials, UsageError
 
@@ -283,6 +284,56 @@ def create_new(tmp: str) -> int:
     except FileNotFoundError:
         pass
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+
+
+class Writeback:
+    """Has the kernel start writing a file to disk as it grows, so the fsync that ends a shard waits for little.
+
+    A shard is synced before it is renamed into place (a renamed shard is a
+    whole one, even after a power cut). Left to that fsync, the 250-600 MB of
+    a shard went to disk only then: 0.2-0.25 s with every reader and the
+    transform waiting, once a shard. `wrote(n)` after each n bytes asks
+    Linux (sync_file_range, SYNC_FILE_RANGE_WRITE) to start writing what is
+    dirty every STEP bytes, without waiting for it. Elsewhere, or where the
+    file system refuses, it does nothing: the fsync still makes it durable.
+    """
+
+    STEP = 32 << 20
+    _call = None  # libc's sync_file_range, or False where there is none
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._since = 0
+
+    def wrote(self, n: int) -> None:
+        self._since += n
+        if self._since >= self.STEP:
+            self._since = 0
+            self.start()
+
+    def start(self) -> bool:
+        """Start writing every dirty page of the file (not waiting); whether the kernel took the request."""
+        call = Writeback._call
+        if call is None:
+            call = Writeback._call = _sync_file_range()
+        if not call:
+            return False
+        return call(self.fd, 0, 0, 2) == 0  # offset 0, length 0: to the end; 2: SYNC_FILE_RANGE_WRITE
+
+
+def _sync_file_range():
+    """libc's sync_file_range with its argument types, or False (not Linux, no such call)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
 
 
 def fd_path(fd: int, path: str) -> str:

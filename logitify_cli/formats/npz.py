@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import LogitifyError, ShardError
+from ..fs import Writeback
 from .base import FIELDS, ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -47,6 +48,7 @@ class HashingWriter:
         self.sha256 = hashlib.sha256()
         self._pos = 0
         self._io = None
+        self._writeback = Writeback(fd)
 
     def write(self, b):
         """Hash and write; a large buffer is written by a helper thread while this one hashes it.
@@ -67,6 +69,7 @@ class HashingWriter:
             finally:
                 written = pending.result()
         self._pos += written
+        self._writeback.wrote(written)
         return written
 
     def tell(self):

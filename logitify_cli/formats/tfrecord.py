@@ -15,7 +15,7 @@ import struct
 import numpy as np
 
 from ..errors import LogitifyError, ShardError
-from ..fs import fd_path
+from ..fs import Writeback, fd_path
 from ..tfrecord_io import ExampleWriter, read_varint, wire_fields
 from . import tfds_meta
 from .base import FIELDS, ShardFormat, ShardWriter, check_chunk, chunk_rows, refuse_expanding
@@ -125,6 +125,7 @@ class TfrecordShardWriter(ShardWriter):
         # TensorFlow opens files by name only: it is given the one made for it, not what is at its name now.
         self._writer = self.tf.io.TFRecordWriter(fd_path(self.fd, self.tmp), options)
         self._examples = ExampleWriter(int(np.prod(self.shape)) * 4)
+        self._writeback = Writeback(self.fd)  # the same file, through the descriptor held
 
     def add(self, keys, labels, logits, logdet):
         logits = np.ascontiguousarray(logits, dtype="<f4")
@@ -135,6 +136,7 @@ class TfrecordShardWriter(ShardWriter):
                 write(serialize(key.encode("utf-8", "surrogatepass"), int(labels[i]), logdet[i].tobytes(),
                                 logits[i].data))
         self.count += len(keys)
+        self._writeback.wrote(logits.nbytes)  # about what reached TensorFlow's buffer (less if compressed)
 
     def _finish(self):
         with self._as_os_error():
