@@ -178,7 +178,9 @@ def _rgb_over(arr):
     Image.fromarray of [h, w, 3] spreads every pixel to 4 bytes (as much CPU
     as a tenth of the decode), and frombuffer maps only modes such as RGBX,
     whose resize works on 4 bands where RGB's works on 3. Pillow's own
-    frombuffer maps with the call below; _maps_rgb() checks it once.
+    frombuffer maps with the call below; _maps_rgb() checks it once. Such
+    an image stays inside images.read_image, which gives arrays: Pillow's
+    Arrow export of a mapped image (frombuffer's too) crashes the process.
     """
     h, w = arr.shape[:2]
     img = Image.new("RGB", (0, 0))._new(Image.core.map_buffer(arr, (w, h), "raw", 0, ("RGB", 0, 1)))

@@ -112,7 +112,8 @@ def test_header_size_check_agrees(data, want):
 
 
 def test_shortcut_is_taken_for_plain_jpegs(tmp_path, rng):
-    # The properties above would pass vacuously if the shortcut never ran, or never mapped colour pixels.
+    # The properties above would pass vacuously if the shortcut never ran, or never mapped colour pixels
+    # (the Pillow this project installs maps them; another may not, and then the copy below is used).
     assert jpeg._maps_rgb()
     arr = photo(rng, 37, 53)
     for mode in ("L", "RGB"):
@@ -124,6 +125,8 @@ def test_shortcut_is_taken_for_plain_jpegs(tmp_path, rng):
                                           orientation, encoder)
                         img = _plain_jpeg(data, 10**9, 3, None, None)
                         assert img is not None and img.mode == mode, (mode, encoder, sampling, progressive)
+                        if mode == "RGB" and orientation in (None, 1):  # (a turned image is a new one)
+                            assert img.readonly  # over libjpeg-turbo's own buffer (Image.fromarray would copy)
                         assert img.size == ((37, 53) if orientation == 6 else (53, 37))
                         for g in (None, Geometry(size=(9, 7), filter="box", jpeg_draft=True)):
                             assert same(read_image(data, 3, g), read_image(data, 3, g, fast=False))
@@ -355,3 +358,20 @@ def test_colour_pixels_mapped_as_rgb_outlive_their_array(rng):
     assert np.array_equal(np.asarray(img), want)
     assert np.array_equal(np.asarray(img.resize((3, 2), Image.Resampling.BOX)),
                           np.asarray(Image.fromarray(want).resize((3, 2), Image.Resampling.BOX)))
+
+
+@settings(max_examples=40)
+@given(data=jpegs, channels=st.sampled_from([1, 3, 4]), geometry=geometries)
+def test_where_pillow_cannot_map_rgb_the_copy_gives_its_pixels_too(data, channels, geometry):
+    jpeg._maps_rgb.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            def unmappable(arr):  # as on a Pillow whose map_buffer is gone or maps otherwise
+                raise TypeError("map_buffer")
+
+            m.setattr(jpeg, "_rgb_over", unmappable)
+            assert not jpeg._maps_rgb()
+            fast = outcome(data, channels, True, geometry)
+        assert same(fast, outcome(data, channels, False, geometry))
+    finally:
+        jpeg._maps_rgb.cache_clear()
